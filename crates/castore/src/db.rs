@@ -1,0 +1,209 @@
+//! The RocksDB seam: the only module that names RocksDB. Everything above it sees column
+//! families as [`Cf`], batches as [`Batch`] and keys as bytes.
+//!
+//! Column families, one per kind of record (the on-disk format, also in ARCHITECTURE.md):
+//!
+//! | family | key | value |
+//! |---|---|---|
+//! | `chunks` | digest (32 B) | codec byte + zstd or raw bytes; kept in RocksDB blob files |
+//! | `chunk_index` | digest | varint raw length, varint stored length |
+//! | `blobs`, `trees`, `layers`, `images` | digest | canonical encoding (model.rs) |
+//! | `refs` | `name:tag` | image digest |
+//! | `layer_refs` | layer digest | empty: a layer imported on its own, kept by GC |
+//! | `meta` | utf-8 key | format version and other store facts |
+//!
+//! Later families (volumes, block maps) are added here and nowhere else.
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options,
+    WriteBatch, WriteOptions,
+};
+
+use crate::error::Result;
+
+/// A column family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Cf {
+    Chunks,
+    ChunkIndex,
+    Blobs,
+    Trees,
+    Layers,
+    Images,
+    Refs,
+    LayerRefs,
+    Meta,
+}
+
+impl Cf {
+    pub(crate) const ALL: [Cf; 9] = [
+        Cf::Chunks,
+        Cf::ChunkIndex,
+        Cf::Blobs,
+        Cf::Trees,
+        Cf::Layers,
+        Cf::Images,
+        Cf::Refs,
+        Cf::LayerRefs,
+        Cf::Meta,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cf::Chunks => "chunks",
+            Cf::ChunkIndex => "chunk_index",
+            Cf::Blobs => "blobs",
+            Cf::Trees => "trees",
+            Cf::Layers => "layers",
+            Cf::Images => "images",
+            Cf::Refs => "refs",
+            Cf::LayerRefs => "layer_refs",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// The open database.
+pub(crate) struct Db {
+    db: rocksdb::DB,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("path", &self.db.path()).finish()
+    }
+}
+
+/// Writes applied together: all or none survive a crash.
+#[derive(Default)]
+pub(crate) struct Batch {
+    wb: WriteBatch,
+    entries: usize,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("entries", &self.entries)
+            .field("bytes", &self.wb.size_in_bytes())
+            .finish()
+    }
+}
+
+impl Batch {
+    pub(crate) fn new() -> Batch {
+        Batch::default()
+    }
+
+    pub(crate) fn put(&mut self, db: &Db, cf: Cf, key: &[u8], value: &[u8]) {
+        self.wb.put_cf(db.handle(cf), key, value);
+        self.entries += 1;
+    }
+
+    pub(crate) fn delete(&mut self, db: &Db, cf: Cf, key: &[u8]) {
+        self.wb.delete_cf(db.handle(cf), key);
+        self.entries += 1;
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    pub(crate) fn size_in_bytes(&self) -> usize {
+        self.wb.size_in_bytes()
+    }
+}
+
+impl Db {
+    pub(crate) fn open(path: &Path) -> std::result::Result<Db, rocksdb::Error> {
+        let cache = Cache::new_lru_cache(256 << 20);
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(4);
+        let cfs = Cf::ALL.iter().map(|&cf| {
+            let mut o = Options::default();
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&table);
+            match cf {
+                Cf::Chunks => {
+                    // Chunk values are already zstd-compressed by us; RocksDB keeps them in
+                    // blob files so compactions move only the small keys.
+                    o.set_compression_type(DBCompressionType::None);
+                    o.set_enable_blob_files(true);
+                    o.set_min_blob_size(0);
+                    o.set_blob_file_size(256 << 20);
+                    o.set_blob_compression_type(DBCompressionType::None);
+                    o.set_enable_blob_gc(true);
+                    o.set_blob_gc_age_cutoff(0.5);
+                    o.set_write_buffer_size(128 << 20);
+                }
+                Cf::ChunkIndex => {
+                    o.set_compression_type(DBCompressionType::None);
+                }
+                _ => {
+                    o.set_compression_type(DBCompressionType::Lz4);
+                }
+            }
+            ColumnFamilyDescriptor::new(cf.name(), o)
+        });
+        let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;
+        Ok(Db { db })
+    }
+
+    fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
+    }
+
+    pub(crate) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.handle(cf), key)?)
+    }
+
+    pub(crate) fn contains(&self, cf: Cf, key: &[u8]) -> Result<bool> {
+        let h = self.handle(cf);
+        // The bloom filter answers most misses without touching a data block.
+        if !self.db.key_may_exist_cf(h, key) {
+            return Ok(false);
+        }
+        Ok(self.db.get_pinned_cf(h, key)?.is_some())
+    }
+
+    /// Applies a batch. `sync` makes it, and every write before it, durable before return.
+    pub(crate) fn write(&self, batch: Batch, sync: bool) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch.wb, &wo)?;
+        Ok(())
+    }
+
+    /// Every key of a family, in order. Values are not read (chunk data stays on disk).
+    pub(crate) fn keys(&self, cf: Cf) -> impl Iterator<Item = Result<Box<[u8]>>> + '_ {
+        self.db
+            .iterator_cf(self.handle(cf), IteratorMode::Start)
+            .map(|r| r.map(|(k, _)| k).map_err(Into::into))
+    }
+
+    /// Every key and value of a family, in order.
+    pub(crate) fn entries(
+        &self,
+        cf: Cf,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+        self.db
+            .iterator_cf(self.handle(cf), IteratorMode::Start)
+            .map(|r| r.map_err(Into::into))
+    }
+
+    /// Compacts a family so deleted values give their space back.
+    pub(crate) fn compact(&self, cf: Cf) {
+        self.db
+            .compact_range_cf(self.handle(cf), None::<&[u8]>, None::<&[u8]>);
+    }
+}

@@ -1,0 +1,256 @@
+//! Garbage collection: mark everything reachable from the roots, sweep the rest.
+//!
+//! Roots: image references, layers imported on their own, digests pinned by callers (live
+//! mounts, volumes and snapshots, added by later crates through [`GcRoots`]), and the
+//! claims of imports in flight. The sweep deletes top-down (images, layers, trees, blobs,
+//! then chunks), each step a synced batch, so a crash at any point leaves no surviving
+//! object pointing at a deleted one.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Digest;
+use crate::db::{Batch, Cf};
+use crate::error::Result;
+use crate::model::{FileData, Kind, Segment};
+use crate::store::Store;
+
+/// Extra roots supplied by the caller: trees, images, layers, blobs or chunks in use
+/// elsewhere (e.g. a live mount's image, a volume's extents).
+#[derive(Debug, Default, Clone)]
+pub struct GcRoots {
+    /// Images kept with everything below them.
+    pub images: Vec<Digest>,
+    /// Layers kept with everything below them.
+    pub layers: Vec<Digest>,
+    /// Chunks kept (e.g. volume extents).
+    pub chunks: Vec<Digest>,
+}
+
+/// Live counters of a GC, for a progress display.
+#[derive(Debug, Default)]
+pub struct GcProgress {
+    /// Objects marked reachable so far.
+    pub marked: AtomicU64,
+    /// Objects deleted so far.
+    pub swept: AtomicU64,
+}
+
+/// What a GC removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcReport {
+    /// Reachable objects.
+    pub kept: u64,
+    /// Images deleted.
+    pub images: u64,
+    /// Layers deleted.
+    pub layers: u64,
+    /// Trees deleted.
+    pub trees: u64,
+    /// Blobs deleted.
+    pub blobs: u64,
+    /// Chunks deleted.
+    pub chunks: u64,
+    /// Stored (compressed) bytes of the deleted chunks.
+    pub freed_bytes: u64,
+}
+
+const SWEEP_BATCH: usize = 4096;
+
+struct Marker<'s> {
+    store: &'s Store,
+    seen: HashSet<Digest>,
+    progress: &'s GcProgress,
+}
+
+impl Marker<'_> {
+    fn first(&mut self, d: Digest) -> bool {
+        let new = self.seen.insert(d);
+        if new {
+            self.progress.marked.fetch_add(1, Ordering::Relaxed);
+        }
+        new
+    }
+
+    fn image(&mut self, d: Digest) -> Result<()> {
+        if !self.first(d) {
+            return Ok(());
+        }
+        for l in self.store.image(&d)?.layers {
+            self.layer(l)?;
+        }
+        Ok(())
+    }
+
+    fn layer(&mut self, d: Digest) -> Result<()> {
+        if !self.first(d) {
+            return Ok(());
+        }
+        let l = self.store.layer(&d)?;
+        self.tree(l.root_tree())
+    }
+
+    fn tree(&mut self, d: Digest) -> Result<()> {
+        let mut stack = vec![d];
+        while let Some(d) = stack.pop() {
+            if !self.first(d) {
+                continue;
+            }
+            for e in self.store.tree(&d)?.entries {
+                match e.kind {
+                    Kind::Dir { tree, .. } => stack.push(tree),
+                    Kind::File { data: FileData::Chunk(c), .. } => {
+                        self.first(c);
+                    }
+                    Kind::File { data: FileData::Blob(b), .. } => {
+                        if self.first(b) {
+                            for s in self.store.blob(&b)?.segments {
+                                if let Segment::Data { chunk, .. } = s {
+                                    self.first(chunk);
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Collects garbage. Safe to run while imports are in progress: whatever they have
+    /// stored or found stored is kept.
+    pub fn gc(&self, roots: &GcRoots, progress: &GcProgress) -> Result<GcReport> {
+        // From here on, imports that finish hand their claims to us instead of dropping
+        // them, because their references may be written after we read the references.
+        let guard = GcGuard::start(self)?;
+        let mut m = Marker {
+            store: self,
+            seen: HashSet::new(),
+            progress,
+        };
+        for (_, d) in self.refs()? {
+            m.image(d)?;
+        }
+        for d in self.layer_refs()? {
+            m.layer(d)?;
+        }
+        for d in &roots.images {
+            m.image(*d)?;
+        }
+        for d in &roots.layers {
+            m.layer(*d)?;
+        }
+        for d in &roots.chunks {
+            m.first(*d);
+        }
+        let reachable = m.seen;
+        let mut report = GcReport {
+            kept: reachable.len() as u64,
+            ..GcReport::default()
+        };
+        for cf in [Cf::Images, Cf::Layers, Cf::Trees, Cf::Blobs, Cf::ChunkIndex] {
+            let count = self.sweep(cf, &reachable, &guard, progress, &mut report)?;
+            match cf {
+                Cf::Images => report.images = count,
+                Cf::Layers => report.layers = count,
+                Cf::Trees => report.trees = count,
+                Cf::Blobs => report.blobs = count,
+                _ => report.chunks = count,
+            }
+        }
+        if report.chunks > 0 {
+            // Give the space of deleted chunk values back now rather than at some later
+            // compaction.
+            self.db.compact(Cf::Chunks);
+            self.db.compact(Cf::ChunkIndex);
+        }
+        Ok(report)
+    }
+
+    fn sweep(
+        &self,
+        cf: Cf,
+        reachable: &HashSet<Digest>,
+        guard: &GcGuard<'_>,
+        progress: &GcProgress,
+        report: &mut GcReport,
+    ) -> Result<u64> {
+        let mut candidates: Vec<(Digest, u64)> = Vec::new();
+        let mut deleted = 0;
+        let mut flush = |candidates: &mut Vec<(Digest, u64)>, report: &mut GcReport| -> Result<()> {
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            // Claims are checked and the deletion committed under the same lock an import
+            // takes to claim: a digest claimed before this point is kept; one claimed
+            // after sees it gone and is written again.
+            let live = self.live.lock().expect("live lock");
+            let mut batch = Batch::new();
+            for (d, stored) in candidates.drain(..) {
+                if guard.protected(&live, &d) {
+                    continue;
+                }
+                batch.delete(&self.db, cf, &d.0);
+                if cf == Cf::ChunkIndex {
+                    batch.delete(&self.db, Cf::Chunks, &d.0);
+                    report.freed_bytes += stored;
+                }
+                deleted += 1;
+                progress.swept.fetch_add(1, Ordering::Relaxed);
+            }
+            self.db.write(batch, true)?;
+            drop(live);
+            Ok(())
+        };
+        for kv in self.db.entries(cf) {
+            let (k, v) = kv?;
+            let Some(d) = Digest::from_slice(&k) else {
+                continue;
+            };
+            if reachable.contains(&d) {
+                continue;
+            }
+            let stored = if cf == Cf::ChunkIndex {
+                Store::chunk_sizes(&v).map_or(0, |(_, s)| s)
+            } else {
+                0
+            };
+            candidates.push((d, stored));
+            if candidates.len() >= SWEEP_BATCH {
+                flush(&mut candidates, report)?;
+            }
+        }
+        flush(&mut candidates, report)?;
+        Ok(deleted)
+    }
+}
+
+/// Marks a GC as running for the duration of a collection.
+struct GcGuard<'s> {
+    store: &'s Store,
+}
+
+impl<'s> GcGuard<'s> {
+    fn start(store: &'s Store) -> Result<GcGuard<'s>> {
+        let mut live = store.live.lock().expect("live lock");
+        if live.gc_extra.is_some() {
+            return Err(crate::Error::Refused("a garbage collection is already running".into()));
+        }
+        live.gc_extra = Some(HashSet::new());
+        Ok(GcGuard { store })
+    }
+
+    fn protected(&self, live: &crate::store::Live, d: &Digest) -> bool {
+        live.claims.values().any(|c| c.contains(d))
+            || live.gc_extra.as_ref().is_some_and(|e| e.contains(d))
+    }
+}
+
+impl Drop for GcGuard<'_> {
+    fn drop(&mut self) {
+        self.store.live.lock().expect("live lock").gc_extra = None;
+    }
+}

@@ -1,0 +1,41 @@
+//! castore: Tidedge's content-addressed store.
+//!
+//! File bytes are cut into chunks with FastCDC v2020, named by SHA-256, compressed with
+//! zstd and kept once in RocksDB, whoever wrote them. Directories are canonical trees
+//! named by their digest (identical subtrees are stored once); layers, images and
+//! `name:tag` references sit on top. Every read re-hashes what it returns; GC and fsck
+//! walk the same graph.
+//!
+//! castore owns chunking, digests, compression, the RocksDB store, the object model,
+//! import, export, GC, fsck and stats. It knows nothing of FUSE, NBD, volumes'
+//! lifecycle or scheduling: those crates build on it, and a test checks that it pulls
+//! none of them in. RocksDB is named only in the private `db` module.
+
+mod chunker;
+mod codec;
+mod db;
+mod digest;
+mod error;
+mod export;
+mod fsck;
+mod gc;
+mod ingest;
+mod model;
+mod refname;
+mod stats;
+mod store;
+mod tarfmt;
+
+pub mod testing;
+
+pub use chunker::{AVG_SIZE, MAX_SIZE, MIN_SIZE};
+pub use digest::{Digest, Hasher};
+pub use error::{Error, ObjectKind, Result, ResultExt};
+pub use export::{ExportReport, ExportTarget};
+pub use fsck::{FsckReport, Problem};
+pub use gc::{GcProgress, GcReport, GcRoots};
+pub use ingest::{ImportOptions, ImportReport, OPAQUE, Progress, SourceFormat, WHITEOUT_PREFIX, host_arch};
+pub use model::{Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree};
+pub use refname::validate as validate_ref;
+pub use stats::Stats;
+pub use store::Store;

@@ -1,0 +1,441 @@
+//! The store: one directory, one process. Reads verify digests; writes go through
+//! [`crate::db`] batches; imports in flight protect what they use from GC with claims.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Digest;
+use crate::codec::{Reader, Writer};
+use crate::db::{Batch, Cf, Db};
+use crate::error::{Error, ObjectKind, Result};
+use crate::model::{Blob, FileData, Image, Layer, Tree};
+
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT_VERSION: &[u8] = b"tidedge-castore-1";
+
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+
+/// zstd level for chunks: level 3 is zstd's default balance of speed and size.
+pub(crate) const ZSTD_LEVEL: i32 = 3;
+
+/// A content-addressed store in one directory.
+///
+/// Opening takes an exclusive lock: a second process (or a second `open` in this one)
+/// gets [`Error::InUse`]. All methods take `&self` and may be called from many threads.
+#[derive(Debug)]
+pub struct Store {
+    pub(crate) db: Db,
+    path: PathBuf,
+    _lock: File,
+    pub(crate) live: Mutex<Live>,
+    next_claim: AtomicU64,
+}
+
+/// Digests in use by work that has not committed a reference yet.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    /// Per in-flight import: every digest it stored or found already stored.
+    pub(crate) claims: std::collections::HashMap<u64, HashSet<Digest>>,
+    /// While a GC runs: claims of imports that finished during it (their references may
+    /// have been written after GC read the references).
+    pub(crate) gc_extra: Option<HashSet<Digest>>,
+}
+
+/// A set of claims held by one import; released (or handed to a running GC) on drop.
+#[derive(Debug)]
+pub(crate) struct ClaimSet<'a> {
+    store: &'a Store,
+    id: u64,
+}
+
+impl ClaimSet<'_> {
+    /// Records that this import uses `d`. Returns true the first time `d` is claimed by
+    /// this import. Must be called before checking whether `d` exists, so a concurrent
+    /// GC either sees the claim or has already deleted `d` (and the caller rewrites it).
+    pub(crate) fn claim(&self, d: Digest) -> bool {
+        let mut live = self.store.live.lock().expect("live lock");
+        live.claims.get_mut(&self.id).expect("own claim set").insert(d)
+    }
+}
+
+impl Drop for ClaimSet<'_> {
+    fn drop(&mut self) {
+        let mut live = self.store.live.lock().expect("live lock");
+        let set = live.claims.remove(&self.id).unwrap_or_default();
+        if let Some(extra) = live.gc_extra.as_mut() {
+            extra.extend(set);
+        }
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join("lock");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim().to_string();
+            return Err(Error::InUse {
+                path: dir.to_path_buf(),
+                holder: (!holder.is_empty()).then_some(holder),
+            });
+        }
+        return Err(Error::io("lock", &path, err));
+    }
+    let exe = std::env::args().next().unwrap_or_default();
+    let exe = Path::new(&exe)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    f.set_len(0).map_err(|e| Error::io("truncate", &path, e))?;
+    f.rewind().map_err(|e| Error::io("seek", &path, e))?;
+    writeln!(f, "pid {} ({exe})", std::process::id()).map_err(|e| Error::io("write", &path, e))?;
+    Ok(f)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        let lock = lock_dir(dir)?;
+        let db_path = dir.join("db");
+        let db = Db::open(&db_path).map_err(|e| {
+            let msg = e.into_string();
+            if msg.contains("lock") {
+                Error::InUse {
+                    path: dir.to_path_buf(),
+                    holder: None,
+                }
+            } else {
+                Error::Db(msg)
+            }
+        })?;
+        match db.get(Cf::Meta, FORMAT_KEY)? {
+            None => {
+                let mut b = Batch::new();
+                b.put(&db, Cf::Meta, FORMAT_KEY, FORMAT_VERSION);
+                db.write(b, true)?;
+            }
+            Some(v) if v == FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(Error::Refused(format!(
+                    "store {} has format {:?}, this build reads {:?}",
+                    dir.display(),
+                    String::from_utf8_lossy(&v),
+                    String::from_utf8_lossy(FORMAT_VERSION)
+                )));
+            }
+        }
+        Ok(Store {
+            db,
+            path: dir.to_path_buf(),
+            _lock: lock,
+            live: Mutex::new(Live::default()),
+            next_claim: AtomicU64::new(1),
+        })
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn claims(&self) -> ClaimSet<'_> {
+        let id = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        self.live
+            .lock()
+            .expect("live lock")
+            .claims
+            .insert(id, HashSet::new());
+        ClaimSet { store: self, id }
+    }
+
+    /// Whether a chunk is stored.
+    pub fn has_chunk(&self, d: &Digest) -> Result<bool> {
+        self.db.contains(Cf::ChunkIndex, &d.0)
+    }
+
+    /// Reads a chunk, verifying its digest: corrupt bytes are an error, never data.
+    pub fn chunk(&self, d: &Digest) -> Result<Vec<u8>> {
+        let stored = self.db.get(Cf::Chunks, &d.0)?.ok_or(Error::Missing {
+            kind: ObjectKind::Chunk,
+            digest: *d,
+        })?;
+        let corrupt = || Error::Corrupt {
+            kind: ObjectKind::Chunk,
+            digest: *d,
+        };
+        let raw = match stored.split_first() {
+            Some((&CODEC_RAW, rest)) => rest.to_vec(),
+            Some((&CODEC_ZSTD, rest)) => {
+                // A chunk is at most 256 KiB raw (fastcdc max); a bigger claim is corruption.
+                zstd::bulk::decompress(rest, crate::chunker::MAX_SIZE as usize)
+                    .map_err(|_| corrupt())?
+            }
+            _ => return Err(corrupt()),
+        };
+        if Digest::of(&raw) != *d {
+            return Err(corrupt());
+        }
+        Ok(raw)
+    }
+
+    /// The stored value of a chunk (codec byte + payload) for bytes `raw` of digest `d`:
+    /// zstd when that saves space, raw otherwise.
+    pub(crate) fn encode_chunk(raw: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(raw.len() / 2 + 16);
+        out.push(CODEC_ZSTD);
+        match zstd::bulk::compress(raw, ZSTD_LEVEL) {
+            Ok(c) if c.len() < raw.len() => {
+                out.extend_from_slice(&c);
+                out
+            }
+            _ => {
+                out[0] = CODEC_RAW;
+                out.extend_from_slice(raw);
+                out
+            }
+        }
+    }
+
+    /// Adds a chunk (already encoded by [`Store::encode_chunk`]) and its index entry.
+    pub(crate) fn put_chunk(batch: &mut Batch, db: &Db, d: &Digest, raw_len: usize, stored: &[u8]) {
+        batch.put(db, Cf::Chunks, &d.0, stored);
+        let mut w = Writer::new();
+        w.varint(raw_len as u64);
+        w.varint(stored.len() as u64);
+        batch.put(db, Cf::ChunkIndex, &d.0, &w.finish());
+    }
+
+    /// Reads a record and checks it hashes to its key.
+    fn record(&self, cf: Cf, kind: ObjectKind, d: &Digest) -> Result<Vec<u8>> {
+        let v = self.db.get(cf, &d.0)?.ok_or(Error::Missing { kind, digest: *d })?;
+        if Digest::of(&v) != *d {
+            return Err(Error::Corrupt { kind, digest: *d });
+        }
+        Ok(v)
+    }
+
+    /// A directory tree.
+    pub fn tree(&self, d: &Digest) -> Result<Tree> {
+        let v = self.record(Cf::Trees, ObjectKind::Tree, d)?;
+        Tree::decode(&v).map_err(|_| Error::Undecodable {
+            kind: ObjectKind::Tree,
+            digest: *d,
+        })
+    }
+
+    /// A blob's segment list.
+    pub fn blob(&self, d: &Digest) -> Result<Blob> {
+        let v = self.record(Cf::Blobs, ObjectKind::Blob, d)?;
+        Blob::decode(&v).map_err(|_| Error::Undecodable {
+            kind: ObjectKind::Blob,
+            digest: *d,
+        })
+    }
+
+    /// A layer record.
+    pub fn layer(&self, d: &Digest) -> Result<Layer> {
+        let v = self.record(Cf::Layers, ObjectKind::Layer, d)?;
+        Layer::decode(&v).map_err(|_| Error::Undecodable {
+            kind: ObjectKind::Layer,
+            digest: *d,
+        })
+    }
+
+    /// An image record.
+    pub fn image(&self, d: &Digest) -> Result<Image> {
+        let v = self.record(Cf::Images, ObjectKind::Image, d)?;
+        Image::decode(&v).map_err(|_| Error::Undecodable {
+            kind: ObjectKind::Image,
+            digest: *d,
+        })
+    }
+
+    /// Writes a file's full content to `out`, verifying every chunk and the whole-file
+    /// digest. Holes are written as zeros; use [`Store::file_segments`] to keep them.
+    pub fn read_file(&self, data: &FileData, out: &mut dyn Write) -> Result<u64> {
+        let write_err = |e| Error::io("write", "<output>", e);
+        match data {
+            FileData::Inline(b) => {
+                out.write_all(b).map_err(write_err)?;
+                Ok(b.len() as u64)
+            }
+            FileData::Chunk(d) => {
+                let c = self.chunk(d)?;
+                out.write_all(&c).map_err(write_err)?;
+                Ok(c.len() as u64)
+            }
+            FileData::Blob(d) => {
+                let blob = self.blob(d)?;
+                let mut h = crate::digest::Hasher::new();
+                let zeros = vec![0u8; 1 << 16];
+                let mut n = 0;
+                for seg in &blob.segments {
+                    match *seg {
+                        crate::model::Segment::Data { chunk, .. } => {
+                            let c = self.chunk(&chunk)?;
+                            h.update(&c);
+                            out.write_all(&c).map_err(write_err)?;
+                        }
+                        crate::model::Segment::Hole { len } => {
+                            let mut left = len;
+                            while left > 0 {
+                                let k = left.min(zeros.len() as u64) as usize;
+                                h.update(&zeros[..k]);
+                                out.write_all(&zeros[..k]).map_err(write_err)?;
+                                left -= k as u64;
+                            }
+                        }
+                    }
+                    n += seg.len();
+                }
+                if h.finish() != blob.content {
+                    return Err(Error::Corrupt {
+                        kind: ObjectKind::Blob,
+                        digest: *d,
+                    });
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// The image a `name:tag` reference points at.
+    pub fn get_ref(&self, name: &str) -> Result<Option<Digest>> {
+        Ok(self
+            .db
+            .get(Cf::Refs, name.as_bytes())?
+            .and_then(|v| Digest::from_slice(&v)))
+    }
+
+    /// Every `name:tag` reference, sorted by name.
+    pub fn refs(&self) -> Result<Vec<(String, Digest)>> {
+        let mut out = Vec::new();
+        for kv in self.db.entries(Cf::Refs) {
+            let (k, v) = kv?;
+            if let Some(d) = Digest::from_slice(&v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Points `name:tag` at an image that is already stored.
+    pub fn set_ref(&self, name: &str, image: &Digest) -> Result<()> {
+        crate::refname::validate(name)?;
+        if !self.db.contains(Cf::Images, &image.0)? {
+            return Err(Error::Missing {
+                kind: ObjectKind::Image,
+                digest: *image,
+            });
+        }
+        let mut b = Batch::new();
+        b.put(&self.db, Cf::Refs, name.as_bytes(), &image.0);
+        self.db.write(b, true)
+    }
+
+    /// Removes a `name:tag` reference; its data goes at the next GC if nothing else
+    /// references it.
+    pub fn remove_ref(&self, name: &str) -> Result<Digest> {
+        let d = self.get_ref(name)?.ok_or_else(|| Error::NotFound {
+            what: "image",
+            name: name.to_string(),
+        })?;
+        let mut b = Batch::new();
+        b.delete(&self.db, Cf::Refs, name.as_bytes());
+        self.db.write(b, true)?;
+        Ok(d)
+    }
+
+    /// Layers imported on their own (kept by GC until removed).
+    pub fn layer_refs(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for k in self.db.keys(Cf::LayerRefs) {
+            if let Some(d) = Digest::from_slice(&k?) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a layer imported on its own.
+    pub fn remove_layer_ref(&self, d: &Digest) -> Result<()> {
+        if !self.db.contains(Cf::LayerRefs, &d.0)? {
+            return Err(Error::NotFound {
+                what: "layer",
+                name: d.to_string(),
+            });
+        }
+        let mut b = Batch::new();
+        b.delete(&self.db, Cf::LayerRefs, &d.0);
+        self.db.write(b, true)
+    }
+
+    /// Resolves what a user typed: `name:tag` (`:latest` implied), `sha256:HEX`, or a
+    /// unique hex prefix of at least 6 digits of a stored image digest.
+    pub fn resolve_image(&self, spec: &str) -> Result<Digest> {
+        let not_found = || Error::NotFound {
+            what: "image",
+            name: spec.to_string(),
+        };
+        if let Some(d) = Digest::parse(spec) {
+            return if self.db.contains(Cf::Images, &d.0)? {
+                Ok(d)
+            } else {
+                Err(not_found())
+            };
+        }
+        let named = if spec.contains(':') {
+            spec.to_string()
+        } else {
+            format!("{spec}:latest")
+        };
+        if let Some(d) = self.get_ref(&named)? {
+            return Ok(d);
+        }
+        let hex = spec.strip_prefix("sha256:").unwrap_or(spec);
+        if hex.len() >= 6 && hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            let mut found = None;
+            for k in self.db.keys(Cf::Images) {
+                let k = k?;
+                if hex::encode(&k).starts_with(&hex.to_ascii_lowercase()) {
+                    if found.is_some() {
+                        return Err(Error::Refused(format!(
+                            "image prefix {spec} is ambiguous"
+                        )));
+                    }
+                    found = Digest::from_slice(&k);
+                }
+            }
+            return found.ok_or_else(not_found);
+        }
+        Err(not_found())
+    }
+
+    /// Size facts about a chunk from the index: (raw length, stored length).
+    pub(crate) fn chunk_sizes(v: &[u8]) -> Option<(u64, u64)> {
+        let mut r = Reader::new(v);
+        let raw = r.varint().ok()?;
+        let stored = r.varint().ok()?;
+        r.end().ok()?;
+        Some((raw, stored))
+    }
+}

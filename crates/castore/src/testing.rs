@@ -1,0 +1,38 @@
+//! Fault injection for tests: damage the store the way a bad disk would, through the
+//! same RocksDB seam everything else uses. Not for production use.
+
+use crate::Digest;
+use crate::db::{Batch, Cf};
+use crate::error::{Error, ObjectKind, Result};
+use crate::store::Store;
+
+/// Flips one bit of a stored chunk's bytes (the compressed payload, after the codec byte).
+pub fn corrupt_chunk(store: &Store, d: &Digest) -> Result<()> {
+    let mut v = store.db.get(Cf::Chunks, &d.0)?.ok_or(Error::Missing {
+        kind: ObjectKind::Chunk,
+        digest: *d,
+    })?;
+    let i = (v.len() / 2).clamp(1, v.len() - 1);
+    v[i] ^= 0x01;
+    let mut b = Batch::new();
+    b.put(&store.db, Cf::Chunks, &d.0, &v);
+    store.db.write(b, true)
+}
+
+/// Deletes a chunk's data but not its index entry, as a lost blob file would.
+pub fn lose_chunk(store: &Store, d: &Digest) -> Result<()> {
+    let mut b = Batch::new();
+    b.delete(&store.db, Cf::Chunks, &d.0);
+    store.db.write(b, true)
+}
+
+/// Every chunk digest in the store.
+pub fn chunk_digests(store: &Store) -> Result<Vec<Digest>> {
+    let mut out = Vec::new();
+    for k in store.db.keys(Cf::ChunkIndex) {
+        if let Some(d) = Digest::from_slice(&k?) {
+            out.push(d);
+        }
+    }
+    Ok(out)
+}

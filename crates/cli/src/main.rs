@@ -1,0 +1,385 @@
+//! `tide`, the Tidedge command line. Every command goes through [`api::StoreApi`]: today
+//! against a store opened in this process (`--store DIR`); the daemon issue adds the
+//! same commands over Cap'n Proto to `volumed`.
+
+mod api;
+mod output;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use castore::{ExportTarget, GcProgress, Progress, SourceFormat, Store};
+use clap::{Parser, Subcommand};
+
+use api::{Local, StoreApi};
+use output::{human_bytes, print_json, table};
+
+#[derive(Debug, Parser)]
+#[command(name = "tide", version, about = "Tidedge: layered VM roots from a deduplicating store")]
+struct Cli {
+    /// Store directory (opened directly; only one process may hold it).
+    #[arg(long, global = true, env = "TIDE_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Images: import, list, inspect, export, remove.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Layers imported on their own.
+    #[command(subcommand)]
+    Layer(LayerCmd),
+    /// Delete everything no image, layer or live user references.
+    Gc,
+    /// Verify every chunk digest and every reference.
+    Fsck,
+    /// Logical and stored bytes, chunks, dedup ratio.
+    Stats,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Import a directory, tar (plain/gzip/zstd), OCI layout or `docker save` archive.
+    Import {
+        /// What to import.
+        path: PathBuf,
+        /// NAME:TAG to give the image (optional if the archive names itself).
+        #[arg(long)]
+        name: Option<String>,
+        /// Skip detection: dir, tar, oci or docker.
+        #[arg(long, value_parser = parse_format)]
+        format: Option<SourceFormat>,
+    },
+    /// List named images.
+    Ls,
+    /// Show an image's layers and config.
+    Inspect {
+        /// NAME:TAG, digest or digest prefix.
+        image: String,
+    },
+    /// Write an image (layers merged) to a directory or a .tar file (`-` for stdout).
+    Export {
+        /// NAME:TAG, digest or digest prefix.
+        image: String,
+        /// Target directory (new or empty) or FILE.tar.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Remove image names; data goes at the next gc.
+    Rm {
+        /// NAME:TAG to remove.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LayerCmd {
+    /// Import a directory or tar as a single layer.
+    Import {
+        /// What to import.
+        path: PathBuf,
+        /// Skip detection: dir or tar.
+        #[arg(long, value_parser = parse_format)]
+        format: Option<SourceFormat>,
+    },
+    /// List layers imported on their own.
+    Ls,
+    /// Write one layer (whiteouts as .wh. entries) to a directory or .tar file.
+    Export {
+        /// Layer digest (or a prefix of a lone layer's digest).
+        layer: String,
+        /// Target directory or FILE.tar.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Forget a lone layer; its data goes at the next gc.
+    Rm {
+        /// Layer digest or prefix.
+        layer: String,
+    },
+}
+
+fn parse_format(s: &str) -> Result<SourceFormat, String> {
+    SourceFormat::parse(s).ok_or_else(|| format!("unknown format {s:?} (dir, tar, oci, docker)"))
+}
+
+fn open(cli: &Cli) -> Result<Box<dyn StoreApi>> {
+    let Some(dir) = &cli.store else {
+        bail!("no store given: pass --store DIR or set TIDE_STORE");
+    };
+    Ok(Box::new(Local(Store::open(dir)?)))
+}
+
+/// Runs `f` while a progress bar (on a terminal only) reads `poll` every 100 ms.
+fn with_progress<T>(label: &str, poll: impl Fn() -> (u64, u64, String) + Sync, f: impl FnOnce() -> T) -> T {
+    if !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_prefix(label.to_string());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let (pos, len, msg) = poll();
+                bar.set_length(len.max(pos));
+                bar.set_position(pos);
+                bar.set_message(msg);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    bar.finish_and_clear();
+    r
+}
+
+fn import_progress(p: &Progress) -> (u64, u64, String) {
+    let bytes = p.bytes.load(Ordering::Relaxed);
+    let total = p.bytes_total.load(Ordering::Relaxed);
+    let files = p.files.load(Ordering::Relaxed);
+    (bytes, total, format!("{files} files, {}", human_bytes(bytes)))
+}
+
+fn run(cli: &Cli) -> Result<i32> {
+    let api = open(cli)?;
+    match &cli.cmd {
+        Cmd::Image(ImageCmd::Import { path, name, format }) => {
+            let progress = Arc::new(Progress::default());
+            let r = with_progress("import", || import_progress(&progress), || {
+                api.import_image(path, name.as_deref(), *format, progress.clone())
+            })?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                println!(
+                    "imported {} as {} ({} layer{}): {} files, {} in {:.2}s; {} new chunks, {} stored",
+                    path.display(),
+                    r.name.as_deref().unwrap_or("?"),
+                    r.layers.len(),
+                    if r.layers.len() == 1 { "" } else { "s" },
+                    r.files,
+                    human_bytes(r.logical_bytes),
+                    r.seconds,
+                    r.new_chunks,
+                    human_bytes(r.new_stored_bytes),
+                );
+                if let Some(d) = r.image {
+                    println!("{d}");
+                }
+            }
+        }
+        Cmd::Image(ImageCmd::Ls) => {
+            let images = api.images()?;
+            if cli.json {
+                print_json(&images);
+            } else {
+                table(
+                    &["NAME", "IMAGE", "LAYERS", "SIZE"],
+                    images
+                        .iter()
+                        .map(|i| vec![i.name.clone(), i.digest.short(), i.layers.to_string(), human_bytes(i.size)])
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Image(ImageCmd::Inspect { image }) => {
+            let d = api.inspect(image)?;
+            if cli.json {
+                print_json(&d);
+            } else {
+                println!("image:        {}", d.digest);
+                println!("names:        {}", d.names.join(", "));
+                println!("size:         {}", human_bytes(d.size));
+                println!("architecture: {}/{}", d.os, d.architecture);
+                if !d.entrypoint.is_empty() {
+                    println!("entrypoint:   {:?}", d.entrypoint);
+                }
+                if !d.cmd.is_empty() {
+                    println!("cmd:          {:?}", d.cmd);
+                }
+                if !d.workdir.is_empty() {
+                    println!("workdir:      {}", d.workdir);
+                }
+                if !d.user.is_empty() {
+                    println!("user:         {}", d.user);
+                }
+                for e in &d.env {
+                    println!("env:          {e}");
+                }
+                println!("layers:");
+                table(
+                    &["  LAYER", "ENTRIES", "SIZE", "DIFF_ID"],
+                    d.layers
+                        .iter()
+                        .map(|l| {
+                            vec![
+                                format!("  {}", l.digest),
+                                l.entries.to_string(),
+                                human_bytes(l.size),
+                                l.diff_id.map(|d| d.short()).unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Image(ImageCmd::Export { image, to }) => {
+            let r = api.export_image(image, &ExportTarget::from_path(to))?;
+            if cli.json {
+                print_json(&r);
+            } else if to.as_os_str() != "-" {
+                println!("exported {image} to {}: {} entries, {}", to.display(), r.entries, human_bytes(r.bytes));
+            }
+        }
+        Cmd::Image(ImageCmd::Rm { names }) => {
+            let mut removed = Vec::new();
+            for n in names {
+                let d = api.remove_image(n)?;
+                removed.push(serde_json::json!({"name": n, "image": d}));
+                if !cli.json {
+                    println!("removed {n} ({})", d.short());
+                }
+            }
+            if cli.json {
+                print_json(&removed);
+            }
+        }
+        Cmd::Layer(LayerCmd::Import { path, format }) => {
+            let progress = Arc::new(Progress::default());
+            let r = with_progress("import", || import_progress(&progress), || {
+                api.import_layer(path, *format, progress.clone())
+            })?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                println!(
+                    "imported layer {} from {}: {} files, {} in {:.2}s; {} new chunks, {} stored",
+                    r.layers[0],
+                    path.display(),
+                    r.files,
+                    human_bytes(r.logical_bytes),
+                    r.seconds,
+                    r.new_chunks,
+                    human_bytes(r.new_stored_bytes),
+                );
+            }
+        }
+        Cmd::Layer(LayerCmd::Ls) => {
+            let layers = api.layers()?;
+            if cli.json {
+                print_json(&layers);
+            } else {
+                table(
+                    &["LAYER", "ENTRIES", "SIZE"],
+                    layers
+                        .iter()
+                        .map(|l| vec![l.digest.to_string(), l.entries.to_string(), human_bytes(l.size)])
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Layer(LayerCmd::Export { layer, to }) => {
+            let r = api.export_layer(layer, &ExportTarget::from_path(to))?;
+            if cli.json {
+                print_json(&r);
+            } else if to.as_os_str() != "-" {
+                println!("exported layer to {}: {} entries, {}", to.display(), r.entries, human_bytes(r.bytes));
+            }
+        }
+        Cmd::Layer(LayerCmd::Rm { layer }) => {
+            api.remove_layer(layer)?;
+            if cli.json {
+                print_json(&serde_json::json!({"removed": layer}));
+            } else {
+                println!("removed layer {layer}");
+            }
+        }
+        Cmd::Gc => {
+            let progress = GcProgress::default();
+            let r = with_progress(
+                "gc",
+                || {
+                    let m = progress.marked.load(Ordering::Relaxed);
+                    let s = progress.swept.load(Ordering::Relaxed);
+                    (0, 0, format!("{m} marked, {s} swept"))
+                },
+                || api.gc(&progress),
+            )?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                println!(
+                    "kept {} objects; removed {} images, {} layers, {} trees, {} blobs, {} chunks ({} freed)",
+                    r.kept, r.images, r.layers, r.trees, r.blobs, r.chunks, human_bytes(r.freed_bytes)
+                );
+            }
+        }
+        Cmd::Fsck => {
+            let r = api.fsck()?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                println!(
+                    "checked {} chunks, {} blobs, {} trees, {} layers, {} images, {} refs",
+                    r.chunks, r.blobs, r.trees, r.layers, r.images, r.refs
+                );
+                for p in &r.problems {
+                    println!("BROKEN {} {}: {}", p.object, p.name, p.problem);
+                }
+                if r.is_clean() {
+                    println!("store is consistent");
+                } else {
+                    println!("{} problems", r.problems.len());
+                }
+            }
+            return Ok(if r.is_clean() { 0 } else { 1 });
+        }
+        Cmd::Stats => {
+            let s = api.stats()?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!("images:        {}", s.images);
+                println!("layers:        {}", s.layers);
+                println!("chunks:        {}", s.chunks);
+                println!("logical bytes: {} ({})", s.logical_bytes, human_bytes(s.logical_bytes));
+                println!("unique bytes:  {} ({})", s.unique_bytes, human_bytes(s.unique_bytes));
+                println!("stored bytes:  {} ({})", s.stored_bytes, human_bytes(s.stored_bytes));
+                println!("on disk:       {}", human_bytes(s.disk_bytes));
+                println!("dedup ratio:   {:.2}x", s.dedup_ratio);
+                println!("total ratio:   {:.2}x (dedup and compression)", s.total_ratio);
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // castore errors already carry their causes in their message: one line.
+            eprintln!("tide: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
