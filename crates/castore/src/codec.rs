@@ -112,7 +112,11 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn end(&self) -> Result<(), DecodeError> {
-        if self.buf.is_empty() { Ok(()) } else { Err(DecodeError) }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError)
+        }
     }
 }
 

@@ -23,6 +23,9 @@ use rocksdb::{
 
 use crate::error::Result;
 
+/// A key and its value as read from the database.
+pub(crate) type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// A column family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Cf {
@@ -192,10 +195,7 @@ impl Db {
     }
 
     /// Every key and value of a family, in order.
-    pub(crate) fn entries(
-        &self,
-        cf: Cf,
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+    pub(crate) fn entries(&self, cf: Cf) -> impl Iterator<Item = Result<KeyValue>> + '_ {
         self.db
             .iterator_cf(self.handle(cf), IteratorMode::Start)
             .map(|r| r.map_err(Into::into))

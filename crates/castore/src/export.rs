@@ -94,7 +94,13 @@ impl Store {
         self.export(l.root.clone(), vec![(0, l.root_tree())], true, target)
     }
 
-    fn export(&self, root: Entry, sources: Vec<(usize, Digest)>, raw: bool, target: &ExportTarget) -> Result<ExportReport> {
+    fn export(
+        &self,
+        root: Entry,
+        sources: Vec<(usize, Digest)>,
+        raw: bool,
+        target: &ExportTarget,
+    ) -> Result<ExportReport> {
         let mut w = Walker {
             store: self,
             raw,
@@ -146,7 +152,12 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 impl Walker<'_> {
-    fn run(&mut self, sink: &mut dyn Sink, root: Entry, sources: Vec<(usize, Digest)>) -> Result<()> {
+    fn run(
+        &mut self,
+        sink: &mut dyn Sink,
+        root: Entry,
+        sources: Vec<(usize, Digest)>,
+    ) -> Result<()> {
         sink.dir_start(b"", &root)?;
         self.dir(sink, b"", &root, sources)?;
         sink.dir_end(b"", &root)
@@ -198,10 +209,19 @@ impl Walker<'_> {
         Ok(out)
     }
 
-    fn dir(&mut self, sink: &mut dyn Sink, path: &[u8], me: &Entry, sources: Vec<(usize, Digest)>) -> Result<()> {
-        let merged = self
-            .merge(&sources)
-            .map_err(|e| e.context(format!("reading directory /{}", String::from_utf8_lossy(path))))?;
+    fn dir(
+        &mut self,
+        sink: &mut dyn Sink,
+        path: &[u8],
+        me: &Entry,
+        sources: Vec<(usize, Digest)>,
+    ) -> Result<()> {
+        let merged = self.merge(&sources).map_err(|e| {
+            e.context(format!(
+                "reading directory /{}",
+                String::from_utf8_lossy(path)
+            ))
+        })?;
         if self.raw && matches!(me.kind, Kind::Dir { opaque: true, .. }) {
             let marker = synthetic(OPAQUE, me);
             sink.leaf(self.store, &join(path, OPAQUE), &marker)?;
@@ -210,7 +230,8 @@ impl Walker<'_> {
         for (name, m) in merged {
             let child = join(path, &name);
             self.report.entries += 1;
-            let ctx = |e: Error| e.context(format!("exporting /{}", String::from_utf8_lossy(&child)));
+            let ctx =
+                |e: Error| e.context(format!("exporting /{}", String::from_utf8_lossy(&child)));
             match &m.entry.kind {
                 Kind::Dir { .. } => {
                     sink.dir_start(&child, &m.entry).map_err(ctx)?;
@@ -221,7 +242,8 @@ impl Walker<'_> {
                     let mut wname = WHITEOUT_PREFIX.to_vec();
                     wname.extend_from_slice(&name);
                     let marker = synthetic(&wname, &m.entry);
-                    sink.leaf(self.store, &join(path, &wname), &marker).map_err(ctx)?;
+                    sink.leaf(self.store, &join(path, &wname), &marker)
+                        .map_err(ctx)?;
                 }
                 _ => {
                     if m.entry.link != 0 {
@@ -261,7 +283,8 @@ struct DirSink {
 }
 
 fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Refused(format!("path {} contains NUL", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Refused(format!("path {} contains NUL", p.display())))
 }
 
 fn check(rc: libc::c_int, op: &'static str, p: &Path) -> Result<()> {
@@ -306,10 +329,12 @@ impl DirSink {
     fn finish_meta(&self, p: &Path, e: &Entry) -> Result<()> {
         let c = cpath(p)?;
         // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-        check(unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) }, "chown", p)?;
+        let rc = unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) };
+        check(rc, "chown", p)?;
         if !matches!(e.kind, Kind::Symlink { .. }) {
             // SAFETY: as above.
-            check(unsafe { libc::chmod(c.as_ptr(), e.mode) }, "chmod", p)?;
+            let rc = unsafe { libc::chmod(c.as_ptr(), e.mode) };
+            check(rc, "chmod", p)?;
         }
         for (k, v) in &e.xattrs {
             let name = std::ffi::OsStr::from_bytes(k);
@@ -326,11 +351,15 @@ impl DirSink {
             },
         ];
         // SAFETY: `c` and `times` outlive the call; AT_FDCWD with an absolute or relative path.
-        check(
-            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) },
-            "utimensat",
-            p,
-        )
+        let rc = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        check(rc, "utimensat", p)
     }
 }
 
@@ -361,19 +390,23 @@ impl Sink for DirSink {
                 written = write_file(store, &f, &p, *size, data)?;
             }
             Kind::Symlink { target } => {
-                let t = CString::new(target.clone()).map_err(|_| Error::Refused("symlink target contains NUL".into()))?;
+                let t = CString::new(target.clone())
+                    .map_err(|_| Error::Refused("symlink target contains NUL".into()))?;
                 // SAFETY: both strings are valid and NUL-terminated.
-                check(unsafe { libc::symlink(t.as_ptr(), c.as_ptr()) }, "symlink", &p)?;
+                let rc = unsafe { libc::symlink(t.as_ptr(), c.as_ptr()) };
+                check(rc, "symlink", &p)?;
             }
             Kind::CharDev { rdev } | Kind::BlockDev { rdev } => {
                 let t = e.kind.file_type_bits();
                 // SAFETY: valid path; mknod reads its arguments only.
-                check(unsafe { libc::mknod(c.as_ptr(), t | 0o600, *rdev) }, "mknod", &p)?;
+                let rc = unsafe { libc::mknod(c.as_ptr(), t | 0o600, *rdev) };
+                check(rc, "mknod", &p)?;
             }
             Kind::Fifo | Kind::Socket => {
                 let t = e.kind.file_type_bits();
                 // SAFETY: as above.
-                check(unsafe { libc::mknod(c.as_ptr(), t | 0o600, 0) }, "mknod", &p)?;
+                let rc = unsafe { libc::mknod(c.as_ptr(), t | 0o600, 0) };
+                check(rc, "mknod", &p)?;
             }
             Kind::Dir { .. } | Kind::Whiteout => unreachable!("handled by the walker"),
         }
@@ -391,7 +424,11 @@ impl Sink for DirSink {
 fn write_file(store: &Store, f: &File, p: &Path, size: u64, data: &FileData) -> Result<u64> {
     if let FileData::Blob(d) = data {
         let blob = store.blob(d)?;
-        if blob.segments.iter().any(|s| matches!(s, Segment::Hole { .. })) {
+        if blob
+            .segments
+            .iter()
+            .any(|s| matches!(s, Segment::Hole { .. }))
+        {
             let mut h = crate::digest::Hasher::new();
             let mut off = 0u64;
             let zeros = vec![0u8; 1 << 16];
@@ -400,7 +437,8 @@ fn write_file(store: &Store, f: &File, p: &Path, size: u64, data: &FileData) -> 
                     Segment::Data { chunk, .. } => {
                         let c = store.chunk(&chunk)?;
                         h.update(&c);
-                        f.write_all_at(&c, off).map_err(|e| Error::io("write", p, e))?;
+                        f.write_all_at(&c, off)
+                            .map_err(|e| Error::io("write", p, e))?;
                     }
                     Segment::Hole { len } => {
                         let mut left = len;
@@ -461,11 +499,17 @@ impl TarSink {
 
 impl Sink for TarSink {
     fn dir_start(&mut self, rel: &[u8], e: &Entry) -> Result<()> {
-        let mut p = if rel.is_empty() { b".".to_vec() } else { rel.to_vec() };
+        let mut p = if rel.is_empty() {
+            b".".to_vec()
+        } else {
+            rel.to_vec()
+        };
         p.push(b'/');
         let te = tar_entry(&p, e, TarKind::Dir);
         let path = self.path.clone();
-        self.writer().append(&te, None).map_err(|err| Error::io("write", &path, err))
+        self.writer()
+            .append(&te, None)
+            .map_err(|err| Error::io("write", &path, err))
     }
 
     fn dir_end(&mut self, _rel: &[u8], _e: &Entry) -> Result<()> {
@@ -501,9 +545,21 @@ impl Sink for TarSink {
                 self.writer().append(&te, None).map_err(io)?;
                 Ok(0)
             }
-            Kind::CharDev { .. } => self.writer().append(&tar_entry(rel, e, TarKind::CharDev), None).map_err(io).map(|_| 0),
-            Kind::BlockDev { .. } => self.writer().append(&tar_entry(rel, e, TarKind::BlockDev), None).map_err(io).map(|_| 0),
-            Kind::Fifo => self.writer().append(&tar_entry(rel, e, TarKind::Fifo), None).map_err(io).map(|_| 0),
+            Kind::CharDev { .. } => self
+                .writer()
+                .append(&tar_entry(rel, e, TarKind::CharDev), None)
+                .map_err(io)
+                .map(|_| 0),
+            Kind::BlockDev { .. } => self
+                .writer()
+                .append(&tar_entry(rel, e, TarKind::BlockDev), None)
+                .map_err(io)
+                .map(|_| 0),
+            Kind::Fifo => self
+                .writer()
+                .append(&tar_entry(rel, e, TarKind::Fifo), None)
+                .map_err(io)
+                .map(|_| 0),
             // Tar has no socket type; like GNU tar, a socket is left out.
             Kind::Socket => Ok(0),
             Kind::Dir { .. } | Kind::Whiteout => unreachable!("handled by the walker"),
@@ -514,6 +570,8 @@ impl Sink for TarSink {
         let mut te = tar_entry(rel, e, TarKind::HardLink);
         te.link = target.to_vec();
         let path = self.path.clone();
-        self.writer().append(&te, None).map_err(|err| Error::io("write", &path, err))
+        self.writer()
+            .append(&te, None)
+            .map_err(|err| Error::io("write", &path, err))
     }
 }

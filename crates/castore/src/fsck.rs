@@ -99,11 +99,25 @@ impl Store {
                         let name = String::from_utf8_lossy(&e.name).into_owned();
                         match e.kind {
                             Kind::Dir { tree, .. } => tree_refs.push((d, tree)),
-                            Kind::File { data: FileData::Chunk(c), .. } if !chunks.contains(&c) => {
-                                r.add("tree", d, format!("entry {name:?} references missing chunk {c}"));
+                            Kind::File {
+                                data: FileData::Chunk(c),
+                                ..
+                            } if !chunks.contains(&c) => {
+                                r.add(
+                                    "tree",
+                                    d,
+                                    format!("entry {name:?} references missing chunk {c}"),
+                                );
                             }
-                            Kind::File { data: FileData::Blob(b), .. } if !blobs.contains(&b) => {
-                                r.add("tree", d, format!("entry {name:?} references missing or broken blob {b}"));
+                            Kind::File {
+                                data: FileData::Blob(b),
+                                ..
+                            } if !blobs.contains(&b) => {
+                                r.add(
+                                    "tree",
+                                    d,
+                                    format!("entry {name:?} references missing or broken blob {b}"),
+                                );
                             }
                             _ => {}
                         }
@@ -114,7 +128,11 @@ impl Store {
         }
         for (parent, child) in tree_refs {
             if !trees.contains(&child) {
-                r.add("tree", parent, format!("references missing or broken tree {child}"));
+                r.add(
+                    "tree",
+                    parent,
+                    format!("references missing or broken tree {child}"),
+                );
             }
         }
         let mut layers = HashSet::new();
@@ -127,7 +145,11 @@ impl Store {
             };
             match self.layer(&d) {
                 Ok(l) if !trees.contains(&l.root_tree()) => {
-                    r.add("layer", d, format!("root tree {} is missing or broken", l.root_tree()));
+                    r.add(
+                        "layer",
+                        d,
+                        format!("root tree {} is missing or broken", l.root_tree()),
+                    );
                 }
                 Ok(_) => {
                     layers.insert(d);

@@ -99,15 +99,19 @@ impl Marker<'_> {
             for e in self.store.tree(&d)?.entries {
                 match e.kind {
                     Kind::Dir { tree, .. } => stack.push(tree),
-                    Kind::File { data: FileData::Chunk(c), .. } => {
+                    Kind::File {
+                        data: FileData::Chunk(c),
+                        ..
+                    } => {
                         self.first(c);
                     }
-                    Kind::File { data: FileData::Blob(b), .. } => {
-                        if self.first(b) {
-                            for s in self.store.blob(&b)?.segments {
-                                if let Segment::Data { chunk, .. } = s {
-                                    self.first(chunk);
-                                }
+                    Kind::File {
+                        data: FileData::Blob(b),
+                        ..
+                    } if self.first(b) => {
+                        for s in self.store.blob(&b)?.segments {
+                            if let Segment::Data { chunk, .. } = s {
+                                self.first(chunk);
                             }
                         }
                     }
@@ -180,31 +184,32 @@ impl Store {
     ) -> Result<u64> {
         let mut candidates: Vec<(Digest, u64)> = Vec::new();
         let mut deleted = 0;
-        let mut flush = |candidates: &mut Vec<(Digest, u64)>, report: &mut GcReport| -> Result<()> {
-            if candidates.is_empty() {
-                return Ok(());
-            }
-            // Claims are checked and the deletion committed under the same lock an import
-            // takes to claim: a digest claimed before this point is kept; one claimed
-            // after sees it gone and is written again.
-            let live = self.live.lock().expect("live lock");
-            let mut batch = Batch::new();
-            for (d, stored) in candidates.drain(..) {
-                if guard.protected(&live, &d) {
-                    continue;
+        let mut flush =
+            |candidates: &mut Vec<(Digest, u64)>, report: &mut GcReport| -> Result<()> {
+                if candidates.is_empty() {
+                    return Ok(());
                 }
-                batch.delete(&self.db, cf, &d.0);
-                if cf == Cf::ChunkIndex {
-                    batch.delete(&self.db, Cf::Chunks, &d.0);
-                    report.freed_bytes += stored;
+                // Claims are checked and the deletion committed under the same lock an import
+                // takes to claim: a digest claimed before this point is kept; one claimed
+                // after sees it gone and is written again.
+                let live = self.live.lock().expect("live lock");
+                let mut batch = Batch::new();
+                for (d, stored) in candidates.drain(..) {
+                    if guard.protected(&live, &d) {
+                        continue;
+                    }
+                    batch.delete(&self.db, cf, &d.0);
+                    if cf == Cf::ChunkIndex {
+                        batch.delete(&self.db, Cf::Chunks, &d.0);
+                        report.freed_bytes += stored;
+                    }
+                    deleted += 1;
+                    progress.swept.fetch_add(1, Ordering::Relaxed);
                 }
-                deleted += 1;
-                progress.swept.fetch_add(1, Ordering::Relaxed);
-            }
-            self.db.write(batch, true)?;
-            drop(live);
-            Ok(())
-        };
+                self.db.write(batch, true)?;
+                drop(live);
+                Ok(())
+            };
         for kv in self.db.entries(cf) {
             let (k, v) = kv?;
             let Some(d) = Digest::from_slice(&k) else {
@@ -237,7 +242,9 @@ impl<'s> GcGuard<'s> {
     fn start(store: &'s Store) -> Result<GcGuard<'s>> {
         let mut live = store.live.lock().expect("live lock");
         if live.gc_extra.is_some() {
-            return Err(crate::Error::Refused("a garbage collection is already running".into()));
+            return Err(crate::Error::Refused(
+                "a garbage collection is already running".into(),
+            ));
         }
         live.gc_extra = Some(HashSet::new());
         Ok(GcGuard { store })

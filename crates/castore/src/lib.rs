@@ -34,8 +34,12 @@ pub use error::{Error, ObjectKind, Result, ResultExt};
 pub use export::{ExportReport, ExportTarget};
 pub use fsck::{FsckReport, Problem};
 pub use gc::{GcProgress, GcReport, GcRoots};
-pub use ingest::{ImportOptions, ImportReport, OPAQUE, Progress, SourceFormat, WHITEOUT_PREFIX, host_arch};
-pub use model::{Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree};
+pub use ingest::{
+    ImportOptions, ImportReport, OPAQUE, Progress, SourceFormat, WHITEOUT_PREFIX, host_arch,
+};
+pub use model::{
+    Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree,
+};
 pub use refname::validate as validate_ref;
 pub use stats::Stats;
 pub use store::Store;

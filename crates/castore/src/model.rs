@@ -196,7 +196,10 @@ impl Entry {
         for _ in 0..n {
             let k = r.bytes()?.to_vec();
             let v = r.bytes()?.to_vec();
-            if xattrs.last().is_some_and(|(prev, _): &(Vec<u8>, Vec<u8>)| *prev >= k) {
+            if xattrs
+                .last()
+                .is_some_and(|(prev, _): &(Vec<u8>, Vec<u8>)| *prev >= k)
+            {
                 return Err(DecodeError);
             }
             xattrs.push((k, v));

@@ -32,7 +32,9 @@ pub fn validate(reference: &str) -> Result<()> {
         .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
         || tag.starts_with(['.', '-'])
     {
-        return Err(bad("tag may hold only A-Z, a-z, 0-9 and . _ - and not start with . or -"));
+        return Err(bad(
+            "tag may hold only A-Z, a-z, 0-9 and . _ - and not start with . or -",
+        ));
     }
     Ok(())
 }
@@ -43,10 +45,17 @@ mod tests {
 
     #[test]
     fn accepts_and_rejects() {
-        for ok in ["debian:bookworm", "library/python:3.11-slim", "a:b", "x.y/z_1:v1.0"] {
+        for ok in [
+            "debian:bookworm",
+            "library/python:3.11-slim",
+            "a:b",
+            "x.y/z_1:v1.0",
+        ] {
             validate(ok).unwrap();
         }
-        for bad in ["debian", "Debian:x", ":x", "a:", "a:-x", "../a:b", "a//b:c", "a b:c"] {
+        for bad in [
+            "debian", "Debian:x", ":x", "a:", "a:-x", "../a:b", "a//b:c", "a b:c",
+        ] {
             assert!(validate(bad).is_err(), "{bad} accepted");
         }
     }

@@ -41,7 +41,11 @@ fn du(path: &std::path::Path) -> u64 {
     if let Ok(rd) = std::fs::read_dir(path) {
         for e in rd.flatten() {
             if let Ok(md) = e.metadata() {
-                total += if md.is_dir() { du(&e.path()) } else { md.blocks() * 512 };
+                total += if md.is_dir() {
+                    du(&e.path())
+                } else {
+                    md.blocks() * 512
+                };
             }
         }
     }

@@ -60,7 +60,10 @@ impl ClaimSet<'_> {
     /// GC either sees the claim or has already deleted `d` (and the caller rewrites it).
     pub(crate) fn claim(&self, d: Digest) -> bool {
         let mut live = self.store.live.lock().expect("live lock");
-        live.claims.get_mut(&self.id).expect("own claim set").insert(d)
+        live.claims
+            .get_mut(&self.id)
+            .expect("own claim set")
+            .insert(d)
     }
 }
 
@@ -226,7 +229,10 @@ impl Store {
 
     /// Reads a record and checks it hashes to its key.
     fn record(&self, cf: Cf, kind: ObjectKind, d: &Digest) -> Result<Vec<u8>> {
-        let v = self.db.get(cf, &d.0)?.ok_or(Error::Missing { kind, digest: *d })?;
+        let v = self
+            .db
+            .get(cf, &d.0)?
+            .ok_or(Error::Missing { kind, digest: *d })?;
         if Digest::of(&v) != *d {
             return Err(Error::Corrupt { kind, digest: *d });
         }
@@ -418,9 +424,7 @@ impl Store {
                 let k = k?;
                 if hex::encode(&k).starts_with(&hex.to_ascii_lowercase()) {
                     if found.is_some() {
-                        return Err(Error::Refused(format!(
-                            "image prefix {spec} is ambiguous"
-                        )));
+                        return Err(Error::Refused(format!("image prefix {spec} is ambiguous")));
                     }
                     found = Digest::from_slice(&k);
                 }

@@ -300,26 +300,45 @@ impl<R: Read> TarReader<R> {
             let unsigned: u64 = h
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
+                .map(|(i, &b)| {
+                    if (148..156).contains(&i) {
+                        32
+                    } else {
+                        u64::from(b)
+                    }
+                })
                 .sum();
             let signed: i64 = h
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b as i8) })
+                .map(|(i, &b)| {
+                    if (148..156).contains(&i) {
+                        32
+                    } else {
+                        i64::from(b as i8)
+                    }
+                })
                 .sum();
             if stored_sum != unsigned && stored_sum as i64 != signed {
-                return Err(TarError::new(at, "header checksum mismatch (not a tar, or corrupt)"));
+                return Err(TarError::new(
+                    at,
+                    "header checksum mismatch (not a tar, or corrupt)",
+                ));
             }
             let typeflag = h[156];
             let size = parse_octal(&h[124..136])
                 .ok_or_else(|| TarError::new(at, "size field is not a number"))?;
             match typeflag {
                 b'L' => {
-                    long_name = Some(cstr(&self.read_small(size, MAX_LONG_NAME, "GNU long name")?).to_vec());
+                    long_name = Some(
+                        cstr(&self.read_small(size, MAX_LONG_NAME, "GNU long name")?).to_vec(),
+                    );
                     continue;
                 }
                 b'K' => {
-                    long_link = Some(cstr(&self.read_small(size, MAX_LONG_NAME, "GNU long link")?).to_vec());
+                    long_link = Some(
+                        cstr(&self.read_small(size, MAX_LONG_NAME, "GNU long link")?).to_vec(),
+                    );
                     continue;
                 }
                 b'x' => {
@@ -344,9 +363,8 @@ impl<R: Read> TarReader<R> {
                 path = p;
             }
             let num = |range: std::ops::Range<usize>, what: &str| {
-                parse_octal(&h[range]).ok_or_else(|| {
-                    TarError::new(at, format!("{what} field is not a number"))
-                })
+                parse_octal(&h[range])
+                    .ok_or_else(|| TarError::new(at, format!("{what} field is not a number")))
             };
             let mut e = TarEntry {
                 mode: (num(100..108, "mode")? & 0o7777) as u32,
@@ -415,11 +433,19 @@ impl<R: Read> TarReader<R> {
                         e.data_size = dec(&v).ok_or_else(|| bad("size"))?;
                         e.size = e.data_size;
                     }
-                    "uid" => e.uid = dec(&v).and_then(|x| u32::try_from(x).ok()).ok_or_else(|| bad("uid"))?,
-                    "gid" => e.gid = dec(&v).and_then(|x| u32::try_from(x).ok()).ok_or_else(|| bad("gid"))?,
+                    "uid" => {
+                        e.uid = dec(&v)
+                            .and_then(|x| u32::try_from(x).ok())
+                            .ok_or_else(|| bad("uid"))?
+                    }
+                    "gid" => {
+                        e.gid = dec(&v)
+                            .and_then(|x| u32::try_from(x).ok())
+                            .ok_or_else(|| bad("gid"))?
+                    }
                     "mtime" => e.mtime = parse_pax_time(&v).ok_or_else(|| bad("mtime"))?,
                     k if k.starts_with("SCHILY.xattr.") => {
-                        let name = k["SCHILY.xattr.".len()..].as_bytes().to_vec();
+                        let name = k.as_bytes()["SCHILY.xattr.".len()..].to_vec();
                         e.xattrs.retain(|(n, _)| *n != name);
                         e.xattrs.push((name, v));
                     }
@@ -439,7 +465,14 @@ impl<R: Read> TarReader<R> {
             }
             if matches!(
                 e.kind,
-                Some(TarKind::HardLink | TarKind::Symlink | TarKind::Dir | TarKind::Fifo | TarKind::CharDev | TarKind::BlockDev)
+                Some(
+                    TarKind::HardLink
+                        | TarKind::Symlink
+                        | TarKind::Dir
+                        | TarKind::Fifo
+                        | TarKind::CharDev
+                        | TarKind::BlockDev
+                )
             ) && typeflag != b'5'
             {
                 // Only regular files carry data (directories may, and it is skipped).
@@ -503,7 +536,9 @@ impl<R: Read> TarReader<R> {
             if off < end {
                 return Err(bad("regions overlap or are out of order"));
             }
-            end = off.checked_add(len).ok_or_else(|| bad("region overflows"))?;
+            end = off
+                .checked_add(len)
+                .ok_or_else(|| bad("region overflows"))?;
             total += len;
         }
         if end > real || total != e.data_size {
@@ -620,6 +655,9 @@ impl<D: Read> Read for SparseExpand<D> {
     }
 }
 
+/// Writes a file entry's content and returns how many bytes it wrote.
+pub(crate) type BodyWriter<'a> = &'a mut dyn FnMut(&mut dyn Write) -> io::Result<u64>;
+
 /// Writes a tar stream: ustar headers, with PAX records for whatever ustar cannot hold
 /// (long names, big numbers, nanosecond mtimes, xattrs).
 #[derive(Debug)]
@@ -733,7 +771,7 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// Writes an entry; for files, `data` must yield exactly `e.size` bytes.
-    pub(crate) fn append(&mut self, e: &TarEntry, data: Option<&mut dyn FnMut(&mut dyn Write) -> io::Result<u64>>) -> io::Result<()> {
+    pub(crate) fn append(&mut self, e: &TarEntry, data: Option<BodyWriter<'_>>) -> io::Result<()> {
         let kind = e.kind.expect("entry kind");
         let typeflag = match kind {
             TarKind::File => b'0',
@@ -797,7 +835,10 @@ mod tests {
         let mut w = TarWriter::new(Vec::new());
         let long = "d/".repeat(80) + "file";
         let mut f = entry(&long, TarKind::File, 5);
-        f.mtime = Timespec { sec: 1_700_000_000, nsec: 123_456_789 };
+        f.mtime = Timespec {
+            sec: 1_700_000_000,
+            nsec: 123_456_789,
+        };
         f.xattrs = vec![(b"user.k".to_vec(), b"v\0\xff".to_vec())];
         f.uid = 3_000_000;
         let mut body = |w: &mut dyn Write| {
@@ -836,20 +877,48 @@ mod tests {
         let mut r = TarReader::new(&bytes[..700]);
         r.next_entry().unwrap().unwrap();
         let mut v = Vec::new();
-        assert!(r.read_data(&mut v).unwrap_err().reason.contains("truncated"));
+        assert!(
+            r.read_data(&mut v)
+                .unwrap_err()
+                .reason
+                .contains("truncated")
+        );
         // Cut exactly after the data: no end marker.
         let mut r = TarReader::new(&bytes[..1536]);
         r.next_entry().unwrap().unwrap();
         r.read_data(&mut v).unwrap();
-        assert!(r.next_entry().unwrap_err().reason.contains("end-of-archive"));
+        assert!(
+            r.next_entry()
+                .unwrap_err()
+                .reason
+                .contains("end-of-archive")
+        );
         let garbage = vec![0x41u8; 1024];
-        assert!(TarReader::new(&garbage[..]).next_entry().unwrap_err().reason.contains("checksum"));
+        assert!(
+            TarReader::new(&garbage[..])
+                .next_entry()
+                .unwrap_err()
+                .reason
+                .contains("checksum")
+        );
     }
 
     #[test]
     fn pax_times() {
-        assert_eq!(parse_pax_time(b"1.5"), Some(Timespec { sec: 1, nsec: 500_000_000 }));
-        assert_eq!(parse_pax_time(b"-1.25"), Some(Timespec { sec: -2, nsec: 750_000_000 }));
+        assert_eq!(
+            parse_pax_time(b"1.5"),
+            Some(Timespec {
+                sec: 1,
+                nsec: 500_000_000
+            })
+        );
+        assert_eq!(
+            parse_pax_time(b"-1.25"),
+            Some(Timespec {
+                sec: -2,
+                nsec: 750_000_000
+            })
+        );
         assert_eq!(parse_pax_time(b"x"), None);
     }
 }

@@ -49,8 +49,19 @@ pub(crate) struct ImageDetail {
 
 /// The store operations behind the commands.
 pub(crate) trait StoreApi {
-    fn import_image(&self, path: &Path, name: Option<&str>, format: Option<SourceFormat>, progress: Arc<Progress>) -> Result<ImportReport>;
-    fn import_layer(&self, path: &Path, format: Option<SourceFormat>, progress: Arc<Progress>) -> Result<ImportReport>;
+    fn import_image(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        format: Option<SourceFormat>,
+        progress: Arc<Progress>,
+    ) -> Result<ImportReport>;
+    fn import_layer(
+        &self,
+        path: &Path,
+        format: Option<SourceFormat>,
+        progress: Arc<Progress>,
+    ) -> Result<ImportReport>;
     fn images(&self) -> Result<Vec<ImageSummary>>;
     fn inspect(&self, spec: &str) -> Result<ImageDetail>;
     fn export_image(&self, spec: &str, target: &ExportTarget) -> Result<ExportReport>;
@@ -99,12 +110,27 @@ fn parse_layer(store: &Store, s: &str) -> Result<Digest> {
 }
 
 impl StoreApi for Local {
-    fn import_image(&self, path: &Path, name: Option<&str>, format: Option<SourceFormat>, progress: Arc<Progress>) -> Result<ImportReport> {
-        Ok(self.0.import_image(path, name, &ImportOptions { format, progress })?)
+    fn import_image(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        format: Option<SourceFormat>,
+        progress: Arc<Progress>,
+    ) -> Result<ImportReport> {
+        Ok(self
+            .0
+            .import_image(path, name, &ImportOptions { format, progress })?)
     }
 
-    fn import_layer(&self, path: &Path, format: Option<SourceFormat>, progress: Arc<Progress>) -> Result<ImportReport> {
-        Ok(self.0.import_layer(path, &ImportOptions { format, progress })?)
+    fn import_layer(
+        &self,
+        path: &Path,
+        format: Option<SourceFormat>,
+        progress: Arc<Progress>,
+    ) -> Result<ImportReport> {
+        Ok(self
+            .0
+            .import_layer(path, &ImportOptions { format, progress })?)
     }
 
     fn images(&self) -> Result<Vec<ImageSummary>> {

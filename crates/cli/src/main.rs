@@ -19,7 +19,11 @@ use api::{Local, StoreApi};
 use output::{human_bytes, print_json, table};
 
 #[derive(Debug, Parser)]
-#[command(name = "tide", version, about = "Tidedge: layered VM roots from a deduplicating store")]
+#[command(
+    name = "tide",
+    version,
+    about = "Tidedge: layered VM roots from a deduplicating store"
+)]
 struct Cli {
     /// Store directory (opened directly; only one process may hold it).
     #[arg(long, global = true, env = "TIDE_STORE", value_name = "DIR")]
@@ -122,7 +126,11 @@ fn open(cli: &Cli) -> Result<Box<dyn StoreApi>> {
 }
 
 /// Runs `f` while a progress bar (on a terminal only) reads `poll` every 100 ms.
-fn with_progress<T>(label: &str, poll: impl Fn() -> (u64, u64, String) + Sync, f: impl FnOnce() -> T) -> T {
+fn with_progress<T>(
+    label: &str,
+    poll: impl Fn() -> (u64, u64, String) + Sync,
+    f: impl FnOnce() -> T,
+) -> T {
     if !std::io::stderr().is_terminal() {
         return f();
     }
@@ -155,7 +163,11 @@ fn import_progress(p: &Progress) -> (u64, u64, String) {
     let bytes = p.bytes.load(Ordering::Relaxed);
     let total = p.bytes_total.load(Ordering::Relaxed);
     let files = p.files.load(Ordering::Relaxed);
-    (bytes, total, format!("{files} files, {}", human_bytes(bytes)))
+    (
+        bytes,
+        total,
+        format!("{files} files, {}", human_bytes(bytes)),
+    )
 }
 
 fn run(cli: &Cli) -> Result<i32> {
@@ -163,9 +175,11 @@ fn run(cli: &Cli) -> Result<i32> {
     match &cli.cmd {
         Cmd::Image(ImageCmd::Import { path, name, format }) => {
             let progress = Arc::new(Progress::default());
-            let r = with_progress("import", || import_progress(&progress), || {
-                api.import_image(path, name.as_deref(), *format, progress.clone())
-            })?;
+            let r = with_progress(
+                "import",
+                || import_progress(&progress),
+                || api.import_image(path, name.as_deref(), *format, progress.clone()),
+            )?;
             if cli.json {
                 print_json(&r);
             } else {
@@ -195,7 +209,14 @@ fn run(cli: &Cli) -> Result<i32> {
                     &["NAME", "IMAGE", "LAYERS", "SIZE"],
                     images
                         .iter()
-                        .map(|i| vec![i.name.clone(), i.digest.short(), i.layers.to_string(), human_bytes(i.size)])
+                        .map(|i| {
+                            vec![
+                                i.name.clone(),
+                                i.digest.short(),
+                                i.layers.to_string(),
+                                human_bytes(i.size),
+                            ]
+                        })
                         .collect(),
                 );
             }
@@ -246,7 +267,12 @@ fn run(cli: &Cli) -> Result<i32> {
             if cli.json {
                 print_json(&r);
             } else if to.as_os_str() != "-" {
-                println!("exported {image} to {}: {} entries, {}", to.display(), r.entries, human_bytes(r.bytes));
+                println!(
+                    "exported {image} to {}: {} entries, {}",
+                    to.display(),
+                    r.entries,
+                    human_bytes(r.bytes)
+                );
             }
         }
         Cmd::Image(ImageCmd::Rm { names }) => {
@@ -264,9 +290,11 @@ fn run(cli: &Cli) -> Result<i32> {
         }
         Cmd::Layer(LayerCmd::Import { path, format }) => {
             let progress = Arc::new(Progress::default());
-            let r = with_progress("import", || import_progress(&progress), || {
-                api.import_layer(path, *format, progress.clone())
-            })?;
+            let r = with_progress(
+                "import",
+                || import_progress(&progress),
+                || api.import_layer(path, *format, progress.clone()),
+            )?;
             if cli.json {
                 print_json(&r);
             } else {
@@ -291,7 +319,13 @@ fn run(cli: &Cli) -> Result<i32> {
                     &["LAYER", "ENTRIES", "SIZE"],
                     layers
                         .iter()
-                        .map(|l| vec![l.digest.to_string(), l.entries.to_string(), human_bytes(l.size)])
+                        .map(|l| {
+                            vec![
+                                l.digest.to_string(),
+                                l.entries.to_string(),
+                                human_bytes(l.size),
+                            ]
+                        })
                         .collect(),
                 );
             }
@@ -301,7 +335,12 @@ fn run(cli: &Cli) -> Result<i32> {
             if cli.json {
                 print_json(&r);
             } else if to.as_os_str() != "-" {
-                println!("exported layer to {}: {} entries, {}", to.display(), r.entries, human_bytes(r.bytes));
+                println!(
+                    "exported layer to {}: {} entries, {}",
+                    to.display(),
+                    r.entries,
+                    human_bytes(r.bytes)
+                );
             }
         }
         Cmd::Layer(LayerCmd::Rm { layer }) => {
@@ -328,7 +367,13 @@ fn run(cli: &Cli) -> Result<i32> {
             } else {
                 println!(
                     "kept {} objects; removed {} images, {} layers, {} trees, {} blobs, {} chunks ({} freed)",
-                    r.kept, r.images, r.layers, r.trees, r.blobs, r.chunks, human_bytes(r.freed_bytes)
+                    r.kept,
+                    r.images,
+                    r.layers,
+                    r.trees,
+                    r.blobs,
+                    r.chunks,
+                    human_bytes(r.freed_bytes)
                 );
             }
         }
@@ -360,12 +405,27 @@ fn run(cli: &Cli) -> Result<i32> {
                 println!("images:        {}", s.images);
                 println!("layers:        {}", s.layers);
                 println!("chunks:        {}", s.chunks);
-                println!("logical bytes: {} ({})", s.logical_bytes, human_bytes(s.logical_bytes));
-                println!("unique bytes:  {} ({})", s.unique_bytes, human_bytes(s.unique_bytes));
-                println!("stored bytes:  {} ({})", s.stored_bytes, human_bytes(s.stored_bytes));
+                println!(
+                    "logical bytes: {} ({})",
+                    s.logical_bytes,
+                    human_bytes(s.logical_bytes)
+                );
+                println!(
+                    "unique bytes:  {} ({})",
+                    s.unique_bytes,
+                    human_bytes(s.unique_bytes)
+                );
+                println!(
+                    "stored bytes:  {} ({})",
+                    s.stored_bytes,
+                    human_bytes(s.stored_bytes)
+                );
                 println!("on disk:       {}", human_bytes(s.disk_bytes));
                 println!("dedup ratio:   {:.2}x", s.dedup_ratio);
-                println!("total ratio:   {:.2}x (dedup and compression)", s.total_ratio);
+                println!(
+                    "total ratio:   {:.2}x (dedup and compression)",
+                    s.total_ratio
+                );
             }
         }
     }

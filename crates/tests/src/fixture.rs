@@ -11,11 +11,24 @@ fn c(p: &Path) -> CString {
 
 fn set_mtime(p: &Path, sec: i64, nsec: i64) {
     let times = [
-        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        libc::timespec { tv_sec: sec, tv_nsec: nsec },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
     ];
     // SAFETY: valid path and times array for the duration of the call.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c(p).as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(rc, 0, "utimensat {}", p.display());
 }
 
@@ -67,7 +80,8 @@ pub fn build(root: &Path) {
     ] {
         let p = c(&root.join(name));
         // SAFETY: valid path; we are root.
-        assert_eq!(unsafe { libc::mknod(p.as_ptr(), kind | 0o640, dev) }, 0, "mknod {name}");
+        let rc = unsafe { libc::mknod(p.as_ptr(), kind | 0o640, dev) };
+        assert_eq!(rc, 0, "mknod {name}");
     }
     // A sparse file: 8 MiB with 64 KiB of data in the middle.
     let sparse = std::fs::File::create(root.join("usr/sparse")).unwrap();
@@ -75,7 +89,11 @@ pub fn build(root: &Path) {
     std::os::unix::fs::FileExt::write_all_at(&sparse, &pseudo_random(65536, 5), 4 << 20).unwrap();
     drop(sparse);
     // A name that is not UTF-8.
-    std::fs::write(root.join(std::ffi::OsStr::from_bytes(b"etc/caf\xe9")), b"latin-1 name").unwrap();
+    std::fs::write(
+        root.join(std::ffi::OsStr::from_bytes(b"etc/caf\xe9")),
+        b"latin-1 name",
+    )
+    .unwrap();
     // Extended attributes, including a capability-like binary value.
     xattr::set(root.join("usr/bin/big"), "user.comment", b"hello").unwrap();
     xattr::set(root.join("usr/bin/big"), "trusted.bin", &[0u8, 1, 2, 255]).unwrap();
@@ -105,6 +123,10 @@ pub fn build(root: &Path) {
     .iter()
     .enumerate()
     {
-        set_mtime(&root.join(p), 1_600_000_000 + i as i64 * 1000, 123_456_789 + i as i64);
+        set_mtime(
+            &root.join(p),
+            1_600_000_000 + i as i64 * 1000,
+            123_456_789 + i as i64,
+        );
     }
 }

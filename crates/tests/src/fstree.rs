@@ -47,14 +47,25 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Info> {
     out
 }
 
-fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Info>, inodes: &mut HashMap<(u64, u64), Vec<PathBuf>>) {
+fn walk(
+    root: &Path,
+    rel: &Path,
+    out: &mut BTreeMap<PathBuf, Info>,
+    inodes: &mut HashMap<(u64, u64), Vec<PathBuf>>,
+) {
     let path = root.join(rel);
-    let md = std::fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
+    let md = std::fs::symlink_metadata(&path)
+        .unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
     let ft = md.file_type();
     let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(&path)
         .map(|names| {
             names
-                .filter_map(|n| xattr::get(&path, &n).ok().flatten().map(|v| (n.as_bytes().to_vec(), v)))
+                .filter_map(|n| {
+                    xattr::get(&path, &n)
+                        .ok()
+                        .flatten()
+                        .map(|v| (n.as_bytes().to_vec(), v))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -72,12 +83,21 @@ fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Info>, inodes: &mut
         }
         h.finish().to_hex()
     } else if ft.is_symlink() {
-        String::from_utf8_lossy(std::fs::read_link(&path).expect("readlink").as_os_str().as_bytes()).into_owned()
+        String::from_utf8_lossy(
+            std::fs::read_link(&path)
+                .expect("readlink")
+                .as_os_str()
+                .as_bytes(),
+        )
+        .into_owned()
     } else {
         String::new()
     };
     if !ft.is_dir() && md.nlink() > 1 {
-        inodes.entry((md.dev(), md.ino())).or_default().push(rel.to_path_buf());
+        inodes
+            .entry((md.dev(), md.ino()))
+            .or_default()
+            .push(rel.to_path_buf());
     }
     out.insert(
         rel.to_path_buf(),
@@ -88,7 +108,11 @@ fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Info>, inodes: &mut
             mtime: (md.mtime(), md.mtime_nsec()),
             size: if ft.is_file() { md.size() } else { 0 },
             content,
-            rdev: if ft.is_block_device() || ft.is_char_device() { md.rdev() } else { 0 },
+            rdev: if ft.is_block_device() || ft.is_char_device() {
+                md.rdev()
+            } else {
+                0
+            },
             xattrs,
             link_group: PathBuf::new(),
         },

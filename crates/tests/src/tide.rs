@@ -36,7 +36,9 @@ impl Tide {
         assert!(
             o.status.success(),
             "tide {:?} failed ({}): {}",
-            args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
             o.status,
             String::from_utf8_lossy(&o.stderr)
         );
@@ -48,7 +50,8 @@ impl Tide {
         let mut all: Vec<std::ffi::OsString> = vec!["--json".into()];
         all.extend(args.iter().map(|a| a.as_ref().to_os_string()));
         let out = self.ok(&all);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("tide printed invalid JSON ({e}): {out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("tide printed invalid JSON ({e}): {out}"))
     }
 
     /// Runs, expects failure, and returns stderr.
@@ -57,7 +60,9 @@ impl Tide {
         assert!(
             !o.status.success(),
             "tide {:?} succeeded but should have failed: {}",
-            args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
             String::from_utf8_lossy(&o.stdout)
         );
         String::from_utf8_lossy(&o.stderr).into_owned()
@@ -66,7 +71,13 @@ impl Tide {
 
 /// Runs a shell command (for real tools: tar, gzip, zstd), panicking with its stderr.
 pub fn sh(script: &str) -> String {
-    let o = Command::new("bash").arg("-euo").arg("pipefail").arg("-c").arg(script).output().expect("spawn bash");
+    let o = Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("spawn bash");
     assert!(
         o.status.success(),
         "shell command failed: {script}\n{}",

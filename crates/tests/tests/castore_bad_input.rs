@@ -15,10 +15,19 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let tmp = tempfile::Builder::new().prefix("tide-bad").tempdir_in("/var/tmp").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("tide-bad")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         tests::fixture::build(&tmp.path().join("good"));
         let tide = Tide::new(tmp.path().join("store"));
-        tide.ok(&["image", "import", tmp.path().join("good").to_str().unwrap(), "--name", "good:1"]);
+        tide.ok(&[
+            "image",
+            "import",
+            tmp.path().join("good").to_str().unwrap(),
+            "--name",
+            "good:1",
+        ]);
         let before = tide.json(&["stats"]);
         Env { tmp, tide, before }
     }
@@ -46,15 +55,25 @@ t.close()
 "#,
             out = out.to_str().unwrap()
         );
-        let o = std::process::Command::new("python3").arg("-c").arg(&script).output().unwrap();
-        assert!(o.status.success(), "python: {}", String::from_utf8_lossy(&o.stderr));
+        let o = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "python: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         out
     }
 
     /// Imports `path`, expects failure with every one of `needles` in the message, then
     /// checks nothing stored before changed.
     fn rejects(&self, path: &Path, needles: &[&str]) {
-        let err = self.tide.fails(&["image", "import", path.to_str().unwrap(), "--name", "bad:1"]);
+        let err = self
+            .tide
+            .fails(&["image", "import", path.to_str().unwrap(), "--name", "bad:1"]);
         assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
         for n in needles {
             assert!(err.contains(n), "error {err:?} does not mention {n:?}");
@@ -63,16 +82,42 @@ t.close()
     }
 
     fn unchanged(&self) {
-        let names: Vec<String> = self.tide.json(&["image", "ls"]).as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()).collect();
-        assert_eq!(names, vec!["good:1".to_string()], "a half-imported image is visible");
+        let names: Vec<String> = self
+            .tide
+            .json(&["image", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["good:1".to_string()],
+            "a half-imported image is visible"
+        );
         let out = self.path(&format!("check-{}", rand_suffix()));
-        self.tide.ok(&["image", "export", "good:1", "--to", out.to_str().unwrap()]);
+        self.tide
+            .ok(&["image", "export", "good:1", "--to", out.to_str().unwrap()]);
         assert_same(&self.path("good"), &out);
         std::fs::remove_dir_all(&out).unwrap();
-        assert_eq!(self.tide.json(&["fsck"])["problems"].as_array().unwrap().len(), 0);
+        assert_eq!(
+            self.tide.json(&["fsck"])["problems"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
         self.tide.ok(&["gc"]);
         let after = self.tide.json(&["stats"]);
-        for k in ["chunks", "unique_bytes", "stored_bytes", "images", "layers", "trees", "blobs"] {
+        for k in [
+            "chunks",
+            "unique_bytes",
+            "stored_bytes",
+            "images",
+            "layers",
+            "trees",
+            "blobs",
+        ] {
             assert_eq!(self.before[k], after[k], "{k} changed");
         }
     }
@@ -87,7 +132,10 @@ fn rand_suffix() -> u64 {
 #[test]
 fn dotdot_component() {
     let e = Env::new();
-    let t = e.py_tar("dotdot.tar", "data('ok', b'x'*500)\ndata('a/../../evil', b'pwned')");
+    let t = e.py_tar(
+        "dotdot.tar",
+        "data('ok', b'x'*500)\ndata('a/../../evil', b'pwned')",
+    );
     e.rejects(&t, &["a/../../evil", ".."]);
 }
 
@@ -111,11 +159,20 @@ fn symlink_then_write_through_it() {
 #[test]
 fn hardlink_to_outside_and_to_nothing() {
     let e = Env::new();
-    let t = e.py_tar("hl-out.tar", "info('h', type=tarfile.LNKTYPE, linkname='../../etc/shadow')");
+    let t = e.py_tar(
+        "hl-out.tar",
+        "info('h', type=tarfile.LNKTYPE, linkname='../../etc/shadow')",
+    );
     e.rejects(&t, &["\"h\"", "hardlink target"]);
-    let t = e.py_tar("hl-abs.tar", "info('h', type=tarfile.LNKTYPE, linkname='/etc/shadow')");
+    let t = e.py_tar(
+        "hl-abs.tar",
+        "info('h', type=tarfile.LNKTYPE, linkname='/etc/shadow')",
+    );
     e.rejects(&t, &["\"h\"", "absolute"]);
-    let t = e.py_tar("hl-missing.tar", "info('h', type=tarfile.LNKTYPE, linkname='not/here')");
+    let t = e.py_tar(
+        "hl-missing.tar",
+        "info('h', type=tarfile.LNKTYPE, linkname='not/here')",
+    );
     e.rejects(&t, &["\"h\"", "not a file earlier in this layer"]);
 }
 
@@ -128,7 +185,17 @@ fn huge_header_sizes() {
     // Find the header of 'small' and rewrite its size field (octal, 12 bytes at 124).
     let hdr = bytes.windows(6).position(|w| w == b"small\0").unwrap();
     bytes[hdr + 124..hdr + 136].copy_from_slice(b"20000000000\0");
-    let sum: u32 = bytes[hdr..hdr + 512].iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) }).sum();
+    let sum: u32 = bytes[hdr..hdr + 512]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
     bytes[hdr + 148..hdr + 156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     let huge = e.path("huge-size.tar");
     std::fs::write(&huge, &bytes).unwrap();
@@ -140,7 +207,17 @@ fn huge_header_sizes() {
     pax[124..136].copy_from_slice(b"10000000000\0");
     pax[156] = b'x';
     pax[257..263].copy_from_slice(b"ustar\0");
-    let sum: u32 = pax.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) }).sum();
+    let sum: u32 = pax
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
     pax[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     pax.extend_from_slice(&[b'1'; 4096]);
     let p = e.path("huge-pax.tar");
@@ -183,7 +260,12 @@ fn truncated_and_corrupt_gzip_and_zstd() {
 /// Writes a one-layer OCI layout whose layer is `layer_tar` (gzip), optionally breaking it.
 fn oci_layout(dir: &Path, layer_tar: &Path, break_it: &str) {
     let gz = dir.join("layer.tar.gz");
-    sh(&format!("mkdir -p {0}/blobs/sha256 && gzip -c {1} > {2}", dir.display(), layer_tar.display(), gz.display()));
+    sh(&format!(
+        "mkdir -p {0}/blobs/sha256 && gzip -c {1} > {2}",
+        dir.display(),
+        layer_tar.display(),
+        gz.display()
+    ));
     let diff_id = castore::Digest::of(&std::fs::read(layer_tar).unwrap());
     let layer_bytes = std::fs::read(&gz).unwrap();
     let layer_d = castore::Digest::of(&layer_bytes);
@@ -195,14 +277,22 @@ fn oci_layout(dir: &Path, layer_tar: &Path, break_it: &str) {
     if break_it != "missing-layer" {
         put(&layer_bytes);
     }
-    let diff = if break_it == "wrong-diff-id" { castore::Digest::of(b"other") } else { diff_id };
+    let diff = if break_it == "wrong-diff-id" {
+        castore::Digest::of(b"other")
+    } else {
+        diff_id
+    };
     let config = serde_json::json!({
         "architecture": castore::host_arch(), "os": "linux",
         "config": {"Env": ["PATH=/usr/bin"], "Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": [diff.to_string()]}
     });
     let config_bytes = serde_json::to_vec(&config).unwrap();
-    let config_d = if break_it == "missing-config" { castore::Digest::of(&config_bytes) } else { put(&config_bytes) };
+    let config_d = if break_it == "missing-config" {
+        castore::Digest::of(&config_bytes)
+    } else {
+        put(&config_bytes)
+    };
     let manifest = serde_json::json!({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_d.to_string(), "size": config_bytes.len()},
@@ -217,7 +307,11 @@ fn oci_layout(dir: &Path, layer_tar: &Path, break_it: &str) {
 #[test]
 fn oci_manifest_naming_missing_blobs_or_wrong_digests() {
     let e = Env::new();
-    sh(&format!("cd {} && tar -cf {}/l.tar .", e.path("good").display(), e.tmp.path().display()));
+    sh(&format!(
+        "cd {} && tar -cf {}/l.tar .",
+        e.path("good").display(),
+        e.tmp.path().display()
+    ));
     let layer_tar = e.path("l.tar");
     for (case, needle) in [
         ("missing-layer", "missing"),
@@ -231,7 +325,8 @@ fn oci_manifest_naming_missing_blobs_or_wrong_digests() {
     // And the unbroken layout imports, to show the cases above fail for their reason.
     let dir = e.path("oci-ok");
     oci_layout(&dir, &layer_tar, "");
-    e.tide.ok(&["image", "import", dir.to_str().unwrap(), "--name", "oci:ok"]);
+    e.tide
+        .ok(&["image", "import", dir.to_str().unwrap(), "--name", "oci:ok"]);
     e.tide.ok(&["image", "rm", "oci:ok"]);
     e.unchanged();
 }
@@ -243,7 +338,14 @@ fn docker_archive_naming_a_missing_layer() {
     std::fs::create_dir_all(&d).unwrap();
     let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": [castore::Digest::of(b"x").to_string()]}});
     std::fs::write(d.join("cfg.json"), serde_json::to_vec(&config).unwrap()).unwrap();
-    std::fs::write(d.join("manifest.json"), br#"[{"Config":"cfg.json","RepoTags":["x:1"],"Layers":["abc/layer.tar"]}]"#).unwrap();
-    sh(&format!("cd {} && tar -cf ../docker.tar manifest.json cfg.json", d.display()));
+    std::fs::write(
+        d.join("manifest.json"),
+        br#"[{"Config":"cfg.json","RepoTags":["x:1"],"Layers":["abc/layer.tar"]}]"#,
+    )
+    .unwrap();
+    sh(&format!(
+        "cd {} && tar -cf ../docker.tar manifest.json cfg.json",
+        d.display()
+    ));
     e.rejects(&e.path("docker.tar"), &["abc/layer.tar", "missing"]);
 }

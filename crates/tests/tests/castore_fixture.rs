@@ -5,7 +5,10 @@ use tests::fstree::assert_same;
 use tests::tide::{Tide, sh};
 
 fn setup() -> (tempfile::TempDir, Tide) {
-    let tmp = tempfile::Builder::new().prefix("tide-fixture").tempdir_in("/var/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("tide-fixture")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     fixture::build(&tmp.path().join("src"));
     let tide = Tide::new(tmp.path().join("store"));
     (tmp, tide)
@@ -15,15 +18,30 @@ fn setup() -> (tempfile::TempDir, Tide) {
 fn directory_round_trip_keeps_everything() {
     let (tmp, tide) = setup();
     let src = tmp.path().join("src");
-    let r = tide.json(&["image", "import", src.to_str().unwrap(), "--name", "fixture:1"]);
+    let r = tide.json(&[
+        "image",
+        "import",
+        src.to_str().unwrap(),
+        "--name",
+        "fixture:1",
+    ]);
     assert_eq!(r["name"], "fixture:1");
     assert!(r["new_chunks"].as_u64().unwrap() > 10, "{r}");
     let out = tmp.path().join("out");
-    tide.ok(&["image", "export", "fixture:1", "--to", out.to_str().unwrap()]);
+    tide.ok(&[
+        "image",
+        "export",
+        "fixture:1",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
     assert_same(&src, &out);
     // Holes stay holes: the 8 MiB sparse file keeps using about 64 KiB.
     let md = std::fs::metadata(out.join("usr/sparse")).unwrap();
-    assert!(std::os::unix::fs::MetadataExt::blocks(&md) * 512 < 1 << 20, "sparse file was filled");
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&md) * 512 < 1 << 20,
+        "sparse file was filled"
+    );
 }
 
 #[test]
@@ -34,7 +52,11 @@ fn tar_export_reimport_and_compressed_tars_agree() {
     tide.ok(&["image", "import", &p("src"), "--name", "fixture:dir"]);
     tide.ok(&["image", "export", "fixture:dir", "--to", &p("our.tar")]);
     // GNU tar reads our tar, and what it unpacks is the source.
-    sh(&format!("mkdir {0} && tar --xattrs --xattrs-include='*' --numeric-owner -xpf {1} -C {0}", p("gnu-x"), p("our.tar")));
+    sh(&format!(
+        "mkdir {0} && tar --xattrs --xattrs-include='*' --numeric-owner -xpf {1} -C {0}",
+        p("gnu-x"),
+        p("our.tar")
+    ));
     assert_same(&src, &tmp.path().join("gnu-x"));
     // A tar written by GNU tar (POSIX format keeps nanoseconds), plain, gzip and zstd.
     sh(&format!(
@@ -43,7 +65,11 @@ fn tar_export_reimport_and_compressed_tars_agree() {
         p("gnu.tar")
     ));
     let mut digests = Vec::new();
-    for (file, name) in [("gnu.tar", "fixture:tar"), ("gnu.tar.gz", "fixture:gz"), ("gnu.tar.zst", "fixture:zst")] {
+    for (file, name) in [
+        ("gnu.tar", "fixture:tar"),
+        ("gnu.tar.gz", "fixture:gz"),
+        ("gnu.tar.zst", "fixture:zst"),
+    ] {
         let r = tide.json(&["image", "import", &p(file), "--name", name]);
         digests.push(r["image"].as_str().unwrap().to_string());
         let out = p(&format!("out-{}", name.replace(':', "-")));
@@ -68,7 +94,11 @@ fn layers_listing_inspect_rm_gc_and_fsck() {
 
     tide.ok(&["image", "import", &p("src"), "--name", "one:a"]);
     let img = tide.json(&["image", "inspect", "one:a"]);
-    assert_eq!(img["layers"][0]["digest"], layer.as_str(), "same tree, same layer");
+    assert_eq!(
+        img["layers"][0]["digest"],
+        layer.as_str(),
+        "same tree, same layer"
+    );
     assert_eq!(tide.json(&["image", "ls"]).as_array().unwrap().len(), 1);
 
     // Nothing is garbage while referenced.
@@ -97,7 +127,10 @@ fn a_store_held_by_another_process_is_in_use() {
     let store = castore::Store::open(&tide.store).unwrap();
     let err = tide.fails(&["stats"]);
     assert!(err.contains("in use by another process"), "{err}");
-    assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
     drop(store);
     tide.ok(&["stats"]);
     drop(tmp);
@@ -106,10 +139,22 @@ fn a_store_held_by_another_process_is_in_use() {
 #[test]
 fn errors_are_one_line_with_nonzero_exit() {
     let (tmp, tide) = setup();
-    let err = tide.fails(&["image", "export", "nope:1", "--to", tmp.path().join("x").to_str().unwrap()]);
+    let err = tide.fails(&[
+        "image",
+        "export",
+        "nope:1",
+        "--to",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("no such image: nope:1"), "{err}");
-    let err = tide.fails(&["image", "import", tmp.path().join("src").to_str().unwrap(), "--name", "Bad Name"]);
+    let err = tide.fails(&[
+        "image",
+        "import",
+        tmp.path().join("src").to_str().unwrap(),
+        "--name",
+        "Bad Name",
+    ]);
     assert!(err.contains("invalid image name"), "{err}");
     let err = tide.fails(&["image", "import", "/nonexistent/path", "--name", "a:b"]);
     assert!(err.contains("/nonexistent/path"), "{err}");

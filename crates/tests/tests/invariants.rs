@@ -4,19 +4,37 @@ use std::process::Command;
 
 fn deps(package: &str) -> String {
     let o = Command::new(env!("CARGO"))
-        .args(["tree", "--offline", "-e", "normal", "--prefix", "none", "-p", package])
+        .args([
+            "tree",
+            "--offline",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "-p",
+            package,
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo tree");
-    assert!(o.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]
 fn castore_knows_nothing_of_fuse_nbd_rpc_or_scheduling() {
     let tree = deps("castore");
-    for forbidden in ["fuser ", "capnp", "tokio ", "nbd ", "layerfs", "volumed", "sched ", "schema "] {
-        assert!(!tree.lines().any(|l| l.starts_with(forbidden)), "castore depends on {forbidden}:\n{tree}");
+    for forbidden in [
+        "fuser ", "capnp", "tokio ", "nbd ", "layerfs", "volumed", "sched ", "schema ",
+    ] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(forbidden)),
+            "castore depends on {forbidden}:\n{tree}"
+        );
     }
 }
 
@@ -27,13 +45,23 @@ fn only_castore_names_rocksdb() {
     for dir in ["crates"] {
         for entry in walk(&root.join(dir)) {
             let text = std::fs::read_to_string(&entry).unwrap_or_default();
-            let rel = entry.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
-            if text.contains(concat!("rocks", "db::")) && !rel.starts_with("crates/castore/src/db.rs") && !rel.starts_with("crates/castore/src/error.rs") {
+            let rel = entry
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if text.contains(concat!("rocks", "db::"))
+                && !rel.starts_with("crates/castore/src/db.rs")
+                && !rel.starts_with("crates/castore/src/error.rs")
+            {
                 offenders.push(rel);
             }
         }
     }
-    assert!(offenders.is_empty(), "RocksDB named outside castore's db seam: {offenders:?}");
+    assert!(
+        offenders.is_empty(),
+        "RocksDB named outside castore's db seam: {offenders:?}"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -123,7 +123,12 @@ impl Walk<'_, '_, '_> {
                 let ft = md.file_type();
                 let kind = if ft.is_file() {
                     let sparse = md.blocks() * 512 < md.size() && md.size() > 0;
-                    let slot = self.producer.file(child_rel.clone(), child_path.clone(), md.size(), sparse)?;
+                    let slot = self.producer.file(
+                        child_rel.clone(),
+                        child_path.clone(),
+                        md.size(),
+                        sparse,
+                    )?;
                     NodeKind::File { slot }
                 } else if ft.is_symlink() {
                     let t = std::fs::read_link(&child_path)

@@ -127,7 +127,10 @@ pub(crate) struct ImageInput<'a> {
 }
 
 /// Wraps `r` in the decompressor its first bytes call for.
-pub(crate) fn decompress<'a>(r: impl Read + Send + 'a, source_name: &str) -> Result<Box<dyn Read + Send + 'a>> {
+pub(crate) fn decompress<'a>(
+    r: impl Read + Send + 'a,
+    source_name: &str,
+) -> Result<Box<dyn Read + Send + 'a>> {
     let mut br = BufReader::with_capacity(256 * 1024, r);
     let head = br
         .fill_buf()
@@ -142,9 +145,13 @@ pub(crate) fn decompress<'a>(r: impl Read + Send + 'a, source_name: &str) -> Res
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(zstd::Decoder::with_buffer(br).map_err(|e| Error::io("zstd", source_name, e))?)
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Err(bad("xz-compressed archives are not supported (use gzip or zstd)"));
+        return Err(bad(
+            "xz-compressed archives are not supported (use gzip or zstd)",
+        ));
     } else if head.starts_with(b"BZh") {
-        return Err(bad("bzip2-compressed archives are not supported (use gzip or zstd)"));
+        return Err(bad(
+            "bzip2-compressed archives are not supported (use gzip or zstd)",
+        ));
     } else {
         Box::new(br)
     })
@@ -163,7 +170,12 @@ impl Store {
     /// Imports `path` as an image named `name` (which may come from the archive itself
     /// for OCI and docker inputs). All or nothing: on error no new name, image or layer
     /// is visible and nothing stored before changed.
-    pub fn import_image(&self, path: &Path, name: Option<&str>, opts: &ImportOptions) -> Result<ImportReport> {
+    pub fn import_image(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport> {
         if let Some(n) = name {
             crate::refname::validate(n)?;
         }
@@ -219,7 +231,13 @@ impl Store {
         // One synced batch: the WAL is ordered, so syncing it also makes every chunk
         // written before durable.
         self.db.write(batch, true)?;
-        Ok(report(&ingest, Some(digest), Some(name), image.layers, start))
+        Ok(report(
+            &ingest,
+            Some(digest),
+            Some(name),
+            image.layers,
+            start,
+        ))
     }
 
     /// Imports a directory or tar as a single layer, kept until `layer rm`.
@@ -243,7 +261,13 @@ impl Store {
         Ok(report(&ingest, None, None, vec![d], start))
     }
 
-    fn ingest_plain(&self, ingest: &Ingest<'_>, path: &Path, format: SourceFormat, batch: &mut Batch) -> Result<Digest> {
+    fn ingest_plain(
+        &self,
+        ingest: &Ingest<'_>,
+        path: &Path,
+        format: SourceFormat,
+        batch: &mut Batch,
+    ) -> Result<Digest> {
         let source_name = path.display().to_string();
         if format == SourceFormat::Dir {
             let (tree, files) = ingest.run(|p| {
@@ -258,7 +282,11 @@ impl Store {
             ingest,
             LayerInput {
                 name: source_name,
-                open: Box::new(move || Ok(Box::new(file.try_clone().map_err(|e| Error::io("open", path, e))?))),
+                open: Box::new(move || {
+                    Ok(Box::new(
+                        file.try_clone().map_err(|e| Error::io("open", path, e))?,
+                    ))
+                }),
                 blob_digest: None,
                 diff_id: None,
             },
@@ -267,7 +295,12 @@ impl Store {
     }
 
     /// Ingests one tar layer, checking the digests the input promises.
-    fn ingest_input(&self, ingest: &Ingest<'_>, mut input: LayerInput<'_>, batch: &mut Batch) -> Result<Digest> {
+    fn ingest_input(
+        &self,
+        ingest: &Ingest<'_>,
+        mut input: LayerInput<'_>,
+        batch: &mut Batch,
+    ) -> Result<Digest> {
         let name = input.name.clone();
         let raw = (input.open)()?;
         let mut raw = HashingReader::new(raw);
@@ -297,7 +330,9 @@ impl Store {
         {
             return Err(Error::BadInput {
                 source_name: name,
-                reason: format!("uncompressed content is {diff_id}, the config's diff_id says {want}"),
+                reason: format!(
+                    "uncompressed content is {diff_id}, the config's diff_id says {want}"
+                ),
             });
         }
         self.finish_layer(ingest, &tree, &files, Some(diff_id), batch)
@@ -334,7 +369,13 @@ impl Store {
     }
 }
 
-fn report(ingest: &Ingest<'_>, image: Option<Digest>, name: Option<String>, layers: Vec<Digest>, start: Instant) -> ImportReport {
+fn report(
+    ingest: &Ingest<'_>,
+    image: Option<Digest>,
+    name: Option<String>,
+    layers: Vec<Digest>,
+    start: Instant,
+) -> ImportReport {
     use std::sync::atomic::Ordering::Relaxed;
     let s = &ingest.stats;
     ImportReport {

@@ -31,7 +31,11 @@ fn parse_json(source: &Path, what: &str, bytes: &[u8]) -> Result<Value> {
 
 fn strings(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -52,10 +56,24 @@ fn read_config(source: &Path, v: &Value) -> Result<(ImageConfig, Vec<Digest>)> {
         env: strings(get("Env")),
         entrypoint: strings(get("Entrypoint")),
         cmd: strings(get("Cmd")),
-        workdir: get("WorkingDir").and_then(Value::as_str).unwrap_or("").to_string(),
-        user: get("User").and_then(Value::as_str).unwrap_or("").to_string(),
-        architecture: v.get("architecture").and_then(Value::as_str).unwrap_or("").to_string(),
-        os: v.get("os").and_then(Value::as_str).unwrap_or("").to_string(),
+        workdir: get("WorkingDir")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        user: get("User")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        architecture: v
+            .get("architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        os: v
+            .get("os")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         labels,
     };
     let diff_ids = v
@@ -96,7 +114,10 @@ fn read_blob(root: &Path, d: &Digest) -> Result<Vec<u8>> {
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io("read", &path, e))?;
     if bytes.len() as u64 > MAX_JSON {
-        return Err(bad(root, format!("blob {d} is larger than {MAX_JSON} bytes")));
+        return Err(bad(
+            root,
+            format!("blob {d} is larger than {MAX_JSON} bytes"),
+        ));
     }
     if Digest::of(&bytes) != *d {
         return Err(bad(root, format!("blob {d} does not match its digest")));
@@ -128,27 +149,46 @@ pub(crate) fn read_layout(root: &Path) -> Result<ImageInput<'static>> {
                     .and_then(Value::as_str)
                     .is_none_or(|a| a == super::host_arch())
             })
-            .ok_or_else(|| bad(root, format!("no manifest for architecture {}", super::host_arch())))?;
+            .ok_or_else(|| {
+                bad(
+                    root,
+                    format!("no manifest for architecture {}", super::host_arch()),
+                )
+            })?;
         if name.is_none() {
             name = pick
                 .get("annotations")
                 .and_then(|a| a.get("org.opencontainers.image.ref.name"))
                 .and_then(Value::as_str)
-                .map(|tag| if tag.contains(':') { tag.to_string() } else { format!("image:{tag}") });
+                .map(|tag| {
+                    if tag.contains(':') {
+                        tag.to_string()
+                    } else {
+                        format!("image:{tag}")
+                    }
+                });
             let _ = &name;
         }
         let d = digest_field(root, pick, "manifest")?;
         let bytes = read_blob(root, &d)?;
         let m = parse_json(root, "manifest", &bytes)?;
         if m.get("layers").is_some() {
-            return image_from_manifest(root, &m, name.filter(|n| crate::refname::validate(n).is_ok()));
+            return image_from_manifest(
+                root,
+                &m,
+                name.filter(|n| crate::refname::validate(n).is_ok()),
+            );
         }
         doc = m;
     }
     Err(bad(root, "image indexes nested too deeply"))
 }
 
-fn image_from_manifest(root: &Path, m: &Value, name: Option<String>) -> Result<ImageInput<'static>> {
+fn image_from_manifest(
+    root: &Path,
+    m: &Value,
+    name: Option<String>,
+) -> Result<ImageInput<'static>> {
     let config_d = digest_field(root, m.get("config").unwrap_or(&Value::Null), "config")?;
     let config_bytes = read_blob(root, &config_d)?;
     let (config, diff_ids) = read_config(root, &parse_json(root, "config", &config_bytes)?)?;
@@ -159,7 +199,11 @@ fn image_from_manifest(root: &Path, m: &Value, name: Option<String>) -> Result<I
     if layers.len() != diff_ids.len() {
         return Err(bad(
             root,
-            format!("manifest has {} layers, config has {} diff_ids", layers.len(), diff_ids.len()),
+            format!(
+                "manifest has {} layers, config has {} diff_ids",
+                layers.len(),
+                diff_ids.len()
+            ),
         ));
     }
     let mut inputs = Vec::new();
@@ -167,12 +211,18 @@ fn image_from_manifest(root: &Path, m: &Value, name: Option<String>) -> Result<I
         let d = digest_field(root, l, "layer")?;
         let path = blob_path(root, &d);
         if !path.is_file() {
-            return Err(bad(root, format!("layer blob {d} named by the manifest is missing")));
+            return Err(bad(
+                root,
+                format!("layer blob {d} named by the manifest is missing"),
+            ));
         }
         inputs.push(LayerInput {
             name: format!("{} layer {}", root.display(), d.short()),
             open: Box::new(move || {
-                Ok(Box::new(File::open(&path).map_err(|e| Error::io("open", &path, e))?) as Box<dyn Read + Send>)
+                Ok(
+                    Box::new(File::open(&path).map_err(|e| Error::io("open", &path, e))?)
+                        as Box<dyn Read + Send>,
+                )
             }),
             blob_digest: Some(d),
             diff_id: Some(diff_id),
@@ -233,7 +283,9 @@ pub(crate) fn is_docker_archive(path: &Path) -> Result<bool> {
     if f.read_exact(&mut head).is_err() || &head[257..262] != b"ustar" {
         return Ok(false);
     }
-    Ok(index_tar(path).map(|m| m.contains_key("manifest.json")).unwrap_or(false))
+    Ok(index_tar(path)
+        .map(|m| m.contains_key("manifest.json"))
+        .unwrap_or(false))
 }
 
 /// Reads a `docker save` archive's `manifest.json` and config; layers are read in place.
@@ -247,9 +299,11 @@ pub(crate) fn read_docker(path: &Path) -> Result<ImageInput<'static>> {
             return Err(bad(path, format!("{name} is larger than {MAX_JSON} bytes")));
         }
         let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
-        f.seek(SeekFrom::Start(off)).map_err(|e| Error::io("seek", path, e))?;
+        f.seek(SeekFrom::Start(off))
+            .map_err(|e| Error::io("seek", path, e))?;
         let mut v = vec![0u8; size as usize];
-        f.read_exact(&mut v).map_err(|e| Error::io("read", path, e))?;
+        f.read_exact(&mut v)
+            .map_err(|e| Error::io("read", path, e))?;
         Ok(v)
     };
     let manifest = parse_json(path, "manifest.json", &read_member("manifest.json")?)?;
@@ -267,20 +321,28 @@ pub(crate) fn read_docker(path: &Path) -> Result<ImageInput<'static>> {
     if layer_names.len() != diff_ids.len() {
         return Err(bad(
             path,
-            format!("manifest.json has {} layers, config has {} diff_ids", layer_names.len(), diff_ids.len()),
+            format!(
+                "manifest.json has {} layers, config has {} diff_ids",
+                layer_names.len(),
+                diff_ids.len()
+            ),
         ));
     }
     let mut inputs = Vec::new();
     for (lname, diff_id) in layer_names.into_iter().zip(diff_ids) {
-        let &(off, size) = members
-            .get(&lname)
-            .ok_or_else(|| bad(path, format!("layer {lname} named by manifest.json is missing")))?;
+        let &(off, size) = members.get(&lname).ok_or_else(|| {
+            bad(
+                path,
+                format!("layer {lname} named by manifest.json is missing"),
+            )
+        })?;
         let archive = path.to_path_buf();
         inputs.push(LayerInput {
             name: format!("{} member {lname}", path.display()),
             open: Box::new(move || {
                 let mut f = File::open(&archive).map_err(|e| Error::io("open", &archive, e))?;
-                f.seek(SeekFrom::Start(off)).map_err(|e| Error::io("seek", &archive, e))?;
+                f.seek(SeekFrom::Start(off))
+                    .map_err(|e| Error::io("seek", &archive, e))?;
                 Ok(Box::new(f.take(size)) as Box<dyn Read + Send>)
             }),
             blob_digest: None,

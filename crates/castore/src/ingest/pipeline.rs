@@ -37,6 +37,9 @@ pub struct Progress {
     pub bytes_total: AtomicU64,
 }
 
+/// Every file slot's content and length, filled in by the workers.
+pub(crate) type FileTable = Vec<Option<(FileData, u64)>>;
+
 /// Counters an import reports at the end.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -111,8 +114,17 @@ impl Producer<'_, '_> {
     }
 
     /// Queues a file on disk; returns its slot.
-    pub(crate) fn file(&self, name: String, path: PathBuf, size: u64, sparse: bool) -> Result<usize> {
-        self.ingest.progress.bytes_total.fetch_add(size, Ordering::Relaxed);
+    pub(crate) fn file(
+        &self,
+        name: String,
+        path: PathBuf,
+        size: u64,
+        sparse: bool,
+    ) -> Result<usize> {
+        self.ingest
+            .progress
+            .bytes_total
+            .fetch_add(size, Ordering::Relaxed);
         let slot = self.slot();
         if size == 0 {
             self.files.borrow_mut()[slot] = Some((FileData::Inline(Vec::new()), 0));
@@ -187,7 +199,7 @@ impl<'s> Ingest<'s> {
     pub(crate) fn run<T>(
         &self,
         produce: impl FnOnce(&Producer<'_, 's>) -> Result<T>,
-    ) -> Result<(T, Vec<Option<(FileData, u64)>>)> {
+    ) -> Result<(T, FileTable)> {
         std::thread::scope(|s| {
             let (tx, rx) = bounded::<Job>(self.threads * 8);
             let (w_tx, w_rx) = bounded::<WriteMsg>(64);
@@ -210,7 +222,9 @@ impl<'s> Ingest<'s> {
             if produced.is_err() {
                 self.abort.store(true, Ordering::Relaxed);
             }
-            let Producer { tx, w_tx, files, .. } = producer;
+            let Producer {
+                tx, w_tx, files, ..
+            } = producer;
             drop(tx);
             drop(w_tx);
             let mut files = files.into_inner();
@@ -239,7 +253,11 @@ impl<'s> Ingest<'s> {
         })
     }
 
-    fn worker(&self, rx: Receiver<Job>, w_tx: Sender<WriteMsg>) -> Result<Vec<(usize, (FileData, u64))>> {
+    fn worker(
+        &self,
+        rx: Receiver<Job>,
+        w_tx: Sender<WriteMsg>,
+    ) -> Result<Vec<(usize, (FileData, u64))>> {
         let mut out = Vec::new();
         let mut buf = Vec::new();
         for job in rx {
@@ -272,11 +290,11 @@ impl<'s> Ingest<'s> {
                 } => Store::put_chunk(&mut batch, db, &digest, raw_len, &stored),
                 WriteMsg::Record { cf, key, value } => batch.put(db, cf, &key.0, &value),
             }
-            if batch.size_in_bytes() >= BATCH_BYTES {
-                if let Err(e) = db.write(std::mem::take(&mut batch), false) {
-                    self.abort.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
+            if batch.size_in_bytes() >= BATCH_BYTES
+                && let Err(e) = db.write(std::mem::take(&mut batch), false)
+            {
+                self.abort.store(true, Ordering::Relaxed);
+                return Err(e);
             }
         }
         if !batch.is_empty() {
@@ -285,20 +303,24 @@ impl<'s> Ingest<'s> {
         Ok(())
     }
 
-    fn process(&self, job: &Job, buf: &mut Vec<u8>, w_tx: &Sender<WriteMsg>) -> Result<(FileData, u64)> {
+    fn process(
+        &self,
+        job: &Job,
+        buf: &mut Vec<u8>,
+        w_tx: &Sender<WriteMsg>,
+    ) -> Result<(FileData, u64)> {
         match &job.content {
             Content::Bytes(data) => self.buffer(data, w_tx),
             Content::Path { path, sparse } => {
                 let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
-                let len = f
-                    .metadata()
-                    .map_err(|e| Error::io("stat", path, e))?
-                    .len();
+                let len = f.metadata().map_err(|e| Error::io("stat", path, e))?.len();
                 if *sparse {
                     return self.sparse(&mut f, path, len, buf, w_tx);
                 }
                 if len > STREAM_THRESHOLD {
-                    return self.stream(&mut f, w_tx).map_err(|e| e.context(path.display().to_string()));
+                    return self
+                        .stream(&mut f, w_tx)
+                        .map_err(|e| e.context(path.display().to_string()));
                 }
                 buf.clear();
                 f.read_to_end(buf).map_err(|e| Error::io("read", path, e))?;
@@ -446,7 +468,10 @@ impl<'s> Ingest<'s> {
                     return Err(Error::io(
                         "read",
                         path,
-                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while read"),
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "file shrank while read",
+                        ),
                     ));
                 }
                 hasher.update(buf);

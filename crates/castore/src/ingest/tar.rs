@@ -127,7 +127,9 @@ pub(crate) fn read<R: Read>(
                 } else if e.size > IN_MEMORY_MAX {
                     producer.stream(&entry_name, &mut t.data())?
                 } else {
-                    t.read_data(&mut buf).map_err(|e| tar_error(source_name, e).context(format!("reading {entry_name}")))?;
+                    t.read_data(&mut buf).map_err(|e| {
+                        tar_error(source_name, e).context(format!("reading {entry_name}"))
+                    })?;
                     producer.bytes(entry_name.clone(), std::mem::take(&mut buf))?
                 };
                 Node {
@@ -137,9 +139,15 @@ pub(crate) fn read<R: Read>(
                 }
             }
             TarKind::HardLink => {
-                let target = components(&e.link)
-                    .map_err(|r| bad(format!("hardlink target {}: {r}", String::from_utf8_lossy(&e.link))))?;
-                let found = tree.get(&target).filter(|n| !n.is_dir() && !matches!(n.kind, NodeKind::Whiteout));
+                let target = components(&e.link).map_err(|r| {
+                    bad(format!(
+                        "hardlink target {}: {r}",
+                        String::from_utf8_lossy(&e.link)
+                    ))
+                })?;
+                let found = tree
+                    .get(&target)
+                    .filter(|n| !n.is_dir() && !matches!(n.kind, NodeKind::Whiteout));
                 let Some(found) = found else {
                     return Err(bad(format!(
                         "hardlink target {} is not a file earlier in this layer",
@@ -182,7 +190,10 @@ mod tests {
 
     #[test]
     fn path_rules() {
-        assert_eq!(components(b"./a//b/./c/").unwrap(), vec![&b"a"[..], b"b", b"c"]);
+        assert_eq!(
+            components(b"./a//b/./c/").unwrap(),
+            vec![&b"a"[..], b"b", b"c"]
+        );
         assert!(components(b"").unwrap().is_empty());
         assert!(components(b"/etc/passwd").is_err());
         assert!(components(b"a/../../b").is_err());

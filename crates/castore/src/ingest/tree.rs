@@ -22,7 +22,9 @@ pub(crate) enum NodeKind {
         opaque: bool,
     },
     /// A regular file whose content (and length) is `slot` in the import's file table.
-    File { slot: usize },
+    File {
+        slot: usize,
+    },
     Symlink(Vec<u8>),
     CharDev(u64),
     BlockDev(u64),
@@ -69,12 +71,10 @@ pub(crate) struct BuildTree {
 impl BuildTree {
     pub(crate) fn new() -> BuildTree {
         BuildTree {
-            root: Node::dir(
-                Meta {
-                    mode: 0o755,
-                    ..Meta::default()
-                },
-            ),
+            root: Node::dir(Meta {
+                mode: 0o755,
+                ..Meta::default()
+            }),
             root_described: false,
             next_ino: 1,
             links: HashMap::new(),
