@@ -200,22 +200,31 @@ impl Store {
         Ok(raw)
     }
 
-    /// The stored value of a chunk (codec byte + payload) for bytes `raw` of digest `d`:
-    /// zstd when that saves space, raw otherwise.
-    pub(crate) fn encode_chunk(raw: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(raw.len() / 2 + 16);
+    /// The stored value of a chunk (codec byte + payload): zstd when that saves space,
+    /// raw otherwise. `zc` is the caller's compressor, reused across chunks (creating a
+    /// zstd context per chunk costs more than compressing a small one).
+    pub(crate) fn encode_chunk(zc: &mut zstd::bulk::Compressor<'_>, raw: &[u8]) -> Vec<u8> {
+        let bound = zstd::zstd_safe::compress_bound(raw.len());
+        let mut out = Vec::with_capacity(bound + 1);
         out.push(CODEC_ZSTD);
-        match zstd::bulk::compress(raw, ZSTD_LEVEL) {
-            Ok(c) if c.len() < raw.len() => {
-                out.extend_from_slice(&c);
+        out.resize(bound + 1, 0);
+        match zc.compress_to_buffer(raw, &mut out[1..]) {
+            Ok(n) if n < raw.len() => {
+                out.truncate(n + 1);
                 out
             }
             _ => {
-                out[0] = CODEC_RAW;
+                out.clear();
+                out.push(CODEC_RAW);
                 out.extend_from_slice(raw);
                 out
             }
         }
+    }
+
+    /// A compressor at the store's level, for [`Store::encode_chunk`].
+    pub(crate) fn compressor() -> zstd::bulk::Compressor<'static> {
+        zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 3 is valid")
     }
 
     /// Adds a chunk (already encoded by [`Store::encode_chunk`]) and its index entry.

@@ -228,8 +228,9 @@ impl Store {
         ingest.claims.claim(digest);
         batch.put(&self.db, Cf::Images, &digest.0, &bytes);
         batch.put(&self.db, Cf::Refs, name.as_bytes(), &digest.0);
-        // One synced batch: the WAL is ordered, so syncing it also makes every chunk
-        // written before durable.
+        // Chunks and blobs first (they were written without the WAL), then one synced
+        // batch with the trees, layers, image and name.
+        ingest.make_durable()?;
         self.db.write(batch, true)?;
         Ok(report(
             &ingest,
@@ -257,6 +258,7 @@ impl Store {
         let mut batch = Batch::new();
         let d = self.ingest_plain(&ingest, path, format, &mut batch)?;
         batch.put(&self.db, Cf::LayerRefs, &d.0, b"");
+        ingest.make_durable()?;
         self.db.write(batch, true)?;
         Ok(report(&ingest, None, None, vec![d], start))
     }

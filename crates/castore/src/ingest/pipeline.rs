@@ -1,6 +1,12 @@
 //! The ingest pipeline: a producer (directory walker or archive reader) feeds file jobs to
 //! one worker per core; each worker chunks, hashes, looks the digest up and compresses
 //! only chunks the store lacks; one writer thread batches them into RocksDB.
+//!
+//! Chunk and blob batches skip the write-ahead log (the data would otherwise be written
+//! twice, and replayed at the next open): [`Ingest::make_durable`] flushes those families
+//! before the import's final, logged and synced commit. The flush covers everything in
+//! the memtables, including chunks another import wrote and this one deduplicated
+//! against, so nothing a committed name refers to can be lost in a crash.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -19,6 +25,12 @@ use crate::digest::Hasher;
 use crate::error::{Error, Result};
 use crate::model::{Blob, FileData, INLINE_MAX, Segment};
 use crate::store::{ClaimSet, Store};
+
+thread_local! {
+    /// One zstd context per thread that compresses (workers, and the producer for big
+    /// archive members).
+    static COMPRESSOR: RefCell<zstd::bulk::Compressor<'static>> = RefCell::new(Store::compressor());
+}
 
 /// Files larger than this are chunked as a stream instead of read whole into memory.
 const STREAM_THRESHOLD: u64 = 64 << 20;
@@ -187,6 +199,14 @@ impl<'s> Ingest<'s> {
         }
     }
 
+    /// Makes every chunk and blob written so far durable. Call before committing
+    /// anything that refers to them.
+    pub(crate) fn make_durable(&self) -> Result<()> {
+        self.store
+            .db
+            .flush(&[Cf::Chunks, Cf::ChunkIndex, Cf::Blobs])
+    }
+
     fn done_file(&self, size: u64) {
         self.stats.files.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes.fetch_add(size, Ordering::Relaxed);
@@ -291,14 +311,14 @@ impl<'s> Ingest<'s> {
                 WriteMsg::Record { cf, key, value } => batch.put(db, cf, &key.0, &value),
             }
             if batch.size_in_bytes() >= BATCH_BYTES
-                && let Err(e) = db.write(std::mem::take(&mut batch), false)
+                && let Err(e) = db.write_unlogged(std::mem::take(&mut batch))
             {
                 self.abort.store(true, Ordering::Relaxed);
                 return Err(e);
             }
         }
         if !batch.is_empty() {
-            db.write(batch, false)?;
+            db.write_unlogged(batch)?;
         }
         Ok(())
     }
@@ -336,7 +356,7 @@ impl<'s> Ingest<'s> {
         // Claim before looking: a concurrent GC then either keeps it or has already
         // deleted it, in which case the lookup misses and we write it again.
         if self.claims.claim(d) && !self.store.has_chunk(&d)? {
-            let stored = Store::encode_chunk(data);
+            let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk(zc, data));
             self.stats.new_chunks.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .new_chunk_bytes
