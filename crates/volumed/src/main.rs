@@ -1,0 +1,3 @@
+//! volumed: the per-host daemon (owns the store, serves mounts and RPC).
+
+fn main() {}
