@@ -1,3 +1,24 @@
 //! schema: Tidedge's Cap'n Proto interfaces (`capnp/*.capnp`) and the code `capnpc`
 //! generates from them at build time. Nothing else lives here, and it depends on no other
-//! crate of the workspace.
+//! crate of the workspace: servers and clients convert these wire types to their own
+//! domain types at the RPC boundary.
+//!
+//! `capnp/store.capnp` is the host daemon's (`volumed`) interface: the bootstrap
+//! capability `Daemon` hands out `Store` and `Mounts`. The file is self-contained and
+//! documented, so clients in other languages (pycapnp) load it directly.
+
+/// Path of the `.capnp` files in the source tree, for clients that load them at runtime.
+pub const CAPNP_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/capnp");
+
+/// Code generated from `capnp/store.capnp`.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks
+)]
+pub mod store_capnp {
+    include!(concat!(env!("OUT_DIR"), "/store_capnp.rs"));
+}

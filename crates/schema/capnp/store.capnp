@@ -1,0 +1,227 @@
+# Tidedge host daemon (volumed) interface.
+#
+# A client connects to volumed's Unix socket and speaks Cap'n Proto two-party RPC; the
+# bootstrap capability is `Daemon`. Every capability is handed out by a method (`store`,
+# `mounts`, `Mounts.mount`), so access to a sub-object is access to its capability.
+#
+# Conventions:
+#   * Digests are text, "sha256:" followed by 64 lowercase hex digits.
+#   * Optional text is the empty string when absent (documented per field).
+#   * Paths are absolute paths on the daemon's host (the daemon does not know the
+#     client's working directory).
+#   * Failures are Cap'n Proto exceptions of type `failed` whose reason is one line that
+#     names the subject ("image nope:latest not found", "mountpoint /x is not empty").
+#
+# Compatibility: fields and methods are only ever added, with new ordinals; a breaking
+# change bumps `version` and the file id.
+
+@0xe031970d6e77551c;
+
+const version :UInt32 = 1;
+# Interface version of this file. Clients may compare it with `Daemon.version()`.
+
+interface Daemon {
+  # The bootstrap capability of volumed. A later version adds more sub-objects
+  # (volumes, the scheduler's `Host`).
+
+  version @0 () -> (version :UInt32, daemon :Text);
+  # `version`: the schema version the daemon was built with (see the `version` const);
+  # `daemon`: the daemon's program version, for logs.
+
+  store @1 () -> (store :Store);
+  # The host's content-addressed store.
+
+  mounts @2 () -> (mounts :Mounts);
+  # Layered roots mounted through FUSE by the daemon.
+}
+
+enum Format {
+  # How to read an import source.
+  auto @0;    # Detect: a directory (an OCI layout if it holds `oci-layout`), else by content.
+  dir @1;     # A plain directory tree.
+  tar @2;     # A tar archive, plain, gzip or zstd compressed.
+  oci @3;     # An OCI image layout (directory or tar).
+  docker @4;  # A `docker save` archive.
+}
+
+struct ImportReport {
+  # What an import did.
+  image @0 :Text;           # Digest of the image created, or "" for a lone layer import.
+  name @1 :Text;            # NAME:TAG given to the image, or "" if it has none.
+  layers @2 :List(Text);    # Digests of the imported layers, lowest first.
+  files @3 :UInt64;         # Regular files read.
+  logicalBytes @4 :UInt64;  # Bytes of file content read.
+  chunks @5 :UInt64;        # Chunks cut from that content.
+  newChunks @6 :UInt64;     # Chunks the store did not hold before.
+  newChunkBytes @7 :UInt64; # Raw bytes of the new chunks.
+  newStoredBytes @8 :UInt64;# Bytes the new chunks take once compressed.
+  seconds @9 :Float64;      # Wall time of the import.
+}
+
+struct ImageSummary {
+  # One named image, as listed by `Store.images`.
+  name @0 :Text;    # NAME:TAG.
+  digest @1 :Text;  # The image digest.
+  layers @2 :UInt32;# Number of layers.
+  size @3 :UInt64;  # Sum of the layers' content bytes.
+}
+
+struct LayerSummary {
+  # One layer.
+  digest @0 :Text;  # The layer digest.
+  diffId @1 :Text;  # The OCI diff_id it was imported with, or "" if none.
+  entries @2 :UInt64; # Number of tree entries (files, directories, links, ...).
+  size @3 :UInt64;  # Bytes of file content.
+}
+
+struct Label {
+  # One image label.
+  key @0 :Text;
+  value @1 :Text;
+}
+
+struct ImageDetail {
+  # Everything `Store.inspect` returns.
+  digest @0 :Text;               # The image digest.
+  names @1 :List(Text);          # Every NAME:TAG pointing at it.
+  layers @2 :List(LayerSummary); # Its layers, lowest first.
+  size @3 :UInt64;               # Sum of the layers' content bytes.
+  env @4 :List(Text);            # Config: environment, "KEY=value".
+  entrypoint @5 :List(Text);     # Config: entrypoint argv.
+  cmd @6 :List(Text);            # Config: default command argv.
+  workdir @7 :Text;              # Config: working directory, or "".
+  user @8 :Text;                 # Config: user, or "".
+  architecture @9 :Text;         # Config: architecture ("amd64", ...).
+  os @10 :Text;                  # Config: operating system ("linux").
+  labels @11 :List(Label);       # Config: labels, sorted by key.
+}
+
+struct ExportReport {
+  # What an export wrote.
+  entries @0 :UInt64; # Entries written.
+  bytes @1 :UInt64;   # File content bytes written.
+}
+
+struct GcReport {
+  # What a garbage collection did.
+  kept @0 :UInt64;       # Objects reachable (kept).
+  images @1 :UInt64;     # Unreachable images deleted.
+  layers @2 :UInt64;     # Layers deleted.
+  trees @3 :UInt64;      # Trees deleted.
+  blobs @4 :UInt64;      # Blobs deleted.
+  chunks @5 :UInt64;     # Chunks deleted.
+  freedBytes @6 :UInt64; # Stored bytes of the deleted chunks.
+}
+
+struct Problem {
+  # One inconsistency found by fsck.
+  object @0 :Text;  # Kind of object ("chunk", "tree", "ref", ...).
+  name @1 :Text;    # Its digest or name.
+  problem @2 :Text; # What is wrong with it.
+}
+
+struct FsckReport {
+  # What fsck checked and found; clean when `problems` is empty.
+  chunks @0 :UInt64;
+  blobs @1 :UInt64;
+  trees @2 :UInt64;
+  layers @3 :UInt64;
+  images @4 :UInt64;
+  refs @5 :UInt64;
+  problems @6 :List(Problem);
+}
+
+struct Stats {
+  # Size and deduplication figures of the store.
+  images @0 :UInt64;        # Images.
+  layers @1 :UInt64;        # Layers.
+  trees @2 :UInt64;         # Trees.
+  blobs @3 :UInt64;         # Blobs.
+  chunks @4 :UInt64;        # Chunks.
+  logicalBytes @5 :UInt64;  # Content bytes of all layers, as files.
+  uniqueBytes @6 :UInt64;   # Raw bytes of the distinct chunks.
+  storedBytes @7 :UInt64;   # Compressed bytes of the distinct chunks.
+  dedupRatio @8 :Float64;   # logicalBytes / uniqueBytes.
+  totalRatio @9 :Float64;   # logicalBytes / storedBytes.
+  diskBytes @10 :UInt64;    # Bytes the store directory takes on disk.
+}
+
+interface Store {
+  # The content-addressed store. Long operations (import, export, gc, fsck) run on a
+  # worker thread in the daemon: other calls are served meanwhile.
+
+  importImage @0 (path :Text, name :Text, format :Format) -> (report :ImportReport);
+  # Imports a directory, tar, OCI layout or `docker save` archive at `path` (on the
+  # daemon's host) as an image. `name`: NAME:TAG to give it, or "" to use the name the
+  # archive carries.
+
+  importLayer @1 (path :Text, format :Format) -> (report :ImportReport);
+  # Imports a directory or tar at `path` as one lone layer (kept until removed).
+
+  images @2 () -> (images :List(ImageSummary));
+  # Every named image, sorted by name.
+
+  inspect @3 (image :Text) -> (detail :ImageDetail);
+  # `image`: NAME:TAG, digest or digest prefix.
+
+  exportImage @4 (image :Text, path :Text) -> (report :ExportReport);
+  # Writes the image, layers merged, to `path`: a tar file if it ends in ".tar", else a
+  # new or empty directory.
+
+  removeImage @5 (name :Text) -> (digest :Text);
+  # Removes the name NAME:TAG (":latest" if no tag); returns the digest it pointed at.
+  # The data goes at the next gc.
+
+  layers @6 () -> (layers :List(LayerSummary));
+  # Lone layers (imported with `importLayer`).
+
+  exportLayer @7 (layer :Text, path :Text) -> (report :ExportReport);
+  # Writes one layer (whiteouts as ".wh." entries) to `path` (as `exportImage`).
+  # `layer`: a digest, or a prefix of a lone layer's digest.
+
+  removeLayer @8 (layer :Text) -> ();
+  # Forgets a lone layer (digest or prefix); its data goes at the next gc.
+
+  gc @9 () -> (report :GcReport);
+  # Deletes everything not reachable from names, lone layers and live mounts.
+
+  fsck @10 () -> (report :FsckReport);
+  # Verifies every digest and every reference.
+
+  stats @11 () -> (stats :Stats);
+  # Size and deduplication figures.
+}
+
+struct MountInfo {
+  # One live mount.
+  id @0 :UInt64;           # The daemon's id for it (its scratch is DATA/scratch/<id>).
+  image @1 :Text;          # Digest of the mounted image.
+  name @2 :Text;           # The NAME:TAG it was mounted by, or "" if by digest.
+  mountpoint @3 :Text;     # Absolute mountpoint.
+  readOnly @4 :Bool;       # Mounted read-only (no scratch layer).
+  scratchBytes @5 :UInt64; # Bytes the writable scratch layer takes.
+}
+
+interface Mount {
+  # One live mount. Dropping the capability does not unmount: mounts outlive clients.
+
+  info @0 () -> (info :MountInfo);
+  # Current information, scratch usage included.
+
+  umount @1 () -> ();
+  # Unmounts and discards the scratch layer.
+}
+
+interface Mounts {
+  # The daemon's FUSE mounts. Each mount's image is a GC root while it is live.
+
+  mount @0 (image :Text, mountpoint :Text, readOnly :Bool) -> (mount :Mount);
+  # Mounts `image` (NAME:TAG, digest or prefix) at the absolute `mountpoint`, an
+  # existing directory. With `readOnly`, every write fails with EROFS.
+
+  list @1 () -> (mounts :List(MountInfo));
+  # Every live mount, sorted by mountpoint.
+
+  umount @2 (mountpoint :Text) -> ();
+  # Unmounts whatever the daemon mounted at `mountpoint`.
+}
