@@ -1,3 +1,173 @@
-//! volumed: the per-host daemon (owns the store, serves mounts and RPC).
+//! volumed: the per-host daemon. It owns the host's store (`DATA/store`, castore), runs
+//! every FUSE mount through layerfs (scratch under `DATA/scratch/<id>`, live mounts
+//! recorded in `DATA/mounts.json`), and serves Cap'n Proto (`schema`'s `store.capnp`,
+//! bootstrap `Daemon`) on a Unix socket.
+//!
+//! The RPC side follows capnp-rpc's examples: a current-thread tokio runtime with a
+//! `LocalSet`, one `RpcSystem` per connection. Store work (import, export, gc, fsck, ...)
+//! runs on tokio's blocking pool so one long call never stalls other clients. Placement
+//! policy and scheduling are not its business.
 
-fn main() {}
+mod error;
+mod mounts;
+mod server;
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use clap::Parser;
+use futures::AsyncReadExt;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use mounts::MountTable;
+use server::{DaemonImpl, Shared};
+
+/// Logs one line to stderr with a UTC timestamp.
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("{} volumed: {}", $crate::timestamp(), format_args!($($arg)*))
+    };
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for now, without a date crate.
+pub(crate) fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "volumed", version, about = "Tidedge host daemon")]
+struct Args {
+    /// Data directory: the store (DIR/store), scratch layers, the mount record.
+    #[arg(long, env = "VOLUMED_DATA", value_name = "DIR")]
+    data: PathBuf,
+    /// Unix socket to serve Cap'n Proto on.
+    #[arg(long, env = "VOLUMED_SOCKET", value_name = "PATH")]
+    socket: PathBuf,
+}
+
+/// Binds `path`, replacing a socket file nobody listens on, refusing a live one.
+fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("socket {} is served by another process", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+fn main() {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => {
+            log!("stopped");
+        }
+        Err(e) => {
+            log!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating {}", args.data.display()))?;
+    let store = Arc::new(castore::Store::open(args.data.join("store"))?);
+    let mounts = Arc::new(MountTable::new(&args.data));
+    mounts
+        .recover()
+        .with_context(|| format!("cleaning up after the last run in {}", args.data.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    let shared = Rc::new(Shared {
+        store: store.clone(),
+        mounts: mounts.clone(),
+    });
+    let r = local.block_on(&rt, serve(args, shared));
+    // Dropping the LocalSet drops every connection and capability; dropping the runtime
+    // waits for blocking work still running (an import finishes or fails first).
+    drop(local);
+    drop(rt);
+    // Our handle is the last one now: dropping it closes RocksDB, flushing the store.
+    drop(store);
+    r
+}
+
+async fn serve(args: &Args, shared: Rc<Shared>) -> Result<()> {
+    let listener = bind(&args.socket)?;
+    let bootstrap: schema::store_capnp::daemon::Client =
+        capnp_rpc::new_client(DaemonImpl(shared.clone()));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    log!(
+        "serving {} on {} (pid {})",
+        args.data.display(),
+        args.socket.display(),
+        std::process::id()
+    );
+    loop {
+        tokio::select! {
+            _ = term.recv() => { log!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { log!("SIGINT: shutting down"); break; }
+            r = listener.accept() => {
+                let stream = match r {
+                    Ok((s, _)) => s,
+                    Err(e) => { log!("accept: {e}"); continue; }
+                };
+                let (reader, writer) =
+                    tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+                let network = twoparty::VatNetwork::new(
+                    futures::io::BufReader::new(reader),
+                    futures::io::BufWriter::new(writer),
+                    rpc_twoparty_capnp::Side::Server,
+                    Default::default(),
+                );
+                let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.clone().client));
+                tokio::task::spawn_local(async move {
+                    // A bad message or a vanished client ends this connection only.
+                    if let Err(e) = rpc.await {
+                        log!("connection closed: {e}");
+                    }
+                });
+            }
+        }
+    }
+    // Stop accepting first, so no client sees a half-shut daemon.
+    drop(listener);
+    let _ = std::fs::remove_file(&args.socket);
+    for id in shared.mounts.close() {
+        if let Err(e) = server::unmount(shared.mounts.clone(), id).await {
+            log!("unmount {id}: {e}");
+        }
+    }
+    Ok(())
+}

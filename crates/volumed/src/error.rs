@@ -1,0 +1,37 @@
+//! The daemon's typed errors and their one conversion into `capnp::Error`.
+
+use std::path::PathBuf;
+
+/// Why an RPC call failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    /// The store refused or failed (not found, corrupt, bad archive, ...).
+    #[error(transparent)]
+    Store(#[from] castore::Error),
+    /// layerfs could not mount or unmount.
+    #[error(transparent)]
+    Mount(#[from] layerfs::Error),
+    /// A request carried an argument the daemon cannot use.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No mount of this daemon at that path.
+    #[error("nothing mounted by volumed at {0}")]
+    NotMounted(PathBuf),
+    /// The mountpoint already holds one of this daemon's mounts.
+    #[error("{0} is already a volumed mount")]
+    AlreadyMounted(PathBuf),
+    /// The daemon is shutting down and takes no new mounts.
+    #[error("volumed is shutting down")]
+    ShuttingDown,
+    /// A worker thread died (a bug); the daemon keeps serving.
+    #[error("internal error: worker failed: {0}")]
+    Worker(String),
+}
+
+/// The one place daemon errors become wire errors: a `failed` exception whose reason is
+/// the error's one-line message (its causes included).
+impl From<Error> for capnp::Error {
+    fn from(e: Error) -> capnp::Error {
+        capnp::Error::failed(e.to_string())
+    }
+}

@@ -1,0 +1,678 @@
+//! The Cap'n Proto servers: `Daemon`, `Store`, `Mounts` and `Mount`. Wire readers and
+//! builders stay in this module: requests are turned into owned values, the work runs
+//! on a blocking thread against castore/layerfs, and its results are written back.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use capnp::capability::Rc as CapRc;
+use castore::{
+    Digest, ExportReport, ExportTarget, GcProgress, GcRoots, ImportOptions, ImportReport,
+    SourceFormat, Store,
+};
+use schema::store_capnp::{Format, daemon, mount, mounts, store};
+
+use crate::error::Error;
+use crate::log;
+use crate::mounts::{MountInfo, MountRecord, MountTable};
+
+/// What every capability of one daemon shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<Store>,
+    pub(crate) mounts: Arc<MountTable>,
+}
+
+/// Runs `f` on tokio's blocking pool so the event loop keeps serving other clients.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, capnp::Error> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(Error::Worker(e.to_string()).into()),
+    }
+}
+
+fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    Ok(r?
+        .to_str()
+        .map_err(|_| capnp::Error::failed("text argument is not UTF-8".into()))?
+        .to_string())
+}
+
+fn abs_path(s: &str, what: &str) -> Result<PathBuf, Error> {
+    let p = PathBuf::from(s);
+    if !p.is_absolute() {
+        return Err(Error::BadRequest(format!(
+            "{what} {s:?} must be an absolute path on the daemon's host"
+        )));
+    }
+    Ok(p)
+}
+
+fn source_format(f: Result<Format, capnp::NotInSchema>) -> Result<Option<SourceFormat>, Error> {
+    match f {
+        Ok(Format::Auto) => Ok(None),
+        Ok(Format::Dir) => Ok(Some(SourceFormat::Dir)),
+        Ok(Format::Tar) => Ok(Some(SourceFormat::Tar)),
+        Ok(Format::Oci) => Ok(Some(SourceFormat::Oci)),
+        Ok(Format::Docker) => Ok(Some(SourceFormat::Docker)),
+        Err(capnp::NotInSchema(n)) => Err(Error::BadRequest(format!("unknown import format {n}"))),
+    }
+}
+
+/// The bootstrap capability.
+#[derive(Debug)]
+pub(crate) struct DaemonImpl(pub(crate) Rc<Shared>);
+
+impl daemon::Server for DaemonImpl {
+    async fn version(
+        self: CapRc<Self>,
+        _: daemon::VersionParams,
+        mut results: daemon::VersionResults,
+    ) -> Result<(), capnp::Error> {
+        let mut r = results.get();
+        r.set_version(schema::store_capnp::VERSION);
+        r.set_daemon(concat!("volumed ", env!("CARGO_PKG_VERSION")));
+        Ok(())
+    }
+
+    async fn store(
+        self: CapRc<Self>,
+        _: daemon::StoreParams,
+        mut results: daemon::StoreResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_store(capnp_rpc::new_client(StoreImpl(self.0.clone())));
+        Ok(())
+    }
+
+    async fn mounts(
+        self: CapRc<Self>,
+        _: daemon::MountsParams,
+        mut results: daemon::MountsResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_mounts(capnp_rpc::new_client(MountsImpl(self.0.clone())));
+        Ok(())
+    }
+}
+
+// ---- Store ----
+
+struct ImageSummary {
+    name: String,
+    digest: Digest,
+    layers: u32,
+    size: u64,
+}
+
+struct LayerSummary {
+    digest: Digest,
+    diff_id: Option<Digest>,
+    entries: u64,
+    size: u64,
+}
+
+fn layer_summary(store: &Store, d: Digest) -> Result<LayerSummary, Error> {
+    let l = store.layer(&d)?;
+    Ok(LayerSummary {
+        digest: d,
+        diff_id: l.diff_id,
+        entries: l.entries,
+        size: l.content_bytes,
+    })
+}
+
+/// A layer digest, or a unique prefix (6+ hex digits) of a lone layer's digest.
+fn parse_layer(store: &Store, s: &str) -> Result<Digest, Error> {
+    if let Some(d) = Digest::parse(s) {
+        return Ok(d);
+    }
+    let hex = s.strip_prefix("sha256:").unwrap_or(s);
+    let found: Vec<Digest> = store
+        .layer_refs()?
+        .into_iter()
+        .filter(|d| hex.len() >= 6 && d.to_hex().starts_with(hex))
+        .collect();
+    match found[..] {
+        [d] => Ok(d),
+        [] => Err(castore::Error::NotFound {
+            what: "layer",
+            name: s.to_string(),
+        }
+        .into()),
+        _ => Err(Error::BadRequest(format!("layer prefix {s} is ambiguous"))),
+    }
+}
+
+fn export_target(path: &str) -> Result<ExportTarget, Error> {
+    if path == "-" {
+        return Err(Error::BadRequest(
+            "volumed cannot export to stdout: give a directory or FILE.tar path".into(),
+        ));
+    }
+    Ok(ExportTarget::from_path(&abs_path(path, "export target")?))
+}
+
+fn set_import_report(mut b: schema::store_capnp::import_report::Builder<'_>, r: &ImportReport) {
+    b.set_image(r.image.map(|d| d.to_string()).unwrap_or_default());
+    b.set_name(r.name.as_deref().unwrap_or(""));
+    let mut l = b.reborrow().init_layers(r.layers.len() as u32);
+    for (i, d) in r.layers.iter().enumerate() {
+        l.set(i as u32, d.to_string());
+    }
+    b.set_files(r.files);
+    b.set_logical_bytes(r.logical_bytes);
+    b.set_chunks(r.chunks);
+    b.set_new_chunks(r.new_chunks);
+    b.set_new_chunk_bytes(r.new_chunk_bytes);
+    b.set_new_stored_bytes(r.new_stored_bytes);
+    b.set_seconds(r.seconds);
+}
+
+fn set_export_report(mut b: schema::store_capnp::export_report::Builder<'_>, r: &ExportReport) {
+    b.set_entries(r.entries);
+    b.set_bytes(r.bytes);
+}
+
+fn set_layer(mut b: schema::store_capnp::layer_summary::Builder<'_>, l: &LayerSummary) {
+    b.set_digest(l.digest.to_string());
+    b.set_diff_id(l.diff_id.map(|d| d.to_string()).unwrap_or_default());
+    b.set_entries(l.entries);
+    b.set_size(l.size);
+}
+
+fn set_texts(mut b: capnp::text_list::Builder<'_>, v: &[String]) {
+    for (i, s) in v.iter().enumerate() {
+        b.set(i as u32, s);
+    }
+}
+
+/// The `Store` capability.
+#[derive(Debug)]
+pub(crate) struct StoreImpl(Rc<Shared>);
+
+impl store::Server for StoreImpl {
+    async fn import_image(
+        self: CapRc<Self>,
+        params: store::ImportImageParams,
+        mut results: store::ImportImageResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let path = abs_path(&text(p.get_path())?, "import source")?;
+        let name = text(p.get_name())?;
+        let format = source_format(p.get_format())?;
+        let store = self.0.store.clone();
+        log!("import image {} as {name:?}", path.display());
+        let r = blocking(move || {
+            let name = (!name.is_empty()).then_some(name.as_str());
+            let opts = ImportOptions {
+                format,
+                ..ImportOptions::default()
+            };
+            Ok(store.import_image(&path, name, &opts)?)
+        })
+        .await?;
+        set_import_report(results.get().init_report(), &r);
+        Ok(())
+    }
+
+    async fn import_layer(
+        self: CapRc<Self>,
+        params: store::ImportLayerParams,
+        mut results: store::ImportLayerResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let path = abs_path(&text(p.get_path())?, "import source")?;
+        let format = source_format(p.get_format())?;
+        let store = self.0.store.clone();
+        log!("import layer {}", path.display());
+        let r = blocking(move || {
+            let opts = ImportOptions {
+                format,
+                ..ImportOptions::default()
+            };
+            Ok(store.import_layer(&path, &opts)?)
+        })
+        .await?;
+        set_import_report(results.get().init_report(), &r);
+        Ok(())
+    }
+
+    async fn images(
+        self: CapRc<Self>,
+        _: store::ImagesParams,
+        mut results: store::ImagesResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        let images = blocking(move || {
+            let mut out = Vec::new();
+            for (name, d) in store.refs()? {
+                let img = store.image(&d)?;
+                let mut size = 0;
+                for l in &img.layers {
+                    size += store.layer(l)?.content_bytes;
+                }
+                out.push(ImageSummary {
+                    name,
+                    digest: d,
+                    layers: img.layers.len() as u32,
+                    size,
+                });
+            }
+            Ok(out)
+        })
+        .await?;
+        let mut list = results.get().init_images(images.len() as u32);
+        for (i, s) in images.iter().enumerate() {
+            let mut b = list.reborrow().get(i as u32);
+            b.set_name(&s.name);
+            b.set_digest(s.digest.to_string());
+            b.set_layers(s.layers);
+            b.set_size(s.size);
+        }
+        Ok(())
+    }
+
+    async fn inspect(
+        self: CapRc<Self>,
+        params: store::InspectParams,
+        mut results: store::InspectResults,
+    ) -> Result<(), capnp::Error> {
+        let spec = text(params.get()?.get_image())?;
+        let store = self.0.store.clone();
+        let (d, names, layers, config) = blocking(move || {
+            let d = store.resolve_image(&spec)?;
+            let img = store.image(&d)?;
+            let names: Vec<String> = store
+                .refs()?
+                .into_iter()
+                .filter(|(_, x)| *x == d)
+                .map(|(n, _)| n)
+                .collect();
+            let layers = img
+                .layers
+                .iter()
+                .map(|l| layer_summary(&store, *l))
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok((d, names, layers, img.config))
+        })
+        .await?;
+        let mut b = results.get().init_detail();
+        b.set_digest(d.to_string());
+        set_texts(b.reborrow().init_names(names.len() as u32), &names);
+        let mut lb = b.reborrow().init_layers(layers.len() as u32);
+        for (i, l) in layers.iter().enumerate() {
+            set_layer(lb.reborrow().get(i as u32), l);
+        }
+        b.set_size(layers.iter().map(|l| l.size).sum());
+        set_texts(b.reborrow().init_env(config.env.len() as u32), &config.env);
+        set_texts(
+            b.reborrow().init_entrypoint(config.entrypoint.len() as u32),
+            &config.entrypoint,
+        );
+        set_texts(b.reborrow().init_cmd(config.cmd.len() as u32), &config.cmd);
+        b.set_workdir(&config.workdir);
+        b.set_user(&config.user);
+        b.set_architecture(&config.architecture);
+        b.set_os(&config.os);
+        let mut labels = b.init_labels(config.labels.len() as u32);
+        for (i, (k, v)) in config.labels.iter().enumerate() {
+            let mut l = labels.reborrow().get(i as u32);
+            l.set_key(k);
+            l.set_value(v);
+        }
+        Ok(())
+    }
+
+    async fn export_image(
+        self: CapRc<Self>,
+        params: store::ExportImageParams,
+        mut results: store::ExportImageResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let spec = text(p.get_image())?;
+        let target = export_target(&text(p.get_path())?)?;
+        let store = self.0.store.clone();
+        log!("export image {spec} to {target:?}");
+        let r = blocking(move || {
+            let d = store.resolve_image(&spec)?;
+            Ok(store.export_image(&d, &target)?)
+        })
+        .await?;
+        set_export_report(results.get().init_report(), &r);
+        Ok(())
+    }
+
+    async fn remove_image(
+        self: CapRc<Self>,
+        params: store::RemoveImageParams,
+        mut results: store::RemoveImageResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name())?;
+        let full = if name.contains(':') {
+            name
+        } else {
+            format!("{name}:latest")
+        };
+        let store = self.0.store.clone();
+        log!("remove image {full}");
+        let d = blocking(move || Ok(store.remove_ref(&full)?)).await?;
+        results.get().set_digest(d.to_string());
+        Ok(())
+    }
+
+    async fn layers(
+        self: CapRc<Self>,
+        _: store::LayersParams,
+        mut results: store::LayersResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        let layers = blocking(move || {
+            store
+                .layer_refs()?
+                .into_iter()
+                .map(|d| layer_summary(&store, d))
+                .collect::<Result<Vec<_>, Error>>()
+        })
+        .await?;
+        let mut list = results.get().init_layers(layers.len() as u32);
+        for (i, l) in layers.iter().enumerate() {
+            set_layer(list.reborrow().get(i as u32), l);
+        }
+        Ok(())
+    }
+
+    async fn export_layer(
+        self: CapRc<Self>,
+        params: store::ExportLayerParams,
+        mut results: store::ExportLayerResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let layer = text(p.get_layer())?;
+        let target = export_target(&text(p.get_path())?)?;
+        let store = self.0.store.clone();
+        log!("export layer {layer} to {target:?}");
+        let r = blocking(move || {
+            let d = parse_layer(&store, &layer)?;
+            Ok(store.export_layer(&d, &target)?)
+        })
+        .await?;
+        set_export_report(results.get().init_report(), &r);
+        Ok(())
+    }
+
+    async fn remove_layer(
+        self: CapRc<Self>,
+        params: store::RemoveLayerParams,
+        _: store::RemoveLayerResults,
+    ) -> Result<(), capnp::Error> {
+        let layer = text(params.get()?.get_layer())?;
+        let store = self.0.store.clone();
+        log!("remove layer {layer}");
+        blocking(move || {
+            let d = parse_layer(&store, &layer)?;
+            Ok(store.remove_layer_ref(&d)?)
+        })
+        .await
+    }
+
+    async fn gc(
+        self: CapRc<Self>,
+        _: store::GcParams,
+        mut results: store::GcResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        let mounts = self.0.mounts.clone();
+        log!("gc");
+        let r = blocking(move || {
+            // Live mounts' images are roots. A mount that starts during the sweep already
+            // holds its image by name or by another root: it resolved the image first.
+            let roots = GcRoots {
+                images: mounts.images(),
+                ..GcRoots::default()
+            };
+            Ok(store.gc(&roots, &GcProgress::default())?)
+        })
+        .await?;
+        log!("gc done: {} kept, {} chunks freed", r.kept, r.chunks);
+        let mut b = results.get().init_report();
+        b.set_kept(r.kept);
+        b.set_images(r.images);
+        b.set_layers(r.layers);
+        b.set_trees(r.trees);
+        b.set_blobs(r.blobs);
+        b.set_chunks(r.chunks);
+        b.set_freed_bytes(r.freed_bytes);
+        Ok(())
+    }
+
+    async fn fsck(
+        self: CapRc<Self>,
+        _: store::FsckParams,
+        mut results: store::FsckResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        log!("fsck");
+        let r = blocking(move || Ok(store.fsck()?)).await?;
+        let mut b = results.get().init_report();
+        b.set_chunks(r.chunks);
+        b.set_blobs(r.blobs);
+        b.set_trees(r.trees);
+        b.set_layers(r.layers);
+        b.set_images(r.images);
+        b.set_refs(r.refs);
+        let mut list = b.init_problems(r.problems.len() as u32);
+        for (i, p) in r.problems.iter().enumerate() {
+            let mut pb = list.reborrow().get(i as u32);
+            pb.set_object(&p.object);
+            pb.set_name(&p.name);
+            pb.set_problem(&p.problem);
+        }
+        Ok(())
+    }
+
+    async fn stats(
+        self: CapRc<Self>,
+        _: store::StatsParams,
+        mut results: store::StatsResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        let s = blocking(move || Ok(store.stats()?)).await?;
+        let mut b = results.get().init_stats();
+        b.set_images(s.images);
+        b.set_layers(s.layers);
+        b.set_trees(s.trees);
+        b.set_blobs(s.blobs);
+        b.set_chunks(s.chunks);
+        b.set_logical_bytes(s.logical_bytes);
+        b.set_unique_bytes(s.unique_bytes);
+        b.set_stored_bytes(s.stored_bytes);
+        b.set_dedup_ratio(s.dedup_ratio);
+        b.set_total_ratio(s.total_ratio);
+        b.set_disk_bytes(s.disk_bytes);
+        Ok(())
+    }
+}
+
+// ---- Mounts ----
+
+fn set_mount_info(mut b: schema::store_capnp::mount_info::Builder<'_>, m: &MountInfo) {
+    b.set_id(m.record.id);
+    b.set_image(&m.record.image);
+    b.set_name(&m.record.name);
+    b.set_mountpoint(m.record.mountpoint.to_string_lossy());
+    b.set_read_only(m.record.read_only);
+    b.set_scratch_bytes(m.scratch_bytes);
+}
+
+/// Unmounts mount `id` (taken out of the table) on a blocking thread.
+pub(crate) async fn unmount(mounts: Arc<MountTable>, id: u64) -> Result<(), Error> {
+    let Some((record, mount)) = mounts.take(id) else {
+        return Ok(());
+    };
+    let scratch = mounts.scratch_dir(id);
+    let r = tokio::task::spawn_blocking(move || {
+        log!("unmount {}", record.mountpoint.display());
+        let r = mount.unmount().map_err(Error::from);
+        let _ = std::fs::remove_dir_all(&scratch);
+        r
+    })
+    .await;
+    match r {
+        Ok(r) => r,
+        Err(e) => Err(Error::Worker(e.to_string())),
+    }
+}
+
+/// The `Mounts` capability.
+#[derive(Debug)]
+pub(crate) struct MountsImpl(Rc<Shared>);
+
+impl mounts::Server for MountsImpl {
+    async fn mount(
+        self: CapRc<Self>,
+        params: mounts::MountParams,
+        mut results: mounts::MountResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let spec = text(p.get_image())?;
+        let mountpoint = abs_path(&text(p.get_mountpoint())?, "mountpoint")?;
+        let read_only = p.get_read_only();
+        let table = self.0.mounts.clone();
+        let store = self.0.store.clone();
+        let id = table.reserve(&mountpoint)?;
+        let scratch_dir = table.scratch_dir(id);
+        log!("mount {spec} at {} (id {id})", mountpoint.display());
+        let t = table.clone();
+        let mp = mountpoint.clone();
+        let r = blocking(move || {
+            check_mountpoint(&mp)?;
+            let image = store.resolve_image(&spec)?;
+            std::fs::create_dir_all(&scratch_dir).map_err(|e| {
+                Error::Mount(layerfs::Error::Io {
+                    op: "create scratch dir",
+                    path: scratch_dir.clone(),
+                    source: e,
+                })
+            })?;
+            let m = layerfs::mount(
+                store,
+                image,
+                &mp,
+                layerfs::MountOptions {
+                    read_only,
+                    scratch_dir: scratch_dir.clone(),
+                },
+            );
+            match m {
+                Ok(m) => {
+                    let name = if spec.contains(':') && Digest::parse(&spec).is_none() {
+                        spec
+                    } else {
+                        String::new()
+                    };
+                    let record = MountRecord {
+                        id,
+                        image: image.to_string(),
+                        name,
+                        mountpoint: mp,
+                        read_only,
+                    };
+                    t.insert(record, image, m);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&scratch_dir);
+                    Err(e.into())
+                }
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            table.release(&mountpoint);
+            log!("mount at {} failed: {}", mountpoint.display(), e.extra);
+            return Err(e);
+        }
+        results.get().set_mount(capnp_rpc::new_client(MountImpl {
+            shared: self.0.clone(),
+            id,
+        }));
+        Ok(())
+    }
+
+    async fn list(
+        self: CapRc<Self>,
+        _: mounts::ListParams,
+        mut results: mounts::ListResults,
+    ) -> Result<(), capnp::Error> {
+        let table = self.0.mounts.clone();
+        let list = blocking(move || Ok(table.list())).await?;
+        let mut b = results.get().init_mounts(list.len() as u32);
+        for (i, m) in list.iter().enumerate() {
+            set_mount_info(b.reborrow().get(i as u32), m);
+        }
+        Ok(())
+    }
+
+    async fn umount(
+        self: CapRc<Self>,
+        params: mounts::UmountParams,
+        _: mounts::UmountResults,
+    ) -> Result<(), capnp::Error> {
+        let mp = abs_path(&text(params.get()?.get_mountpoint())?, "mountpoint")?;
+        let Some(id) = self.0.mounts.id_at(&mp) else {
+            return Err(Error::NotMounted(mp).into());
+        };
+        Ok(unmount(self.0.mounts.clone(), id).await?)
+    }
+}
+
+fn check_mountpoint(mp: &Path) -> Result<(), Error> {
+    match std::fs::metadata(mp) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::BadRequest(format!(
+            "mountpoint {} is not a directory",
+            mp.display()
+        ))),
+        Err(e) => Err(Error::BadRequest(format!(
+            "mountpoint {}: {e}",
+            mp.display()
+        ))),
+    }
+}
+
+/// One live mount's capability.
+#[derive(Debug)]
+pub(crate) struct MountImpl {
+    shared: Rc<Shared>,
+    id: u64,
+}
+
+impl mount::Server for MountImpl {
+    async fn info(
+        self: CapRc<Self>,
+        _: mount::InfoParams,
+        mut results: mount::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        let table = self.shared.mounts.clone();
+        let id = self.id;
+        let Some(info) = blocking(move || Ok(table.info(id))).await? else {
+            return Err(Error::BadRequest(format!("mount {id} is no longer mounted")).into());
+        };
+        set_mount_info(results.get().init_info(), &info);
+        Ok(())
+    }
+
+    async fn umount(
+        self: CapRc<Self>,
+        _: mount::UmountParams,
+        _: mount::UmountResults,
+    ) -> Result<(), capnp::Error> {
+        Ok(unmount(self.shared.mounts.clone(), self.id).await?)
+    }
+}
