@@ -1,9 +1,11 @@
-//! `tide`, the Tidedge command line. Every command goes through [`api::StoreApi`]: today
-//! against a store opened in this process (`--store DIR`); the daemon issue adds the
-//! same commands over Cap'n Proto to `volumed`.
+//! `tide`, the Tidedge command line. Every store command goes through [`api::StoreApi`]:
+//! against a store opened in this process (`--store DIR`) or over Cap'n Proto to the
+//! host daemon `volumed` (`--socket PATH`, [`remote::Remote`]). Mounts are served only by
+//! the daemon. No storage logic lives here.
 
 mod api;
 mod output;
+mod remote;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -17,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 use api::{Local, StoreApi};
 use output::{human_bytes, print_json, table};
+use remote::Remote;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +31,9 @@ struct Cli {
     /// Store directory (opened directly; only one process may hold it).
     #[arg(long, global = true, env = "TIDE_STORE", value_name = "DIR")]
     store: Option<PathBuf>,
+    /// volumed's Unix socket (the daemon owns the store; needed for mounts).
+    #[arg(long, global = true, env = "TIDE_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -49,6 +55,36 @@ enum Cmd {
     Fsck,
     /// Logical and stored bytes, chunks, dedup ratio.
     Stats,
+    /// Mount an image (layers plus a writable scratch layer) through volumed, or list
+    /// mounts with `tide mount ls`.
+    Mount(MountArgs),
+    /// Unmount a volumed mount and discard its scratch layer.
+    Umount {
+        /// The mountpoint.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct MountArgs {
+    #[command(subcommand)]
+    cmd: Option<MountCmd>,
+    /// NAME:TAG, digest or digest prefix.
+    #[arg(required = true)]
+    image: Option<String>,
+    /// Existing directory to mount on.
+    #[arg(required = true)]
+    dir: Option<PathBuf>,
+    /// Refuse every write (no scratch layer).
+    #[arg(long)]
+    read_only: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum MountCmd {
+    /// List the daemon's live mounts with their scratch usage.
+    Ls,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,10 +155,88 @@ fn parse_format(s: &str) -> Result<SourceFormat, String> {
 }
 
 fn open(cli: &Cli) -> Result<Box<dyn StoreApi>> {
-    let Some(dir) = &cli.store else {
-        bail!("no store given: pass --store DIR or set TIDE_STORE");
-    };
-    Ok(Box::new(Local(Store::open(dir)?)))
+    match (&cli.store, &cli.socket) {
+        (Some(_), Some(_)) => {
+            bail!("give either --store DIR (TIDE_STORE) or --socket PATH (TIDE_SOCKET), not both")
+        }
+        (Some(dir), None) => Ok(Box::new(Local(Store::open(dir)?))),
+        (None, Some(socket)) => Ok(Box::new(Remote::connect(socket)?)),
+        (None, None) => bail!(
+            "no store given: pass --store DIR (TIDE_STORE) or --socket PATH (TIDE_SOCKET) of volumed"
+        ),
+    }
+}
+
+/// Mounts live in the daemon: only `--socket` can serve them.
+fn open_remote(cli: &Cli) -> Result<Remote> {
+    match (&cli.store, &cli.socket) {
+        (_, None) => bail!(
+            "mounts need the daemon: start volumed and pass --socket PATH (TIDE_SOCKET) instead of --store"
+        ),
+        (Some(_), Some(_)) => {
+            bail!("give either --store DIR (TIDE_STORE) or --socket PATH (TIDE_SOCKET), not both")
+        }
+        (None, Some(socket)) => Remote::connect(socket),
+    }
+}
+
+fn run_mount(cli: &Cli) -> Result<i32> {
+    let remote = open_remote(cli)?;
+    match &cli.cmd {
+        Cmd::Mount(MountArgs {
+            cmd: Some(MountCmd::Ls),
+            ..
+        }) => {
+            let mounts = remote.mounts()?;
+            if cli.json {
+                print_json(&mounts);
+            } else {
+                table(
+                    &["MOUNTPOINT", "IMAGE", "NAME", "MODE", "SCRATCH"],
+                    mounts
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                m.mountpoint.display().to_string(),
+                                m.image.short(),
+                                m.name.clone(),
+                                if m.read_only { "ro" } else { "rw" }.to_string(),
+                                human_bytes(m.scratch_bytes),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Mount(MountArgs {
+            image: Some(image),
+            dir: Some(dir),
+            read_only,
+            ..
+        }) => {
+            let m = remote.mount(image, dir, *read_only)?;
+            if cli.json {
+                print_json(&m);
+            } else {
+                println!(
+                    "mounted {image} ({}) at {}{}",
+                    m.image.short(),
+                    m.mountpoint.display(),
+                    if m.read_only { " read-only" } else { "" }
+                );
+            }
+        }
+        Cmd::Umount { dir } => {
+            remote.umount(dir)?;
+            if cli.json {
+                print_json(&serde_json::json!({"unmounted": dir}));
+            } else {
+                println!("unmounted {}", dir.display());
+            }
+        }
+        _ => bail!("tide mount needs NAME:TAG DIR, or ls"),
+    }
+    Ok(0)
 }
 
 /// Runs `f` while a progress bar (on a terminal only) reads `poll` every 100 ms.
@@ -171,6 +285,9 @@ fn import_progress(p: &Progress) -> (u64, u64, String) {
 }
 
 fn run(cli: &Cli) -> Result<i32> {
+    if matches!(cli.cmd, Cmd::Mount(_) | Cmd::Umount { .. }) {
+        return run_mount(cli);
+    }
     let api = open(cli)?;
     match &cli.cmd {
         Cmd::Image(ImageCmd::Import { path, name, format }) => {
@@ -428,6 +545,7 @@ fn run(cli: &Cli) -> Result<i32> {
                 );
             }
         }
+        Cmd::Mount(_) | Cmd::Umount { .. } => unreachable!("handled by run_mount"),
     }
     Ok(0)
 }

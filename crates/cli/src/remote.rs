@@ -1,0 +1,536 @@
+//! [`StoreApi`] over Cap'n Proto to `volumed` (`--socket PATH`), plus the mount commands,
+//! which only the daemon can serve. Wire types stop here: every reply is converted to
+//! the same domain types the in-process store returns, so output is identical.
+//!
+//! The client runs on a current-thread tokio runtime with a `LocalSet` owned by
+//! [`Remote`]; each call blocks the command on it, which is all a CLI needs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use castore::{
+    Digest, ExportReport, ExportTarget, FsckReport, GcProgress, GcReport, ImportReport, Problem,
+    Progress, SourceFormat, Stats,
+};
+use futures::AsyncReadExt;
+use schema::store_capnp::{
+    Format, daemon, import_report, layer_summary, mount_info, mounts, store,
+};
+use serde::Serialize;
+
+use crate::api::{ImageDetail, ImageSummary, LayerSummary, StoreApi};
+
+/// One live mount of the daemon, as `tide mount ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct MountInfo {
+    pub(crate) id: u64,
+    pub(crate) image: Digest,
+    pub(crate) name: String,
+    pub(crate) mountpoint: PathBuf,
+    pub(crate) read_only: bool,
+    pub(crate) scratch_bytes: u64,
+}
+
+/// A connection to `volumed`.
+pub(crate) struct Remote {
+    rt: tokio::runtime::Runtime,
+    local: tokio::task::LocalSet,
+    store: store::Client,
+    mounts: mounts::Client,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").finish_non_exhaustive()
+    }
+}
+
+/// The one conversion of wire errors: a daemon's `failed` reason is already a full
+/// one-line message; other kinds (disconnected, ...) say what happened to the link.
+fn wire_err(e: capnp::Error) -> anyhow::Error {
+    // capnp-rpc marks errors that crossed the wire; the daemon's reason follows.
+    let reason = e
+        .extra
+        .strip_prefix("remote exception: ")
+        .unwrap_or(&e.extra);
+    match e.kind {
+        capnp::ErrorKind::Failed => anyhow!("{reason}"),
+        capnp::ErrorKind::Disconnected => anyhow!("lost the connection to volumed: {reason}"),
+        _ => anyhow!("volumed: {:?}: {reason}", e.kind),
+    }
+}
+
+fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String> {
+    Ok(r.map_err(wire_err)?
+        .to_str()
+        .map_err(|_| anyhow!("volumed sent text that is not UTF-8"))?
+        .to_string())
+}
+
+fn texts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> Result<Vec<String>> {
+    r.map_err(wire_err)?.iter().map(text).collect()
+}
+
+fn digest(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<Digest> {
+    let s = text(r)?;
+    Digest::parse(&s).ok_or_else(|| anyhow!("volumed sent a malformed digest {s:?}"))
+}
+
+fn opt_digest(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<Option<Digest>> {
+    let s = text(r)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Digest::parse(&s)
+        .map(Some)
+        .ok_or_else(|| anyhow!("volumed sent a malformed digest {s:?}"))
+}
+
+fn wire_format(f: Option<SourceFormat>) -> Format {
+    match f {
+        None => Format::Auto,
+        Some(SourceFormat::Dir) => Format::Dir,
+        Some(SourceFormat::Tar) => Format::Tar,
+        Some(SourceFormat::Oci) => Format::Oci,
+        Some(SourceFormat::Docker) => Format::Docker,
+    }
+}
+
+/// The daemon resolves paths itself, in its own working directory: send absolute ones.
+fn abs(p: &Path) -> Result<String> {
+    let a = std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?;
+    a.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("path {} is not UTF-8", a.display()))
+}
+
+fn export_path(target: &ExportTarget) -> Result<String> {
+    let (ExportTarget::Dir(p) | ExportTarget::Tar(p)) = target;
+    if p.as_os_str() == "-" {
+        bail!("exporting to stdout needs --store; through volumed give a FILE.tar path");
+    }
+    abs(p)
+}
+
+fn import_report(r: import_report::Reader<'_>) -> Result<ImportReport> {
+    Ok(ImportReport {
+        image: opt_digest(r.get_image())?,
+        name: Some(text(r.get_name())?).filter(|n| !n.is_empty()),
+        layers: r
+            .get_layers()
+            .map_err(wire_err)?
+            .iter()
+            .map(digest)
+            .collect::<Result<_>>()?,
+        files: r.get_files(),
+        logical_bytes: r.get_logical_bytes(),
+        chunks: r.get_chunks(),
+        new_chunks: r.get_new_chunks(),
+        new_chunk_bytes: r.get_new_chunk_bytes(),
+        new_stored_bytes: r.get_new_stored_bytes(),
+        seconds: r.get_seconds(),
+    })
+}
+
+fn layer(r: layer_summary::Reader<'_>) -> Result<LayerSummary> {
+    Ok(LayerSummary {
+        digest: digest(r.get_digest())?,
+        diff_id: opt_digest(r.get_diff_id())?,
+        entries: r.get_entries(),
+        size: r.get_size(),
+    })
+}
+
+fn mount_info(r: mount_info::Reader<'_>) -> Result<MountInfo> {
+    Ok(MountInfo {
+        id: r.get_id(),
+        image: digest(r.get_image())?,
+        name: text(r.get_name())?,
+        mountpoint: PathBuf::from(text(r.get_mountpoint())?),
+        read_only: r.get_read_only(),
+        scratch_bytes: r.get_scratch_bytes(),
+    })
+}
+
+impl Remote {
+    /// Connects to the daemon's socket and fetches its `Store` and `Mounts`.
+    pub(crate) fn connect(socket: &Path) -> Result<Remote> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        let (store, mounts) = local.block_on(&rt, async {
+            let stream = tokio::net::UnixStream::connect(socket)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to volumed at {} (is it running?)",
+                        socket.display()
+                    )
+                })?;
+            let (reader, writer) =
+                tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+            let network = Box::new(twoparty::VatNetwork::new(
+                futures::io::BufReader::new(reader),
+                futures::io::BufWriter::new(writer),
+                rpc_twoparty_capnp::Side::Client,
+                Default::default(),
+            ));
+            let mut rpc = RpcSystem::new(network, None);
+            let daemon: daemon::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+            tokio::task::spawn_local(rpc);
+            // Pipelined: both capabilities arrive in the same round trip.
+            let store = daemon.store_request().send().pipeline.get_store();
+            let mounts = daemon.mounts_request().send().pipeline.get_mounts();
+            anyhow::Ok((store, mounts))
+        })?;
+        Ok(Remote {
+            rt,
+            local,
+            store,
+            mounts,
+        })
+    }
+
+    fn run<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.local.block_on(&self.rt, f)
+    }
+
+    /// Mounts `image` at `dir` through the daemon.
+    pub(crate) fn mount(&self, image: &str, dir: &Path, read_only: bool) -> Result<MountInfo> {
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("mountpoint {}", dir.display()))?;
+        let dir = abs(&dir)?;
+        self.run(async {
+            let mut req = self.mounts.mount_request();
+            let mut p = req.get();
+            p.set_image(image);
+            p.set_mountpoint(&dir);
+            p.set_read_only(read_only);
+            let m = req.send().pipeline.get_mount();
+            let reply = m.info_request().send().promise.await.map_err(wire_err)?;
+            mount_info(
+                reply
+                    .get()
+                    .map_err(wire_err)?
+                    .get_info()
+                    .map_err(wire_err)?,
+            )
+        })
+    }
+
+    /// Unmounts whatever the daemon mounted at `dir`.
+    pub(crate) fn umount(&self, dir: &Path) -> Result<()> {
+        // A dead FUSE mount cannot be canonicalised (ENOTCONN): fall back to the path.
+        let dir = abs(&dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()))?;
+        self.run(async {
+            let mut req = self.mounts.umount_request();
+            req.get().set_mountpoint(&dir);
+            req.send().promise.await.map_err(wire_err)?;
+            Ok(())
+        })
+    }
+
+    /// Every live mount of the daemon.
+    pub(crate) fn mounts(&self) -> Result<Vec<MountInfo>> {
+        self.run(async {
+            let reply = self
+                .mounts
+                .list_request()
+                .send()
+                .promise
+                .await
+                .map_err(wire_err)?;
+            let list = reply
+                .get()
+                .map_err(wire_err)?
+                .get_mounts()
+                .map_err(wire_err)?;
+            list.iter().map(mount_info).collect()
+        })
+    }
+}
+
+impl StoreApi for Remote {
+    fn import_image(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        format: Option<SourceFormat>,
+        _progress: Arc<Progress>,
+    ) -> Result<ImportReport> {
+        let path = abs(path)?;
+        self.run(async {
+            let mut req = self.store.import_image_request();
+            let mut p = req.get();
+            p.set_path(&path);
+            p.set_name(name.unwrap_or(""));
+            p.set_format(wire_format(format));
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            import_report(
+                reply
+                    .get()
+                    .map_err(wire_err)?
+                    .get_report()
+                    .map_err(wire_err)?,
+            )
+        })
+    }
+
+    fn import_layer(
+        &self,
+        path: &Path,
+        format: Option<SourceFormat>,
+        _progress: Arc<Progress>,
+    ) -> Result<ImportReport> {
+        let path = abs(path)?;
+        self.run(async {
+            let mut req = self.store.import_layer_request();
+            let mut p = req.get();
+            p.set_path(&path);
+            p.set_format(wire_format(format));
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            import_report(
+                reply
+                    .get()
+                    .map_err(wire_err)?
+                    .get_report()
+                    .map_err(wire_err)?,
+            )
+        })
+    }
+
+    fn images(&self) -> Result<Vec<ImageSummary>> {
+        self.run(async {
+            let reply = self
+                .store
+                .images_request()
+                .send()
+                .promise
+                .await
+                .map_err(wire_err)?;
+            let list = reply
+                .get()
+                .map_err(wire_err)?
+                .get_images()
+                .map_err(wire_err)?;
+            list.iter()
+                .map(|i| {
+                    Ok(ImageSummary {
+                        name: text(i.get_name())?,
+                        digest: digest(i.get_digest())?,
+                        layers: i.get_layers() as usize,
+                        size: i.get_size(),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn inspect(&self, spec: &str) -> Result<ImageDetail> {
+        self.run(async {
+            let mut req = self.store.inspect_request();
+            req.get().set_image(spec);
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            let d = reply
+                .get()
+                .map_err(wire_err)?
+                .get_detail()
+                .map_err(wire_err)?;
+            Ok(ImageDetail {
+                digest: digest(d.get_digest())?,
+                names: texts(d.get_names())?,
+                layers: d
+                    .get_layers()
+                    .map_err(wire_err)?
+                    .iter()
+                    .map(layer)
+                    .collect::<Result<_>>()?,
+                size: d.get_size(),
+                env: texts(d.get_env())?,
+                entrypoint: texts(d.get_entrypoint())?,
+                cmd: texts(d.get_cmd())?,
+                workdir: text(d.get_workdir())?,
+                user: text(d.get_user())?,
+                architecture: text(d.get_architecture())?,
+                os: text(d.get_os())?,
+                labels: d
+                    .get_labels()
+                    .map_err(wire_err)?
+                    .iter()
+                    .map(|l| Ok((text(l.get_key())?, text(l.get_value())?)))
+                    .collect::<Result<_>>()?,
+            })
+        })
+    }
+
+    fn export_image(&self, spec: &str, target: &ExportTarget) -> Result<ExportReport> {
+        let path = export_path(target)?;
+        self.run(async {
+            let mut req = self.store.export_image_request();
+            req.get().set_image(spec);
+            req.get().set_path(&path);
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            let r = reply
+                .get()
+                .map_err(wire_err)?
+                .get_report()
+                .map_err(wire_err)?;
+            Ok(ExportReport {
+                entries: r.get_entries(),
+                bytes: r.get_bytes(),
+            })
+        })
+    }
+
+    fn remove_image(&self, name: &str) -> Result<Digest> {
+        self.run(async {
+            let mut req = self.store.remove_image_request();
+            req.get().set_name(name);
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            digest(reply.get().map_err(wire_err)?.get_digest())
+        })
+    }
+
+    fn layers(&self) -> Result<Vec<LayerSummary>> {
+        self.run(async {
+            let reply = self
+                .store
+                .layers_request()
+                .send()
+                .promise
+                .await
+                .map_err(wire_err)?;
+            let list = reply
+                .get()
+                .map_err(wire_err)?
+                .get_layers()
+                .map_err(wire_err)?;
+            list.iter().map(layer).collect()
+        })
+    }
+
+    fn export_layer(&self, digest: &str, target: &ExportTarget) -> Result<ExportReport> {
+        let path = export_path(target)?;
+        self.run(async {
+            let mut req = self.store.export_layer_request();
+            req.get().set_layer(digest);
+            req.get().set_path(&path);
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            let r = reply
+                .get()
+                .map_err(wire_err)?
+                .get_report()
+                .map_err(wire_err)?;
+            Ok(ExportReport {
+                entries: r.get_entries(),
+                bytes: r.get_bytes(),
+            })
+        })
+    }
+
+    fn remove_layer(&self, digest: &str) -> Result<()> {
+        self.run(async {
+            let mut req = self.store.remove_layer_request();
+            req.get().set_layer(digest);
+            req.send().promise.await.map_err(wire_err)?;
+            Ok(())
+        })
+    }
+
+    fn gc(&self, _progress: &GcProgress) -> Result<GcReport> {
+        self.run(async {
+            let reply = self
+                .store
+                .gc_request()
+                .send()
+                .promise
+                .await
+                .map_err(wire_err)?;
+            let r = reply
+                .get()
+                .map_err(wire_err)?
+                .get_report()
+                .map_err(wire_err)?;
+            Ok(GcReport {
+                kept: r.get_kept(),
+                images: r.get_images(),
+                layers: r.get_layers(),
+                trees: r.get_trees(),
+                blobs: r.get_blobs(),
+                chunks: r.get_chunks(),
+                freed_bytes: r.get_freed_bytes(),
+            })
+        })
+    }
+
+    fn fsck(&self) -> Result<FsckReport> {
+        self.run(async {
+            let reply = self
+                .store
+                .fsck_request()
+                .send()
+                .promise
+                .await
+                .map_err(wire_err)?;
+            let r = reply
+                .get()
+                .map_err(wire_err)?
+                .get_report()
+                .map_err(wire_err)?;
+            Ok(FsckReport {
+                chunks: r.get_chunks(),
+                blobs: r.get_blobs(),
+                trees: r.get_trees(),
+                layers: r.get_layers(),
+                images: r.get_images(),
+                refs: r.get_refs(),
+                problems: r
+                    .get_problems()
+                    .map_err(wire_err)?
+                    .iter()
+                    .map(|p| {
+                        Ok(Problem {
+                            object: text(p.get_object())?,
+                            name: text(p.get_name())?,
+                            problem: text(p.get_problem())?,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            })
+        })
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        self.run(async {
+            let reply = self
+                .store
+                .stats_request()
+                .send()
+                .promise
+                .await
+                .map_err(wire_err)?;
+            let s = reply
+                .get()
+                .map_err(wire_err)?
+                .get_stats()
+                .map_err(wire_err)?;
+            Ok(Stats {
+                images: s.get_images(),
+                layers: s.get_layers(),
+                trees: s.get_trees(),
+                blobs: s.get_blobs(),
+                chunks: s.get_chunks(),
+                logical_bytes: s.get_logical_bytes(),
+                unique_bytes: s.get_unique_bytes(),
+                stored_bytes: s.get_stored_bytes(),
+                dedup_ratio: s.get_dedup_ratio(),
+                total_ratio: s.get_total_ratio(),
+                disk_bytes: s.get_disk_bytes(),
+            })
+        })
+    }
+}
