@@ -21,6 +21,7 @@ mod fsck;
 mod gc;
 mod ingest;
 mod model;
+mod read;
 mod refname;
 mod stats;
 mod store;
@@ -40,6 +41,7 @@ pub use ingest::{
 pub use model::{
     Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree,
 };
+pub use read::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, FileLayout};
 pub use refname::validate as validate_ref;
 pub use stats::Stats;
 pub use store::Store;
