@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use castore::{Digest, Store};
 
+mod fuse;
+mod overlay;
+
 /// How to mount.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -37,10 +40,14 @@ pub enum Error {
     },
 }
 
-/// A live mount; dropping it unmounts.
+/// A live mount; dropping it unmounts and deletes the scratch directory.
 #[derive(Debug)]
 pub struct Mount {
     mountpoint: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+    overlay: Arc<overlay::Overlay>,
+    /// The scratch directory to delete on unmount (`None` for read-only mounts).
+    scratch: Option<PathBuf>,
 }
 
 impl Mount {
@@ -51,21 +58,104 @@ impl Mount {
 
     /// Bytes used by the scratch layer.
     pub fn scratch_bytes(&self) -> u64 {
-        0
+        self.overlay.scratch_bytes()
     }
 
-    /// Unmounts and discards the scratch layer.
-    pub fn unmount(self) -> Result<(), Error> {
+    /// Unmounts and discards the scratch layer. Fails (and stays mounted) if the mount
+    /// is busy; dropping the `Mount` instead detaches it lazily.
+    pub fn unmount(mut self) -> Result<(), Error> {
+        self.shutdown(false)
+    }
+
+    fn shutdown(&mut self, lazy: bool) -> Result<(), Error> {
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { op, path, source }
+        };
+        if let Some(session) = self.session.take() {
+            if lazy {
+                detach(&self.mountpoint);
+            }
+            session
+                .umount_and_join()
+                .map_err(io("unmount", &self.mountpoint))?;
+        }
+        if let Some(dir) = self.scratch.take() {
+            std::fs::remove_dir_all(&dir).map_err(io("remove scratch", &dir))?;
+        }
         Ok(())
     }
 }
 
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown(true) {
+            eprintln!("layerfs: {e}");
+        }
+    }
+}
+
+/// Lazily detaches a mount (`umount -l`), so a busy mount does not outlive its owner.
+fn detach(mountpoint: &Path) {
+    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
 /// Mounts `image` from `store` at `mountpoint` through FUSE.
-pub fn mount(store: Arc<Store>, image: Digest, mountpoint: &Path, opts: MountOptions) -> Result<Mount, Error> {
-    let _ = (store, image, opts);
-    Err(Error::Io {
-        op: "mount",
-        path: mountpoint.to_path_buf(),
-        source: std::io::Error::other("layerfs mount is not implemented yet"),
+///
+/// Options are those of a root filesystem: `allow_other` (every user of the host or of
+/// a chroot sees it), `dev` and `suid` (device nodes and setuid binaries of the image
+/// work), and `default_permissions`: the kernel checks modes and owners against the
+/// attributes we report with the same code ext4 uses, so permission semantics (sticky
+/// directories, ownership for chmod/chown, setgid) match a disk and the overlay does not
+/// re-implement them. Root still bypasses them as on any filesystem.
+pub fn mount(
+    store: Arc<Store>,
+    image: Digest,
+    mountpoint: &Path,
+    opts: MountOptions,
+) -> Result<Mount, Error> {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { op, path, source }
+    };
+    if !opts.read_only {
+        std::fs::create_dir_all(&opts.scratch_dir).map_err(io("create", &opts.scratch_dir))?;
+    }
+    let overlay = Arc::new(overlay::Overlay::new(
+        store,
+        &image,
+        opts.read_only,
+        opts.scratch_dir.clone(),
+    )?);
+    let mut mount_options = vec![
+        fuser::MountOption::FSName(format!("tidedge:{}", image.short())),
+        fuser::MountOption::Subtype("layerfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+        fuser::MountOption::Exec,
+    ];
+    mount_options.push(if opts.read_only {
+        fuser::MountOption::RO
+    } else {
+        fuser::MountOption::RW
+    });
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options;
+    config.acl = fuser::SessionACL::All;
+    // Two cores here; more threads let a slow store read not block cached lookups.
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(fuse::Fuse::new(overlay.clone()), mountpoint, &config)
+        .map_err(io("mount", mountpoint))?;
+    Ok(Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        session: Some(session),
+        overlay,
+        scratch: (!opts.read_only).then_some(opts.scratch_dir),
     })
 }
