@@ -189,7 +189,7 @@ impl MountTable {
         };
         let fuse = fuse_mountpoints();
         for r in &records {
-            if fuse.iter().any(|m| *m == r.mountpoint) {
+            if fuse.contains(&r.mountpoint) {
                 log!(
                     "stale mount of {} at {} (daemon was killed): unmounting",
                     r.image,
