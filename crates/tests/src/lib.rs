@@ -1,6 +1,6 @@
 //! Support library for Tidedge's end-to-end tests and benchmarks.
 //!
-//! The tests in this crate drive the real binaries (`tide`, and later the daemons) against
+//! The tests in this crate drive the real binaries (`tide`, `volumed`) against
 //! real data: Debian bookworm root filesystems built with `debootstrap` by
 //! `scripts/make-roots.sh` (see [`roots`]). The helpers here locate those inputs and
 //! binaries, and fail loudly with an explanation when something is missing: a test that
@@ -10,6 +10,7 @@ pub mod fixture;
 pub mod fstree;
 pub mod roots;
 pub mod tide;
+pub mod volumed;
 
 use std::path::{Path, PathBuf};
 
@@ -34,13 +35,27 @@ pub fn tide_bin() -> PathBuf {
 /// Cargo does not build another package's binary for this crate's tests, so the error
 /// message says how to build it.
 pub fn find_tide_bin() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{TIDE_BIN_NAME}")) {
+    find_bin(TIDE_BIN_NAME, "cli")
+}
+
+/// Name of the host daemon binary built by the `volumed` crate.
+pub const VOLUMED_BIN_NAME: &str = "volumed";
+
+/// Returns the path of the `volumed` binary (looked for as [`find_tide_bin`] does), or
+/// panics with an explanation of how to build it.
+pub fn volumed_bin() -> PathBuf {
+    find_bin(VOLUMED_BIN_NAME, "volumed").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Locates binary `name` of workspace package `package` (see [`find_tide_bin`]).
+fn find_bin(name: &str, package: &str) -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
         let path = PathBuf::from(path);
         return if path.is_file() {
             Ok(path)
         } else {
             Err(format!(
-                "CARGO_BIN_EXE_{TIDE_BIN_NAME} is set to {}, which is not a file",
+                "CARGO_BIN_EXE_{name} is set to {}, which is not a file",
                 path.display()
             ))
         };
@@ -53,17 +68,26 @@ pub fn find_tide_bin() -> Result<PathBuf, String> {
         .into_iter()
         .flat_map(|dir| [Some(dir), dir.parent()])
         .flatten()
-        .map(|dir| dir.join(TIDE_BIN_NAME))
+        .map(|dir| dir.join(name))
         .collect();
     if let Some(found) = candidates.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
     }
     Err(format!(
-        "the `{TIDE_BIN_NAME}` binary was not found (looked at {}); build it first with \
-         `cargo build -p cli --bin {TIDE_BIN_NAME}` using the same CARGO_TARGET_DIR and \
-         profile, or set CARGO_BIN_EXE_{TIDE_BIN_NAME} to its path",
+        "the `{name}` binary was not found (looked at {}); build it first with \
+         `cargo build -p {package} --bin {name}` using the same CARGO_TARGET_DIR and \
+         profile, or set CARGO_BIN_EXE_{name} to its path",
         display_paths(&candidates)
     ))
+}
+
+/// A fresh temporary directory under `/var/tmp` (a real disk: `/tmp` may be tmpfs,
+/// which lacks xattrs and holes some tests need), removed when dropped.
+pub fn tmpdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .expect("create a temporary directory in /var/tmp")
 }
 
 /// Formats a list of paths as `a, b, c` for error messages.

@@ -1,4 +1,4 @@
-//! Running the real `tide` binary against a store directory.
+//! Running the real `tide` binary against a store directory or a `volumed` socket.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -6,8 +6,10 @@ use std::process::{Command, Output};
 /// A store directory and the `tide` commands that use it.
 #[derive(Debug)]
 pub struct Tide {
-    /// The store directory passed as `--store`.
+    /// The store directory: passed as `--store`, or owned by the daemon behind `socket`.
     pub store: PathBuf,
+    /// When set, commands go through `volumed` on this socket (`--socket`) instead.
+    pub socket: Option<PathBuf>,
 }
 
 impl Tide {
@@ -15,13 +17,25 @@ impl Tide {
     pub fn new(store: impl AsRef<Path>) -> Tide {
         Tide {
             store: store.as_ref().to_path_buf(),
+            socket: None,
         }
     }
 
-    /// A `tide --store STORE` command to add arguments to.
+    /// Commands through the daemon serving `socket`, which owns `store`.
+    pub fn remote(socket: impl AsRef<Path>, store: impl AsRef<Path>) -> Tide {
+        Tide {
+            store: store.as_ref().to_path_buf(),
+            socket: Some(socket.as_ref().to_path_buf()),
+        }
+    }
+
+    /// A `tide --store STORE` (or `tide --socket SOCKET`) command to add arguments to.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(crate::tide_bin());
-        c.arg("--store").arg(&self.store);
+        match &self.socket {
+            Some(s) => c.arg("--socket").arg(s),
+            None => c.arg("--store").arg(&self.store),
+        };
         c
     }
 

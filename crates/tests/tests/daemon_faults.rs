@@ -1,0 +1,157 @@
+//! The daemon under bad input and faults: a second daemon on the same data, garbage on
+//! the socket, a client killed mid-call, SIGTERM.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use tests::tide::{Tide, sh};
+use tests::volumed::{Volumed, run_expecting_exit};
+use tests::{fixture, tmpdir};
+
+/// Starts `tide image import SRC --name NAME` without waiting for it.
+fn spawn_import(tide: &Tide, src: &Path, name: &str) -> Child {
+    tide.cmd()
+        .args(["image", "import", src.to_str().unwrap(), "--name", name])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_fails_clearly() {
+    let tmp = tmpdir("tide-daemon-twice");
+    let data = tmp.path().join("data");
+    let daemon = Volumed::start(&data, tmp.path().join("a.sock"));
+    let o = run_expecting_exit(&data, &tmp.path().join("b.sock"));
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("in use by another process") && e.contains(&daemon.pid().to_string()),
+        "{e}"
+    );
+    assert!(!tmp.path().join("b.sock").exists());
+    // Nor may another daemon take over a live socket.
+    let o = run_expecting_exit(&tmp.path().join("data2"), &daemon.socket);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("served by another process"), "{e}");
+    daemon.tide().ok(&["image", "ls"]);
+}
+
+#[test]
+fn garbage_and_a_client_killed_mid_call_leave_the_daemon_serving() {
+    let tmp = tmpdir("tide-daemon-faults");
+    let src = tmp.path().join("src");
+    fixture::build(&src);
+    // A big file keeps the import busy long enough to kill its client mid-call.
+    sh(&format!(
+        "head -c 300M /dev/urandom > {}/big",
+        src.to_str().unwrap()
+    ));
+    let mut daemon = Volumed::start(tmp.path().join("data"), tmp.path().join("v.sock"));
+    let tide = daemon.tide();
+
+    // Garbage: random bytes, then a message header claiming a huge segment.
+    for junk in [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        vec![0xff; 4096],
+        [0u32.to_le_bytes(), 0x7fff_ffffu32.to_le_bytes()].concat(),
+    ] {
+        let mut s = UnixStream::connect(&daemon.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        // The daemon closes the connection (perhaps after an abort message).
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            daemon.alive(),
+            "daemon died on garbage:\n{}",
+            daemon.log_text()
+        );
+    }
+    tide.ok(&["image", "ls"]);
+
+    // A client killed while the daemon is importing for it.
+    let mut child = spawn_import(&tide, &src, "big:1");
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Meanwhile and afterwards, other clients are served.
+    tide.ok(&["image", "ls"]);
+    tide.ok(&["stats"]);
+    assert!(daemon.alive(), "{}", daemon.log_text());
+    // The orphaned import runs to its end; then the store is consistent and reusable.
+    let r = tide.json(&["image", "import", src.to_str().unwrap(), "--name", "big:2"]);
+    assert_eq!(r["name"], "big:2");
+    let f = tide.ok(&["fsck"]);
+    assert!(f.contains("store is consistent"), "{f}");
+}
+
+#[test]
+fn the_daemon_keeps_serving_while_a_long_import_runs() {
+    let tmp = tmpdir("tide-daemon-concurrent");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    sh(&format!(
+        "head -c 200M /dev/urandom > {}/big",
+        src.to_str().unwrap()
+    ));
+    let daemon = Volumed::start(tmp.path().join("data"), tmp.path().join("v.sock"));
+    let tide = daemon.tide();
+    let mut child = spawn_import(&tide, &src, "big:1");
+    std::thread::sleep(Duration::from_millis(100));
+    let t = std::time::Instant::now();
+    tide.ok(&["image", "ls"]);
+    let during = t.elapsed();
+    let st = child.wait().unwrap();
+    assert!(st.success());
+    assert!(
+        during < Duration::from_secs(5),
+        "image ls took {during:?} during an import"
+    );
+    assert!(tide.ok(&["image", "ls"]).contains("big:1"));
+}
+
+#[test]
+fn sigterm_and_sigint_exit_zero_and_remove_the_socket() {
+    let tmp = tmpdir("tide-daemon-term");
+    let data = tmp.path().join("data");
+    let sock = tmp.path().join("v.sock");
+    let src = tmp.path().join("src");
+    fixture::build(&src);
+    let daemon = Volumed::start(&data, &sock);
+    daemon
+        .tide()
+        .ok(&["image", "import", src.to_str().unwrap(), "--name", "f:1"]);
+    let log = daemon.log.clone();
+    let st = daemon.signal_and_wait(libc::SIGTERM);
+    assert!(
+        st.success(),
+        "{st}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(!sock.exists(), "socket left behind");
+    // The store was flushed and released: it opens in-process and is intact.
+    let t = tests::tide::Tide::new(data.join("store"));
+    assert!(t.ok(&["image", "ls"]).contains("f:1"));
+    assert!(t.ok(&["fsck"]).contains("store is consistent"));
+    let daemon = Volumed::start(&data, &sock);
+    let st = daemon.signal_and_wait(libc::SIGINT);
+    assert!(st.success());
+    assert!(!sock.exists());
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let tmp = tmpdir("tide-daemon-stale-sock");
+    let sock = tmp.path().join("v.sock");
+    // A socket file nobody listens on, as a killed daemon leaves it.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let daemon = Volumed::start(tmp.path().join("data"), &sock);
+    daemon.tide().ok(&["image", "ls"]);
+}
