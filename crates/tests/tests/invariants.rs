@@ -39,6 +39,17 @@ fn castore_knows_nothing_of_fuse_nbd_rpc_or_scheduling() {
 }
 
 #[test]
+fn schema_depends_on_no_workspace_crate() {
+    let tree = deps("schema");
+    for forbidden in ["castore ", "layerfs ", "volumed ", "cli ", "sched ", "tokio "] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(forbidden)),
+            "schema depends on {forbidden}:\n{tree}"
+        );
+    }
+}
+
+#[test]
 fn only_castore_names_rocksdb() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut offenders = Vec::new();
