@@ -61,9 +61,16 @@ impl Mount {
         self.overlay.scratch_bytes()
     }
 
-    /// Unmounts and discards the scratch layer. Fails (and stays mounted) if the mount
-    /// is busy; dropping the `Mount` instead detaches it lazily.
+    /// Unmounts and discards the scratch layer. If the mount is in use this fails with
+    /// EBUSY and the `Mount`, dropped, detaches lazily (it goes away with its last user);
+    /// use [`Mount::try_unmount`] to keep it instead.
     pub fn unmount(mut self) -> Result<(), Error> {
+        self.shutdown(false)
+    }
+
+    /// Like [`Mount::unmount`], but a busy mount stays mounted and usable, and the call
+    /// can be retried. After success the `Mount` only holds its mountpoint.
+    pub fn try_unmount(&mut self) -> Result<(), Error> {
         self.shutdown(false)
     }
 
@@ -73,12 +80,28 @@ impl Mount {
             move |source| Error::Io { op, path, source }
         };
         if let Some(session) = self.session.take() {
-            if lazy {
-                detach(&self.mountpoint);
+            match umount(&self.mountpoint, 0) {
+                // EINVAL: already unmounted (by `umount` from a shell, say); the session
+                // has ended or is ending.
+                Ok(()) => session.join().map_err(io("unmount", &self.mountpoint))?,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    session.join().map_err(io("unmount", &self.mountpoint))?
+                }
+                Err(e) if lazy => {
+                    // Busy and we are being dropped: detach it so it disappears when its
+                    // last user leaves; the session thread serves them until then.
+                    eprintln!(
+                        "layerfs: {} is busy ({e}); detaching it lazily",
+                        self.mountpoint.display()
+                    );
+                    let _ = umount(&self.mountpoint, libc::MNT_DETACH);
+                    drop(session);
+                }
+                Err(e) => {
+                    self.session = Some(session);
+                    return Err(io("unmount", &self.mountpoint)(e));
+                }
             }
-            session
-                .umount_and_join()
-                .map_err(io("unmount", &self.mountpoint))?;
         }
         if let Some(dir) = self.scratch.take() {
             std::fs::remove_dir_all(&dir).map_err(io("remove scratch", &dir))?;
@@ -95,13 +118,17 @@ impl Drop for Mount {
     }
 }
 
-/// Lazily detaches a mount (`umount -l`), so a busy mount does not outlive its owner.
-fn detach(mountpoint: &Path) {
-    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
+/// `umount2(2)`.
+fn umount(mountpoint: &Path, flags: libc::c_int) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Mounts `image` from `store` at `mountpoint` through FUSE.

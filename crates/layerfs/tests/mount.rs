@@ -41,6 +41,11 @@ fn fixture_mounts_identical_to_its_source() {
     // SAFETY: lseek on a descriptor we own.
     let data = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
     assert!(data > 0 && data <= 4 << 20, "SEEK_DATA {data}");
+    // Busy: try_unmount refuses and the mount keeps working.
+    let mut m = m;
+    let e = m.try_unmount().unwrap_err();
+    assert!(e.to_string().contains("busy"), "{e}");
+    assert!(m.mountpoint().join("etc/hostname").is_file());
     drop(f);
     // Writes are refused on a read-only mount.
     assert_eq!(
