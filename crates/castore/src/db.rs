@@ -145,7 +145,10 @@ impl Db {
                     o.set_blob_compression_type(DBCompressionType::None);
                     o.set_enable_blob_gc(true);
                     o.set_blob_gc_age_cutoff(0.5);
-                    o.set_write_buffer_size(128 << 20);
+                    // Small memtables flush in the background while an import runs, so the
+                    // flush before its commit has little left to write.
+                    o.set_write_buffer_size(16 << 20);
+                    o.set_max_write_buffer_number(4);
                 }
                 Cf::ChunkIndex => {
                     o.set_compression_type(DBCompressionType::None);

@@ -224,7 +224,11 @@ impl Store {
 
     /// A compressor at the store's level, for [`Store::encode_chunk`].
     pub(crate) fn compressor() -> zstd::bulk::Compressor<'static> {
-        zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 3 is valid")
+        let level = std::env::var("TIDE_ZSTD_LEVEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ZSTD_LEVEL);
+        zstd::bulk::Compressor::new(level).expect("zstd level 3 is valid")
     }
 
     /// Adds a chunk (already encoded by [`Store::encode_chunk`]) and its index entry.

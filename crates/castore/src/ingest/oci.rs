@@ -160,14 +160,19 @@ pub(crate) fn read_layout(root: &Path) -> Result<ImageInput<'static>> {
                 .get("annotations")
                 .and_then(|a| a.get("org.opencontainers.image.ref.name"))
                 .and_then(Value::as_str)
-                .map(|tag| {
-                    if tag.contains(':') {
-                        tag.to_string()
+                .map(|r| {
+                    // A full reference (`repo/app:v1`) names itself; a bare tag (`v1`) is
+                    // taken as a tag of the layout directory's name.
+                    if r.contains(':') {
+                        r.to_string()
                     } else {
-                        format!("image:{tag}")
+                        let dir = root
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_lowercase())
+                            .unwrap_or_default();
+                        format!("{dir}:{r}")
                     }
                 });
-            let _ = &name;
         }
         let d = digest_field(root, pick, "manifest")?;
         let bytes = read_blob(root, &d)?;
