@@ -1,7 +1,7 @@
 //! Export: an image (layers merged, whiteouts applied) or a single layer (whiteouts kept
 //! as `.wh.` entries) written to a directory or a tar, with every byte verified on read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -46,14 +46,6 @@ pub struct ExportReport {
     pub bytes: u64,
 }
 
-/// One directory's entries after merging layers; directories keep the trees of every
-/// layer that contributes to them.
-struct Merged {
-    entry: Entry,
-    layer: usize,
-    sources: Vec<(usize, Digest)>,
-}
-
 trait Sink {
     fn dir_start(&mut self, path: &[u8], e: &Entry) -> Result<()>;
     fn dir_end(&mut self, path: &[u8], e: &Entry) -> Result<()>;
@@ -64,27 +56,7 @@ trait Sink {
 impl Store {
     /// Exports an image with its layers merged.
     pub fn export_image(&self, image: &Digest, target: &ExportTarget) -> Result<ExportReport> {
-        let img = self.image(image)?;
-        let layers = img
-            .layers
-            .iter()
-            .map(|d| self.layer(d))
-            .collect::<Result<Vec<_>>>()?;
-        // The root's metadata comes from the highest layer that describes it.
-        let root = layers
-            .iter()
-            .rev()
-            .find(|l| l.root_described)
-            .or(layers.first())
-            .map(|l| l.root.clone())
-            .ok_or_else(|| Error::Refused("image has no layers".into()))?;
-        let mut sources = Vec::new();
-        for (i, l) in layers.iter().enumerate() {
-            if matches!(l.root.kind, Kind::Dir { opaque: true, .. }) {
-                sources.clear();
-            }
-            sources.push((i, l.root_tree()));
-        }
+        let (root, sources) = crate::merge::image_root(self, image)?;
         self.export(root, sources, false, target)
     }
 
@@ -163,52 +135,6 @@ impl Walker<'_> {
         sink.dir_end(b"", &root)
     }
 
-    /// Merges the trees of one directory from the lowest layer up.
-    fn merge(&self, sources: &[(usize, Digest)]) -> Result<BTreeMap<Vec<u8>, Merged>> {
-        let mut out: BTreeMap<Vec<u8>, Merged> = BTreeMap::new();
-        for &(layer, d) in sources {
-            let tree = self.store.tree(&d)?;
-            for e in tree.entries {
-                match &e.kind {
-                    Kind::Whiteout if !self.raw => {
-                        out.remove(&e.name);
-                    }
-                    Kind::Dir { tree, opaque } => {
-                        let keep_lower = !opaque && !self.raw;
-                        match out.get_mut(&e.name) {
-                            Some(m) if keep_lower && matches!(m.entry.kind, Kind::Dir { .. }) => {
-                                m.sources.push((layer, *tree));
-                                m.entry = e.clone();
-                                m.layer = layer;
-                            }
-                            _ => {
-                                out.insert(
-                                    e.name.clone(),
-                                    Merged {
-                                        sources: vec![(layer, *tree)],
-                                        entry: e,
-                                        layer,
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    _ => {
-                        out.insert(
-                            e.name.clone(),
-                            Merged {
-                                entry: e,
-                                layer,
-                                sources: Vec::new(),
-                            },
-                        );
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
     fn dir(
         &mut self,
         sink: &mut dyn Sink,
@@ -216,7 +142,7 @@ impl Walker<'_> {
         me: &Entry,
         sources: Vec<(usize, Digest)>,
     ) -> Result<()> {
-        let merged = self.merge(&sources).map_err(|e| {
+        let merged = crate::merge::merge_dir(self.store, &sources, self.raw).map_err(|e| {
             e.context(format!(
                 "reading directory /{}",
                 String::from_utf8_lossy(path)

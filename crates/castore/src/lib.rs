@@ -20,12 +20,14 @@ mod export;
 mod fsck;
 mod gc;
 mod ingest;
+pub mod merge;
 mod model;
 mod read;
 mod refname;
 mod stats;
 mod store;
 mod tarfmt;
+mod views;
 
 pub mod testing;
 
@@ -45,3 +47,4 @@ pub use read::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, FileLayout};
 pub use refname::validate as validate_ref;
 pub use stats::Stats;
 pub use store::Store;
+pub use views::{ImageDetail, ImageSummary, LayerSummary};
