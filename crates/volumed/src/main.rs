@@ -122,6 +122,21 @@ fn run(args: &Args) -> Result<()> {
     r
 }
 
+/// One `RpcSystem` serving `bootstrap` over `stream` (a socket, or a pipe in tests).
+fn connection(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    bootstrap: &schema::store_capnp::daemon::Client,
+) -> RpcSystem<rpc_twoparty_capnp::Side> {
+    let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader),
+        futures::io::BufWriter::new(writer),
+        rpc_twoparty_capnp::Side::Server,
+        Default::default(),
+    );
+    RpcSystem::new(Box::new(network), Some(bootstrap.clone().client))
+}
+
 async fn serve(args: &Args, shared: Rc<Shared>) -> Result<()> {
     let listener = bind(&args.socket)?;
     let bootstrap: schema::store_capnp::daemon::Client =
@@ -143,15 +158,7 @@ async fn serve(args: &Args, shared: Rc<Shared>) -> Result<()> {
                     Ok((s, _)) => s,
                     Err(e) => { log!("accept: {e}"); continue; }
                 };
-                let (reader, writer) =
-                    tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
-                let network = twoparty::VatNetwork::new(
-                    futures::io::BufReader::new(reader),
-                    futures::io::BufWriter::new(writer),
-                    rpc_twoparty_capnp::Side::Server,
-                    Default::default(),
-                );
-                let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.clone().client));
+                let rpc = connection(stream, &bootstrap);
                 tokio::task::spawn_local(async move {
                     // A bad message or a vanished client ends this connection only.
                     if let Err(e) = rpc.await {
@@ -170,4 +177,106 @@ async fn serve(args: &Args, shared: Rc<Shared>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The servers over an in-memory pipe: replies and errors, without a socket.
+
+    use super::*;
+    use schema::store_capnp::daemon;
+
+    /// Runs `f` against a daemon over a fresh store, on a `LocalSet` as `main` does.
+    fn with_daemon<F, Fut>(f: F)
+    where
+        F: FnOnce(daemon::Client, PathBuf) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().to_path_buf();
+        let store = Arc::new(castore::Store::open(data.join("store")).unwrap());
+        let mounts = Arc::new(MountTable::new(&data));
+        mounts.recover().unwrap();
+        let shared = Rc::new(Shared { store, mounts });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async move {
+            let bootstrap: daemon::Client = capnp_rpc::new_client(DaemonImpl(shared));
+            let (server_end, client_end) = tokio::io::duplex(1 << 16);
+            tokio::task::spawn_local(connection(server_end, &bootstrap));
+            let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(client_end).split();
+            let network = Box::new(twoparty::VatNetwork::new(
+                futures::io::BufReader::new(r),
+                futures::io::BufWriter::new(w),
+                rpc_twoparty_capnp::Side::Client,
+                Default::default(),
+            ));
+            let mut rpc = RpcSystem::new(network, None);
+            let client: daemon::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+            tokio::task::spawn_local(rpc);
+            f(client, data).await;
+        });
+    }
+
+    fn reason(e: capnp::Error) -> String {
+        assert_eq!(e.kind, capnp::ErrorKind::Failed, "{e}");
+        e.extra
+    }
+
+    #[test]
+    fn version_and_an_empty_store() {
+        with_daemon(|d, _| async move {
+            let v = d.version_request().send().promise.await.unwrap();
+            assert_eq!(v.get().unwrap().get_version(), schema::store_capnp::VERSION);
+            let store = d.store_request().send().pipeline.get_store();
+            let r = store.images_request().send().promise.await.unwrap();
+            assert_eq!(r.get().unwrap().get_images().unwrap().len(), 0);
+            let r = store.stats_request().send().promise.await.unwrap();
+            assert_eq!(r.get().unwrap().get_stats().unwrap().get_images(), 0);
+        });
+    }
+
+    #[test]
+    fn bad_requests_get_clear_errors() {
+        with_daemon(|d, data| async move {
+            let store = d.store_request().send().pipeline.get_store();
+            let mut req = store.inspect_request();
+            req.get().set_image("nope:1");
+            let e = reason(req.send().promise.await.err().unwrap());
+            assert!(e.contains("nope:1"), "{e}");
+
+            let mut req = store.import_image_request();
+            req.get().set_path("relative/dir");
+            let e = reason(req.send().promise.await.err().unwrap());
+            assert!(e.contains("must be an absolute path"), "{e}");
+
+            let mut req = store.export_image_request();
+            req.get().set_image("nope:1");
+            req.get().set_path("-");
+            let e = reason(req.send().promise.await.err().unwrap());
+            assert!(e.contains("stdout"), "{e}");
+
+            let mounts = d.mounts_request().send().pipeline.get_mounts();
+            let mut req = mounts.umount_request();
+            req.get().set_mountpoint("/nowhere");
+            let e = reason(req.send().promise.await.err().unwrap());
+            assert!(e.ends_with("nothing mounted by volumed at /nowhere"), "{e}");
+
+            let mut req = mounts.mount_request();
+            req.get().set_image("nope:1");
+            req.get().set_mountpoint(data.to_str().unwrap());
+            let e = reason(req.send().promise.await.err().unwrap());
+            assert!(e.contains("nope:1"), "{e}");
+            // A failed mount leaves no reservation, record or scratch behind.
+            let r = mounts.list_request().send().promise.await.unwrap();
+            assert_eq!(r.get().unwrap().get_mounts().unwrap().len(), 0);
+            assert_eq!(std::fs::read_dir(data.join("scratch")).unwrap().count(), 0);
+
+            // The connection still serves after all of that.
+            let r = store.images_request().send().promise.await.unwrap();
+            assert_eq!(r.get().unwrap().get_images().unwrap().len(), 0);
+        });
+    }
 }
