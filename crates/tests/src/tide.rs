@@ -99,3 +99,45 @@ pub fn sh(script: &str) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A temporary directory on the same disk as the roots (not tmpfs), removed on drop.
+pub fn scratch(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .expect("create a temporary directory in /var/tmp")
+}
+
+/// Deterministic pseudo-random numbers (xorshift64) for kill points and the like; seeded
+/// per process so repeated runs explore different points.
+#[derive(Debug)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator seeded with `seed` mixed with the process id.
+    pub fn new(seed: u64) -> XorShift {
+        XorShift((seed ^ u64::from(std::process::id())) | 1)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+impl Tide {
+    /// Builds the fixture tree at `dir` and imports it as `name`.
+    pub fn import_fixture(&self, dir: &Path, name: &str) {
+        crate::fixture::build(dir);
+        self.ok(&[
+            "image",
+            "import",
+            dir.to_str().expect("utf-8 path"),
+            "--name",
+            name,
+        ]);
+    }
+}

@@ -6,14 +6,7 @@ use std::time::{Duration, Instant};
 
 use tests::fstree::assert_same;
 use tests::roots::debian_root;
-use tests::tide::Tide;
-
-fn random_below(n: u64, state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state % n.max(1)
-}
+use tests::tide::{Tide, XorShift, scratch};
 
 #[test]
 fn import_killed_at_random_points_leaves_a_consistent_store() {
@@ -22,20 +15,10 @@ fn import_killed_at_random_points_leaves_a_consistent_store() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let root = debian_root("minbase");
-    let tmp = tempfile::Builder::new()
-        .prefix("tide-crash")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let tmp = scratch("tide-crash");
     let tide = Tide::new(tmp.path().join("store"));
     // A small fixture image that must survive every crash untouched.
-    tests::fixture::build(&tmp.path().join("keep"));
-    tide.ok(&[
-        "image",
-        "import",
-        tmp.path().join("keep").to_str().unwrap(),
-        "--name",
-        "keep:1",
-    ]);
+    tide.import_fixture(&tmp.path().join("keep"), "keep:1");
 
     // Half the runs kill an import into a fresh store (mostly compressing and writing new
     // chunks), half into the store that keeps everything so far (mostly deduplicating and
@@ -51,7 +34,7 @@ fn import_killed_at_random_points_leaves_a_consistent_store() {
         timed(&tide, "probe:1");
         timed(&tide, "probe:2")
     };
-    let mut seed = 0x5eed_u64 ^ u64::from(std::process::id());
+    let mut rng = XorShift::new(0x5eed);
     let mut killed = 0;
     for run in 0..runs {
         let (target, span) = if run % 2 == 0 {
@@ -60,7 +43,7 @@ fn import_killed_at_random_points_leaves_a_consistent_store() {
         } else {
             (Tide::new(&tide.store), reimport_ms)
         };
-        let delay = random_below(span * 11 / 10 + 1, &mut seed);
+        let delay = rng.below(span * 11 / 10 + 1);
         let mut child = target
             .cmd()
             .args([

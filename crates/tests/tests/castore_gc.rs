@@ -8,15 +8,12 @@ use std::time::Duration;
 use castore::{GcProgress, GcRoots, ImportOptions, Store};
 use tests::fstree::assert_same;
 use tests::roots::debian_root;
-use tests::tide::Tide;
+use tests::tide::{Tide, XorShift, scratch};
 
 #[test]
 fn gc_running_during_imports_never_takes_their_chunks() {
     let root = debian_root("minbase");
-    let tmp = tempfile::Builder::new()
-        .prefix("tide-gc")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let tmp = scratch("tide-gc");
     let store = Arc::new(Store::open(tmp.path().join("store")).unwrap());
     // Garbage for GC to chew on, sharing every chunk with what the imports will use: an
     // image imported and then unnamed.
@@ -69,35 +66,11 @@ fn gc_running_during_imports_never_takes_their_chunks() {
 #[test]
 fn gc_killed_at_random_points_leaves_a_consistent_store() {
     let root = debian_root("minbase");
-    let tmp = tempfile::Builder::new()
-        .prefix("tide-gckill")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let tmp = scratch("tide-gckill");
     let tide = Tide::new(tmp.path().join("store"));
-    tests::fixture::build(&tmp.path().join("keep"));
-    tide.ok(&[
-        "image",
-        "import",
-        tmp.path().join("keep").to_str().unwrap(),
-        "--name",
-        "keep:1",
-    ]);
-    // How long collecting one such image takes, to spread kill points over it.
-    tide.ok(&[
-        "image",
-        "import",
-        root.to_str().unwrap(),
-        "--name",
-        "junk:1",
-    ]);
-    tide.ok(&["image", "rm", "junk:1"]);
-    let t = std::time::Instant::now();
-    tide.ok(&["gc"]);
-    let span = t.elapsed().as_millis() as u64 + 1;
-    let mut seed = 0x9c_u64 ^ u64::from(std::process::id());
-    let mut killed = 0;
-    for run in 0..10u64 {
-        // Fresh garbage each round: an image imported and unnamed.
+    tide.import_fixture(&tmp.path().join("keep"), "keep:1");
+    // Garbage to collect: an image imported and then unnamed.
+    let make_garbage = || {
         tide.ok(&[
             "image",
             "import",
@@ -106,10 +79,17 @@ fn gc_killed_at_random_points_leaves_a_consistent_store() {
             "junk:1",
         ]);
         tide.ok(&["image", "rm", "junk:1"]);
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let delay = seed % span;
+    };
+    // How long collecting one such image takes, to spread kill points over it.
+    make_garbage();
+    let t = std::time::Instant::now();
+    tide.ok(&["gc"]);
+    let span = t.elapsed().as_millis() as u64 + 1;
+    let mut rng = XorShift::new(0x9c);
+    let mut killed = 0;
+    for run in 0..10u64 {
+        make_garbage();
+        let delay = rng.below(span);
         let mut child = tide
             .cmd()
             .arg("gc")
