@@ -43,6 +43,8 @@ struct Inner {
     live: BTreeMap<u64, Live>,
     /// Mountpoints being mounted right now (reserved before layerfs is called).
     pending: Vec<PathBuf>,
+    /// Images of mounts in progress, by mount id: GC roots like live mounts' images.
+    pinned: BTreeMap<u64, Digest>,
     closed: bool,
 }
 
@@ -94,15 +96,23 @@ impl MountTable {
         Ok(id)
     }
 
+    /// Makes `image` a GC root for mount `id` while layerfs mounts it.
+    pub(crate) fn pin(&self, id: u64, image: Digest) {
+        self.lock().pinned.insert(id, image);
+    }
+
     /// Drops a reservation whose mount failed.
-    pub(crate) fn release(&self, mountpoint: &Path) {
-        self.lock().pending.retain(|p| p != mountpoint);
+    pub(crate) fn release(&self, id: u64, mountpoint: &Path) {
+        let mut g = self.lock();
+        g.pending.retain(|p| p != mountpoint);
+        g.pinned.remove(&id);
     }
 
     /// Turns a reservation into a live mount and rewrites `mounts.json`.
     pub(crate) fn insert(&self, record: MountRecord, image: Digest, mount: layerfs::Mount) {
         let mut g = self.lock();
         g.pending.retain(|p| *p != record.mountpoint);
+        g.pinned.remove(&record.id);
         g.live.insert(
             record.id,
             Live {
@@ -151,9 +161,14 @@ impl MountTable {
         v
     }
 
-    /// The images of live mounts: GC roots.
+    /// The images of live mounts and of mounts in progress: GC roots.
     pub(crate) fn images(&self) -> Vec<Digest> {
-        self.lock().live.values().map(|l| l.image).collect()
+        let g = self.lock();
+        g.live
+            .values()
+            .map(|l| l.image)
+            .chain(g.pinned.values().copied())
+            .collect()
     }
 
     /// Refuses new mounts and hands back every live one, for shutdown.

@@ -430,8 +430,7 @@ impl store::Server for StoreImpl {
         let mounts = self.0.mounts.clone();
         log!("gc");
         let r = blocking(move || {
-            // Live mounts' images are roots. A mount that starts during the sweep already
-            // holds its image by name or by another root: it resolved the image first.
+            // Live mounts' images, and those of mounts in progress, are roots.
             let roots = GcRoots {
                 images: mounts.images(),
                 ..GcRoots::default()
@@ -553,6 +552,10 @@ impl mounts::Server for MountsImpl {
         let r = blocking(move || {
             check_mountpoint(&mp)?;
             let image = store.resolve_image(&spec)?;
+            // A GC root from here on. Not closed: a gc that reads its roots between the
+            // line above and this one, while the name is being removed, can still sweep
+            // the image; reads through the mount then fail naming the missing digests.
+            t.pin(id, image);
             std::fs::create_dir_all(&scratch_dir).map_err(|e| {
                 Error::Mount(layerfs::Error::Io {
                     op: "create scratch dir",
@@ -594,7 +597,7 @@ impl mounts::Server for MountsImpl {
         })
         .await;
         if let Err(e) = r {
-            table.release(&mountpoint);
+            table.release(id, &mountpoint);
             log!("mount at {} failed: {}", mountpoint.display(), e.extra);
             return Err(e);
         }
