@@ -30,6 +30,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -308,6 +309,8 @@ pub(crate) struct Overlay {
     scratch: PathBuf,
     /// Root tree of each layer, lowest first (for link counts).
     layer_roots: Vec<Digest>,
+    /// Suffix making scratch file names unique.
+    scratch_seq: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -449,6 +452,7 @@ impl Overlay {
         nodes.insert(ROOT_INO, root_node);
         Ok(Overlay {
             layer_roots: layers.iter().map(|l| l.root_tree()).collect(),
+            scratch_seq: AtomicU64::new(0),
             store,
             cache: ChunkCache::default(),
             read_only,
@@ -679,12 +683,16 @@ impl Overlay {
         self.attr(&mut st, ino)
     }
 
-    /// Copies a lower file's bytes into a scratch file (holes stay holes).
-    fn copy_up(&self, st: &mut State, ino: u64) -> Result<()> {
+    /// Copies a lower file's bytes into a scratch file (holes stay holes). The copy runs
+    /// with the table unlocked, so a large copy-up does not stall the rest of the mount;
+    /// if another thread copied the same file meanwhile, its copy wins and ours is
+    /// discarded. Returns the (re-taken) lock.
+    fn copy_up<'a>(&'a self, st: MutexGuard<'a, State>, ino: u64) -> Result<MutexGuard<'a, State>> {
+        let mut st = st;
         let node = st.nodes.get_mut(&ino).ok_or(FsError::Stale(ino))?;
         let Content::Lower { data, size, layout } = &mut node.content else {
             return match node.kind {
-                FileKind::File => Ok(()),
+                FileKind::File => Ok(st),
                 FileKind::Dir => Err(FsError::IsDir),
                 _ => Err(FsError::Invalid),
             };
@@ -693,32 +701,51 @@ impl Overlay {
             *layout = Some(self.store.file_layout(data, *size)?);
         }
         let layout = layout.clone().expect("resolved");
+        drop(st);
         let (file, path) = self.new_scratch_file(ino)?;
-        let werr = Self::scratch_err("write", &path);
-        match &layout {
-            FileLayout::Inline(b) => file.write_all_at(b, 0).map_err(werr)?,
+        let filled = self.fill(&file, &path, &layout);
+        let mut st = self.lock();
+        let node = st.nodes.get_mut(&ino);
+        match (filled, node) {
+            (Ok(()), Some(node)) if matches!(node.content, Content::Lower { .. }) => {
+                node.content = Content::Scratch {
+                    file: Arc::new(file),
+                    path,
+                };
+            }
+            (r, _) => {
+                let _ = std::fs::remove_file(&path);
+                r?;
+            }
+        }
+        Ok(st)
+    }
+
+    /// Writes a lower file's bytes into `file`.
+    fn fill(&self, file: &File, path: &Path, layout: &FileLayout) -> Result<()> {
+        match layout {
+            FileLayout::Inline(b) => file
+                .write_all_at(b, 0)
+                .map_err(Self::scratch_err("write", path))?,
             FileLayout::Segments(segs) => {
                 for (off, seg) in segs.iter() {
                     if let Segment::Data { chunk, .. } = seg {
                         let c = self.cache.chunk(&self.store, chunk)?;
                         let n = c.len().min(seg.len() as usize);
                         file.write_all_at(&c[..n], *off)
-                            .map_err(Self::scratch_err("write", &path))?;
+                            .map_err(Self::scratch_err("write", path))?;
                     }
                 }
             }
         }
         file.set_len(layout.size())
-            .map_err(Self::scratch_err("truncate", &path))?;
-        node.content = Content::Scratch {
-            file: Arc::new(file),
-            path,
-        };
-        Ok(())
+            .map_err(Self::scratch_err("truncate", path))
     }
 
     fn new_scratch_file(&self, ino: u64) -> Result<(File, PathBuf)> {
-        let path = self.scratch.join(ino.to_string());
+        // Unique per file version: two racing copy-ups of one inode must not share a file.
+        let seq = self.scratch_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.scratch.join(format!("{ino}.{seq}"));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -733,7 +760,7 @@ impl Overlay {
         self.writable()?;
         let mut st = self.lock();
         if let Some(size) = set.size {
-            self.copy_up(&mut st, ino)?;
+            st = self.copy_up(st, ino)?;
             let node = st.nodes.get_mut(&ino).ok_or(FsError::Stale(ino))?;
             if let Content::Scratch { file, path } = &node.content {
                 file.set_len(size)
@@ -1119,9 +1146,9 @@ impl Overlay {
         }
         if write {
             self.writable()?;
-            self.copy_up(&mut st, ino)?;
+            st = self.copy_up(st, ino)?;
         }
-        let node = st.nodes.get_mut(&ino).expect("checked");
+        let node = st.nodes.get_mut(&ino).ok_or(FsError::Stale(ino))?;
         node.opens += 1;
         Ok(matches!(node.content, Content::Lower { .. }))
     }
@@ -1193,8 +1220,7 @@ impl Overlay {
     pub(crate) fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
         self.writable()?;
         let (file, path) = {
-            let mut st = self.lock();
-            self.copy_up(&mut st, ino)?;
+            let mut st = self.copy_up(self.lock(), ino)?;
             let node = st.nodes.get_mut(&ino).ok_or(FsError::Stale(ino))?;
             node.touch_modify();
             match &node.content {
@@ -1352,8 +1378,7 @@ impl Overlay {
 
     pub(crate) fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         self.writable()?;
-        let mut st = self.lock();
-        self.copy_up(&mut st, ino)?;
+        let mut st = self.copy_up(self.lock(), ino)?;
         let node = st.nodes.get_mut(&ino).ok_or(FsError::Stale(ino))?;
         node.touch_modify();
         let Content::Scratch { file, path } = &node.content else {

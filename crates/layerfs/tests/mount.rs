@@ -330,6 +330,28 @@ fn concurrent_readers_and_writers_and_independent_mounts() {
             .count(),
         50
     );
+    // Racing first writes to one lower file: one copy-up wins, no write is lost.
+    let big = m1.mountpoint().join("usr/bin/big");
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let big = &big;
+            s.spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(big).unwrap();
+                let data = [0xA0 + t as u8; 100];
+                std::os::unix::fs::FileExt::write_all_at(&f, &data, t * 1_000_000).unwrap();
+            });
+        }
+    });
+    let now = std::fs::read(&big).unwrap();
+    assert_eq!(now.len(), expect.len());
+    for t in 0..4usize {
+        let at = t * 1_000_000;
+        assert!(
+            now[at..at + 100].iter().all(|&b| b == 0xA0 + t as u8),
+            "write {t} lost"
+        );
+    }
+    assert!(now[100..1_000_000] == expect[100..1_000_000]);
     // The second mount of the same image sees none of it.
     assert!(!m2.mountpoint().join("w0").exists());
     std::fs::write(m2.mountpoint().join("etc/hostname"), b"other").unwrap();
