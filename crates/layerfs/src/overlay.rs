@@ -21,9 +21,9 @@
 //!   from the root are never dropped, only unlinked ones the kernel has forgotten.
 //!   Lower hardlinks (same `Entry.link` within one layer) resolve to one node.
 //!
-//! One mutex guards the table. File bytes are read and written outside it (lower reads
-//! through the chunk cache, scratch through `pread`/`pwrite`), so parallel readers of
-//! data do not serialise; directory loads and copy-ups do.
+//! One mutex guards the table. File bytes are read, written and copied up outside it
+//! (lower reads through the chunk cache, scratch through `pread`/`pwrite`), so data
+//! transfers run in parallel; directory loads (a few tree reads) hold it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
