@@ -1,6 +1,6 @@
-//! A real Debian root (minbase + python3) imported, mounted and used as a chroot: the mounted tree
-//! equals the source, `dpkg -l`, Python and a shell that writes to /tmp work, and a remount
-//! shows none of the writes.
+//! A real Debian root (minbase + python3) imported, mounted and used as a chroot: the
+//! mounted tree equals the source, `dpkg -l`, Python and a shell that writes to /tmp
+//! work, and a remount shows none of the writes.
 
 mod common;
 
