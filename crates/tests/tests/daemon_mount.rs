@@ -90,6 +90,19 @@ fn mount_round_trip() {
     let ls = tide.json(&["mount", "ls"]);
     assert!(ls[0]["scratch_bytes"].as_u64().unwrap() >= 1 << 20, "{ls}");
 
+    // A busy mount stays mounted and says so; once its user leaves, it unmounts.
+    let mut user = std::process::Command::new("sleep")
+        .arg("600")
+        .current_dir(&mnt)
+        .spawn()
+        .unwrap();
+    let e = tide.fails(&["umount", m]);
+    assert!(e.contains("busy"), "{e}");
+    assert!(is_fuse_mount(&mnt));
+    assert_eq!(tide.json(&["mount", "ls"]).as_array().unwrap().len(), 1);
+    user.kill().unwrap();
+    user.wait().unwrap();
+
     // A live mount's image is a GC root, even once its name is gone.
     tide.ok(&["image", "rm", "fx:1"]);
     tide.ok(&["gc"]);

@@ -172,7 +172,7 @@ async fn serve(args: &Args, shared: Rc<Shared>) -> Result<()> {
     drop(listener);
     let _ = std::fs::remove_file(&args.socket);
     for id in shared.mounts.close() {
-        if let Err(e) = server::unmount(shared.mounts.clone(), id).await {
+        if let Err(e) = server::unmount(shared.mounts.clone(), id, true).await {
             log!("unmount {id}: {e}");
         }
     }

@@ -125,11 +125,11 @@ impl MountTable {
     }
 
     /// Removes a mount from the table (the caller unmounts it) and rewrites the record.
-    pub(crate) fn take(&self, id: u64) -> Option<(MountRecord, layerfs::Mount)> {
+    pub(crate) fn take(&self, id: u64) -> Option<(MountRecord, Digest, layerfs::Mount)> {
         let mut g = self.lock();
         let l = g.live.remove(&id)?;
         self.save(&g);
-        Some((l.record, l.mount))
+        Some((l.record, l.image, l.mount))
     }
 
     pub(crate) fn id_at(&self, mountpoint: &Path) -> Option<u64> {

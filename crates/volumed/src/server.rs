@@ -509,17 +509,36 @@ fn set_mount_info(mut b: schema::store_capnp::mount_info::Builder<'_>, m: &Mount
     b.set_scratch_bytes(m.scratch_bytes);
 }
 
-/// Unmounts mount `id` (taken out of the table) on a blocking thread.
-pub(crate) async fn unmount(mounts: Arc<MountTable>, id: u64) -> Result<(), Error> {
-    let Some((record, mount)) = mounts.take(id) else {
+/// Unmounts mount `id` on a blocking thread. A busy mount (a process inside it) is
+/// put back and the call fails with EBUSY, unless `detach_if_busy` (shutdown): then it
+/// is detached lazily and goes away with its last user.
+pub(crate) async fn unmount(
+    mounts: Arc<MountTable>,
+    id: u64,
+    detach_if_busy: bool,
+) -> Result<(), Error> {
+    let Some((record, image, mut mount)) = mounts.take(id) else {
         return Ok(());
     };
     let scratch = mounts.scratch_dir(id);
     let r = tokio::task::spawn_blocking(move || {
         log!("unmount {}", record.mountpoint.display());
-        let r = mount.unmount().map_err(Error::from);
-        let _ = std::fs::remove_dir_all(&scratch);
-        r
+        if detach_if_busy {
+            // Dropping a busy mount detaches it lazily (and layerfs then drops scratch).
+            return mount.unmount().map_err(Error::from);
+        }
+        match mount.try_unmount() {
+            Ok(()) => {
+                // layerfs empties a writable mount's scratch; a read-only one has none.
+                let _ = std::fs::remove_dir_all(&scratch);
+                Ok(())
+            }
+            Err(e) => {
+                log!("unmount {} failed: {e}", record.mountpoint.display());
+                mounts.insert(record, image, mount);
+                Err(e.into())
+            }
+        }
     })
     .await;
     match r {
@@ -556,13 +575,6 @@ impl mounts::Server for MountsImpl {
             // line above and this one, while the name is being removed, can still sweep
             // the image; reads through the mount then fail naming the missing digests.
             t.pin(id, image);
-            std::fs::create_dir_all(&scratch_dir).map_err(|e| {
-                Error::Mount(layerfs::Error::Io {
-                    op: "create scratch dir",
-                    path: scratch_dir.clone(),
-                    source: e,
-                })
-            })?;
             let m = layerfs::mount(
                 store,
                 image,
@@ -631,7 +643,7 @@ impl mounts::Server for MountsImpl {
         let Some(id) = self.0.mounts.id_at(&mp) else {
             return Err(Error::NotMounted(mp).into());
         };
-        Ok(unmount(self.0.mounts.clone(), id).await?)
+        Ok(unmount(self.0.mounts.clone(), id, false).await?)
     }
 }
 
@@ -676,6 +688,6 @@ impl mount::Server for MountImpl {
         _: mount::UmountParams,
         _: mount::UmountResults,
     ) -> Result<(), capnp::Error> {
-        Ok(unmount(self.shared.mounts.clone(), self.id).await?)
+        Ok(unmount(self.shared.mounts.clone(), self.id, false).await?)
     }
 }
