@@ -41,7 +41,9 @@ fn castore_knows_nothing_of_fuse_nbd_rpc_or_scheduling() {
 #[test]
 fn schema_depends_on_no_workspace_crate() {
     let tree = deps("schema");
-    for forbidden in ["castore ", "layerfs ", "volumed ", "cli ", "sched ", "tokio "] {
+    for forbidden in [
+        "castore ", "layerfs ", "volumed ", "cli ", "sched ", "tokio ",
+    ] {
         assert!(
             !tree.lines().any(|l| l.starts_with(forbidden)),
             "schema depends on {forbidden}:\n{tree}"
