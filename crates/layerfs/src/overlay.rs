@@ -588,6 +588,7 @@ impl Overlay {
             self.load_dir(st, ino)?;
         }
         let node = st.nodes.get_mut(&ino).ok_or(FsError::Stale(ino))?;
+        let mut times = None;
         let (size, blocks, nlink, rdev) = match &mut node.content {
             Content::Dir(d) => (4096, 8, 2 + d.subdirs, 0),
             Content::Lower { data, size, layout } => {
@@ -599,6 +600,14 @@ impl Overlay {
             }
             Content::Scratch { file, path } => {
                 let md = file.metadata().map_err(Self::scratch_err("stat", path))?;
+                // The scratch file's own times are the truth for its data: with FUSE
+                // passthrough the kernel writes it without telling us.
+                times = Some((
+                    md.accessed().unwrap_or(node.atime),
+                    md.modified().unwrap_or(node.mtime),
+                    UNIX_EPOCH
+                        + Duration::new(md.ctime().max(0) as u64, md.ctime_nsec().max(0) as u32),
+                ));
                 (md.len(), md.blocks(), node.nlink, 0)
             }
             Content::Symlink(t) => (t.len() as u64, 0, node.nlink, 0),
@@ -614,9 +623,9 @@ impl Overlay {
             blocks,
             nlink,
             rdev,
-            atime: node.atime,
-            mtime: node.mtime,
-            ctime: node.ctime,
+            atime: times.map_or(node.atime, |t| t.0),
+            mtime: times.map_or(node.mtime, |t| t.1),
+            ctime: times.map_or(node.ctime, |t| t.2.max(node.ctime)),
             pristine: node.pristine,
         })
     }
@@ -701,9 +710,16 @@ impl Overlay {
             *layout = Some(self.store.file_layout(data, *size)?);
         }
         let layout = layout.clone().expect("resolved");
+        let times = std::fs::FileTimes::new()
+            .set_accessed(node.atime)
+            .set_modified(node.mtime);
         drop(st);
         let (file, path) = self.new_scratch_file(ino)?;
-        let filled = self.fill(&file, &path, &layout);
+        // The copy keeps the lower file's times: opening for write changes nothing yet.
+        let filled = self.fill(&file, &path, &layout).and_then(|()| {
+            file.set_times(times)
+                .map_err(Self::scratch_err("utimens", &path))
+        });
         let mut st = self.lock();
         let node = st.nodes.get_mut(&ino);
         match (filled, node) {
@@ -783,11 +799,20 @@ impl Overlay {
             SetTime::Now => now,
             SetTime::At(t) => t,
         };
+        let mut file_times = std::fs::FileTimes::new();
         if let Some(t) = set.atime {
             node.atime = resolve(t);
+            file_times = file_times.set_accessed(node.atime);
         }
         if let Some(t) = set.mtime {
             node.mtime = resolve(t);
+            file_times = file_times.set_modified(node.mtime);
+        }
+        if let Content::Scratch { file, path } = &node.content
+            && (set.atime.is_some() || set.mtime.is_some())
+        {
+            file.set_times(file_times)
+                .map_err(Self::scratch_err("utimens", path))?;
         }
         node.ctime = set.ctime.unwrap_or(now);
         node.pristine = false;
