@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::overlay::{
@@ -26,6 +26,8 @@ const LOWER_TTL: Duration = Duration::from_secs(3600);
 /// Changed entries also only change through this mount, but a short TTL keeps a bug in
 /// our invalidation from living long.
 const SCRATCH_TTL: Duration = Duration::from_secs(1);
+/// The file handle of opens served by FUSE passthrough (others use 0).
+const PASSTHROUGH_FH: FileHandle = FileHandle(1);
 
 /// The adapter; shared by all session threads.
 #[derive(Debug)]
@@ -35,6 +37,11 @@ pub(crate) struct Fuse {
     /// valid while the directory changes.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
+    /// Whether the kernel agreed to FUSE passthrough.
+    passthrough: bool,
+    /// Per inode: the passthrough backing id of its scratch file and how many open
+    /// handles use it (the kernel wants one id per inode, reused by every open).
+    backing: Mutex<HashMap<u64, (Arc<BackingId>, u32)>>,
 }
 
 impl Fuse {
@@ -43,6 +50,8 @@ impl Fuse {
             overlay,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            passthrough: false,
+            backing: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -138,6 +147,10 @@ impl Filesystem for Fuse {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        // Passthrough: reads and writes of scratch files go straight from the kernel to
+        // the real file. Depth 1: the backing files are on a plain filesystem.
+        self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
         let _ = config.set_max_write(1 << 20);
         // The kernel caps readahead at what it offered; ask for as much as it allows.
         if let Err(max) = config.set_max_readahead(1 << 20) {
@@ -318,20 +331,24 @@ impl Filesystem for Fuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match self.overlay.open(ino.0, write) {
-            // Lower bytes never change: keep the page cache across opens. Scratch files
-            // change only through this mount, which keeps the cache coherent too, but a
-            // copy-up replaces what earlier opens cached, so those start fresh.
-            // NOFLUSH: nothing to flush on close of an unmodified file, so spare the kernel
-            // a round trip per close.
-            Ok(true) if !write => reply.opened(
+        let opened = match self.overlay.open(ino.0, write) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if opened.pristine {
+            // Lower bytes never change: keep the page cache across opens, and spare the
+            // kernel a FLUSH round trip per close (there is nothing to flush).
+            return reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            ),
-            Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
+            );
         }
+        if let Some(file) = opened.scratch
+            && let Some(id) = self.backing(ino.0, &file, opened.others, &reply)
+        {
+            return reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), &id);
+        }
+        reply.opened(FileHandle(0), FopenFlags::empty());
     }
 
     fn read(
@@ -385,13 +402,25 @@ impl Filesystem for Fuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.overlay.release(ino.0);
+        if fh != PASSTHROUGH_FH {
+            return reply.ok();
+        }
+        let mut backing = self.backing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, n)) = backing.get_mut(&ino.0) {
+            *n -= 1;
+            if *n == 0 {
+                // Dropping the id closes it in the kernel.
+                backing.remove(&ino.0);
+            }
+        }
+        drop(backing);
         reply.ok();
     }
 
@@ -618,6 +647,41 @@ impl Filesystem for Fuse {
 }
 
 impl Fuse {
+    /// The backing id to open `ino` in passthrough mode, if that is possible: the kernel
+    /// refuses to mix passthrough and cached opens of one inode, so a scratch file is
+    /// passed through only when it has no other open or its other opens are passed
+    /// through already.
+    fn backing(
+        &self,
+        ino: u64,
+        file: &std::fs::File,
+        others: u32,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough {
+            return None;
+        }
+        let mut backing = self.backing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, n)) = backing.get_mut(&ino) {
+            *n += 1;
+            return Some(id.clone());
+        }
+        if others != 0 {
+            return None;
+        }
+        match reply.open_backing(file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                backing.insert(ino, (id.clone(), 1));
+                Some(id)
+            }
+            Err(e) => {
+                eprintln!("layerfs: passthrough unavailable for inode {ino}: {e}");
+                None
+            }
+        }
+    }
+
     fn listing(&self, fh: FileHandle) -> Option<Arc<Vec<DirEntry>>> {
         self.dirs
             .lock()

@@ -198,6 +198,17 @@ pub(crate) struct DirEntry {
     pub(crate) kind: FileKind,
 }
 
+/// What `open` found.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    /// The content is still the image's (the kernel may keep its page cache).
+    pub(crate) pristine: bool,
+    /// The scratch file, for a front end that hands it to the kernel (passthrough).
+    pub(crate) scratch: Option<Arc<File>>,
+    /// How many other opens of this inode are live.
+    pub(crate) others: u32,
+}
+
 /// Filesystem totals for `statfs`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StatFs {
@@ -724,6 +735,8 @@ impl Overlay {
         let node = st.nodes.get_mut(&ino);
         match (filled, node) {
             (Ok(()), Some(node)) if matches!(node.content, Content::Lower { .. }) => {
+                // Writes may now bypass us (passthrough): no more long cache lifetimes.
+                node.pristine = false;
                 node.content = Content::Scratch {
                     file: Arc::new(file),
                     path,
@@ -1161,9 +1174,8 @@ impl Overlay {
         }
     }
 
-    /// Opens a file; writers get a scratch copy first. Returns whether the content is
-    /// still the image's (so the kernel may keep its page cache across opens).
-    pub(crate) fn open(&self, ino: u64, write: bool) -> Result<bool> {
+    /// Opens a file; writers get a scratch copy first.
+    pub(crate) fn open(&self, ino: u64, write: bool) -> Result<Opened> {
         let mut st = self.lock();
         let node = st.nodes.get(&ino).ok_or(FsError::Stale(ino))?;
         if node.kind == FileKind::Dir && write {
@@ -1174,8 +1186,16 @@ impl Overlay {
             st = self.copy_up(st, ino)?;
         }
         let node = st.nodes.get_mut(&ino).ok_or(FsError::Stale(ino))?;
+        let others = node.opens;
         node.opens += 1;
-        Ok(matches!(node.content, Content::Lower { .. }))
+        Ok(Opened {
+            pristine: matches!(node.content, Content::Lower { .. }),
+            scratch: match &node.content {
+                Content::Scratch { file, .. } => Some(file.clone()),
+                _ => None,
+            },
+            others,
+        })
     }
 
     pub(crate) fn release(&self, ino: u64) {

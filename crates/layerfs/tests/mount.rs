@@ -76,6 +76,15 @@ fn writes_go_to_scratch_and_a_remount_is_pristine() {
     assert_eq!(now.len(), orig.len());
     assert_eq!(&now[10..17], b"PATCHED");
     assert_eq!(&now[17..], &orig[17..]);
+    // Writes (passed through to the scratch file by the kernel) move mtime; utimens sets it.
+    let big = root.join("usr/bin/big");
+    let mtime = std::fs::metadata(&big).unwrap().mtime();
+    assert!(
+        mtime > 1_700_000_000,
+        "mtime {mtime} not updated by the write"
+    );
+    sh(&format!("touch -m -d @1234567890 {}", big.display()));
+    assert_eq!(std::fs::metadata(&big).unwrap().mtime(), 1_234_567_890);
     assert_eq!(
         xattr::get(root.join("usr/bin/big"), "user.comment").unwrap(),
         Some(b"hello".to_vec())
