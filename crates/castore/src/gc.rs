@@ -127,6 +127,18 @@ impl Store {
     /// Collects garbage. Safe to run while imports are in progress: whatever they have
     /// stored or found stored is kept.
     pub fn gc(&self, roots: &GcRoots, progress: &GcProgress) -> Result<GcReport> {
+        self.gc_with(|| roots.clone(), progress)
+    }
+
+    /// Like [`Store::gc`], with the caller's roots read by `roots` *after* the store's
+    /// own names. A caller that resolves a name and pins the result as a root atomically
+    /// with respect to `roots` (under one lock) can then never lose what it pinned: either
+    /// the pin is seen, or the name was still there when GC read the names.
+    pub fn gc_with(
+        &self,
+        roots: impl FnOnce() -> GcRoots,
+        progress: &GcProgress,
+    ) -> Result<GcReport> {
         // From here on, imports that finish hand their claims to us instead of dropping
         // them, because their references may be written after we read the references.
         let guard = GcGuard::start(self)?;
@@ -135,10 +147,13 @@ impl Store {
             seen: HashSet::new(),
             progress,
         };
-        for (_, d) in self.refs()? {
+        let names: Vec<Digest> = self.refs()?.into_iter().map(|(_, d)| d).collect();
+        let lone = self.layer_refs()?;
+        let roots = roots();
+        for d in names {
             m.image(d)?;
         }
-        for d in self.layer_refs()? {
+        for d in lone {
             m.layer(d)?;
         }
         for d in &roots.images {

@@ -97,8 +97,18 @@ impl MountTable {
     }
 
     /// Makes `image` a GC root for mount `id` while layerfs mounts it.
-    pub(crate) fn pin(&self, id: u64, image: Digest) {
-        self.lock().pinned.insert(id, image);
+    /// Resolves the image to mount and pins it as a GC root in one step under the table
+    /// lock. GC reads the store's names first and this table's roots second (under the
+    /// same lock), so an image is either pinned by then or was resolved from a name GC saw.
+    pub(crate) fn resolve_and_pin<E>(
+        &self,
+        id: u64,
+        resolve: impl FnOnce() -> Result<Digest, E>,
+    ) -> Result<Digest, E> {
+        let mut g = self.lock();
+        let image = resolve()?;
+        g.pinned.insert(id, image);
+        Ok(image)
     }
 
     /// Drops a reservation whose mount failed.

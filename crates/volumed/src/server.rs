@@ -103,52 +103,6 @@ impl daemon::Server for DaemonImpl {
 
 // ---- Store ----
 
-struct ImageSummary {
-    name: String,
-    digest: Digest,
-    layers: u32,
-    size: u64,
-}
-
-struct LayerSummary {
-    digest: Digest,
-    diff_id: Option<Digest>,
-    entries: u64,
-    size: u64,
-}
-
-fn layer_summary(store: &Store, d: Digest) -> Result<LayerSummary, Error> {
-    let l = store.layer(&d)?;
-    Ok(LayerSummary {
-        digest: d,
-        diff_id: l.diff_id,
-        entries: l.entries,
-        size: l.content_bytes,
-    })
-}
-
-/// A layer digest, or a unique prefix (6+ hex digits) of a lone layer's digest.
-fn parse_layer(store: &Store, s: &str) -> Result<Digest, Error> {
-    if let Some(d) = Digest::parse(s) {
-        return Ok(d);
-    }
-    let hex = s.strip_prefix("sha256:").unwrap_or(s);
-    let found: Vec<Digest> = store
-        .layer_refs()?
-        .into_iter()
-        .filter(|d| hex.len() >= 6 && d.to_hex().starts_with(hex))
-        .collect();
-    match found[..] {
-        [d] => Ok(d),
-        [] => Err(castore::Error::NotFound {
-            what: "layer",
-            name: s.to_string(),
-        }
-        .into()),
-        _ => Err(Error::BadRequest(format!("layer prefix {s} is ambiguous"))),
-    }
-}
-
 fn export_target(path: &str) -> Result<ExportTarget, Error> {
     if path == "-" {
         return Err(Error::BadRequest(
@@ -179,7 +133,7 @@ fn set_export_report(mut b: schema::store_capnp::export_report::Builder<'_>, r: 
     b.set_bytes(r.bytes);
 }
 
-fn set_layer(mut b: schema::store_capnp::layer_summary::Builder<'_>, l: &LayerSummary) {
+fn set_layer(mut b: schema::store_capnp::layer_summary::Builder<'_>, l: &castore::LayerSummary) {
     b.set_digest(l.digest.to_string());
     b.set_diff_id(l.diff_id.map(|d| d.to_string()).unwrap_or_default());
     b.set_entries(l.entries);
@@ -249,30 +203,13 @@ impl store::Server for StoreImpl {
         mut results: store::ImagesResults,
     ) -> Result<(), capnp::Error> {
         let store = self.0.store.clone();
-        let images = blocking(move || {
-            let mut out = Vec::new();
-            for (name, d) in store.refs()? {
-                let img = store.image(&d)?;
-                let mut size = 0;
-                for l in &img.layers {
-                    size += store.layer(l)?.content_bytes;
-                }
-                out.push(ImageSummary {
-                    name,
-                    digest: d,
-                    layers: img.layers.len() as u32,
-                    size,
-                });
-            }
-            Ok(out)
-        })
-        .await?;
+        let images = blocking(move || Ok(store.image_summaries()?)).await?;
         let mut list = results.get().init_images(images.len() as u32);
         for (i, s) in images.iter().enumerate() {
             let mut b = list.reborrow().get(i as u32);
             b.set_name(&s.name);
             b.set_digest(s.digest.to_string());
-            b.set_layers(s.layers);
+            b.set_layers(s.layers as u32);
             b.set_size(s.size);
         }
         Ok(())
@@ -285,43 +222,30 @@ impl store::Server for StoreImpl {
     ) -> Result<(), capnp::Error> {
         let spec = text(params.get()?.get_image())?;
         let store = self.0.store.clone();
-        let (d, names, layers, config) = blocking(move || {
-            let d = store.resolve_image(&spec)?;
-            let img = store.image(&d)?;
-            let names: Vec<String> = store
-                .refs()?
-                .into_iter()
-                .filter(|(_, x)| *x == d)
-                .map(|(n, _)| n)
-                .collect();
-            let layers = img
-                .layers
-                .iter()
-                .map(|l| layer_summary(&store, *l))
-                .collect::<Result<Vec<_>, Error>>()?;
-            Ok((d, names, layers, img.config))
-        })
-        .await?;
+        let detail = blocking(move || Ok(store.image_detail(&spec)?)).await?;
         let mut b = results.get().init_detail();
-        b.set_digest(d.to_string());
-        set_texts(b.reborrow().init_names(names.len() as u32), &names);
-        let mut lb = b.reborrow().init_layers(layers.len() as u32);
-        for (i, l) in layers.iter().enumerate() {
+        b.set_digest(detail.digest.to_string());
+        set_texts(
+            b.reborrow().init_names(detail.names.len() as u32),
+            &detail.names,
+        );
+        let mut lb = b.reborrow().init_layers(detail.layers.len() as u32);
+        for (i, l) in detail.layers.iter().enumerate() {
             set_layer(lb.reborrow().get(i as u32), l);
         }
-        b.set_size(layers.iter().map(|l| l.size).sum());
-        set_texts(b.reborrow().init_env(config.env.len() as u32), &config.env);
+        b.set_size(detail.size);
+        set_texts(b.reborrow().init_env(detail.env.len() as u32), &detail.env);
         set_texts(
-            b.reborrow().init_entrypoint(config.entrypoint.len() as u32),
-            &config.entrypoint,
+            b.reborrow().init_entrypoint(detail.entrypoint.len() as u32),
+            &detail.entrypoint,
         );
-        set_texts(b.reborrow().init_cmd(config.cmd.len() as u32), &config.cmd);
-        b.set_workdir(&config.workdir);
-        b.set_user(&config.user);
-        b.set_architecture(&config.architecture);
-        b.set_os(&config.os);
-        let mut labels = b.init_labels(config.labels.len() as u32);
-        for (i, (k, v)) in config.labels.iter().enumerate() {
+        set_texts(b.reborrow().init_cmd(detail.cmd.len() as u32), &detail.cmd);
+        b.set_workdir(&detail.workdir);
+        b.set_user(&detail.user);
+        b.set_architecture(&detail.architecture);
+        b.set_os(&detail.os);
+        let mut labels = b.init_labels(detail.labels.len() as u32);
+        for (i, (k, v)) in detail.labels.iter().enumerate() {
             let mut l = labels.reborrow().get(i as u32);
             l.set_key(k);
             l.set_value(v);
@@ -354,14 +278,9 @@ impl store::Server for StoreImpl {
         mut results: store::RemoveImageResults,
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name())?;
-        let full = if name.contains(':') {
-            name
-        } else {
-            format!("{name}:latest")
-        };
         let store = self.0.store.clone();
-        log!("remove image {full}");
-        let d = blocking(move || Ok(store.remove_ref(&full)?)).await?;
+        log!("remove image {name}");
+        let d = blocking(move || Ok(store.remove_image_name(&name)?)).await?;
         results.get().set_digest(d.to_string());
         Ok(())
     }
@@ -372,14 +291,7 @@ impl store::Server for StoreImpl {
         mut results: store::LayersResults,
     ) -> Result<(), capnp::Error> {
         let store = self.0.store.clone();
-        let layers = blocking(move || {
-            store
-                .layer_refs()?
-                .into_iter()
-                .map(|d| layer_summary(&store, d))
-                .collect::<Result<Vec<_>, Error>>()
-        })
-        .await?;
+        let layers = blocking(move || Ok(store.lone_layers()?)).await?;
         let mut list = results.get().init_layers(layers.len() as u32);
         for (i, l) in layers.iter().enumerate() {
             set_layer(list.reborrow().get(i as u32), l);
@@ -398,7 +310,7 @@ impl store::Server for StoreImpl {
         let store = self.0.store.clone();
         log!("export layer {layer} to {target:?}");
         let r = blocking(move || {
-            let d = parse_layer(&store, &layer)?;
+            let d = store.resolve_layer(&layer)?;
             Ok(store.export_layer(&d, &target)?)
         })
         .await?;
@@ -415,7 +327,7 @@ impl store::Server for StoreImpl {
         let store = self.0.store.clone();
         log!("remove layer {layer}");
         blocking(move || {
-            let d = parse_layer(&store, &layer)?;
+            let d = store.resolve_layer(&layer)?;
             Ok(store.remove_layer_ref(&d)?)
         })
         .await
@@ -430,12 +342,13 @@ impl store::Server for StoreImpl {
         let mounts = self.0.mounts.clone();
         log!("gc");
         let r = blocking(move || {
-            // Live mounts' images, and those of mounts in progress, are roots.
-            let roots = GcRoots {
+            // Live mounts' images, and those of mounts in progress, are roots; read after
+            // the store's names (gc_with's contract).
+            let roots = || GcRoots {
                 images: mounts.images(),
                 ..GcRoots::default()
             };
-            Ok(store.gc(&roots, &GcProgress::default())?)
+            Ok(store.gc_with(roots, &GcProgress::default())?)
         })
         .await?;
         log!("gc done: {} kept, {} chunks freed", r.kept, r.chunks);
@@ -570,11 +483,9 @@ impl mounts::Server for MountsImpl {
         let mp = mountpoint.clone();
         let r = blocking(move || {
             check_mountpoint(&mp)?;
-            let image = store.resolve_image(&spec)?;
-            // A GC root from here on. Not closed: a gc that reads its roots between the
-            // line above and this one, while the name is being removed, can still sweep
-            // the image; reads through the mount then fail naming the missing digests.
-            t.pin(id, image);
+            // A GC root from here on (see `MountTable::resolve_and_pin` for why this is
+            // race-free against a concurrent gc).
+            let image = t.resolve_and_pin(id, || store.resolve_image(&spec))?;
             let m = layerfs::mount(
                 store,
                 image,
