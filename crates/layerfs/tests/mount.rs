@@ -221,6 +221,13 @@ fn namespace_operations_behave_like_a_disk() {
     let long = r.join("x".repeat(256));
     assert_eq!(errno(std::fs::write(&long, b"")), libc::ENAMETOOLONG);
     std::fs::write(r.join("y".repeat(255)), b"ok").unwrap();
+    // Past the maximum file size: EFBIG, as on the disk below.
+    let f = std::fs::File::create(r.join("huge")).unwrap();
+    assert_eq!(
+        errno(std::os::unix::fs::FileExt::write_at(&f, b"x", 1 << 62)),
+        libc::EFBIG
+    );
+    drop(f);
     // mkdir then rmdir, creating in a new dir, and statfs.
     std::fs::create_dir_all(r.join("a/b/c")).unwrap();
     std::fs::write(r.join("a/b/c/f"), b"1").unwrap();
