@@ -7,7 +7,7 @@
 //!   contribute to it (`sources`). Its children are merged from those trees only when the
 //!   directory is first looked into, so mounting reads only the image and layer records.
 //!   Later layers win, whiteouts remove a name, an opaque directory drops the sources
-//!   below it — the same rules as `castore`'s export.
+//!   below it: `castore::merge`, the rules export uses too.
 //! - **One in-memory namespace.** Once a directory is loaded its entry map is the truth;
 //!   deleting a lower name just removes it from the map (that is the whiteout), and
 //!   renames move entries between maps. Scratch is discarded on unmount, so none of this
@@ -34,7 +34,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use castore::{ChunkCache, Digest, Entry, FileData, FileLayout, Kind, Segment, Store, Timespec};
+use castore::merge::{Merged, image_root, merge_dir};
+use castore::{ChunkCache, Digest, FileData, FileLayout, Kind, Segment, Store, Timespec};
 
 /// Longest name a directory entry may have, as on ext4.
 pub(crate) const NAME_MAX: usize = 255;
@@ -307,8 +308,9 @@ struct State {
     next_ino: u64,
     /// (layer index, link group) → the node all members of the group share.
     links: HashMap<(usize, u64), u64>,
-    /// Per layer: link group → number of names in the layer (computed on first need).
-    link_counts: HashMap<usize, HashMap<u64, u32>>,
+    /// (layer index, link group) → names the merged image shows of it; computed on
+    /// first need by walking the whole image, since any directory may hold one.
+    link_counts: Option<HashMap<(usize, u64), u32>>,
 }
 
 /// One mount's overlay: the image's layers plus a scratch layer.
@@ -318,8 +320,8 @@ pub(crate) struct Overlay {
     cache: ChunkCache,
     read_only: bool,
     scratch: PathBuf,
-    /// Root tree of each layer, lowest first (for link counts).
-    layer_roots: Vec<Digest>,
+    /// The root's trees, lowest layer first (for link counts).
+    root_sources: Vec<(usize, Digest)>,
     /// Suffix making scratch file names unique.
     scratch_seq: AtomicU64,
     state: Mutex<State>,
@@ -343,67 +345,20 @@ fn check_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A merged child of a directory: its entry (top-most layer's), the layer it came from,
-/// and for directories every layer's tree that contributes.
-struct Merged {
-    entry: Entry,
-    layer: usize,
-    sources: Vec<(usize, Digest)>,
-}
-
-/// Merges one directory's trees, lowest layer first, with OCI rules.
-fn merge(store: &Store, sources: &[(usize, Digest)]) -> Result<BTreeMap<Vec<u8>, Merged>> {
-    let mut out: BTreeMap<Vec<u8>, Merged> = BTreeMap::new();
-    for &(layer, d) in sources {
-        for e in store.tree(&d)?.entries {
-            match &e.kind {
-                Kind::Whiteout => {
-                    out.remove(&e.name);
-                }
-                Kind::Dir { tree, opaque } => {
-                    let tree = *tree;
-                    match out.get_mut(&e.name) {
-                        Some(m) if !opaque && matches!(m.entry.kind, Kind::Dir { .. }) => {
-                            m.sources.push((layer, tree));
-                            m.entry = e;
-                            m.layer = layer;
-                        }
-                        _ => {
-                            out.insert(
-                                e.name.clone(),
-                                Merged {
-                                    entry: e,
-                                    layer,
-                                    sources: vec![(layer, tree)],
-                                },
-                            );
-                        }
-                    }
-                }
-                _ => {
-                    out.insert(
-                        e.name.clone(),
-                        Merged {
-                            entry: e,
-                            layer,
-                            sources: Vec::new(),
-                        },
-                    );
-                }
-            }
+/// Counts, over the merged image, the names of every lower link group: a group's
+/// `st_nlink` is how many of its names the image shows, not how many its layer has,
+/// because upper layers may whiteout, replace or (opaque directories) hide some of them.
+fn count_links(
+    store: &Store,
+    sources: &[(usize, Digest)],
+    out: &mut HashMap<(usize, u64), u32>,
+) -> Result<()> {
+    for m in merge_dir(store, sources, false)?.into_values() {
+        if m.entry.link != 0 {
+            *out.entry((m.layer, m.entry.link)).or_default() += 1;
         }
-    }
-    Ok(out)
-}
-
-/// Counts the names of every link group in one layer's tree.
-fn count_links(store: &Store, tree: &Digest, out: &mut HashMap<u64, u32>) -> Result<()> {
-    for e in store.tree(tree)?.entries {
-        if e.link != 0 {
-            *out.entry(e.link).or_default() += 1;
-        }
-        if let Kind::Dir { tree, .. } = e.kind {
-            count_links(store, &tree, out)?;
+        if matches!(m.entry.kind, Kind::Dir { .. }) {
+            count_links(store, &m.sources, out)?;
         }
     }
     Ok(())
@@ -417,27 +372,9 @@ impl Overlay {
         read_only: bool,
         scratch: PathBuf,
     ) -> Result<Overlay, castore::Error> {
-        let img = store.image(image)?;
-        let layers = img
-            .layers
-            .iter()
-            .map(|d| store.layer(d))
-            .collect::<castore::Result<Vec<_>>>()?;
-        // The root's metadata comes from the highest layer that describes it.
-        let root = layers
-            .iter()
-            .rev()
-            .find(|l| l.root_described)
-            .or(layers.first())
-            .map(|l| l.root.clone())
-            .ok_or_else(|| castore::Error::Refused(format!("image {image} has no layers")))?;
-        let mut sources = Vec::new();
-        for (i, l) in layers.iter().enumerate() {
-            if matches!(l.root.kind, Kind::Dir { opaque: true, .. }) {
-                sources.clear();
-            }
-            sources.push((i, l.root_tree()));
-        }
+        // The root's metadata comes from the highest layer that describes it; castore's
+        // merge rules are the one definition export and this overlay share.
+        let (root, sources) = image_root(&store, image)?;
         let mtime = to_system_time(root.mtime);
         let root_node = Node {
             kind: FileKind::Dir,
@@ -452,7 +389,7 @@ impl Overlay {
             content: Content::Dir(Dir {
                 parent: ROOT_INO,
                 children: None,
-                sources,
+                sources: sources.clone(),
                 subdirs: 0,
             }),
             lookups: 1,
@@ -462,7 +399,7 @@ impl Overlay {
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root_node);
         Ok(Overlay {
-            layer_roots: layers.iter().map(|l| l.root_tree()).collect(),
+            root_sources: sources,
             scratch_seq: AtomicU64::new(0),
             store,
             cache: ChunkCache::default(),
@@ -472,7 +409,7 @@ impl Overlay {
                 nodes,
                 next_ino: ROOT_INO + 1,
                 links: HashMap::new(),
-                link_counts: HashMap::new(),
+                link_counts: None,
             }),
         })
     }
@@ -507,7 +444,7 @@ impl Overlay {
             return Ok(());
         }
         let sources = dir.sources.clone();
-        let merged = merge(&self.store, &sources)?;
+        let merged = merge_dir(&self.store, &sources, false)?;
         let mut children = BTreeMap::new();
         let mut subdirs = 0;
         for (name, m) in merged {
@@ -533,12 +470,13 @@ impl Overlay {
             return Ok(ino);
         }
         let nlink = if e.link != 0 {
-            if let std::collections::hash_map::Entry::Vacant(v) = st.link_counts.entry(m.layer) {
+            if st.link_counts.is_none() {
                 let mut counts = HashMap::new();
-                count_links(&self.store, &self.layer_roots[m.layer], &mut counts)?;
-                v.insert(counts);
+                count_links(&self.store, &self.root_sources, &mut counts)?;
+                st.link_counts = Some(counts);
             }
-            st.link_counts[&m.layer].get(&e.link).copied().unwrap_or(1)
+            let counts = st.link_counts.as_ref().expect("computed");
+            counts.get(&(m.layer, e.link)).copied().unwrap_or(1)
         } else {
             1
         };

@@ -241,13 +241,16 @@ fn namespace_operations_behave_like_a_disk() {
 }
 
 /// Builds a two-layer OCI layout: layer 2 whites out `a/1`, makes `b` opaque, replaces
-/// `c` and adds `d`.
+/// `c` and adds `d`. Layer 1's `a/2` has four more names: `a/3` stays, while layer 2
+/// whites out `a/4`, hides `b/z` (opaque) and replaces `e`, so the image shows two.
 fn two_layer_layout(env: &Env) -> std::path::PathBuf {
     let t = env.tmp.path();
     sh(&format!(
         r#"cd {0} && mkdir -p l1/a l1/b l2/a l2/b &&
         echo one > l1/a/1 && echo two > l1/a/2 && echo x > l1/b/x && echo old > l1/c &&
-        touch l2/a/.wh.1 l2/b/.wh..wh..opq && echo y > l2/b/y && echo new > l2/c && echo d > l2/d &&
+        ln l1/a/2 l1/a/3 && ln l1/a/2 l1/a/4 && ln l1/a/2 l1/b/z && ln l1/a/2 l1/e &&
+        touch l2/a/.wh.1 l2/a/.wh.4 l2/b/.wh..wh..opq && echo y > l2/b/y && echo new > l2/c &&
+        echo d > l2/d && echo e > l2/e &&
         tar -C l1 -cf l1.tar . && tar -C l2 -cf l2.tar ."#,
         t.display()
     ));
@@ -297,12 +300,22 @@ fn oci_whiteouts_and_opaque_directories_merge() {
     let img = env.import(&oci, "two:1");
     let m = env.mount(img, "mnt", false);
     let r = m.mountpoint();
-    assert_eq!(listing(r), ["./a", "./a/2", "./b", "./b/y", "./c", "./d"]);
+    assert_eq!(
+        listing(r),
+        ["./a", "./a/2", "./a/3", "./b", "./b/y", "./c", "./d", "./e"]
+    );
     assert_eq!(std::fs::read(r.join("c")).unwrap(), b"new\n");
+    // The link count is of the names the image shows, not of those in layer 1.
+    let nlink = |p: &str| std::fs::symlink_metadata(r.join(p)).unwrap().nlink();
+    assert_eq!((nlink("a/2"), nlink("a/3"), nlink("e")), (2, 2, 1));
     // Deleting a lower entry hides it; re-creating it shows the new one only.
     std::fs::remove_file(r.join("a/2")).unwrap();
+    assert_eq!(nlink("a/3"), 1);
     std::fs::write(r.join("a/1"), b"again").unwrap();
-    assert_eq!(listing(r), ["./a", "./a/1", "./b", "./b/y", "./c", "./d"]);
+    assert_eq!(
+        listing(r),
+        ["./a", "./a/1", "./a/3", "./b", "./b/y", "./c", "./d", "./e"]
+    );
     assert_eq!(std::fs::read(r.join("a/1")).unwrap(), b"again");
     m.unmount().unwrap();
 }
