@@ -143,8 +143,10 @@ impl Db {
                     o.set_min_blob_size(0);
                     o.set_blob_file_size(256 << 20);
                     o.set_blob_compression_type(DBCompressionType::None);
-                    o.set_enable_blob_gc(true);
-                    o.set_blob_gc_age_cutoff(0.5);
+                    // The store only appends between collections; blob GC during ordinary
+                    // compactions would rewrite live chunks for nothing. `reclaim` turns it
+                    // on for the compaction after a sweep.
+                    o.set_enable_blob_gc(false);
                     // Small memtables flush in the background while an import runs, so the
                     // flush before its commit has little left to write.
                     o.set_write_buffer_size(16 << 20);
@@ -223,9 +225,29 @@ impl Db {
             .map(|r| r.map_err(Into::into))
     }
 
-    /// Compacts a family so deleted values give their space back.
-    pub(crate) fn compact(&self, cf: Cf) {
+    /// Compacts a family fully so deleted keys, and for blob-file families the values
+    /// they pointed at, give their space back. Blob files are rewritten with their live
+    /// values only (blob GC is enabled for this one compaction).
+    pub(crate) fn reclaim(&self, cf: Cf) -> Result<()> {
+        let h = self.handle(cf);
+        let blobs = cf == Cf::Chunks;
+        if blobs {
+            self.db.set_options_cf(
+                h,
+                &[
+                    ("enable_blob_garbage_collection", "true"),
+                    ("blob_garbage_collection_age_cutoff", "1.0"),
+                ],
+            )?;
+        }
+        let mut co = rocksdb::CompactOptions::default();
+        co.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         self.db
-            .compact_range_cf(self.handle(cf), None::<&[u8]>, None::<&[u8]>);
+            .compact_range_cf_opt(h, None::<&[u8]>, None::<&[u8]>, &co);
+        if blobs {
+            self.db
+                .set_options_cf(h, &[("enable_blob_garbage_collection", "false")])?;
+        }
+        Ok(())
     }
 }

@@ -183,8 +183,8 @@ impl Store {
         if report.chunks > 0 {
             // Give the space of deleted chunk values back now rather than at some later
             // compaction.
-            self.db.compact(Cf::Chunks);
-            self.db.compact(Cf::ChunkIndex);
+            self.db.reclaim(Cf::Chunks)?;
+            self.db.reclaim(Cf::ChunkIndex)?;
         }
         Ok(report)
     }

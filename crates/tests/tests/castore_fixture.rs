@@ -113,6 +113,16 @@ fn layers_listing_inspect_rm_gc_and_fsck() {
     let stats = tide.json(&["stats"]);
     assert_eq!(stats["chunks"], 0);
     assert_eq!(stats["stored_bytes"], 0);
+    // The space comes back on disk too, not only in the index.
+    let (disk_before, stored_before, disk_after) = (
+        stats_before["disk_bytes"].as_u64().unwrap(),
+        stats_before["stored_bytes"].as_u64().unwrap(),
+        stats["disk_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        disk_after + stored_before * 9 / 10 < disk_before,
+        "disk {disk_before} -> {disk_after} after freeing {stored_before} stored bytes"
+    );
     let fsck = tide.json(&["fsck"]);
     assert_eq!(fsck["problems"].as_array().unwrap().len(), 0, "{fsck}");
     // Importing again after GC stores everything anew and exports intact.
