@@ -127,7 +127,10 @@ impl Db {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
-        opts.set_keep_log_file_num(4);
+        // RocksDB's info log dumps every option at each open (~200 KB); warnings are
+        // what an operator needs from it.
+        opts.set_log_level(rocksdb::LogLevel::Warn);
+        opts.set_keep_log_file_num(2);
         let cfs = Cf::ALL.iter().map(|&cf| {
             let mut o = Options::default();
             let mut table = BlockBasedOptions::default();
