@@ -8,6 +8,7 @@
 
 pub mod fixture;
 pub mod fstree;
+pub mod pjdfs;
 pub mod roots;
 pub mod tide;
 pub mod volumed;
