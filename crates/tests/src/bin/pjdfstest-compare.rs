@@ -4,18 +4,24 @@
 //! the `tests` user (`.ci/run` installs them) and the `tide` and `volumed` binaries:
 //!
 //! ```text
-//! cargo build --workspace --bins && cargo run -p tests --bin pjdfstest-compare [-- --all] [--naptime S]
+//! cargo build --workspace --bins && cargo run -p tests --bin pjdfstest-compare \
+//!     [-- [--all] [--linux] [--naptime S]]
 //! ```
+//!
+//! `--all` lists every test, not only those whose outcomes differ; `--linux` also turns
+//! on the features Linux has beyond pjdfstest's base set (see `pjdfs::LINUX_FEATURES`).
 
-use tests::pjdfs::{self, DEFAULT_NAPTIME, Targets};
+use tests::pjdfs::{self, BASE_FEATURES, DEFAULT_NAPTIME, LINUX_FEATURES, Targets};
 
 fn main() {
     let mut all = false;
+    let mut features = BASE_FEATURES;
     let mut naptime = DEFAULT_NAPTIME;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--all" => all = true,
+            "--linux" => features = LINUX_FEATURES,
             "--naptime" => {
                 naptime = args
                     .next()
@@ -28,11 +34,12 @@ fn main() {
     pjdfs::binary();
     pjdfs::check_users();
     let targets = Targets::new();
-    let runs = targets.run_all(naptime);
+    let runs = targets.run_all(naptime, features);
     drop(targets);
     println!(
-        "pjdfstest {} (naptime {naptime} s)\n",
-        pjdfs::binary().display()
+        "pjdfstest {} (naptime {naptime} s, features {})\n",
+        pjdfs::binary().display(),
+        features.join(", ")
     );
     print!("{}", pjdfs::table(&runs, all));
     let (overlay, ours) = (&runs[1], &runs[3]);
@@ -47,6 +54,8 @@ fn main() {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("pjdfstest-compare: {why}\nusage: pjdfstest-compare [--all] [--naptime SECONDS]");
+    eprintln!(
+        "pjdfstest-compare: {why}\nusage: pjdfstest-compare [--all] [--linux] [--naptime SECONDS]"
+    );
     std::process::exit(2);
 }
