@@ -34,9 +34,14 @@ pub fn roots_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(DEFAULT_ROOTS_DIR), PathBuf::from)
 }
 
-/// Path of `scripts/make-roots.sh` in this workspace.
+/// Path of `scripts/make-roots.sh` in this workspace (two levels above this crate).
 pub fn make_roots_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-roots.sh")
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .ancestors()
+        .nth(2)
+        .expect("crates/tests lies two levels below the workspace root")
+        .join("scripts/make-roots.sh")
 }
 
 /// Path where the root `name` lives once built (it may not exist yet).
@@ -143,4 +148,34 @@ pub fn ensure_debian_root(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(root_path(name))
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn the_script_is_found() {
+        let script = make_roots_script();
+        assert!(script.is_file(), "{} is missing", script.display());
+    }
+
+    #[test]
+    fn an_unknown_root_is_an_error_not_a_build() {
+        let err = ensure_debian_root("no-such-root").unwrap_err().to_string();
+        assert!(err.contains("unknown root `no-such-root`"), "{err}");
+        assert!(err.contains("minbase, python3, flask"), "{err}");
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot provide the Debian root `../minbase`")]
+    fn debian_root_panics_with_the_reason() {
+        debian_root("../minbase");
+    }
+
+    #[test]
+    fn markers_sit_next_to_the_roots() {
+        assert_eq!(marker_path("flask"), roots_dir().join("flask.done"));
+        assert_eq!(root_path("flask"), roots_dir().join("flask"));
+    }
 }

@@ -17,8 +17,8 @@
 //!   the store (the `.caidx` indexes are kept next to it).
 //!
 //! The logical size of the input is the sum of the sizes of the regular files of the three
-//! roots (each path counted once, hardlinks included), measured by one walker for all
-//! tools. Before the first tool runs, that walker also reads every file so that every tool
+//! roots (a file with several hardlinks counted once, as castore's `logical_bytes` does),
+//! measured by one walker for all tools. Before the first tool runs, that walker also reads every file so that every tool
 //! sees a warm page cache. (`tar cf /dev/null` would not do: GNU tar notices it is writing
 //! to `/dev/null` and skips reading file data.) Before each timed command, `sync` flushes
 //! the previous command's dirty pages, outside the timing.
@@ -28,9 +28,11 @@
 //!
 //! Usage: `bench-ingest [--tools castore,restic,borg,casync] [--json] [--keep]`
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -162,21 +164,24 @@ fn parse_tool_list(list: &str) -> Result<Vec<ToolKind>> {
 /// Sizes of one tree, as seen by [`scan_tree`].
 #[derive(Debug, Default, Clone, Copy)]
 struct TreeSize {
-    /// Sum of the sizes of regular files (each path counted).
+    /// Sum of the sizes of regular files, each inode counted once.
     regular_bytes: u64,
-    /// Number of regular files.
+    /// Number of regular files (inodes: hardlinks to one file count once).
     regular_files: u64,
     /// Number of entries of any type, the top directory included.
     entries: u64,
 }
 
-/// Walks `dir` without following symlinks and sums its regular files' sizes. With
-/// `read_contents`, also reads every regular file to the end (to warm the page cache).
+/// Walks `dir` without following symlinks and sums its regular files' sizes, counting a
+/// file with several hardlinks once. With `read_contents`, also reads every regular file
+/// to the end (to warm the page cache).
 fn scan_tree(dir: &Path, read_contents: bool) -> Result<TreeSize> {
     let mut size = TreeSize {
         entries: 1,
         ..TreeSize::default()
     };
+    // (device, inode) of the multiply-linked files already counted.
+    let mut linked = HashSet::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
         let entries =
@@ -190,6 +195,9 @@ fn scan_tree(dir: &Path, read_contents: bool) -> Result<TreeSize> {
             if meta.is_dir() {
                 pending.push(path);
             } else if meta.is_file() {
+                if meta.nlink() > 1 && !linked.insert((meta.dev(), meta.ino())) {
+                    continue;
+                }
                 size.regular_files += 1;
                 size.regular_bytes += meta.len();
                 if read_contents {
@@ -719,4 +727,67 @@ fn run_bench() -> Result<()> {
         eprintln!("kept the repositories in {}", work_dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Options>> {
+        Options::parse(args.iter().map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn defaults_run_every_tool() {
+        let options = parse(&[]).unwrap().unwrap();
+        assert_eq!(options.tools, ToolKind::ALL.to_vec());
+        assert!(!options.json && !options.keep);
+    }
+
+    #[test]
+    fn tools_are_a_deduplicated_ordered_subset() {
+        let options = parse(&["--tools", "borg,restic,borg", "--json", "--keep"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(options.tools, [ToolKind::Borg, ToolKind::Restic]);
+        assert!(options.json && options.keep);
+        let options = parse(&["--tools=casync"]).unwrap().unwrap();
+        assert_eq!(options.tools, [ToolKind::Casync]);
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        assert!(parse(&["--tools", "zfs"]).is_err());
+        assert!(parse(&["--tools", ","]).is_err());
+        assert!(parse(&["--tools"]).is_err());
+        assert!(parse(&["--frobnicate"]).is_err());
+        assert!(parse(&["--help"]).unwrap().is_none());
+    }
+
+    #[test]
+    fn table_columns_are_aligned() {
+        let rows = vec![
+            vec!["restic".to_owned(), "9.5".to_owned()],
+            vec!["borg".to_owned(), "11.25".to_owned()],
+        ];
+        let table = render_table(&["tool", "ingest s"], &rows);
+        assert_eq!(
+            table,
+            "tool    ingest s\nrestic       9.5\nborg       11.25\n"
+        );
+    }
+
+    #[test]
+    fn scan_counts_regular_files_once() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), b"12345").unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        fs::write(dir.path().join("sub/b"), b"123").unwrap();
+        std::os::unix::fs::symlink("a", dir.path().join("link")).unwrap();
+        fs::hard_link(dir.path().join("a"), dir.path().join("sub/hardlink")).unwrap();
+        let size = scan_tree(dir.path(), true).unwrap();
+        assert_eq!(size.regular_bytes, 8);
+        assert_eq!(size.regular_files, 2);
+        assert_eq!(size.entries, 6);
+    }
 }
