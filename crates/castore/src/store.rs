@@ -224,11 +224,7 @@ impl Store {
 
     /// A compressor at the store's level, for [`Store::encode_chunk`].
     pub(crate) fn compressor() -> zstd::bulk::Compressor<'static> {
-        let level = std::env::var("TIDE_ZSTD_LEVEL")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(ZSTD_LEVEL);
-        zstd::bulk::Compressor::new(level).expect("zstd level 3 is valid")
+        zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 3 is valid")
     }
 
     /// Adds a chunk (already encoded by [`Store::encode_chunk`]) and its index entry.
