@@ -1,7 +1,8 @@
 //! layerfs: presents an image's layers plus a writable scratch layer as one root.
 //!
 //! `overlay` is the model (OCI whiteouts, opaque directories, copy-up, no FUSE types);
-//! `fuse` adapts it to the kernel through `fuser`. It knows nothing of volumes'
+//! `fuse` adapts it to the kernel through `fuser`; `nbd` is an NBD server (protocol
+//! only) that volumed gives its exports. It knows nothing of volumes'
 //! lifecycle or scheduling.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use castore::{Digest, Store};
 
 mod fuse;
+pub mod nbd;
 mod overlay;
 
 /// How to mount.

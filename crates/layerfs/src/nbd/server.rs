@@ -1,0 +1,973 @@
+//! The server: negotiation, then the transmission phase of one connection, and the
+//! listeners that run a connection per client.
+//!
+//! A connection's reader parses requests continuously and hands each to a blocking
+//! thread (bounded by [`ServerConfig::max_in_flight`] requests and
+//! [`ServerConfig::max_in_flight_bytes`] of payload); replies go through one writer task,
+//! in completion order, as NBD allows.
+
+use std::io;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use super::proto::*;
+use super::{BlockDevice, DeviceError, Export, ExportError, Exports, Intent, ZeroFlags};
+
+/// Limits that keep one client from making the server allocate without bound.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest read or write payload (also the advertised maximum block size).
+    pub max_payload: u32,
+    /// Largest option payload accepted during negotiation; longer ones are skipped and
+    /// answered `NBD_REP_ERR_TOO_BIG`.
+    pub max_option_len: u32,
+    /// Requests of one connection being served at once.
+    pub max_in_flight: usize,
+    /// Read and write payload bytes of one connection held at once.
+    pub max_in_flight_bytes: usize,
+    /// A client that has not finished negotiating after this long is disconnected.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_payload: 32 << 20,
+            max_option_len: 64 << 10,
+            max_in_flight: 32,
+            max_in_flight_bytes: 128 << 20,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a connection ended other than by the client's orderly `NBD_CMD_DISC` or EOF.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The socket failed (includes a client vanishing mid-message).
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol in a way that cannot be answered.
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    /// Negotiation took longer than the configured timeout.
+    #[error("negotiation timed out")]
+    Timeout,
+}
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// A non-loopback address was given without allowing remote clients.
+    #[error("{0} is not a loopback address; remote clients must be allowed explicitly")]
+    NotLoopback(SocketAddr),
+    /// Binding failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An NBD server over some [`Exports`]. Cheap to clone; clones serve the same exports.
+#[derive(Clone)]
+pub struct Server {
+    exports: Arc<dyn Exports>,
+    config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The only mapping from device errors to NBD error values.
+fn errno(e: &DeviceError) -> u32 {
+    match e {
+        DeviceError::ReadOnly => EPERM,
+        DeviceError::NoSpace => ENOSPC,
+        DeviceError::NotFast => ENOTSUP,
+        DeviceError::Invalid(_) => EINVAL,
+        DeviceError::Backend(_) => EIO,
+        DeviceError::Io(e) => match e.raw_os_error() {
+            Some(libc::EPERM | libc::EROFS | libc::EACCES) => EPERM,
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
+            Some(libc::ENOMEM) => ENOMEM,
+            Some(libc::EINVAL) => EINVAL,
+            Some(libc::EOVERFLOW) => EOVERFLOW,
+            Some(libc::EOPNOTSUPP) => ENOTSUP,
+            Some(libc::ESHUTDOWN) => ESHUTDOWN,
+            _ => EIO,
+        },
+    }
+}
+
+/// The only mapping from export errors to NBD option replies.
+fn rep_err(e: &ExportError) -> u32 {
+    match e {
+        ExportError::NotFound(_) | ExportError::Failed(_) => REP_ERR_UNKNOWN,
+        ExportError::InUse { .. } | ExportError::Denied(_) => REP_ERR_POLICY,
+        ExportError::ShuttingDown => REP_ERR_SHUTDOWN,
+    }
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// What negotiation settled for the transmission phase.
+struct Session {
+    export: Export,
+    structured: bool,
+    base_allocation: bool,
+}
+
+/// Negotiation state: what the client has asked for so far.
+#[derive(Default)]
+struct Negotiation {
+    structured: bool,
+    /// The export `NBD_OPT_SET_META_CONTEXT` named and whether it selected
+    /// `base:allocation`.
+    meta: Option<(String, bool)>,
+}
+
+/// A parsed option payload cursor; every read is bounds-checked.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn string(&mut self) -> Option<&'a str> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+}
+
+/// One reply on its way to the writer, holding the permits its request took until
+/// its bytes are written.
+struct Reply {
+    bytes: Vec<u8>,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+}
+
+async fn write_opt_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: u32,
+    typ: u32,
+    data: &[u8],
+) -> io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    w.write_all(&b).await
+}
+
+fn simple_reply(cookie: u64, error: u32, data_len: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + data_len);
+    b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&error.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b
+}
+
+fn chunk_header(b: &mut Vec<u8>, flags: u16, typ: u16, cookie: u64, len: usize) {
+    b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// An error reply to `req`, simple or structured as negotiated.
+fn error_reply(structured: bool, cookie: u64, error: u32, message: &str) -> Vec<u8> {
+    if !structured {
+        return simple_reply(cookie, error, 0);
+    }
+    let msg = truncate(message, 4096).as_bytes();
+    let mut b = Vec::with_capacity(20 + 6 + msg.len());
+    chunk_header(
+        &mut b,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + msg.len(),
+    );
+    b.extend_from_slice(&error.to_be_bytes());
+    b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    b.extend_from_slice(msg);
+    b
+}
+
+fn ok_reply(structured: bool, cookie: u64) -> Vec<u8> {
+    if !structured {
+        return simple_reply(cookie, 0, 0);
+    }
+    let mut b = Vec::with_capacity(20);
+    chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+    b
+}
+
+impl Server {
+    /// A server offering `exports`.
+    pub fn new(exports: Arc<dyn Exports>, config: ServerConfig) -> Self {
+        Server {
+            exports,
+            config: Arc::new(config),
+        }
+    }
+
+    /// Binds a TCP listener. Only loopback addresses are accepted unless
+    /// `allow_remote`: NBD has no authentication here, so exposing it is a decision.
+    pub async fn bind_tcp(
+        addr: SocketAddr,
+        allow_remote: bool,
+    ) -> Result<TcpListener, ListenError> {
+        if !addr.ip().is_loopback() && !allow_remote {
+            return Err(ListenError::NotLoopback(addr));
+        }
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ListenError::Bind {
+                addr: addr.to_string(),
+                source,
+            })
+    }
+
+    /// Serves every client of `listener`, each on its own task, until an accept fails
+    /// with an error that is not about one client (then it returns that error).
+    pub async fn serve_unix(&self, listener: UnixListener) -> io::Result<()> {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let (r, w) = stream.into_split();
+                    self.spawn(r, w);
+                }
+                Err(e) => Self::accept_failed(e).await?,
+            }
+        }
+    }
+
+    /// As [`Server::serve_unix`], for TCP.
+    pub async fn serve_tcp(&self, listener: TcpListener) -> io::Result<()> {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (r, w) = stream.into_split();
+                    self.spawn(r, w);
+                }
+                Err(e) => Self::accept_failed(e).await?,
+            }
+        }
+    }
+
+    /// Out of descriptors or a client gone before accept: wait a little and go on.
+    async fn accept_failed(e: io::Error) -> io::Result<()> {
+        let transient = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::Interrupted
+        ) || matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        if transient {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
+    fn spawn<R, W>(&self, r: R, w: W)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let me = self.clone();
+        tokio::spawn(async move {
+            // A connection's failure is the client's business; it never reaches others.
+            let _ = me.serve_connection(r, w).await;
+        });
+    }
+
+    /// Serves one connection (already accepted) to its end.
+    pub async fn serve_connection<R, W>(&self, r: R, w: W) -> Result<(), ConnectionError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut r = BufReader::with_capacity(64 << 10, r);
+        let mut w = BufWriter::with_capacity(64 << 10, w);
+        let session = tokio::time::timeout(
+            self.config.handshake_timeout,
+            self.negotiate(&mut r, &mut w),
+        )
+        .await
+        .map_err(|_| ConnectionError::Timeout)??;
+        match session {
+            Some(session) => self.transmit(session, r, w).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn negotiate<R, W>(
+        &self,
+        r: &mut R,
+        w: &mut W,
+    ) -> Result<Option<Session>, ConnectionError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        w.write_all(&NBDMAGIC.to_be_bytes()).await?;
+        w.write_all(&IHAVEOPT.to_be_bytes()).await?;
+        w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+            .await?;
+        w.flush().await?;
+        let client_flags = r.read_u32().await?;
+        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(ConnectionError::Protocol("unknown client flags"));
+        }
+        if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+            // Plain newstyle clients cannot be told about unknown options; we only
+            // speak fixed newstyle.
+            return Err(ConnectionError::Protocol("client is not fixed newstyle"));
+        }
+        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+        let mut state = Negotiation::default();
+        loop {
+            if r.read_u64().await? != IHAVEOPT {
+                return Err(ConnectionError::Protocol("bad option magic"));
+            }
+            let opt = r.read_u32().await?;
+            let len = r.read_u32().await?;
+            if len > self.config.max_option_len {
+                if opt == OPT_EXPORT_NAME {
+                    return Err(ConnectionError::Protocol("export name too long"));
+                }
+                // Skip it without holding it; the reader's buffer bounds memory.
+                let skipped =
+                    tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink())
+                        .await?;
+                if skipped != len as u64 {
+                    return Err(ConnectionError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                write_opt_reply(w, opt, REP_ERR_TOO_BIG, b"option too long").await?;
+                w.flush().await?;
+                continue;
+            }
+            let mut data = vec![0; len as usize];
+            r.read_exact(&mut data).await?;
+            let done = self.option(w, &mut state, opt, &data, no_zeroes).await?;
+            w.flush().await?;
+            match done {
+                OptionOutcome::Continue => {}
+                OptionOutcome::Abort => return Ok(None),
+                OptionOutcome::Serve(export, name) => {
+                    let base_allocation =
+                        state.structured && matches!(&state.meta, Some((n, true)) if *n == name);
+                    return Ok(Some(Session {
+                        export,
+                        structured: state.structured,
+                        base_allocation,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Opens an export on a blocking thread.
+    async fn open(&self, name: &str, intent: Intent) -> Result<Export, ExportError> {
+        let exports = self.exports.clone();
+        let name = name.to_owned();
+        match tokio::task::spawn_blocking(move || exports.open(&name, intent)).await {
+            Ok(r) => r,
+            Err(e) => Err(ExportError::Failed(Box::new(e))),
+        }
+    }
+
+    /// The transmission flags for `device`.
+    fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> u16 {
+        let mut f = TF_HAS_FLAGS | TF_SEND_CACHE;
+        if structured {
+            // Reads always come back as one chunk, so "don't fragment" is free.
+            f |= TF_SEND_DF;
+        }
+        if device.read_only() {
+            f |= TF_READ_ONLY;
+        } else {
+            f |= TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES;
+            if device.can_trim() {
+                f |= TF_SEND_TRIM;
+            }
+            if device.can_fast_zero() {
+                f |= TF_SEND_FAST_ZERO;
+            }
+        }
+        if device.can_multi_conn() {
+            f |= TF_CAN_MULTI_CONN;
+        }
+        f
+    }
+
+    async fn option<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        state: &mut Negotiation,
+        opt: u32,
+        data: &[u8],
+        no_zeroes: bool,
+    ) -> Result<OptionOutcome, ConnectionError> {
+        let invalid = |msg: &'static str| (REP_ERR_INVALID, msg.to_string());
+        let result: Result<OptionOutcome, (u32, String)> = match opt {
+            OPT_EXPORT_NAME => {
+                // No error reply exists for this option: failure closes the connection.
+                let name = std::str::from_utf8(data)
+                    .map_err(|_| ConnectionError::Protocol("export name not UTF-8"))?;
+                let export = self
+                    .open(name, Intent::Serve)
+                    .await
+                    .map_err(|_| ConnectionError::Protocol("export refused"))?;
+                let dev = &export.device;
+                let mut b = Vec::with_capacity(134);
+                b.extend_from_slice(&dev.size().to_be_bytes());
+                b.extend_from_slice(
+                    &Self::transmission_flags(dev.as_ref(), state.structured).to_be_bytes(),
+                );
+                if !no_zeroes {
+                    b.extend_from_slice(&[0; 124]);
+                }
+                w.write_all(&b).await?;
+                return Ok(OptionOutcome::Serve(export, name.to_owned()));
+            }
+            OPT_ABORT => {
+                // The client may already be gone; the reply is a courtesy.
+                let _ = write_opt_reply(w, opt, REP_ACK, &[]).await;
+                return Ok(OptionOutcome::Abort);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    Err(invalid("NBD_OPT_LIST takes no data"))
+                } else {
+                    let exports = self.exports.clone();
+                    match tokio::task::spawn_blocking(move || exports.list()).await {
+                        Ok(Ok(list)) => {
+                            for (name, description) in list {
+                                let mut b = Vec::new();
+                                b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                                b.extend_from_slice(name.as_bytes());
+                                if let Some(d) = description {
+                                    b.extend_from_slice(d.as_bytes());
+                                }
+                                write_opt_reply(w, opt, REP_SERVER, &b).await?;
+                            }
+                            Ok(OptionOutcome::Continue)
+                        }
+                        Ok(Err(e)) => Err((rep_err(&e), e.to_string())),
+                        Err(_) => Err((REP_ERR_UNKNOWN, "listing failed".into())),
+                    }
+                }
+            }
+            OPT_INFO | OPT_GO => self.info_or_go(w, state, opt, data).await?,
+            OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    state.structured = true;
+                    Ok(OptionOutcome::Continue)
+                } else {
+                    Err(invalid("NBD_OPT_STRUCTURED_REPLY takes no data"))
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(w, state, opt, data).await?
+            }
+            _ => Err((REP_ERR_UNSUP, format!("option {opt} not supported"))),
+        };
+        match result {
+            Ok(OptionOutcome::Continue) => {
+                write_opt_reply(w, opt, REP_ACK, &[]).await?;
+                Ok(OptionOutcome::Continue)
+            }
+            Ok(done) => Ok(done),
+            Err((code, msg)) => {
+                write_opt_reply(w, opt, code, truncate(&msg, 4096).as_bytes()).await?;
+                Ok(OptionOutcome::Continue)
+            }
+        }
+    }
+
+    /// `NBD_OPT_INFO` and `NBD_OPT_GO`; the final ACK of GO is sent here.
+    async fn info_or_go<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        state: &Negotiation,
+        opt: u32,
+        data: &[u8],
+    ) -> Result<Result<OptionOutcome, (u32, String)>, ConnectionError> {
+        let mut c = Cursor(data);
+        let Some(name) = c.string() else {
+            return Ok(Err((REP_ERR_INVALID, "bad export name".into())));
+        };
+        let Some(n) = c.u16() else {
+            return Ok(Err((REP_ERR_INVALID, "missing information count".into())));
+        };
+        let mut wanted = Vec::new();
+        for _ in 0..n {
+            match c.u16() {
+                Some(i) => wanted.push(i),
+                None => return Ok(Err((REP_ERR_INVALID, "short information list".into()))),
+            }
+        }
+        if !c.0.is_empty() {
+            return Ok(Err((REP_ERR_INVALID, "trailing data".into())));
+        }
+        let intent = if opt == OPT_GO {
+            Intent::Serve
+        } else {
+            Intent::Query
+        };
+        let export = match self.open(name, intent).await {
+            Ok(e) => e,
+            Err(e) => return Ok(Err((rep_err(&e), e.to_string()))),
+        };
+        let dev = export.device.as_ref();
+        let mut info = Vec::new();
+        info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        info.extend_from_slice(&dev.size().to_be_bytes());
+        info.extend_from_slice(&Self::transmission_flags(dev, state.structured).to_be_bytes());
+        write_opt_reply(w, opt, REP_INFO, &info).await?;
+        if wanted.contains(&INFO_NAME) {
+            let mut b = INFO_NAME.to_be_bytes().to_vec();
+            b.extend_from_slice(name.as_bytes());
+            write_opt_reply(w, opt, REP_INFO, &b).await?;
+        }
+        if let (true, Some(d)) = (wanted.contains(&INFO_DESCRIPTION), &export.description) {
+            let mut b = INFO_DESCRIPTION.to_be_bytes().to_vec();
+            b.extend_from_slice(truncate(d, 4096).as_bytes());
+            write_opt_reply(w, opt, REP_INFO, &b).await?;
+        }
+        // Always sent: the client learns our limits whether it asked or not.
+        let sizes = self.block_sizes(dev);
+        let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        b.extend_from_slice(&sizes.min.to_be_bytes());
+        b.extend_from_slice(&sizes.preferred.to_be_bytes());
+        b.extend_from_slice(&sizes.max.to_be_bytes());
+        write_opt_reply(w, opt, REP_INFO, &b).await?;
+        if opt == OPT_GO {
+            write_opt_reply(w, opt, REP_ACK, &[]).await?;
+            Ok(Ok(OptionOutcome::Serve(export, name.to_owned())))
+        } else {
+            Ok(Ok(OptionOutcome::Continue))
+        }
+    }
+
+    /// The device's block sizes, clamped to what this server accepts.
+    fn block_sizes(&self, dev: &dyn BlockDevice) -> super::BlockSizes {
+        let mut s = dev.block_sizes();
+        s.min = s.min.clamp(1, 1 << 16);
+        s.max = s.max.min(self.config.max_payload).max(s.min);
+        s.preferred = s.preferred.clamp(s.min, s.max);
+        s
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: only
+    /// `base:allocation` exists.
+    async fn meta_context<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        state: &mut Negotiation,
+        opt: u32,
+        data: &[u8],
+    ) -> Result<Result<OptionOutcome, (u32, String)>, ConnectionError> {
+        let set = opt == OPT_SET_META_CONTEXT;
+        if set && !state.structured {
+            return Ok(Err((
+                REP_ERR_INVALID,
+                "structured replies must be negotiated first".into(),
+            )));
+        }
+        let mut c = Cursor(data);
+        let Some(name) = c.string() else {
+            return Ok(Err((REP_ERR_INVALID, "bad export name".into())));
+        };
+        let Some(n) = c.u32() else {
+            return Ok(Err((REP_ERR_INVALID, "missing query count".into())));
+        };
+        let mut selected = false;
+        for _ in 0..n {
+            let Some(q) = c.string() else {
+                return Ok(Err((REP_ERR_INVALID, "bad query".into())));
+            };
+            selected |= q == META_BASE_ALLOCATION || (!set && q == "base:");
+        }
+        if !c.0.is_empty() {
+            return Ok(Err((REP_ERR_INVALID, "trailing data".into())));
+        }
+        if !set && n == 0 {
+            selected = true;
+        }
+        if let Err(e) = self.open(name, Intent::Query).await {
+            return Ok(Err((rep_err(&e), e.to_string())));
+        }
+        if selected {
+            // A list reply carries no id the client could use; 0 says so.
+            let id = if set { META_ID_BASE_ALLOCATION } else { 0 };
+            let mut b = id.to_be_bytes().to_vec();
+            b.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            write_opt_reply(w, opt, REP_META_CONTEXT, &b).await?;
+        }
+        if set {
+            state.meta = Some((name.to_owned(), selected));
+        }
+        Ok(Ok(OptionOutcome::Continue))
+    }
+
+    async fn transmit<R, W>(&self, session: Session, mut r: R, w: W) -> Result<(), ConnectionError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.config;
+        let (tx, rx) = mpsc::channel::<Reply>(cfg.max_in_flight + 1);
+        let writer = tokio::spawn(write_replies(rx, w));
+        let count = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+        let page_budget = (cfg.max_in_flight_bytes / 4096).max(cfg.max_payload as usize / 4096 + 1);
+        let bytes = Arc::new(Semaphore::new(page_budget));
+        let dev = session.export.device.clone();
+        let ctx = Arc::new(Context {
+            dev: dev.clone(),
+            structured: session.structured,
+            base_allocation: session.base_allocation,
+            size: dev.size(),
+            sizes: self.block_sizes(dev.as_ref()),
+            read_only: dev.read_only(),
+            fast_zero: dev.can_fast_zero(),
+            max_payload: cfg.max_payload,
+        });
+        let mut tasks = JoinSet::new();
+        let result = loop {
+            while tasks.try_join_next().is_some() {}
+            let mut h = [0u8; 28];
+            match r.read_exact(&mut h).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e.into()),
+            }
+            let magic = u32::from_be_bytes(h[0..4].try_into().unwrap_or_default());
+            if magic != REQUEST_MAGIC {
+                break Err(ConnectionError::Protocol("bad request magic"));
+            }
+            let req = Request {
+                flags: u16::from_be_bytes([h[4], h[5]]),
+                typ: u16::from_be_bytes([h[6], h[7]]),
+                cookie: u64::from_be_bytes(h[8..16].try_into().unwrap_or_default()),
+                offset: u64::from_be_bytes(h[16..24].try_into().unwrap_or_default()),
+                len: u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
+            };
+            if req.typ == CMD_DISC {
+                break Ok(());
+            }
+            if req.typ == CMD_WRITE && req.len > cfg.max_payload {
+                // We will not hold the payload and cannot find the next request
+                // without reading it: the protocol allows closing here.
+                break Err(ConnectionError::Protocol("write payload too large"));
+            }
+            let data_len = match req.typ {
+                CMD_READ => req.len.min(cfg.max_payload),
+                CMD_WRITE => req.len,
+                _ => 0,
+            } as usize;
+            let Ok(p1) = count.clone().acquire_owned().await else {
+                break Ok(());
+            };
+            let p2 = if data_len > 0 {
+                let pages = (data_len / 4096 + 1) as u32;
+                match bytes.clone().acquire_many_owned(pages).await {
+                    Ok(p) => Some(p),
+                    Err(_) => break Ok(()),
+                }
+            } else {
+                None
+            };
+            let permits = (p1, p2);
+            let mut payload = Vec::new();
+            if req.typ == CMD_WRITE {
+                payload = vec![0; req.len as usize];
+                if let Err(e) = r.read_exact(&mut payload).await {
+                    break Err(e.into());
+                }
+            }
+            if let Err(error) = ctx.check(&req) {
+                let bytes = error_reply(ctx.structured, req.cookie, error, "");
+                if tx
+                    .send(Reply {
+                        bytes,
+                        _permits: permits,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break Ok(());
+                }
+                continue;
+            }
+            let ctx = ctx.clone();
+            let tx = tx.clone();
+            tasks.spawn_blocking(move || {
+                let bytes = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    ctx.execute(&req, &payload)
+                })) {
+                    Ok(b) => b,
+                    Err(_) => error_reply(ctx.structured, req.cookie, EIO, "backend panicked"),
+                };
+                let _ = tx.blocking_send(Reply {
+                    bytes,
+                    _permits: permits,
+                });
+            });
+        };
+        // Finish what was asked, make it durable, then let the writer drain and stop.
+        while tasks.join_next().await.is_some() {}
+        if result.is_ok() {
+            let dev = dev.clone();
+            let _ = tokio::task::spawn_blocking(move || dev.flush()).await;
+        }
+        drop(tx);
+        let _ = writer.await;
+        result
+    }
+}
+
+enum OptionOutcome {
+    Continue,
+    Abort,
+    Serve(Export, String),
+}
+
+/// Writes replies as they come, flushing when no more are waiting.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<Reply>,
+    w: W,
+) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 << 10, w);
+    while let Some(reply) = rx.recv().await {
+        w.write_all(&reply.bytes).await?;
+        drop(reply);
+        while let Ok(reply) = rx.try_recv() {
+            w.write_all(&reply.bytes).await?;
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
+}
+
+/// What a connection's requests are served against.
+struct Context {
+    dev: Arc<dyn BlockDevice>,
+    structured: bool,
+    base_allocation: bool,
+    size: u64,
+    sizes: super::BlockSizes,
+    read_only: bool,
+    fast_zero: bool,
+    max_payload: u32,
+}
+
+impl Context {
+    /// Validates a request against the negotiated session; the error is the NBD
+    /// error value to reply with.
+    fn check(&self, req: &Request) -> Result<(), u32> {
+        let allowed = match req.typ {
+            CMD_READ if self.structured => CMD_FLAG_DF,
+            CMD_READ | CMD_FLUSH | CMD_CACHE => 0,
+            CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => return Err(EINVAL),
+        };
+        if req.flags & !allowed != 0 {
+            return Err(EINVAL);
+        }
+        let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && self.read_only {
+            return Err(EPERM);
+        }
+        if req.typ == CMD_FLUSH {
+            return Ok(());
+        }
+        if req.len == 0 {
+            return Err(EINVAL);
+        }
+        match req.offset.checked_add(req.len as u64) {
+            Some(end) if end <= self.size => {}
+            _ if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) => return Err(ENOSPC),
+            _ => return Err(EINVAL),
+        }
+        let min = self.sizes.min as u64;
+        if req.typ != CMD_BLOCK_STATUS
+            && (!req.offset.is_multiple_of(min) || !(req.len as u64).is_multiple_of(min))
+        {
+            return Err(EINVAL);
+        }
+        match req.typ {
+            CMD_READ if req.len > self.max_payload => Err(EOVERFLOW),
+            CMD_READ | CMD_WRITE if req.len > self.sizes.max => Err(EINVAL),
+            CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 && !self.fast_zero => {
+                Err(ENOTSUP)
+            }
+            CMD_BLOCK_STATUS if !self.base_allocation => Err(EINVAL),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs a checked request on the device and encodes its reply.
+    fn execute(&self, req: &Request, payload: &[u8]) -> Vec<u8> {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let (off, len) = (req.offset, req.len as u64);
+        let done = |r: Result<(), DeviceError>| match r {
+            Ok(()) => ok_reply(self.structured, req.cookie),
+            Err(e) => error_reply(self.structured, req.cookie, errno(&e), &e.to_string()),
+        };
+        match req.typ {
+            CMD_READ => self.read(req),
+            CMD_WRITE => done(self.dev.write(off, payload, fua)),
+            CMD_FLUSH => done(self.dev.flush()),
+            CMD_TRIM => done(self.dev.trim(off, len, fua)),
+            CMD_CACHE => done(self.dev.cache(off, len)),
+            CMD_WRITE_ZEROES => done(self.dev.write_zeroes(
+                off,
+                len,
+                ZeroFlags {
+                    no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
+                    fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                    fua,
+                },
+            )),
+            CMD_BLOCK_STATUS => self.block_status(req),
+            _ => error_reply(self.structured, req.cookie, EINVAL, ""),
+        }
+    }
+
+    /// A read's reply is built around the buffer the device fills, so the data is
+    /// copied once.
+    fn read(&self, req: &Request) -> Vec<u8> {
+        let len = req.len as usize;
+        let mut b;
+        if self.structured {
+            b = Vec::with_capacity(28 + len);
+            chunk_header(
+                &mut b,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + len,
+            );
+            b.extend_from_slice(&req.offset.to_be_bytes());
+        } else {
+            b = simple_reply(req.cookie, 0, len);
+        }
+        let start = b.len();
+        b.resize(start + len, 0);
+        match self.dev.read(req.offset, &mut b[start..]) {
+            Ok(()) => b,
+            Err(e) => error_reply(self.structured, req.cookie, errno(&e), &e.to_string()),
+        }
+    }
+
+    fn block_status(&self, req: &Request) -> Vec<u8> {
+        let len = req.len as u64;
+        let extents = match self.dev.block_status(req.offset, len) {
+            Ok(e) => e,
+            Err(e) => {
+                return error_reply(self.structured, req.cookie, errno(&e), &e.to_string());
+            }
+        };
+        // Merge neighbours with equal flags and cut at the requested length, so a
+        // device answering loosely still yields a valid reply.
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut covered = 0u64;
+        for e in extents {
+            if covered >= len || e.len == 0 {
+                break;
+            }
+            let n = e.len.min(len - covered);
+            covered += n;
+            let flags =
+                (if e.hole { STATE_HOLE } else { 0 }) | (if e.zero { STATE_ZERO } else { 0 });
+            match out.last_mut() {
+                Some((l, f)) if *f == flags => *l += n as u32,
+                _ => out.push((n as u32, flags)),
+            }
+        }
+        if out.is_empty() {
+            return error_reply(
+                self.structured,
+                req.cookie,
+                EIO,
+                "device described no extent",
+            );
+        }
+        if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            out.truncate(1);
+        }
+        let mut b = Vec::with_capacity(24 + 8 * out.len());
+        chunk_header(
+            &mut b,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            4 + 8 * out.len(),
+        );
+        b.extend_from_slice(&META_ID_BASE_ALLOCATION.to_be_bytes());
+        for (l, f) in out {
+            b.extend_from_slice(&l.to_be_bytes());
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        b
+    }
+}
