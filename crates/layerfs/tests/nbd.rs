@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use layerfs::nbd::{
-    BlockDevice, Export, ExportError, Exports, Intent, MemoryDevice, Server, ServerConfig,
+    BlockDevice, BlockSizes, DeviceError, Export, ExportError, Exports, Extent, Intent,
+    MemoryDevice, Server, ServerConfig, ZeroFlags,
 };
 
 const MIB: u64 = 1 << 20;
@@ -44,6 +45,128 @@ impl Exports for TestExports {
             description: Some(format!("test export {name}")),
         })
     }
+}
+
+/// A device that promises less: no multi-conn, no trim, 512-byte blocks, and zeroing
+/// that is never fast.
+struct Limited(MemoryDevice);
+
+impl BlockDevice for Limited {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn can_trim(&self) -> bool {
+        false
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes {
+            min: 512,
+            preferred: 65536,
+            max: MIB as u32,
+        }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
+        self.0.write(offset, data, fua)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.0.flush()
+    }
+    fn trim(&self, _: u64, _: u64, _: bool) -> Result<(), DeviceError> {
+        panic!("trim was not advertised")
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), DeviceError> {
+        if flags.fast {
+            return Err(DeviceError::NotFast);
+        }
+        self.0.write_zeroes(offset, len, flags)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
+        self.0.block_status(offset, len)
+    }
+}
+
+/// Serves one `Limited` device under any name.
+struct OneExport(Arc<Limited>);
+
+impl Exports for OneExport {
+    fn list(&self) -> Result<Vec<(String, Option<String>)>, ExportError> {
+        Ok(vec![])
+    }
+    fn open(&self, _: &str, _: Intent) -> Result<Export, ExportError> {
+        Ok(Export {
+            device: self.0.clone(),
+            description: None,
+        })
+    }
+}
+
+#[test]
+fn flags_follow_what_the_device_promises() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = Server::new(
+        Arc::new(OneExport(Arc::new(Limited(MemoryDevice::new(4 * MIB))))),
+        ServerConfig::default(),
+    );
+    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&socket).unwrap() });
+    rt.spawn(async move { server.serve_unix(listener).await });
+    let uri = format!("nbd+unix:///x?socket={}", socket.display());
+    let json: serde_json::Value = serde_json::from_str(&ok("nbdinfo", &["--json", &uri])).unwrap();
+    let e = &json["exports"][0];
+    for (k, v) in [
+        ("can_multi_conn", false),
+        ("can_trim", false),
+        ("can_fast_zero", true),
+        ("can_zero", true),
+        ("is_read_only", false),
+    ] {
+        assert_eq!(e[k], v, "{k}: {e}");
+    }
+    assert_eq!(e["block_size_minimum"], 512);
+    assert_eq!(e["block_size_preferred"], 65536);
+    assert_eq!(e["block_size_maximum"], MIB);
+    assert_eq!(
+        run("nbdinfo", &["--can", "multi-conn", &uri]).status.code(),
+        Some(2)
+    );
+    // A fast zero the device cannot do fast is ENOTSUP; a plain one works; an
+    // unadvertised trim is EINVAL and never reaches the device.
+    let (mut s, _, _) = connect(&socket, "x", true);
+    s.write_all(&[request(0, 1, 1, 0, 4096), vec![7; 4096]].concat())
+        .unwrap();
+    assert_eq!(reply(&mut s, true, 1).unwrap().0, 0);
+    s.write_all(&request(0x10, 6, 2, 0, 4096)).unwrap();
+    assert_eq!(reply(&mut s, true, 2).unwrap().0, 95);
+    s.write_all(&request(0, 4, 3, 0, 4096)).unwrap();
+    assert_eq!(reply(&mut s, true, 3).unwrap().0, 22);
+    s.write_all(&request(0, 0, 4, 0, 4096)).unwrap();
+    assert_eq!(reply(&mut s, true, 4).unwrap().1[8..], [7; 4096]);
+    s.write_all(&request(0, 6, 5, 0, 4096)).unwrap();
+    assert_eq!(reply(&mut s, true, 5).unwrap().0, 0);
+    s.write_all(&request(0, 0, 6, 0, 4096)).unwrap();
+    assert_eq!(reply(&mut s, true, 6).unwrap().1[8..], [0; 4096]);
+    // Larger than the device's maximum block size.
+    s.write_all(&request(0, 0, 7, 0, 2 << 20)).unwrap();
+    assert_eq!(reply(&mut s, true, 7).unwrap().0, 22);
+    // qemu-io honours the 512-byte minimum by read-modify-write.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x33 100 1000",
+            "-c",
+            "read -P 0x33 100 1000",
+            "-c",
+            "read -P 0 0 100",
+            &uri,
+        ],
+    );
 }
 
 /// A server on a temporary Unix socket and a random loopback TCP port.

@@ -687,6 +687,7 @@ impl Server {
             sizes: self.block_sizes(dev.as_ref()),
             read_only: dev.read_only(),
             fast_zero: dev.can_fast_zero(),
+            trim: dev.can_trim(),
             max_payload: cfg.max_payload,
         });
         let mut tasks = JoinSet::new();
@@ -815,6 +816,7 @@ struct Context {
     sizes: super::BlockSizes,
     read_only: bool,
     fast_zero: bool,
+    trim: bool,
     max_payload: u32,
 }
 
@@ -857,9 +859,11 @@ impl Context {
         match req.typ {
             CMD_READ if req.len > self.max_payload => Err(EOVERFLOW),
             CMD_READ | CMD_WRITE if req.len > self.sizes.max => Err(EINVAL),
+            // Features not advertised may not be used.
             CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 && !self.fast_zero => {
-                Err(ENOTSUP)
+                Err(EINVAL)
             }
+            CMD_TRIM if !self.trim => Err(EINVAL),
             CMD_BLOCK_STATUS if !self.base_allocation => Err(EINVAL),
             _ => Ok(()),
         }
