@@ -11,14 +11,17 @@
 //! | `refs` | `name:tag` | image digest |
 //! | `layer_refs` | layer digest | empty: a layer imported on its own, kept by GC |
 //! | `meta` | utf-8 key | format version and other store facts |
+//! | `volumes` | volume id (8 B BE) | volume record (volume.rs) |
+//! | `volume_names` | volume name | volume id (8 B BE) |
+//! | `block_map` | volume id ‖ extent index ‖ !generation (8 B BE each) | chunk digest, or 1 B zero marker |
 //!
-//! Later families (volumes, block maps) are added here and nowhere else.
+//! Later families are added here and nowhere else.
 
 use std::path::Path;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options,
-    WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, DBRawIterator,
+    IteratorMode, Options, ReadOptions, ReadTier, WriteBatch, WriteOptions,
 };
 
 use crate::error::Result;
@@ -38,10 +41,13 @@ pub(crate) enum Cf {
     Refs,
     LayerRefs,
     Meta,
+    Volumes,
+    VolumeNames,
+    BlockMap,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 9] = [
+    pub(crate) const ALL: [Cf; 12] = [
         Cf::Chunks,
         Cf::ChunkIndex,
         Cf::Blobs,
@@ -51,6 +57,9 @@ impl Cf {
         Cf::Refs,
         Cf::LayerRefs,
         Cf::Meta,
+        Cf::Volumes,
+        Cf::VolumeNames,
+        Cf::BlockMap,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -64,6 +73,9 @@ impl Cf {
             Cf::Refs => "refs",
             Cf::LayerRefs => "layer_refs",
             Cf::Meta => "meta",
+            Cf::Volumes => "volumes",
+            Cf::VolumeNames => "volume_names",
+            Cf::BlockMap => "block_map",
         }
     }
 }
@@ -110,12 +122,58 @@ impl Batch {
         self.entries += 1;
     }
 
+    /// Deletes every key in `[from, to)` (one range tombstone).
+    pub(crate) fn delete_range(&mut self, db: &Db, cf: Cf, from: &[u8], to: &[u8]) {
+        self.wb.delete_range_cf(db.handle(cf), from, to);
+        self.entries += 1;
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.entries == 0
     }
 
     pub(crate) fn size_in_bytes(&self) -> usize {
         self.wb.size_in_bytes()
+    }
+}
+
+/// A positioned reader over a key range (see [`Db::cursor`]).
+pub(crate) struct Cursor<'a> {
+    it: DBRawIterator<'a>,
+}
+
+impl std::fmt::Debug for Cursor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cursor").finish_non_exhaustive()
+    }
+}
+
+impl Cursor<'_> {
+    /// Moves to the first key at or after `key`; returns it and its value, if any.
+    pub(crate) fn seek(&mut self, key: &[u8]) -> Result<Option<(&[u8], &[u8])>> {
+        self.it.seek(key);
+        self.current()
+    }
+
+    /// Moves to the next key.
+    pub(crate) fn next(&mut self) -> Result<Option<(&[u8], &[u8])>> {
+        self.it.next();
+        self.current()
+    }
+
+    /// Moves to the first key of the range.
+    pub(crate) fn first(&mut self) -> Result<Option<(&[u8], &[u8])>> {
+        self.it.seek_to_first();
+        self.current()
+    }
+
+    fn current(&self) -> Result<Option<(&[u8], &[u8])>> {
+        if self.it.valid() {
+            Ok(self.it.key().zip(self.it.value()))
+        } else {
+            self.it.status()?;
+            Ok(None)
+        }
     }
 }
 
@@ -185,6 +243,42 @@ impl Db {
             return Ok(false);
         }
         Ok(self.db.get_pinned_cf(h, key)?.is_some())
+    }
+
+    /// Whether a key is stored durably: present, and not only in a memtable filled by
+    /// [`Db::write_unlogged`] that a crash would lose. RocksDB's persisted read tier skips
+    /// the memtables entirely once any write in this process skipped the WAL, so after an
+    /// import this answers false for keys still in memtables (the caller then writes the
+    /// value again, logged): conservative, never wrong.
+    pub(crate) fn contains_durable(&self, cf: Cf, key: &[u8]) -> Result<bool> {
+        let h = self.handle(cf);
+        if !self.db.key_may_exist_cf(h, key) {
+            return Ok(false);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_read_tier(ReadTier::Persisted);
+        Ok(self.db.get_pinned_cf_opt(h, key, &ro)?.is_some())
+    }
+
+    /// Makes every logged write so far durable (fsyncs the write-ahead log).
+    pub(crate) fn sync_wal(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// A cursor over `[lower, upper)` of a family (unbounded where `None`), for seeks and
+    /// short scans (block map lookups).
+    pub(crate) fn cursor(&self, cf: Cf, lower: Option<&[u8]>, upper: Option<&[u8]>) -> Cursor<'_> {
+        let mut ro = ReadOptions::default();
+        if let Some(l) = lower {
+            ro.set_iterate_lower_bound(l.to_vec());
+        }
+        if let Some(u) = upper {
+            ro.set_iterate_upper_bound(u.to_vec());
+        }
+        Cursor {
+            it: self.db.raw_iterator_cf_opt(self.handle(cf), ro),
+        }
     }
 
     /// Applies a batch. `sync` makes it, and every write before it, durable before return.

@@ -117,6 +117,9 @@ pub enum Error {
         /// The rule it breaks.
         reason: &'static str,
     },
+    /// A volume operation failed (names the volume or snapshot).
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
     /// The operation was refused because of its target's state.
     #[error("{0}")]
     Refused(String),

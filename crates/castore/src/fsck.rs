@@ -36,11 +36,19 @@ pub struct FsckReport {
     pub images: u64,
     /// References checked.
     pub refs: u64,
+    /// Volume records checked.
+    pub volumes: u64,
+    /// Block map entries checked.
+    pub extents: u64,
     /// Everything broken; empty means the store is consistent.
     pub problems: Vec<Problem>,
 }
 
 impl FsckReport {
+    pub(crate) fn problem(&mut self, object: &str, name: impl ToString, problem: impl ToString) {
+        self.add(object, name, problem);
+    }
+
     /// Whether nothing is broken.
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
@@ -193,6 +201,7 @@ impl Store {
                 r.add("layer ref", d, "layer is missing or broken");
             }
         }
+        self.fsck_volumes(&chunks, &mut r)?;
         Ok(r)
     }
 

@@ -1,8 +1,9 @@
 //! Garbage collection: mark everything reachable from the roots, sweep the rest.
 //!
-//! Roots: image references, layers imported on their own, digests pinned by callers (live
-//! mounts, volumes and snapshots, added by later crates through [`GcRoots`]), and the
-//! claims of imports in flight. The sweep deletes top-down (images, layers, trees, blobs,
+//! Roots: image references, layers imported on their own, every chunk a volume block map
+//! names (volumes, their snapshots and the snapshots clones read through), digests pinned
+//! by callers (live mounts, through [`GcRoots`]), and the claims of imports and volume
+//! writes in flight. The sweep deletes top-down (images, layers, trees, blobs,
 //! then chunks), each step a synced batch, so a crash at any point leaves no surviving
 //! object pointing at a deleted one.
 
@@ -16,7 +17,7 @@ use crate::model::{FileData, Kind, Segment};
 use crate::store::Store;
 
 /// Extra roots supplied by the caller: trees, images, layers, blobs or chunks in use
-/// elsewhere (e.g. a live mount's image, a volume's extents).
+/// elsewhere (e.g. a live mount's image). Volumes need none: GC reads block maps itself.
 #[derive(Debug, Default, Clone)]
 pub struct GcRoots {
     /// Images kept with everything below them.
@@ -165,6 +166,11 @@ impl Store {
         for d in &roots.chunks {
             m.first(*d);
         }
+        // Volume writes hold claims until their block map entries are written, so an
+        // entry written after this scan is protected the way an import's names are.
+        self.volume_chunks(|d| {
+            m.first(d);
+        })?;
         let reachable = m.seen;
         let mut report = GcReport {
             kept: reachable.len() as u64,

@@ -7,8 +7,9 @@
 //! walk the same graph.
 //!
 //! castore owns chunking, digests, compression, the RocksDB store, the object model,
-//! import, export, GC, fsck and stats. It knows nothing of FUSE, NBD, volumes'
-//! lifecycle or scheduling: those crates build on it, and a test checks that it pulls
+//! import, export, block volumes (block maps of chunks, versioned so snapshots and clones
+//! are O(1)), GC, fsck and stats. It knows nothing of FUSE, NBD, volumes' lifecycle
+//! (attachments, access enforcement) or scheduling: those crates build on it, and a test checks that it pulls
 //! none of them in. RocksDB is named only in the private `db` module.
 
 mod chunker;
@@ -28,6 +29,7 @@ mod stats;
 mod store;
 mod tarfmt;
 mod views;
+mod volume;
 
 pub mod testing;
 
@@ -48,3 +50,8 @@ pub use refname::validate as validate_ref;
 pub use stats::Stats;
 pub use store::Store;
 pub use views::{ImageDetail, ImageSummary, LayerSummary};
+pub use volume::{
+    AccessMode, BLOCK_STATUS_MAX_EXTENTS, BlockStatus, DEFAULT_EXTENT_SIZE, MAX_EXTENT_SIZE,
+    MIN_EXTENT_SIZE, SECTOR_SIZE, SnapshotInfo, Volume, VolumeError, VolumeInfo, VolumeOrigin,
+    VolumeSpec, VolumeSummary, validate_volume_name,
+};

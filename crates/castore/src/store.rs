@@ -35,6 +35,8 @@ pub struct Store {
     _lock: File,
     pub(crate) live: Mutex<Live>,
     next_claim: AtomicU64,
+    /// Volumes open in this process (volume/mod.rs).
+    pub(crate) volumes: crate::volume::Registry,
 }
 
 /// Digests in use by work that has not committed a reference yet.
@@ -152,6 +154,7 @@ impl Store {
             _lock: lock,
             live: Mutex::new(Live::default()),
             next_claim: AtomicU64::new(1),
+            volumes: crate::volume::Registry::default(),
         })
     }
 

@@ -1,0 +1,997 @@
+//! Block volumes: a size plus a block map of fixed power-of-two extents, each a chunk
+//! (deduplicated with every other chunk of the store) or "zero", versioned by generation.
+//!
+//! **Block map.** Key `volume id ‖ extent ‖ !generation` (8 B big-endian each), value a
+//! chunk digest or the 1-byte zero marker. Writes put `(vol, e, !current)`; reading
+//! extent `e` at generation `g` is one seek to `(vol, e, !g)`: the first key with the
+//! same `(vol, e)` is the newest version at or below `g`. A snapshot records
+//! `name → current` and bumps the current generation (one record write, no chunk); a
+//! clone is a new volume whose parent is `(volume, snapshot generation)`, and reads fall
+//! back along that chain when the clone has no version of an extent (also O(1)).
+//! Volume ids are internal `u64`s, so names never appear in block map keys.
+//!
+//! **Invariant (sizes):** at every generation a reader can see, every byte at or beyond
+//! the volume's size at that generation reads as zero. Shrinking keeps it by writing zero
+//! markers (and zeroing the tail of the boundary extent) at the current generation, so a
+//! later grow shows zeros and snapshots keep their bytes.
+//!
+//! **Invariant (versions):** only the current generation is ever written; versions at
+//! older generations are immutable until no live reader (a snapshot, the current
+//! generation, or a clone's base, which is always a live snapshot) can see them, when
+//! deleting a snapshot prunes them. GC marks every chunk named by the block map.
+//!
+//! The admin operations (create, snapshot, clone, resize, delete) live here; reads and
+//! writes of bytes in [`io`] through [`Volume`] handles.
+
+mod check;
+mod io;
+mod record;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::Serialize;
+
+pub use io::{BLOCK_STATUS_MAX_EXTENTS, BlockStatus, Volume};
+
+use crate::Digest;
+use crate::db::{Batch, Cf};
+use crate::error::{Error, Result};
+use crate::read::ChunkCache;
+use crate::store::Store;
+pub(crate) use record::parse_key;
+use record::{Extent, Record, Snap};
+
+/// Default extent size: a chunk per 64 KiB of volume. A constant so that benchmarks can
+/// move it; each volume records its own, so changing it affects only new volumes.
+pub const DEFAULT_EXTENT_SIZE: u32 = 64 << 10;
+/// Smallest extent size accepted.
+pub const MIN_EXTENT_SIZE: u32 = 4 << 10;
+/// Largest extent size accepted: an extent is read back through [`Store::chunk`], which
+/// bounds decompression by the largest chunk FastCDC cuts.
+pub const MAX_EXTENT_SIZE: u32 = crate::chunker::MAX_SIZE;
+/// Volume sizes are whole sectors.
+pub const SECTOR_SIZE: u64 = 512;
+
+const NEXT_ID_KEY: &[u8] = b"volume_next_id";
+
+/// Who may attach a volume, recorded for volumed (which enforces it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessMode {
+    /// One read-write attachment at a time.
+    Rwo = 0,
+    /// Many read-write attachments.
+    Rwx = 1,
+    /// Many read-only attachments.
+    Rox = 2,
+}
+
+impl AccessMode {
+    /// Parses `rwo`, `rwx` or `rox` (any case).
+    pub fn parse(s: &str) -> Option<AccessMode> {
+        match s.to_ascii_lowercase().as_str() {
+            "rwo" => Some(AccessMode::Rwo),
+            "rwx" => Some(AccessMode::Rwx),
+            "rox" => Some(AccessMode::Rox),
+            _ => None,
+        }
+    }
+
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::Rwo => "rwo",
+            AccessMode::Rwx => "rwx",
+            AccessMode::Rox => "rox",
+        }
+    }
+
+    fn from_u8(b: u8) -> Option<AccessMode> {
+        [AccessMode::Rwo, AccessMode::Rwx, AccessMode::Rox]
+            .get(usize::from(b))
+            .copied()
+    }
+}
+
+/// What went wrong with a volume operation; every variant names its volume.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VolumeError {
+    /// No volume has this name.
+    #[error("no such volume: {volume}")]
+    NotFound {
+        /// The name asked for.
+        volume: String,
+    },
+    /// The volume has no snapshot of this name.
+    #[error("volume {volume} has no snapshot {snapshot}")]
+    SnapshotNotFound {
+        /// The volume.
+        volume: String,
+        /// The snapshot asked for.
+        snapshot: String,
+    },
+    /// A volume of this name exists.
+    #[error("volume {volume} already exists")]
+    Exists {
+        /// The name.
+        volume: String,
+    },
+    /// The volume already has a snapshot of this name.
+    #[error("volume {volume} already has a snapshot {snapshot}")]
+    SnapshotExists {
+        /// The volume.
+        volume: String,
+        /// The snapshot name.
+        snapshot: String,
+    },
+    /// A volume or snapshot name breaks the naming rules.
+    #[error("invalid volume or snapshot name {name:?}: {reason}")]
+    BadName {
+        /// What was given.
+        name: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A size or extent size is not acceptable.
+    #[error("volume {volume}: {reason}")]
+    BadSize {
+        /// The volume.
+        volume: String,
+        /// What is wrong with the size.
+        reason: String,
+    },
+    /// An access beyond the end of the volume.
+    #[error("volume {volume}: {len} bytes at offset {offset} reach past its size {size}")]
+    OutOfRange {
+        /// The volume (or `volume@snapshot`).
+        volume: String,
+        /// Where the access started.
+        offset: u64,
+        /// How long it was.
+        len: u64,
+        /// The volume's size.
+        size: u64,
+    },
+    /// A write to a snapshot.
+    #[error("{volume}@{snapshot} is a snapshot and cannot be written")]
+    ReadOnly {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        snapshot: String,
+    },
+    /// Deleting a volume that has snapshots, without cascade.
+    #[error(
+        "volume {volume} has snapshots ({}); delete them first or cascade",
+        snapshots.join(", ")
+    )]
+    HasSnapshots {
+        /// The volume.
+        volume: String,
+        /// Its snapshots.
+        snapshots: Vec<String>,
+    },
+    /// Deleting a snapshot (or volume) that clones depend on, without cascade.
+    #[error(
+        "{volume}@{snapshot} has clones ({}); delete them first or cascade",
+        clones.join(", ")
+    )]
+    HasClones {
+        /// The volume.
+        volume: String,
+        /// The snapshot the clones were made from.
+        snapshot: String,
+        /// The clones.
+        clones: Vec<String>,
+    },
+    /// A resize that would shrink, without the shrink flag.
+    #[error(
+        "volume {volume}: resizing from {size} to {new_size} bytes would discard data; shrink must be asked for explicitly"
+    )]
+    ShrinkRefused {
+        /// The volume.
+        volume: String,
+        /// Its size.
+        size: u64,
+        /// The size asked for.
+        new_size: u64,
+    },
+    /// A block map entry that does not decode (a bug or a foreign store).
+    #[error("volume id {id}: block map entry of extent {extent} cannot be decoded")]
+    BadEntry {
+        /// The internal volume id.
+        id: u64,
+        /// The extent.
+        extent: u64,
+    },
+    /// A volume record that does not decode (a bug or a foreign store).
+    #[error("volume record {id} cannot be decoded")]
+    BadRecord {
+        /// The internal volume id.
+        id: u64,
+    },
+}
+
+/// What [`Store::create_volume`] makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Name: like an image name's components (`a-z 0-9 . _ -`, 1 to 128 characters).
+    pub name: String,
+    /// Size in bytes, a multiple of [`SECTOR_SIZE`].
+    pub size: u64,
+    /// Extent size, a power of two in [`MIN_EXTENT_SIZE`]..=[`MAX_EXTENT_SIZE`].
+    pub extent_size: u32,
+    /// Access mode.
+    pub mode: AccessMode,
+    /// Per-instance template count (`NAME-0`, `NAME-1`, … stamped by volumed).
+    pub instances: Option<u32>,
+}
+
+impl VolumeSpec {
+    /// An RWO volume with the default extent size.
+    pub fn new(name: impl Into<String>, size: u64) -> VolumeSpec {
+        VolumeSpec {
+            name: name.into(),
+            size,
+            extent_size: DEFAULT_EXTENT_SIZE,
+            mode: AccessMode::Rwo,
+            instances: None,
+        }
+    }
+}
+
+/// A clone's origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeOrigin {
+    /// The volume cloned.
+    pub volume: String,
+    /// Its snapshot the clone started from.
+    pub snapshot: String,
+}
+
+/// One snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    /// Its name (exported as `VOLUME@NAME`).
+    pub name: String,
+    /// The generation it names.
+    pub generation: u64,
+    /// The volume's size when it was taken.
+    pub size: u64,
+    /// When it was taken (Unix seconds).
+    pub created: u64,
+    /// Volumes cloned from it.
+    pub clones: Vec<String>,
+}
+
+/// One volume, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeSummary {
+    /// Its name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Extent size in bytes.
+    pub extent_size: u64,
+    /// Access mode.
+    pub mode: AccessMode,
+    /// Per-instance template count.
+    pub instances: Option<u32>,
+    /// The generation writes go to.
+    pub generation: u64,
+    /// Number of snapshots.
+    pub snapshots: usize,
+    /// For clones: where from.
+    pub origin: Option<VolumeOrigin>,
+    /// When it was created (Unix seconds).
+    pub created: u64,
+}
+
+/// Everything `volume inspect` shows that the store knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeInfo {
+    /// The listing facts.
+    #[serde(flatten)]
+    pub summary: VolumeSummary,
+    /// Its snapshots, oldest first.
+    pub snapshot_list: Vec<SnapshotInfo>,
+    /// Bytes of extents holding a chunk at the current generation (inherited ones too).
+    pub allocated_bytes: u64,
+    /// Stored (compressed) bytes of the chunks that only this volume's own block map
+    /// names (its current data and its snapshots): roughly what deleting it with its
+    /// snapshots would free. Approximate: chunks any other volume's block map names, or
+    /// that a clone reads through one of its snapshots (even where the clone has since
+    /// overwritten the extent), count as shared; image chunks are not consulted (an image
+    /// chunk equals an extent only when FastCDC cut exactly an extent's bytes).
+    pub unique_bytes: u64,
+}
+
+/// Per-process state of one volume, shared by all its handles.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) id: u64,
+    /// Writers and readers hold it shared; snapshot, resize and delete exclusively, so a
+    /// snapshot never splits a write and a resize never races one.
+    pub(crate) state: RwLock<State>,
+    /// Extent locks (striped): a read-modify-write holds its extents' stripes.
+    pub(crate) stripes: Box<[Mutex<()>]>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) rec: Record,
+    /// The clone chain above this volume: (parent id, generation, size), nearest first.
+    pub(crate) ancestors: Vec<Level>,
+    pub(crate) deleted: bool,
+}
+
+/// One step of a read: a volume's block map at a generation, with its size there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Level {
+    pub(crate) id: u64,
+    pub(crate) generation: u64,
+    pub(crate) size: u64,
+}
+
+const STRIPES: usize = 256;
+
+/// The volumes of one store as this process sees them.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    /// Serialises admin operations (create, snapshot, clone, resize, delete, open).
+    pub(crate) admin: Mutex<()>,
+    open: Mutex<HashMap<u64, Arc<Shared>>>,
+    /// Decompressed, verified extents, shared by all volumes.
+    pub(crate) cache: ChunkCache,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks a volume or snapshot name: 1 to 128 of `a-z 0-9 . _ -`, starting with a letter
+/// or digit. No `/`, `:` or `@`, so `VOLUME@SNAPSHOT` export names are unambiguous.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Error::from(VolumeError::BadName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > 128 {
+        return Err(bad("must be 1 to 128 characters"));
+    }
+    if !name
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c))
+    {
+        return Err(bad("may hold only a-z, 0-9 and . _ -"));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(bad("must start with a letter or digit"));
+    }
+    Ok(())
+}
+
+fn check_size(volume: &str, size: u64) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+        return Err(VolumeError::BadSize {
+            volume: volume.to_string(),
+            reason: format!("size {size} must be a positive multiple of {SECTOR_SIZE} bytes"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+pub(crate) fn extents(size: u64, shift: u8) -> u64 {
+    size.div_ceil(1 << shift)
+}
+
+impl Store {
+    fn volume_id(&self, name: &str) -> Result<u64> {
+        let v = self
+            .db
+            .get(Cf::VolumeNames, name.as_bytes())?
+            .ok_or_else(|| VolumeError::NotFound {
+                volume: name.to_string(),
+            })?;
+        let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| VolumeError::NotFound {
+            volume: name.to_string(),
+        })?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    pub(crate) fn volume_record(&self, id: u64) -> Result<Option<Record>> {
+        match self.db.get(Cf::Volumes, &id.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => Record::decode(&v)
+                .map(Some)
+                .map_err(|_| VolumeError::BadRecord { id }.into()),
+        }
+    }
+
+    /// Every volume record, by id.
+    pub(crate) fn volume_records(&self) -> Result<Vec<(u64, Record)>> {
+        let mut out = Vec::new();
+        for kv in self.db.entries(Cf::Volumes) {
+            let (k, v) = kv?;
+            let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
+            out.push((
+                id,
+                Record::decode(&v).map_err(|_| VolumeError::BadRecord { id })?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The shared state of volume `id`, loaded on first use.
+    pub(crate) fn volume_shared(&self, id: u64) -> Result<Arc<Shared>> {
+        let mut open = self.volumes.open.lock().expect("volume registry lock");
+        if let Some(s) = open.get(&id) {
+            return Ok(s.clone());
+        }
+        let rec = self
+            .volume_record(id)?
+            .ok_or(VolumeError::BadRecord { id })?;
+        let mut ancestors = Vec::new();
+        let mut next = rec.parent;
+        while let Some((pid, generation)) = next {
+            let p = self
+                .volume_record(pid)?
+                .ok_or(VolumeError::BadRecord { id: pid })?;
+            let size = p
+                .snapshots
+                .iter()
+                .find(|s| s.generation == generation)
+                .map_or(0, |s| s.size);
+            ancestors.push(Level {
+                id: pid,
+                generation,
+                size,
+            });
+            next = p.parent;
+        }
+        let shared = Arc::new(Shared {
+            id,
+            state: RwLock::new(State {
+                rec,
+                ancestors,
+                deleted: false,
+            }),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        });
+        open.insert(id, shared.clone());
+        Ok(shared)
+    }
+
+    /// Creates an empty volume (every byte reads as zero).
+    pub fn create_volume(&self, spec: &VolumeSpec) -> Result<VolumeSummary> {
+        validate_volume_name(&spec.name)?;
+        check_size(&spec.name, spec.size)?;
+        let es = spec.extent_size;
+        if !es.is_power_of_two() || !(MIN_EXTENT_SIZE..=MAX_EXTENT_SIZE).contains(&es) {
+            return Err(VolumeError::BadSize {
+                volume: spec.name.clone(),
+                reason: format!(
+                    "extent size {es} must be a power of two from {MIN_EXTENT_SIZE} to {MAX_EXTENT_SIZE}"
+                ),
+            }
+            .into());
+        }
+        let rec = Record {
+            name: spec.name.clone(),
+            size: spec.size,
+            extent_shift: es.trailing_zeros() as u8,
+            mode: spec.mode,
+            instances: spec.instances.unwrap_or(0),
+            parent: None,
+            generation: 1,
+            created: now(),
+            snapshots: Vec::new(),
+        };
+        let _admin = self.volumes.admin.lock().expect("volume admin lock");
+        self.insert_volume(&rec)?;
+        Ok(self.summary(&rec, &HashMap::new()))
+    }
+
+    /// Writes a new volume record and its name (admin lock held).
+    fn insert_volume(&self, rec: &Record) -> Result<u64> {
+        if self.db.contains(Cf::VolumeNames, rec.name.as_bytes())? {
+            return Err(VolumeError::Exists {
+                volume: rec.name.clone(),
+            }
+            .into());
+        }
+        let id = match self.db.get(Cf::Meta, NEXT_ID_KEY)? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8])).max(1),
+            None => 1,
+        };
+        let mut b = Batch::new();
+        b.put(&self.db, Cf::Meta, NEXT_ID_KEY, &(id + 1).to_be_bytes());
+        b.put(&self.db, Cf::Volumes, &id.to_be_bytes(), &rec.encode());
+        b.put(
+            &self.db,
+            Cf::VolumeNames,
+            rec.name.as_bytes(),
+            &id.to_be_bytes(),
+        );
+        self.db.write(b, true)?;
+        Ok(id)
+    }
+
+    fn summary(&self, rec: &Record, names: &HashMap<u64, Record>) -> VolumeSummary {
+        let origin = rec.parent.and_then(|(pid, generation)| {
+            let p = names.get(&pid)?;
+            let s = p.snapshots.iter().find(|s| s.generation == generation)?;
+            Some(VolumeOrigin {
+                volume: p.name.clone(),
+                snapshot: s.name.clone(),
+            })
+        });
+        VolumeSummary {
+            name: rec.name.clone(),
+            size: rec.size,
+            extent_size: rec.extent_size(),
+            mode: rec.mode,
+            instances: (rec.instances > 0).then_some(rec.instances),
+            generation: rec.generation,
+            snapshots: rec.snapshots.len(),
+            origin,
+            created: rec.created,
+        }
+    }
+
+    /// Every volume, sorted by name.
+    pub fn volumes(&self) -> Result<Vec<VolumeSummary>> {
+        let all: HashMap<u64, Record> = self.volume_records()?.into_iter().collect();
+        let mut out: Vec<_> = all.values().map(|r| self.summary(r, &all)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// A volume's snapshots, oldest first, each with the clones made from it.
+    pub fn volume_snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>> {
+        let id = self.volume_id(name)?;
+        let all: HashMap<u64, Record> = self.volume_records()?.into_iter().collect();
+        let rec = all.get(&id).ok_or_else(|| VolumeError::NotFound {
+            volume: name.to_string(),
+        })?;
+        Ok(rec
+            .snapshots
+            .iter()
+            .map(|s| SnapshotInfo {
+                name: s.name.clone(),
+                generation: s.generation,
+                size: s.size,
+                created: s.created,
+                clones: clones_of(&all, id, s.generation),
+            })
+            .collect())
+    }
+
+    /// Size, mode, generation, snapshots, allocated and unique bytes of a volume. Reads the
+    /// volume's block map (and, for unique bytes, every other volume's): for inspection,
+    /// not for a hot path.
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let id = self.volume_id(name)?;
+        let all: HashMap<u64, Record> = self.volume_records()?.into_iter().collect();
+        let rec = all.get(&id).ok_or_else(|| VolumeError::NotFound {
+            volume: name.to_string(),
+        })?;
+        let shared = self.volume_shared(id)?;
+        let allocated = {
+            let st = shared.state.read().expect("volume state lock");
+            let mut levels = vec![Level {
+                id,
+                generation: st.rec.generation,
+                size: st.rec.size,
+            }];
+            levels.extend(st.ancestors.iter().copied());
+            let mut n = 0u64;
+            let mut cursor = self.db.cursor(Cf::BlockMap, None, None);
+            for e in self.chain_extents(&levels, 0, extents(st.rec.size, st.rec.extent_shift))? {
+                if let Extent::Chunk(_) = io::lookup(&mut cursor, &levels, e, st.rec.extent_shift)?
+                {
+                    n += 1;
+                }
+            }
+            n * st.rec.extent_size()
+        };
+        // Unique bytes: own chunks, minus those another volume names or a clone reads.
+        let clone_bases: BTreeSet<u64> = all
+            .values()
+            .filter_map(|c| c.parent.filter(|(p, _)| *p == id).map(|(_, g)| g))
+            .collect();
+        let mut own: HashMap<Digest, bool> = HashMap::new(); // digest → shared
+        let lower = record::extent_start(id, 0);
+        let upper = record::extent_start(id + 1, 0);
+        let mut cursor = self
+            .db
+            .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]));
+        let mut entry = cursor.first()?;
+        // Versions of one extent, newest first: the one a clone base sees is the first
+        // with generation <= base.
+        let mut current: Option<(u64, Vec<(u64, Extent)>)> = None;
+        let finish = |versions: &[(u64, Extent)], own: &mut HashMap<Digest, bool>| {
+            for (i, (g, ext)) in versions.iter().enumerate() {
+                let Extent::Chunk(d) = ext else { continue };
+                let newer = if i == 0 { u64::MAX } else { versions[i - 1].0 };
+                let seen_by_clone = clone_bases.range(*g..newer).next().is_some();
+                let shared = own.entry(*d).or_insert(false);
+                *shared |= seen_by_clone;
+            }
+        };
+        while let Some((k, v)) = entry {
+            if let (Some((_, e, g)), Some(ext)) = (parse_key(k), Extent::decode(v)) {
+                match &mut current {
+                    Some((ce, versions)) if *ce == e => versions.push((g, ext)),
+                    _ => {
+                        if let Some((_, versions)) = current.take() {
+                            finish(&versions, &mut own);
+                        }
+                        current = Some((e, vec![(g, ext)]));
+                    }
+                }
+            }
+            entry = cursor.next()?;
+        }
+        if let Some((_, versions)) = current.take() {
+            finish(&versions, &mut own);
+        }
+        drop(cursor);
+        for kv in self.db.entries(Cf::BlockMap) {
+            let (k, v) = kv?;
+            if let (Some((vid, _, _)), Some(Extent::Chunk(d))) = (parse_key(&k), Extent::decode(&v))
+                && vid != id
+                && let Some(shared) = own.get_mut(&d)
+            {
+                *shared = true;
+            }
+        }
+        let mut unique = 0;
+        for (d, shared) in own {
+            if !shared && let Some(v) = self.db.get(Cf::ChunkIndex, &d.0)? {
+                unique += Store::chunk_sizes(&v).map_or(0, |(_, s)| s);
+            }
+        }
+        let summary = self.summary(rec, &all);
+        Ok(VolumeInfo {
+            summary,
+            snapshot_list: self.volume_snapshots(name)?,
+            allocated_bytes: allocated,
+            unique_bytes: unique,
+        })
+    }
+
+    /// Extents in `[from, to)` that any level of a chain has an entry for (at or below
+    /// the level's generation), ascending. Only these can read as anything but zero.
+    pub(crate) fn chain_extents(&self, levels: &[Level], from: u64, to: u64) -> Result<Vec<u64>> {
+        let mut set = BTreeSet::new();
+        for l in levels {
+            let lower = record::extent_start(l.id, from);
+            let upper = record::extent_start(l.id, to);
+            let mut cursor = self
+                .db
+                .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]));
+            let mut entry = cursor.first()?;
+            while let Some((k, _)) = entry {
+                if let Some((_, e, g)) = parse_key(k)
+                    && g <= l.generation
+                {
+                    set.insert(e);
+                }
+                entry = cursor.next()?;
+            }
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    /// Records the current generation as snapshot `snapshot` and moves writes to a new
+    /// generation. O(1): one record write, no chunk or block map entry. Crash-consistent:
+    /// every write acknowledged before it is in it, none started after it.
+    pub fn snapshot_volume(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo> {
+        validate_volume_name(snapshot)?;
+        let _admin = self.volumes.admin.lock().expect("volume admin lock");
+        let id = self.volume_id(name)?;
+        let shared = self.volume_shared(id)?;
+        let mut st = shared.state.write().expect("volume state lock");
+        if st.rec.snapshot(snapshot).is_some() {
+            return Err(VolumeError::SnapshotExists {
+                volume: name.to_string(),
+                snapshot: snapshot.to_string(),
+            }
+            .into());
+        }
+        let mut rec = st.rec.clone();
+        let snap = Snap {
+            name: snapshot.to_string(),
+            generation: rec.generation,
+            size: rec.size,
+            created: now(),
+        };
+        rec.snapshots.push(snap.clone());
+        rec.generation += 1;
+        let mut b = Batch::new();
+        b.put(&self.db, Cf::Volumes, &id.to_be_bytes(), &rec.encode());
+        self.db.write(b, true)?;
+        st.rec = rec;
+        Ok(SnapshotInfo {
+            name: snap.name,
+            generation: snap.generation,
+            size: snap.size,
+            created: snap.created,
+            clones: Vec::new(),
+        })
+    }
+
+    /// Makes volume `new` from `volume@snapshot`: it shares every chunk until written.
+    /// O(1): one record, no block map entry. It keeps the source's mode and extent size.
+    pub fn clone_volume(&self, volume: &str, snapshot: &str, new: &str) -> Result<VolumeSummary> {
+        validate_volume_name(new)?;
+        let _admin = self.volumes.admin.lock().expect("volume admin lock");
+        let id = self.volume_id(volume)?;
+        let src = self
+            .volume_record(id)?
+            .ok_or(VolumeError::BadRecord { id })?;
+        let snap = src
+            .snapshot(snapshot)
+            .ok_or_else(|| VolumeError::SnapshotNotFound {
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            })?;
+        let rec = Record {
+            name: new.to_string(),
+            size: snap.size,
+            extent_shift: src.extent_shift,
+            mode: src.mode,
+            instances: 0,
+            parent: Some((id, snap.generation)),
+            generation: 1,
+            created: now(),
+            snapshots: Vec::new(),
+        };
+        self.insert_volume(&rec)?;
+        let names = HashMap::from([(id, src.clone())]);
+        Ok(self.summary(&rec, &names))
+    }
+
+    /// Changes a volume's size. Growing shows zeros past the old end. Shrinking needs
+    /// `shrink`: bytes past the new end are discarded at the current generation (zero
+    /// markers, the boundary extent's tail zeroed), in one batch; snapshots keep theirs.
+    pub fn resize_volume(&self, name: &str, new_size: u64, shrink: bool) -> Result<()> {
+        check_size(name, new_size)?;
+        let _admin = self.volumes.admin.lock().expect("volume admin lock");
+        let id = self.volume_id(name)?;
+        let shared = self.volume_shared(id)?;
+        let mut st = shared.state.write().expect("volume state lock");
+        let old = st.rec.size;
+        if new_size < old && !shrink {
+            return Err(VolumeError::ShrinkRefused {
+                volume: name.to_string(),
+                size: old,
+                new_size,
+            }
+            .into());
+        }
+        let mut rec = st.rec.clone();
+        rec.size = new_size;
+        let mut b = Batch::new();
+        if new_size < old {
+            io::discard_tail(self, &shared, &st, new_size, &mut b)?;
+        }
+        b.put(&self.db, Cf::Volumes, &id.to_be_bytes(), &rec.encode());
+        self.db.write(b, true)?;
+        st.rec = rec;
+        Ok(())
+    }
+
+    /// Deletes a volume and its block map. Refused if it has snapshots (or clones, which
+    /// need snapshots) unless `cascade`, which deletes its clones (recursively) too.
+    /// Returns the names deleted, the volume last. Its chunks go at the next GC unless
+    /// something else names them.
+    pub fn delete_volume(&self, name: &str, cascade: bool) -> Result<Vec<String>> {
+        let _admin = self.volumes.admin.lock().expect("volume admin lock");
+        let id = self.volume_id(name)?;
+        let all: HashMap<u64, Record> = self.volume_records()?.into_iter().collect();
+        let rec = all.get(&id).ok_or(VolumeError::BadRecord { id })?;
+        if !cascade && !rec.snapshots.is_empty() {
+            if let Some(s) = rec
+                .snapshots
+                .iter()
+                .find(|s| all.values().any(|c| c.parent == Some((id, s.generation))))
+            {
+                return Err(self.has_clones(&all, id, s).into());
+            }
+            return Err(VolumeError::HasSnapshots {
+                volume: name.to_string(),
+                snapshots: rec.snapshots.iter().map(|s| s.name.clone()).collect(),
+            }
+            .into());
+        }
+        let doomed = descendants(&all, id, None);
+        self.drop_volumes(&all, &doomed, Batch::new())
+    }
+
+    /// Deletes a snapshot and prunes block map versions no reader can see any more.
+    /// Refused if volumes were cloned from it unless `cascade`, which deletes them (and
+    /// their clones). Returns the clones deleted.
+    pub fn delete_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+        cascade: bool,
+    ) -> Result<Vec<String>> {
+        let _admin = self.volumes.admin.lock().expect("volume admin lock");
+        let id = self.volume_id(name)?;
+        let all: HashMap<u64, Record> = self.volume_records()?.into_iter().collect();
+        let rec = all.get(&id).ok_or(VolumeError::BadRecord { id })?;
+        let snap = rec
+            .snapshot(snapshot)
+            .ok_or_else(|| VolumeError::SnapshotNotFound {
+                volume: name.to_string(),
+                snapshot: snapshot.to_string(),
+            })?
+            .clone();
+        let doomed = descendants(&all, id, Some(snap.generation));
+        if !doomed.is_empty() && !cascade {
+            return Err(self.has_clones(&all, id, &snap).into());
+        }
+        let shared = self.volume_shared(id)?;
+        let mut st = shared.state.write().expect("volume state lock");
+        let mut rec = st.rec.clone();
+        rec.snapshots.retain(|s| s.name != snapshot);
+        let mut b = Batch::new();
+        b.put(&self.db, Cf::Volumes, &id.to_be_bytes(), &rec.encode());
+        self.prune(id, &rec, &mut b)?;
+        let deleted = self.drop_volumes(&all, &doomed, b)?;
+        st.rec = rec;
+        Ok(deleted)
+    }
+
+    fn has_clones(&self, all: &HashMap<u64, Record>, id: u64, s: &Snap) -> VolumeError {
+        VolumeError::HasClones {
+            volume: all.get(&id).map(|r| r.name.clone()).unwrap_or_default(),
+            snapshot: s.name.clone(),
+            clones: clones_of(all, id, s.generation),
+        }
+    }
+
+    /// Deletes volumes (records, names, block maps) in `b`, one synced batch, and marks
+    /// their open handles deleted.
+    fn drop_volumes(
+        &self,
+        all: &HashMap<u64, Record>,
+        doomed: &[u64],
+        mut b: Batch,
+    ) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for &v in doomed {
+            let Some(r) = all.get(&v) else { continue };
+            b.delete(&self.db, Cf::Volumes, &v.to_be_bytes());
+            b.delete(&self.db, Cf::VolumeNames, r.name.as_bytes());
+            b.delete_range(
+                &self.db,
+                Cf::BlockMap,
+                &record::extent_start(v, 0),
+                &record::extent_start(v + 1, 0),
+            );
+            names.push(r.name.clone());
+        }
+        // Handles must stop writing before the batch lands, or a write racing the range
+        // delete could leave block map entries of a volume that no longer exists.
+        let shared: Vec<Arc<Shared>> = {
+            let open = self.volumes.open.lock().expect("volume registry lock");
+            doomed.iter().filter_map(|v| open.get(v).cloned()).collect()
+        };
+        let mut guards: Vec<_> = shared
+            .iter()
+            .map(|s| s.state.write().expect("volume state lock"))
+            .collect();
+        self.db.write(b, true)?;
+        for g in &mut guards {
+            g.deleted = true;
+        }
+        drop(guards);
+        let mut open = self.volumes.open.lock().expect("volume registry lock");
+        for v in doomed {
+            open.remove(v);
+        }
+        Ok(names)
+    }
+
+    /// Adds to `b` the deletion of every version of volume `id` that no live reader sees:
+    /// a version at generation `a`, next newer version at `b` (or none), is visible to
+    /// readers at generations in `[a, b)`; the live readers are the snapshots and the
+    /// current generation (clones' bases are snapshots).
+    fn prune(&self, id: u64, rec: &Record, b: &mut Batch) -> Result<()> {
+        let live: BTreeSet<u64> = rec
+            .snapshots
+            .iter()
+            .map(|s| s.generation)
+            .chain([rec.generation])
+            .collect();
+        let lower = record::extent_start(id, 0);
+        let upper = record::extent_start(id + 1, 0);
+        let mut cursor = self
+            .db
+            .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]));
+        let mut entry = cursor.first()?;
+        let mut prev: Option<(u64, u64)> = None; // (extent, generation) of the newer version
+        while let Some((k, _)) = entry {
+            if let Some((_, e, g)) = parse_key(k) {
+                let newer = match prev {
+                    Some((pe, pg)) if pe == e => pg,
+                    _ => u64::MAX,
+                };
+                if live.range(g..newer).next().is_none() {
+                    b.delete(&self.db, Cf::BlockMap, k);
+                }
+                prev = Some((e, g));
+            }
+            entry = cursor.next()?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every chunk any block map entry names (GC roots: volumes, their
+    /// snapshots and clones' bases).
+    pub(crate) fn volume_chunks(&self, mut f: impl FnMut(Digest)) -> Result<()> {
+        for kv in self.db.entries(Cf::BlockMap) {
+            let (_, v) = kv?;
+            if let Some(Extent::Chunk(d)) = Extent::decode(&v) {
+                f(d);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The names of the volumes cloned from `id` at `generation`, sorted.
+fn clones_of(all: &HashMap<u64, Record>, id: u64, generation: u64) -> Vec<String> {
+    let mut clones: Vec<String> = all
+        .values()
+        .filter(|c| c.parent == Some((id, generation)))
+        .map(|c| c.name.clone())
+        .collect();
+    clones.sort();
+    clones
+}
+
+/// `id` (when `generation` is None) and every volume cloned from it, recursively; with a
+/// generation, only the clones of that snapshot and theirs. Children before parents.
+fn descendants(all: &HashMap<u64, Record>, id: u64, generation: Option<u64>) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    fn walk(
+        all: &HashMap<u64, Record>,
+        id: u64,
+        generation: Option<u64>,
+        out: &mut Vec<u64>,
+        seen: &mut HashSet<u64>,
+    ) {
+        let mut kids: Vec<u64> = all
+            .iter()
+            .filter(|(_, r)| match (r.parent, generation) {
+                (Some((p, _)), None) => p == id,
+                (Some((p, g)), Some(want)) => p == id && g == want,
+                _ => false,
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        kids.sort_unstable();
+        for k in kids {
+            if seen.insert(k) {
+                walk(all, k, None, out, seen);
+            }
+        }
+        if generation.is_none() {
+            out.push(id);
+        }
+    }
+    walk(all, id, generation, &mut out, &mut seen);
+    out
+}
