@@ -6,6 +6,7 @@
 //! binaries, and fail loudly with an explanation when something is missing: a test that
 //! cannot get its inputs panics, it never skips silently.
 
+pub mod bench;
 pub mod fixture;
 pub mod fstree;
 pub mod pjdfs;
