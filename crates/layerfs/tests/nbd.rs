@@ -925,3 +925,136 @@ fn fuzzed_handshakes_and_requests_never_hurt_others() {
     h.dev("ro").read(0, &mut ro).unwrap();
     assert!(ro.iter().all(|&b| b == 0));
 }
+
+/// Reads one option reply: (option, reply type, data).
+fn opt_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0; 20];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(h[..8], 0x0003_e889_0455_65a9u64.to_be_bytes());
+    let o = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let mut d = vec![0; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).unwrap();
+    (o, typ, d)
+}
+
+fn hello(socket: &Path, client_flags: u32) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0; 18];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(b[16..], [0, 3], "FIXED_NEWSTYLE | NO_ZEROES");
+    s.write_all(&client_flags.to_be_bytes()).unwrap();
+    s
+}
+
+#[test]
+fn negotiation_paths_real_clients_do_not_take() {
+    let h = Harness::new(vec![("rw", MemoryDevice::new(MIB))]);
+    h.dev("rw").fill(0, &[0x42; 512]);
+    // Unknown options are NBD_REP_ERR_UNSUP and negotiation goes on; SET_META_CONTEXT
+    // before STRUCTURED_REPLY is invalid; STRUCTURED_REPLY with data is invalid.
+    let mut s = hello(&h.socket, 1);
+    let mut b = Vec::new();
+    opt(&mut b, 4242, b"whatever");
+    opt(&mut b, 10, &[0, 0, 0, 2, b'r', b'w', 0, 0, 0, 0]);
+    opt(&mut b, 8, b"x");
+    opt(&mut b, 3, &[]);
+    s.write_all(&b).unwrap();
+    assert_eq!(opt_reply(&mut s).1, 0x8000_0001);
+    assert_eq!(opt_reply(&mut s).1, 0x8000_0003);
+    assert_eq!(opt_reply(&mut s).1, 0x8000_0003);
+    let (o, typ, d) = opt_reply(&mut s);
+    assert_eq!((o, typ), (3, 2));
+    assert_eq!(d, [&2u32.to_be_bytes()[..], b"rw"].concat());
+    assert_eq!(opt_reply(&mut s).1, 1);
+    // An oversized option is skipped and answered NBD_REP_ERR_TOO_BIG.
+    let mut b = Vec::new();
+    opt(&mut b, 6, &vec![0; 100 << 10]);
+    s.write_all(&b).unwrap();
+    assert_eq!(opt_reply(&mut s).1, 0x8000_0009);
+    // Then the old NBD_OPT_EXPORT_NAME: this client did not ask for NO_ZEROES, so 124
+    // zero bytes follow the size and flags.
+    let mut b = Vec::new();
+    opt(&mut b, 1, b"rw");
+    s.write_all(&b).unwrap();
+    let mut r = [0; 134];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(u64::from_be_bytes(r[..8].try_into().unwrap()), MIB);
+    assert!(r[10..].iter().all(|&b| b == 0));
+    s.write_all(&request(0, 0, 9, 0, 512)).unwrap();
+    assert_eq!(reply(&mut s, false, 9).unwrap().0, 0);
+    let mut d = [0; 512];
+    s.read_exact(&mut d).unwrap();
+    assert_eq!(d, [0x42; 512]);
+    // BLOCK_STATUS without structured replies is EINVAL.
+    s.write_all(&request(0, 7, 10, 0, 512)).unwrap();
+    assert_eq!(reply(&mut s, false, 10).unwrap().0, 22);
+    s.write_all(&request(0, 2, 11, 0, 0)).unwrap();
+    expect_closed(s);
+
+    // OPT_EXPORT_NAME for a missing export closes the connection (no error reply exists).
+    let mut s = hello(&h.socket, 3);
+    let mut b = Vec::new();
+    opt(&mut b, 1, b"nope");
+    s.write_all(&b).unwrap();
+    expect_closed(s);
+    // Unknown client flags close it too, as do plain (not fixed) newstyle clients.
+    expect_closed(hello(&h.socket, 0x80));
+    expect_closed(hello(&h.socket, 0));
+    // OPT_ABORT is acknowledged.
+    let mut s = hello(&h.socket, 3);
+    let mut b = Vec::new();
+    opt(&mut b, 2, &[]);
+    s.write_all(&b).unwrap();
+    assert_eq!(opt_reply(&mut s).1, 1);
+    expect_closed(s);
+    // LIST_META_CONTEXT with no query lists base:allocation; "base:" too; others nothing.
+    for (queries, listed) in [
+        (vec![], true),
+        (vec!["base:"], true),
+        (vec!["qemu:dirty-bitmap:x"], false),
+    ] {
+        let mut s = hello(&h.socket, 3);
+        let mut d = [&2u32.to_be_bytes()[..], b"rw"].concat();
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in &queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        let mut b = Vec::new();
+        opt(&mut b, 9, &d);
+        s.write_all(&b).unwrap();
+        let (_, typ, d) = opt_reply(&mut s);
+        if listed {
+            assert_eq!(typ, 4);
+            assert_eq!(&d[4..], b"base:allocation");
+            assert_eq!(opt_reply(&mut s).1, 1);
+        } else {
+            assert_eq!(typ, 1);
+        }
+    }
+}
+
+#[test]
+fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = Server::new(
+        Arc::new(TestExports::default()),
+        ServerConfig {
+            handshake_timeout: Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+    );
+    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&socket).unwrap() });
+    rt.spawn(async move { server.serve_unix(listener).await });
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sink = Vec::new();
+    let start = std::time::Instant::now();
+    s.read_to_end(&mut sink).unwrap();
+    assert_eq!(sink.len(), 18, "only the server's greeting");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
