@@ -245,19 +245,30 @@ impl Db {
         Ok(self.db.get_pinned_cf(h, key)?.is_some())
     }
 
-    /// Whether a key is stored durably: present, and not only in a memtable filled by
-    /// [`Db::write_unlogged`] that a crash would lose. RocksDB's persisted read tier skips
-    /// the memtables entirely once any write in this process skipped the WAL, so after an
-    /// import this answers false for keys still in memtables (the caller then writes the
-    /// value again, logged): conservative, never wrong.
-    pub(crate) fn contains_durable(&self, cf: Cf, key: &[u8]) -> Result<bool> {
-        let h = self.handle(cf);
-        if !self.db.key_may_exist_cf(h, key) {
+    /// Whether `key` is stored durably in every family of `cfs`: present in `cfs[0]` (read
+    /// normally, so a recent delete counts) and in no memtable of any of them. A value
+    /// still in a memtable may have come from [`Db::write_unlogged`] and be lost in a
+    /// crash (and families flush separately, so one family's copy may be on disk while
+    /// another's is not); the caller then writes it again, logged. Conservative: a
+    /// logged value in a memtable is also reported as not durable.
+    pub(crate) fn contains_durable(&self, cfs: &[Cf], key: &[u8]) -> Result<bool> {
+        let Some(&first) = cfs.first() else {
+            return Ok(false);
+        };
+        if !self.contains(first, key)? {
             return Ok(false);
         }
-        let mut ro = ReadOptions::default();
-        ro.set_read_tier(ReadTier::Persisted);
-        Ok(self.db.get_pinned_cf_opt(h, key, &ro)?.is_some())
+        for &cf in cfs {
+            let mut ro = ReadOptions::default();
+            ro.set_read_tier(ReadTier::Memtable);
+            let mut it = self.db.raw_iterator_cf_opt(self.handle(cf), ro);
+            it.seek(key);
+            if it.valid() && it.key() == Some(key) {
+                return Ok(false);
+            }
+            it.status()?;
+        }
+        Ok(true)
     }
 
     /// Makes every logged write so far durable (fsyncs the write-ahead log).

@@ -170,10 +170,10 @@ fn stage(
     match content {
         Content::Bytes(buf) if !is_zero(buf) => {
             let d = Digest::of(buf);
-            // Claim before looking, as imports do. A chunk found only in memtables filled
-            // by an unlogged import write is written again, logged, so this batch never
+            // Claim before looking, as imports do. A chunk still in a memtable (perhaps
+            // from an unlogged import batch) is written again, logged, so this batch never
             // names a chunk a crash could lose.
-            if claims.claim(d) && !db.contains_durable(Cf::ChunkIndex, &d.0)? {
+            if claims.claim(d) && !db.contains_durable(&[Cf::ChunkIndex, Cf::Chunks], &d.0)? {
                 let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk(zc, buf));
                 Store::put_chunk(b, db, &d, buf.len(), &stored);
             }
@@ -560,3 +560,50 @@ const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     send_sync::<Volume>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deduplication trusts only chunks a crash cannot take away.
+    #[test]
+    fn only_chunks_outside_memtables_count_as_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let db = &store.db;
+        let both = [Cf::ChunkIndex, Cf::Chunks];
+        let raw = vec![3u8; 4096];
+        let d = Digest::of(&raw);
+        let put = |unlogged: bool| {
+            let mut b = Batch::new();
+            let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk(zc, &raw));
+            Store::put_chunk(&mut b, db, &d, raw.len(), &stored);
+            if unlogged {
+                db.write_unlogged(b).unwrap();
+            } else {
+                db.write(b, true).unwrap();
+            }
+        };
+        assert!(!db.contains_durable(&both, &d.0).unwrap());
+        // As an import writes it: present, but only in memtables.
+        put(true);
+        assert!(store.has_chunk(&d).unwrap());
+        assert!(!db.contains_durable(&both, &d.0).unwrap());
+        // One family on disk, the other still in a memtable.
+        db.flush(&[Cf::ChunkIndex]).unwrap();
+        assert!(!db.contains_durable(&both, &d.0).unwrap());
+        db.flush(&[Cf::Chunks]).unwrap();
+        assert!(db.contains_durable(&both, &d.0).unwrap());
+        // Deleted (as GC does, synced) while the old value is still on disk.
+        let mut b = Batch::new();
+        b.delete(db, Cf::ChunkIndex, &d.0);
+        b.delete(db, Cf::Chunks, &d.0);
+        db.write(b, true).unwrap();
+        assert!(!db.contains_durable(&both, &d.0).unwrap());
+        // Written again unlogged over the on-disk copy's tombstone.
+        put(true);
+        assert!(!db.contains_durable(&both, &d.0).unwrap());
+        db.flush(&both).unwrap();
+        assert!(db.contains_durable(&both, &d.0).unwrap());
+    }
+}
