@@ -189,6 +189,11 @@ impl Db {
         // what an operator needs from it.
         opts.set_log_level(rocksdb::LogLevel::Warn);
         opts.set_keep_log_file_num(2);
+        // Volume writes go through the WAL (imports do not). A WAL file is kept until every
+        // family with data in it has flushed, and some families (meta, volumes) rarely
+        // fill a memtable; past this total RocksDB flushes them, so the WAL a restart
+        // replays after a crash stays small.
+        opts.set_max_total_wal_size(256 << 20);
         let cfs = Cf::ALL.iter().map(|&cf| {
             let mut o = Options::default();
             let mut table = BlockBasedOptions::default();
