@@ -667,7 +667,12 @@ impl Server {
         Ok(Ok(OptionOutcome::Continue))
     }
 
-    async fn transmit<R, W>(&self, session: Session, mut r: R, w: W) -> Result<(), ConnectionError>
+    async fn transmit<R, W>(
+        &self,
+        session: Session,
+        mut r: BufReader<R>,
+        w: W,
+    ) -> Result<(), ConnectionError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -691,8 +696,14 @@ impl Server {
             max_payload: cfg.max_payload,
         });
         let mut tasks = JoinSet::new();
+        // Requests that arrived together run together on one blocking thread: handing
+        // each small request to its own thread costs more in wake-ups than serving it.
+        let mut batch: Vec<Job> = Vec::new();
         let result = loop {
             while tasks.try_join_next().is_some() {}
+            if !batch.is_empty() && r.buffer().len() < 28 {
+                dispatch(&mut tasks, &mut batch, &ctx, &tx);
+            }
             let mut h = [0u8; 28];
             match r.read_exact(&mut h).await {
                 Ok(_) => {}
@@ -723,14 +734,28 @@ impl Server {
                 CMD_WRITE => req.len,
                 _ => 0,
             } as usize;
-            let Ok(p1) = count.clone().acquire_owned().await else {
-                break Ok(());
+            // The batch holds permits: start it before waiting for more.
+            let p1 = match count.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    dispatch(&mut tasks, &mut batch, &ctx, &tx);
+                    match count.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break Ok(()),
+                    }
+                }
             };
             let p2 = if data_len > 0 {
                 let pages = (data_len / 4096 + 1) as u32;
-                match bytes.clone().acquire_many_owned(pages).await {
+                match bytes.clone().try_acquire_many_owned(pages) {
                     Ok(p) => Some(p),
-                    Err(_) => break Ok(()),
+                    Err(_) => {
+                        dispatch(&mut tasks, &mut batch, &ctx, &tx);
+                        match bytes.clone().acquire_many_owned(pages).await {
+                            Ok(p) => Some(p),
+                            Err(_) => break Ok(()),
+                        }
+                    }
                 }
             } else {
                 None
@@ -757,21 +782,12 @@ impl Server {
                 }
                 continue;
             }
-            let ctx = ctx.clone();
-            let tx = tx.clone();
-            tasks.spawn_blocking(move || {
-                let bytes = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    ctx.execute(&req, &payload)
-                })) {
-                    Ok(b) => b,
-                    Err(_) => error_reply(ctx.structured, req.cookie, EIO, "backend panicked"),
-                };
-                let _ = tx.blocking_send(Reply {
-                    bytes,
-                    _permits: permits,
-                });
-            });
+            batch.push((req, payload, permits));
+            if batch.len() >= 8 || data_len > 64 << 10 {
+                dispatch(&mut tasks, &mut batch, &ctx, &tx);
+            }
         };
+        dispatch(&mut tasks, &mut batch, &ctx, &tx);
         // Finish what was asked, make it durable, then let the writer drain and stop.
         while tasks.join_next().await.is_some() {}
         if result.is_ok() {
@@ -782,6 +798,42 @@ impl Server {
         let _ = writer.await;
         result
     }
+}
+
+/// A checked request, its write payload and the permits it holds.
+type Job = (
+    Request,
+    Vec<u8>,
+    (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+);
+
+/// Serves `batch` (emptying it) in order on one blocking thread, each reply sent as
+/// soon as it is ready.
+fn dispatch(
+    tasks: &mut JoinSet<()>,
+    batch: &mut Vec<Job>,
+    ctx: &Arc<Context>,
+    tx: &mpsc::Sender<Reply>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let jobs = std::mem::take(batch);
+    let ctx = ctx.clone();
+    let tx = tx.clone();
+    tasks.spawn_blocking(move || {
+        for (req, payload, permits) in jobs {
+            let bytes =
+                match std::panic::catch_unwind(AssertUnwindSafe(|| ctx.execute(&req, &payload))) {
+                    Ok(b) => b,
+                    Err(_) => error_reply(ctx.structured, req.cookie, EIO, "backend panicked"),
+                };
+            let _ = tx.blocking_send(Reply {
+                bytes,
+                _permits: permits,
+            });
+        }
+    });
 }
 
 enum OptionOutcome {
