@@ -89,3 +89,20 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn the_nbd_server_knows_nothing_of_the_store_or_volumes() {
+    // layerfs's NBD module is protocol only: volumed gives it devices through its
+    // `Exports` and `BlockDevice` traits.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut offenders = Vec::new();
+    for entry in walk(&root.join("crates/layerfs/src/nbd")) {
+        let text = std::fs::read_to_string(&entry).unwrap_or_default();
+        for word in ["castore::", "volumed::", "crate::overlay", "fuser::"] {
+            if text.contains(word) {
+                offenders.push(format!("{}: {word}", entry.display()));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{offenders:?}");
+}
