@@ -1,7 +1,7 @@
 //! Content-defined chunking: FastCDC v2020 (the `fastcdc` crate, version pinned in the
 //! workspace so cut points never move under stored data).
 
-use fastcdc::v2020::{FastCDC, StreamCDC};
+use fastcdc::v2020::FastCDC;
 
 /// Smallest chunk (except a file's last).
 pub const MIN_SIZE: u32 = 16 * 1024;
@@ -15,17 +15,49 @@ pub(crate) fn cut_points(data: &[u8]) -> impl Iterator<Item = (usize, usize)> + 
     FastCDC::new(data, MIN_SIZE, AVG_SIZE, MAX_SIZE).map(|c| (c.offset, c.length))
 }
 
-/// Chunks a stream without holding more than one maximum chunk in memory; the cut points
-/// are the same as [`cut_points`] over the whole content.
-pub(crate) fn stream_chunks<R: std::io::Read>(
-    reader: R,
-) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
-    StreamCDC::new(reader, MIN_SIZE, AVG_SIZE, MAX_SIZE).map(|r| {
-        r.map(|c| c.data).map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(io) => io,
-            other => std::io::Error::other(other.to_string()),
-        })
-    })
+/// Reads `reader` in windows of about `window` bytes and calls `f` with each window's
+/// complete chunks: the bytes and their cut points (relative to those bytes). The cut
+/// points are exactly those of [`cut_points`] over the whole stream: a window's last
+/// chunk may have been cut short by the window's end, so it is carried into the next
+/// window instead of being passed on (FastCDC decides a cut only from the bytes after
+/// the previous cut). `window` must be well above [`MAX_SIZE`].
+pub(crate) fn for_each_window<E>(
+    reader: &mut dyn std::io::Read,
+    window: usize,
+    read_error: impl Fn(std::io::Error) -> E,
+    mut f: impl FnMut(&[u8], &[(usize, usize)]) -> Result<(), E>,
+) -> Result<(), E> {
+    debug_assert!(window > 2 * MAX_SIZE as usize);
+    let mut buf: Vec<u8> = Vec::with_capacity(window);
+    let mut eof = false;
+    loop {
+        while buf.len() < window && !eof {
+            let start = buf.len();
+            buf.resize(window, 0);
+            match reader.read(&mut buf[start..]) {
+                Ok(0) => {
+                    buf.truncate(start);
+                    eof = true;
+                }
+                Ok(n) => buf.truncate(start + n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(start),
+                Err(e) => return Err(read_error(e)),
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut cuts: Vec<(usize, usize)> = cut_points(&buf).collect();
+        if !eof {
+            cuts.pop();
+        }
+        let done = cuts.last().map_or(0, |&(o, l)| o + l);
+        f(&buf[..done], &cuts)?;
+        buf.drain(..done);
+        if eof && buf.is_empty() {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -56,11 +88,25 @@ mod tests {
     }
 
     #[test]
-    fn stream_and_buffer_agree() {
-        let data = fixture(3 << 20);
-        let a: Vec<usize> = cut_points(&data).map(|(_, l)| l).collect();
-        let b: Vec<usize> = stream_chunks(&data[..]).map(|c| c.unwrap().len()).collect();
-        assert_eq!(a, b);
+    fn windows_cut_where_the_whole_buffer_does() {
+        let data = fixture(5 << 20);
+        let whole: Vec<(usize, usize)> = cut_points(&data).collect();
+        for window in [600 * 1024, 1 << 20, 3 << 20, 8 << 20] {
+            let mut got = Vec::new();
+            let mut base = 0;
+            for_each_window::<std::io::Error>(
+                &mut &data[..],
+                window,
+                |e| e,
+                |bytes, cuts| {
+                    got.extend(cuts.iter().map(|&(o, l)| (base + o, l)));
+                    base += bytes.len();
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(got, whole, "window {window}");
+        }
     }
 
     #[test]

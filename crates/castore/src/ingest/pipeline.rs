@@ -34,6 +34,12 @@ thread_local! {
 
 /// Files larger than this are chunked as a stream instead of read whole into memory.
 const STREAM_THRESHOLD: u64 = 64 << 20;
+/// A stream is held in memory this many bytes at a time.
+const WINDOW: usize = 32 << 20;
+/// Content at least this large has its chunks hashed and compressed on every core, not
+/// only by the worker that read it (a VM image or a big library would otherwise keep
+/// one core busy while the other idles).
+const PARALLEL_MIN: usize = 4 << 20;
 /// The writer commits a batch when it holds this many bytes.
 const BATCH_BYTES: usize = 32 << 20;
 
@@ -388,51 +394,84 @@ impl<'s> Ingest<'s> {
         Ok(FileData::Blob(d))
     }
 
+    /// Stores the chunks of `data` at `cuts` (in order) and feeds `data` to `hasher`.
+    /// Enough data is spread over every core: the chunks in contiguous groups, one
+    /// thread each, while this thread hashes the whole.
+    fn chunks_of(
+        &self,
+        data: &[u8],
+        cuts: &[(usize, usize)],
+        hasher: Option<&mut Hasher>,
+        w_tx: &Sender<WriteMsg>,
+    ) -> Result<Vec<Segment>> {
+        let one = |&(off, len): &(usize, usize)| {
+            self.chunk(&data[off..off + len], w_tx)
+                .map(|chunk| Segment::Data {
+                    chunk,
+                    len: len as u32,
+                })
+        };
+        if data.len() < PARALLEL_MIN || self.threads < 2 || cuts.len() < 2 {
+            if let Some(h) = hasher {
+                h.update(data);
+            }
+            return cuts.iter().map(one).collect();
+        }
+        let per = cuts.len().div_ceil(self.threads);
+        let one = &one;
+        std::thread::scope(|s| {
+            let groups: Vec<_> = cuts
+                .chunks(per)
+                .map(|group| s.spawn(move || group.iter().map(one).collect::<Result<Vec<_>>>()))
+                .collect();
+            if let Some(h) = hasher {
+                h.update(data);
+            }
+            let mut out = Vec::with_capacity(cuts.len());
+            for g in groups {
+                out.extend(g.join().expect("chunk thread panicked")?);
+            }
+            Ok(out)
+        })
+    }
+
     /// Content held in memory.
     fn buffer(&self, data: &[u8], w_tx: &Sender<WriteMsg>) -> Result<(FileData, u64)> {
         let size = data.len() as u64;
         if size <= INLINE_MAX {
             return Ok((FileData::Inline(data.to_vec()), size));
         }
-        let mut segments = Vec::new();
-        for (off, len) in chunker::cut_points(data) {
-            let d = self.chunk(&data[off..off + len], w_tx)?;
-            segments.push(Segment::Data {
-                chunk: d,
-                len: len as u32,
-            });
+        let cuts: Vec<(usize, usize)> = chunker::cut_points(data).collect();
+        if cuts.len() == 1 {
+            // One chunk: its digest is the content digest.
+            return Ok((FileData::Chunk(self.chunk(data, w_tx)?), size));
         }
-        if let [Segment::Data { chunk, .. }] = segments[..] {
-            return Ok((FileData::Chunk(chunk), size));
-        }
+        let mut hasher = Hasher::new();
+        let segments = self.chunks_of(data, &cuts, Some(&mut hasher), w_tx)?;
         let blob = Blob {
-            content: Digest::of(data),
+            content: hasher.finish(),
             segments,
         };
         Ok((self.blob(blob, w_tx)?, size))
     }
 
-    /// Content read as a stream, one chunk in memory at a time.
+    /// Content read as a stream, a window at a time.
     fn stream(&self, reader: &mut dyn Read, w_tx: &Sender<WriteMsg>) -> Result<(FileData, u64)> {
         let mut segments = Vec::new();
         let mut hasher = Hasher::new();
         let mut size = 0u64;
-        let mut first_small: Option<Vec<u8>> = None;
-        for c in chunker::stream_chunks(reader) {
-            let c = c.map_err(|e| Error::io("read", "<stream>", e))?;
-            size += c.len() as u64;
-            if size <= INLINE_MAX && segments.is_empty() {
-                first_small = Some(c.clone());
+        let mut small: Option<Vec<u8>> = None;
+        let read_error = |e| Error::io("read", "<stream>", e);
+        chunker::for_each_window(reader, WINDOW, read_error, |bytes, cuts| -> Result<()> {
+            if size == 0 && bytes.len() as u64 <= INLINE_MAX {
+                small = Some(bytes.to_vec());
             }
-            hasher.update(&c);
-            let d = self.chunk(&c, w_tx)?;
-            segments.push(Segment::Data {
-                chunk: d,
-                len: c.len() as u32,
-            });
-        }
+            size += bytes.len() as u64;
+            segments.extend(self.chunks_of(bytes, cuts, Some(&mut hasher), w_tx)?);
+            Ok(())
+        })?;
         if size <= INLINE_MAX {
-            return Ok((FileData::Inline(first_small.unwrap_or_default()), size));
+            return Ok((FileData::Inline(small.unwrap_or_default()), size));
         }
         if let [Segment::Data { chunk, .. }] = segments[..] {
             return Ok((FileData::Chunk(chunk), size));
@@ -494,14 +533,8 @@ impl<'s> Ingest<'s> {
                         ),
                     ));
                 }
-                hasher.update(buf);
-                for (off, l) in chunker::cut_points(buf) {
-                    let d = self.chunk(&buf[off..off + l], w_tx)?;
-                    segments.push(Segment::Data {
-                        chunk: d,
-                        len: l as u32,
-                    });
-                }
+                let cuts: Vec<(usize, usize)> = chunker::cut_points(buf).collect();
+                segments.extend(self.chunks_of(buf, &cuts, Some(&mut hasher), w_tx)?);
                 left -= piece;
             }
             pos = end;
