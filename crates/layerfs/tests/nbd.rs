@@ -47,8 +47,8 @@ impl Exports for TestExports {
     }
 }
 
-/// A device that promises less: no multi-conn, no trim, 512-byte blocks, and zeroing
-/// that is never fast.
+/// A device that promises less: no multi-conn, no trim, 512-byte blocks, zeroing that
+/// is never fast, and a read that panics.
 struct Limited(MemoryDevice);
 
 impl BlockDevice for Limited {
@@ -66,6 +66,7 @@ impl BlockDevice for Limited {
         }
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        assert!(offset != 3 * MIB, "a backend bug");
         self.0.read(offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
@@ -149,6 +150,11 @@ fn flags_follow_what_the_device_promises() {
     assert_eq!(reply(&mut s, true, 5).unwrap().0, 0);
     s.write_all(&request(0, 0, 6, 0, 4096)).unwrap();
     assert_eq!(reply(&mut s, true, 6).unwrap().1[8..], [0; 4096]);
+    // A panicking backend is EIO for that request only.
+    s.write_all(&request(0, 0, 8, 3 * MIB, 4096)).unwrap();
+    assert_eq!(reply(&mut s, true, 8).unwrap().0, 5);
+    s.write_all(&request(0, 0, 9, 0, 512)).unwrap();
+    assert_eq!(reply(&mut s, true, 9).unwrap().1[8..], [0; 512]);
     // Larger than the device's maximum block size.
     s.write_all(&request(0, 0, 7, 0, 2 << 20)).unwrap();
     assert_eq!(reply(&mut s, true, 7).unwrap().0, 22);
@@ -1057,4 +1063,56 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     s.read_to_end(&mut sink).unwrap();
     assert_eq!(sink.len(), 18, "only the server's greeting");
     assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn many_connections_at_once() {
+    let h = Harness::new(vec![("rw", MemoryDevice::new(64 * MIB))]);
+    let children: Vec<_> = (0..8u64)
+        .map(|i| {
+            let uri = if i % 2 == 0 {
+                h.uri("rw")
+            } else {
+                h.tcp_uri("rw")
+            };
+            let p = format!("{:#x}", 0x10 + i);
+            let off = i * 8 * MIB;
+            Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    &format!("aio_write -P {p} {off} 4M"),
+                    "-c",
+                    &format!("aio_write -P {p} {} 4M", off + 4 * MIB),
+                    "-c",
+                    "aio_flush",
+                    "-c",
+                    &format!("read -P {p} {off} 8M"),
+                    &uri,
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect::<Vec<_>>();
+    // All eight run at once; only now wait for them.
+    let children: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (i, out) in children.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "client {i}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("verification failed"));
+    }
+    let mut b = vec![0; 8 * MIB as usize];
+    for i in 0..8u64 {
+        h.dev("rw").read(i * 8 * MIB, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0x10 + i as u8), "region {i}");
+    }
 }
