@@ -24,6 +24,13 @@ const CODEC_ZSTD: u8 = 1;
 /// zstd level for chunks: level 3 is zstd's default balance of speed and size.
 pub(crate) const ZSTD_LEVEL: i32 = 3;
 
+thread_local! {
+    /// One zstd decompression context per reading thread: creating one per chunk costs
+    /// about as much as decompressing a small chunk.
+    static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd decompressor"));
+}
+
 /// A content-addressed store in one directory.
 ///
 /// Opening takes an exclusive lock: a second process (or a second `open` in this one)
@@ -180,10 +187,13 @@ impl Store {
 
     /// Reads a chunk, verifying its digest: corrupt bytes are an error, never data.
     pub fn chunk(&self, d: &Digest) -> Result<Vec<u8>> {
-        let stored = self.db.get(Cf::Chunks, &d.0)?.ok_or(Error::Missing {
-            kind: ObjectKind::Chunk,
-            digest: *d,
-        })?;
+        let stored = self
+            .db
+            .get_verified_by_caller(Cf::Chunks, &d.0)?
+            .ok_or(Error::Missing {
+                kind: ObjectKind::Chunk,
+                digest: *d,
+            })?;
         let corrupt = || Error::Corrupt {
             kind: ObjectKind::Chunk,
             digest: *d,
@@ -192,7 +202,8 @@ impl Store {
             Some((&CODEC_RAW, rest)) => rest.to_vec(),
             Some((&CODEC_ZSTD, rest)) => {
                 // A chunk is at most 256 KiB raw (fastcdc max); a bigger claim is corruption.
-                zstd::bulk::decompress(rest, crate::chunker::MAX_SIZE as usize)
+                DECOMPRESSOR
+                    .with_borrow_mut(|z| z.decompress(rest, crate::chunker::MAX_SIZE as usize))
                     .map_err(|_| corrupt())?
             }
             _ => return Err(corrupt()),
