@@ -34,11 +34,12 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Output, Stdio};
+use std::process::{Command, ExitCode, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use tests::bench::{render_table, run};
 use tests::roots;
 
 /// The roots ingested, in order.
@@ -210,33 +211,6 @@ fn scan_tree(dir: &Path, read_contents: bool) -> Result<TreeSize> {
         }
     }
     Ok(size)
-}
-
-/// Formats a command for messages: program and arguments, space-separated.
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Runs `cmd` to completion with captured output; fails with its stderr if it fails.
-fn run(cmd: &mut Command) -> Result<Output> {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{}`", describe(cmd)))?;
-    if !output.status.success() {
-        bail!(
-            "`{}` failed ({}):\n{}{}",
-            describe(cmd),
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(output)
 }
 
 /// Runs `cmd` like [`run`] and returns how long it took, from spawn to exit.
@@ -576,31 +550,6 @@ fn bench_tool(tool: &Tool, roots: &[(&'static str, PathBuf)], logical: u64) -> R
         reimport_added_bytes: i128::from(stored_after) - i128::from(stored_bytes),
         tool_stats,
     })
-}
-
-/// Renders rows as a plain-text table: first column left-aligned, the others right-aligned.
-fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
-        let mut line = String::new();
-        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
-            if i == 0 {
-                let _ = write!(line, "{cell:<width$}");
-            } else {
-                let _ = write!(line, "  {cell:>width$}");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 /// The plain-text report.
