@@ -551,6 +551,10 @@ fn run(cli: &Cli) -> Result<i32> {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`tide image ls | head -1`) like other Unix tools,
+    // instead of panicking in println!.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => std::process::exit(code),
