@@ -351,7 +351,8 @@ impl Server {
         .await
         .map_err(|_| ConnectionError::Timeout)??;
         match session {
-            Some(session) => self.transmit(session, r, w).await,
+            // Negotiation flushed its last reply; the reply writer buffers on its own.
+            Some(session) => self.transmit(session, r, w.into_inner()).await,
             None => Ok(()),
         }
     }
