@@ -45,7 +45,7 @@ pub use ingest::{
 pub use model::{
     Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree,
 };
-pub use read::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, FileLayout};
+pub use read::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, FileLayout, Prefetcher};
 pub use refname::validate as validate_ref;
 pub use stats::Stats;
 pub use store::Store;

@@ -9,7 +9,9 @@
 //! Whole-file digests cannot be checked by random reads; chunk digests are.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use crate::Digest;
 use crate::error::Result;
@@ -20,6 +22,11 @@ use crate::store::Store;
 pub const DEFAULT_CHUNK_CACHE_BYTES: usize = 64 << 20;
 
 /// A small LRU of decompressed, verified chunks, shared by threads.
+///
+/// Fetches are deduplicated: while one thread reads a chunk from the store, others asking
+/// for the same chunk wait for that read instead of issuing their own. This is what lets
+/// a [`Prefetcher`] run ahead of readers: a reader that catches up with a chunk still in
+/// flight waits for it rather than reading it a second time.
 #[derive(Debug)]
 pub struct ChunkCache {
     capacity: usize,
@@ -33,6 +40,40 @@ struct Lru {
     map: HashMap<Digest, (Arc<Vec<u8>>, u64)>,
     /// Last-use tick → digest; the smallest tick is evicted first.
     order: BTreeMap<u64, Digest>,
+    /// Chunks being read from the store right now.
+    inflight: HashMap<Digest, Arc<Fetch>>,
+}
+
+/// One fetch in flight; waiters block on `cv` until `done`.
+#[derive(Debug, Default)]
+struct Fetch {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Fetch {
+    fn wait(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Ends a fetch (also when the fetching thread panics): removes it from the in-flight map
+/// and wakes its waiters, who then find the chunk cached or fetch it themselves.
+struct FetchGuard<'a> {
+    cache: &'a ChunkCache,
+    digest: Digest,
+    fetch: Arc<Fetch>,
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        self.cache.lock().inflight.remove(&self.digest);
+        *self.fetch.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.fetch.cv.notify_all();
+    }
 }
 
 impl ChunkCache {
@@ -44,15 +85,31 @@ impl ChunkCache {
         }
     }
 
-    /// Bytes currently cached.
-    pub fn bytes(&self) -> usize {
-        self.inner.lock().expect("chunk cache lock").bytes
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The chunk `d`, from the cache or read (and verified) from `store`.
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes currently cached.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Whether `d` is cached or being fetched (without counting as a use).
+    pub fn contains(&self, d: &Digest) -> bool {
+        let lru = self.lock();
+        lru.map.contains_key(d) || lru.inflight.contains_key(d)
+    }
+
+    /// The chunk `d`, from the cache or read (and verified) from `store`. If another
+    /// thread is reading `d` already, waits for that read.
     pub fn chunk(&self, store: &Store, d: &Digest) -> Result<Arc<Vec<u8>>> {
-        {
-            let mut lru = self.inner.lock().expect("chunk cache lock");
+        let guard = loop {
+            let mut lru = self.lock();
             lru.tick += 1;
             let tick = lru.tick;
             if let Some((data, used)) = lru.map.get_mut(d) {
@@ -62,13 +119,33 @@ impl ChunkCache {
                 lru.order.insert(tick, *d);
                 return Ok(data);
             }
-        }
-        // Decompress outside the lock so that readers of other chunks are not held up;
-        // two threads missing the same chunk at once both read it, which is harmless.
+            if let Some(f) = lru.inflight.get(d) {
+                let f = f.clone();
+                drop(lru);
+                // Then look again: normally it is cached now; if that fetch failed (or the
+                // chunk does not fit), this thread fetches it and sees the error itself.
+                f.wait();
+                continue;
+            }
+            let fetch = Arc::new(Fetch::default());
+            lru.inflight.insert(*d, fetch.clone());
+            break FetchGuard {
+                cache: self,
+                digest: *d,
+                fetch,
+            };
+        };
+        // Decompress outside the lock so that readers of other chunks are not held up.
         let data = Arc::new(store.chunk(d)?);
-        let mut lru = self.inner.lock().expect("chunk cache lock");
+        self.insert(d, &data);
+        drop(guard);
+        Ok(data)
+    }
+
+    fn insert(&self, d: &Digest, data: &Arc<Vec<u8>>) {
+        let mut lru = self.lock();
         if data.len() > self.capacity || lru.map.contains_key(d) {
-            return Ok(data);
+            return;
         }
         lru.tick += 1;
         let tick = lru.tick;
@@ -83,7 +160,82 @@ impl ChunkCache {
                 lru.bytes -= v.len();
             }
         }
-        Ok(data)
+    }
+}
+
+/// Background chunk fetches into a [`ChunkCache`]: a fixed pool of threads reading from a
+/// bounded queue, so that a sequential reader finds the chunks ahead of it already
+/// decompressed and verified (every chunk still comes through [`Store::chunk`]), and the
+/// chunks one large read spans are fetched several at a time.
+///
+/// [`Prefetcher::request`] never blocks: when the queue is full the request is dropped
+/// (the reader fetches the chunk itself when it gets there). Errors are dropped too; the
+/// reader meets them on its own fetch, with its own context. Dropping the prefetcher
+/// stops and joins its threads, so the store is released with it.
+#[derive(Debug)]
+pub struct Prefetcher {
+    tx: Option<crossbeam_channel::Sender<Digest>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// `threads` fetchers (at least one) behind a queue of `queue` chunks.
+    pub fn new(
+        store: Arc<Store>,
+        cache: Arc<ChunkCache>,
+        threads: usize,
+        queue: usize,
+    ) -> std::io::Result<Prefetcher> {
+        let (tx, rx) = crossbeam_channel::bounded::<Digest>(queue.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for i in 0..threads.max(1) {
+            let (rx, store, cache, halt) = (rx.clone(), store.clone(), cache.clone(), stop.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("prefetch-{i}"))
+                .spawn(move || {
+                    for d in rx {
+                        if halt.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if !cache.contains(&d) {
+                            let _ = cache.chunk(&store, &d);
+                        }
+                    }
+                });
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    drop(tx);
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Prefetcher {
+            tx: Some(tx),
+            stop,
+            threads: handles,
+        })
+    }
+
+    /// Asks for `d` to be fetched into the cache; false if the queue was full.
+    pub fn request(&self, d: &Digest) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.try_send(*d).is_ok())
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.tx = None;
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 
@@ -161,6 +313,47 @@ impl FileLayout {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
+        self.read_at_with(store, cache, None, offset, buf)
+    }
+
+    /// The data chunks holding any byte of `start..end`, in file order.
+    pub fn chunks_in(&self, start: u64, end: u64) -> Vec<Digest> {
+        let FileLayout::Segments(segs) = self else {
+            return Vec::new();
+        };
+        let end = end.min(self.size());
+        if start >= end {
+            return Vec::new();
+        }
+        segs[Self::find(segs, start)..]
+            .iter()
+            .take_while(|(o, _)| *o < end)
+            .filter_map(|(_, s)| match s {
+                Segment::Data { chunk, .. } => Some(*chunk),
+                Segment::Hole { .. } => None,
+            })
+            .collect()
+    }
+
+    /// [`FileLayout::read_at`], with the chunks after the first that the read spans (and
+    /// that are not cached) handed to `prefetch` first, so they are fetched in parallel
+    /// while this thread fetches the first.
+    pub fn read_at_with(
+        &self,
+        store: &Store,
+        cache: &ChunkCache,
+        prefetch: Option<&Prefetcher>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        if let Some(p) = prefetch {
+            let chunks = self.chunks_in(offset, offset.saturating_add(buf.len() as u64));
+            for d in chunks.iter().skip(1) {
+                if !cache.contains(d) {
+                    p.request(d);
+                }
+            }
+        }
         let size = self.size();
         if offset >= size {
             return Ok(0);
@@ -261,6 +454,65 @@ mod tests {
         assert!(lru.map.contains_key(&chunks[0]) && lru.map.contains_key(&chunks[2]));
     }
 
+    /// Imports `src` as an image and returns the layout of its file `name`.
+    fn import_layout(store: &Store, src: &std::path::Path, name: &[u8]) -> FileLayout {
+        let img = store
+            .import_image(src, Some("t:1"), &Default::default())
+            .unwrap();
+        let image = store.image(&img.image.unwrap()).unwrap();
+        let layer = store.layer(&image.layers[0]).unwrap();
+        let tree = store.tree(&layer.root_tree()).unwrap();
+        let crate::Kind::File { size, data } = &tree.get(name).unwrap().kind else {
+            panic!("not a file")
+        };
+        store.file_layout(data, *size).unwrap()
+    }
+
+    #[test]
+    fn prefetched_chunks_are_cached_and_read_back_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(src.join("big"), &data).unwrap();
+        let layout = import_layout(&store, &src, b"big");
+        let chunks = layout.chunks_in(0, layout.size());
+        assert!(chunks.len() > 4, "{} chunks", chunks.len());
+        assert_eq!(
+            layout.chunks_in(layout.size(), u64::MAX),
+            Vec::<Digest>::new()
+        );
+        let cache = Arc::new(ChunkCache::new(64 << 20));
+        let p = Prefetcher::new(store.clone(), cache.clone(), 3, 64).unwrap();
+        // One big read: its later chunks go to the prefetch threads, and whichever side
+        // gets to a chunk second waits for the first instead of reading it again.
+        let mut got = vec![0u8; data.len()];
+        let n = layout
+            .read_at_with(&store, &cache, Some(&p), 0, &mut got)
+            .unwrap();
+        assert_eq!(n, data.len());
+        assert!(got == data);
+        drop(p);
+        for d in &chunks {
+            assert!(cache.contains(d));
+        }
+        assert!(cache.lock().inflight.is_empty());
+        // Many threads asking for one chunk at once all get it.
+        let cache = ChunkCache::new(64 << 20);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let c = cache.chunk(&store, &chunks[0]).unwrap();
+                    assert_eq!(&c[..], &data[..c.len()]);
+                });
+            }
+        });
+        assert!(cache.lock().inflight.is_empty());
+    }
+
     #[test]
     fn layout_reads_across_segments_and_holes() {
         let dir = tempfile::tempdir().unwrap();
@@ -272,17 +524,7 @@ mod tests {
         let data: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::os::unix::fs::FileExt::write_all_at(&f, &data, 1 << 20).unwrap();
         drop(f);
-        let img = store
-            .import_image(&src, Some("t:1"), &Default::default())
-            .unwrap();
-        let image = store.image(&img.image.unwrap()).unwrap();
-        let layer = store.layer(&image.layers[0]).unwrap();
-        let tree = store.tree(&layer.root_tree()).unwrap();
-        let e = tree.get(b"sparse").unwrap();
-        let crate::Kind::File { size, data: fd } = &e.kind else {
-            panic!("not a file")
-        };
-        let layout = store.file_layout(fd, *size).unwrap();
+        let layout = import_layout(&store, &src, b"sparse");
         assert_eq!(layout.size(), 4 << 20);
         let mut expect = vec![0u8; 4 << 20];
         expect[1 << 20..(1 << 20) + data.len()].copy_from_slice(&data);
