@@ -152,8 +152,13 @@ impl Filesystem for Fuse {
         self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok();
         let _ = config.set_max_write(1 << 20);
-        // The kernel caps readahead at what it offered; ask for as much as it allows.
-        if let Err(max) = config.set_max_readahead(1 << 20) {
+        // Readahead: the kernel sets the mount's readahead (its bdi's `ra_pages`) to the
+        // smaller of what it offered here and what we answer. It offers the bdi's
+        // default (128 KiB), so asking for more is refused; we take as much as it
+        // allows, and `mount()` raises the bdi's `read_ahead_kb` through sysfs after
+        // INIT, which is what really widens readahead. FUSE reads are then up to
+        // `max_pages` (from max_write: 1 MiB) each, several in flight.
+        if let Err(max) = config.set_max_readahead(crate::READ_AHEAD_KB << 10) {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
@@ -439,13 +444,27 @@ impl Filesystem for Fuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.overlay.readdir(ino.0) {
-            Ok(list) => {
+            Ok((list, pristine)) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 self.dirs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(fh, Arc::new(list));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                // A directory still as in the image: let the kernel keep its listing in
+                // the directory's page cache (CACHE_DIR) across opens (KEEP_CACHE), so a
+                // second `tar` or `find` costs OPENDIR and RELEASEDIR but no READDIR.
+                // Once a directory changes through the mount it is no longer pristine
+                // (and never is again): we answer without KEEP_CACHE, and the kernel
+                // drops the cached listing at that open (`fuse_dir_open` invalidates the
+                // pages); entry changes made through the kernel also bump the
+                // directory's i_version, which resets the cache at the next read from
+                // offset 0.
+                let flags = if pristine {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags);
             }
             Err(e) => reply.error(errno(&e)),
         }

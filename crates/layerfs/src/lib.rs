@@ -120,6 +120,48 @@ impl Drop for Mount {
     }
 }
 
+/// Kernel readahead we want for a mount, in KiB.
+pub(crate) const READ_AHEAD_KB: u32 = 8 << 10;
+
+/// Raises the mount's readahead to [`READ_AHEAD_KB`].
+///
+/// A FUSE mount's readahead is its bdi's (`/sys/class/bdi/0:MINOR`, MINOR of the mount's
+/// anonymous `st_dev`), 128 KiB by default and capped at INIT by what the server answers
+/// (the kernel only offers that default). At 128 KiB the kernel keeps only one or two
+/// 128 KiB reads in flight to us, so a cold sequential read is a chain of small
+/// synchronous chunk reads. With 8 MiB, reads arrive as 1 MiB requests (max_pages),
+/// several at once, and the prefetcher sees long sequential runs. The `stat` below is
+/// served by our own session threads and only returns after INIT has been answered, so
+/// INIT cannot lower the value again afterwards. Needs root (volumed is); if sysfs
+/// refuses, the mount works as before, with the default.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(md) => md.dev(),
+        Err(e) => {
+            eprintln!("layerfs: readahead of {}: {e}", mountpoint.display());
+            return;
+        }
+    };
+    // glibc's major()/minor() for Linux's dev_t encoding.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    if major != 0 {
+        // Not an anonymous device: not our FUSE mount (the stat did not reach it).
+        return;
+    }
+    let path = format!("/sys/class/bdi/0:{minor}/read_ahead_kb");
+    let current = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if current.is_some_and(|kb| kb >= READ_AHEAD_KB) {
+        return;
+    }
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        eprintln!("layerfs: cannot raise readahead ({path}: {e}); keeping the default");
+    }
+}
+
 /// `umount2(2)`.
 fn umount(mountpoint: &Path, flags: libc::c_int) -> std::io::Result<()> {
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
@@ -181,6 +223,7 @@ pub fn mount(
     config.clone_fd = true;
     let session = fuser::spawn_mount(fuse::Fuse::new(overlay.clone()), mountpoint, &config)
         .map_err(io("mount", mountpoint))?;
+    raise_readahead(mountpoint);
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
         session: Some(session),

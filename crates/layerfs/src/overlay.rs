@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use castore::merge::{Merged, image_root, merge_dir};
-use castore::{ChunkCache, Digest, FileData, FileLayout, Kind, Segment, Store, Timespec};
+use castore::{
+    ChunkCache, Digest, FileData, FileLayout, Kind, Prefetcher, Segment, Store, Timespec,
+};
 
 /// Longest name a directory entry may have, as on ext4.
 pub(crate) const NAME_MAX: usize = 255;
@@ -43,6 +45,36 @@ pub(crate) const NAME_MAX: usize = 255;
 pub(crate) const ROOT_INO: u64 = 1;
 /// Longest extended attribute value Linux accepts.
 const XATTR_SIZE_MAX: usize = 65536;
+
+/// Readahead of lower files (see [`Overlay::read_ahead`]). A read within `SEQ_SLACK` of
+/// where the previous reads of the inode ended counts as sequential (the kernel has
+/// several reads in flight and they may arrive out of order); each sequential read
+/// doubles the window, from `MIN_WINDOW` up to `MAX_WINDOW` beyond the read's end.
+const SEQ_SLACK: u64 = 2 << 20;
+const MIN_WINDOW: u64 = 1 << 20;
+const MAX_WINDOW: u64 = 8 << 20;
+/// Prefetch threads: each has one synchronous chunk read in flight, so with the reader
+/// itself about five disk reads run at once (a virtio disk needs several to stream).
+const PREFETCH_THREADS: usize = 4;
+/// Queued chunk fetches (about 16 MiB of 64 KiB chunks); beyond this requests are dropped.
+const PREFETCH_QUEUE: usize = 256;
+/// The chunk cache: room for a window ahead of every stream with margin, so prefetched
+/// chunks are not evicted before their reader gets there (a window is at most 8 MiB, a
+/// FUSE read 1 MiB, and a few files are streamed at once).
+const CHUNK_CACHE_BYTES: usize = 128 << 20;
+/// Streams tracked at once; beyond it the table is cleared (it only steers prefetching).
+const MAX_STREAMS: usize = 4096;
+
+/// Per inode: where sequential reads have got to and how far ahead we fetched.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stream {
+    /// The highest end of a read so far.
+    next: u64,
+    /// Chunks up to here were handed to the prefetcher.
+    ahead: u64,
+    /// Current window (0 after a random read).
+    window: u64,
+}
 
 /// Why an overlay operation failed; [`FsError::to_errno`] is the one mapping to errno.
 #[derive(Debug, thiserror::Error)]
@@ -317,7 +349,11 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Overlay {
     store: Arc<Store>,
-    cache: ChunkCache,
+    cache: Arc<ChunkCache>,
+    /// Background chunk fetches for sequential readers (none if threads could not start).
+    prefetch: Option<Prefetcher>,
+    /// Sequential-read detection, per inode with lower content.
+    streams: Mutex<HashMap<u64, Stream>>,
     read_only: bool,
     scratch: PathBuf,
     /// The root's trees, lowest layer first (for link counts).
@@ -398,11 +434,26 @@ impl Overlay {
         };
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root_node);
+        let cache = Arc::new(ChunkCache::new(CHUNK_CACHE_BYTES));
+        let prefetch = match Prefetcher::new(
+            store.clone(),
+            cache.clone(),
+            PREFETCH_THREADS,
+            PREFETCH_QUEUE,
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("layerfs: no prefetch threads ({e}); reading without readahead");
+                None
+            }
+        };
         Ok(Overlay {
             root_sources: sources,
             scratch_seq: AtomicU64::new(0),
             store,
-            cache: ChunkCache::default(),
+            cache,
+            prefetch,
+            streams: Mutex::new(HashMap::new()),
             read_only,
             scratch,
             state: Mutex::new(State {
@@ -1138,10 +1189,64 @@ impl Overlay {
 
     pub(crate) fn release(&self, ino: u64) {
         let mut st = self.lock();
+        let mut closed = true;
         if let Some(node) = st.nodes.get_mut(&ino) {
             node.opens = node.opens.saturating_sub(1);
+            closed = node.opens == 0;
         }
         Self::maybe_drop(&mut st, ino);
+        drop(st);
+        if closed {
+            self.streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&ino);
+        }
+    }
+
+    /// Sequential readahead of lower bytes: when reads of `ino` follow each other, hands
+    /// the chunks of the next window (1 MiB, doubling per read up to 8 MiB past the end
+    /// of this read) to the prefetch threads, each chunk once. Never blocks on a fetch.
+    fn read_ahead(&self, ino: u64, layout: &FileLayout, offset: u64, len: u64) {
+        let Some(prefetch) = &self.prefetch else {
+            return;
+        };
+        let end = offset.saturating_add(len).min(layout.size());
+        let range = {
+            let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            if streams.len() >= MAX_STREAMS && !streams.contains_key(&ino) {
+                streams.clear();
+            }
+            let s = streams.entry(ino).or_default();
+            if offset.abs_diff(s.next) <= SEQ_SLACK {
+                s.window = (s.window * 2).clamp(MIN_WINDOW, MAX_WINDOW);
+                s.next = s.next.max(end);
+            } else {
+                *s = Stream {
+                    next: end,
+                    ahead: end,
+                    window: 0,
+                };
+            }
+            let from = s.ahead.max(end);
+            let to = end.saturating_add(s.window).min(layout.size());
+            if s.window == 0 || from >= to {
+                return;
+            }
+            s.ahead = to;
+            (from, to)
+        };
+        for d in layout.chunks_in(range.0, range.1) {
+            if !self.cache.contains(&d) && !prefetch.request(&d) {
+                // Queue full: the readers are far behind already; the rest is fetched on
+                // demand (and offered again by the next read's window).
+                let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(s) = streams.get_mut(&ino) {
+                    s.ahead = s.ahead.min(range.0);
+                }
+                break;
+            }
+        }
     }
 
     /// Creates and opens a regular file.
@@ -1180,9 +1285,18 @@ impl Overlay {
         };
         let mut buf = vec![0u8; size as usize];
         let n = match src {
-            Src::Lower(layout) => layout
-                .read_at(&self.store, &self.cache, offset, &mut buf)
-                .map_err(|e| e.context(format!("reading inode {ino} at {offset}")))?,
+            Src::Lower(layout) => {
+                self.read_ahead(ino, &layout, offset, u64::from(size));
+                layout
+                    .read_at_with(
+                        &self.store,
+                        &self.cache,
+                        self.prefetch.as_ref(),
+                        offset,
+                        &mut buf,
+                    )
+                    .map_err(|e| e.context(format!("reading inode {ino} at {offset}")))?
+            }
             Src::Scratch(file, path) => {
                 let mut done = 0;
                 while done < buf.len() {
@@ -1216,11 +1330,15 @@ impl Overlay {
         Ok(data.len())
     }
 
-    /// Every entry of a directory, `.` and `..` first.
-    pub(crate) fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+    /// Every entry of a directory, `.` and `..` first, and whether the directory is still
+    /// exactly the image's (its listing never changed through this mount, so a front end
+    /// may let the kernel cache it).
+    pub(crate) fn readdir(&self, ino: u64) -> Result<(Vec<DirEntry>, bool)> {
         let mut st = self.lock();
         self.load_dir(&mut st, ino)?;
-        let dir = st.nodes[&ino].dir()?;
+        let node = &st.nodes[&ino];
+        let pristine = node.pristine;
+        let dir = node.dir()?;
         let mut out = vec![
             DirEntry {
                 name: b".".to_vec(),
@@ -1240,7 +1358,7 @@ impl Overlay {
                 kind: st.nodes[&child].kind,
             });
         }
-        Ok(out)
+        Ok((out, pristine))
     }
 
     pub(crate) fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
