@@ -194,6 +194,12 @@ impl Db {
         // advises random access, which turns a cold sequential read into one small disk
         // read per chunk).
         opts.set_advise_random_on_open(false);
+        // Imports write `chunks` and `chunk_index` without the WAL. Without atomic flush a
+        // full `chunks` memtable could reach disk while its `chunk_index` entries did not,
+        // and a crash would leave chunk data no index (and so no GC) knows of. Atomic
+        // flush writes every family's memtable together, as RocksDB documents for
+        // unlogged writes across families.
+        opts.set_atomic_flush(true);
         // Volume writes go through the WAL (imports do not). A WAL file is kept until every
         // family with data in it has flushed, and some families (meta, volumes) rarely
         // fill a memtable; past this total RocksDB flushes them, so the WAL a restart

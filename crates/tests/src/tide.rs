@@ -44,17 +44,19 @@ impl Tide {
         self.cmd().args(args).output().expect("spawn tide")
     }
 
-    /// Runs and returns stdout; panics with stderr if tide failed.
+    /// Runs and returns stdout; panics with stderr and stdout if tide failed (a failing
+    /// `fsck` reports its problems on stdout).
     pub fn ok<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> String {
         let o = self.run(args);
         assert!(
             o.status.success(),
-            "tide {:?} failed ({}): {}",
+            "tide {:?} failed ({}): {}{}",
             args.iter()
                 .map(|a| a.as_ref().to_string_lossy().into_owned())
                 .collect::<Vec<_>>(),
             o.status,
-            String::from_utf8_lossy(&o.stderr)
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
