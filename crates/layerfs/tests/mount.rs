@@ -285,6 +285,39 @@ fn two_layer_layout(env: &Env) -> std::path::PathBuf {
     oci
 }
 
+#[test]
+fn cached_directory_listings_follow_changes() {
+    let env = Env::new("layerfs-dircache");
+    let src = env.path("src");
+    tests::fixture::build(&src);
+    let img = env.import(&src, "fx:1");
+    let m = env.mount(img, "mnt", false);
+    let etc = m.mountpoint().join("etc");
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    // The second listing of a pristine directory comes from the kernel's cache.
+    let before = names(&etc);
+    assert_eq!(names(&etc), before);
+    assert!(before.contains(&"hostname".to_string()));
+    // Changes through the mount show in the next listing, every time.
+    std::fs::write(etc.join("new-file"), b"x").unwrap();
+    let after = names(&etc);
+    assert!(after.contains(&"new-file".to_string()), "{after:?}");
+    std::fs::remove_file(etc.join("hostname")).unwrap();
+    let after = names(&etc);
+    assert!(!after.contains(&"hostname".to_string()), "{after:?}");
+    std::fs::rename(etc.join("new-file"), etc.join("renamed")).unwrap();
+    let after = names(&etc);
+    assert!(after.contains(&"renamed".to_string()) && !after.contains(&"new-file".to_string()));
+    assert_eq!(names(&etc), after);
+}
+
 fn listing(root: &Path) -> Vec<String> {
     let out = sh(&format!(
         "cd {} && find . -mindepth 1 | sort",
