@@ -106,6 +106,14 @@ fn abs(p: &Path) -> Result<String> {
         .ok_or_else(|| anyhow!("path {} is not UTF-8", a.display()))
 }
 
+/// An export's report off the wire.
+fn export_report(r: schema::store_capnp::export_report::Reader<'_>) -> Result<ExportReport> {
+    Ok(ExportReport {
+        entries: r.get_entries(),
+        bytes: r.get_bytes(),
+    })
+}
+
 fn export_path(target: &ExportTarget) -> Result<String> {
     let (ExportTarget::Dir(p) | ExportTarget::Tar(p)) = target;
     if p.as_os_str() == "-" {
@@ -374,15 +382,13 @@ impl StoreApi for Remote {
             req.get().set_image(spec);
             req.get().set_path(&path);
             let reply = req.send().promise.await.map_err(wire_err)?;
-            let r = reply
-                .get()
-                .map_err(wire_err)?
-                .get_report()
-                .map_err(wire_err)?;
-            Ok(ExportReport {
-                entries: r.get_entries(),
-                bytes: r.get_bytes(),
-            })
+            export_report(
+                reply
+                    .get()
+                    .map_err(wire_err)?
+                    .get_report()
+                    .map_err(wire_err)?,
+            )
         })
     }
 
@@ -420,15 +426,13 @@ impl StoreApi for Remote {
             req.get().set_layer(digest);
             req.get().set_path(&path);
             let reply = req.send().promise.await.map_err(wire_err)?;
-            let r = reply
-                .get()
-                .map_err(wire_err)?
-                .get_report()
-                .map_err(wire_err)?;
-            Ok(ExportReport {
-                entries: r.get_entries(),
-                bytes: r.get_bytes(),
-            })
+            export_report(
+                reply
+                    .get()
+                    .map_err(wire_err)?
+                    .get_report()
+                    .map_err(wire_err)?,
+            )
         })
     }
 
