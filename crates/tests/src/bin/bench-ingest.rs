@@ -714,19 +714,6 @@ mod unit_tests {
     }
 
     #[test]
-    fn table_columns_are_aligned() {
-        let rows = vec![
-            vec!["restic".to_owned(), "9.5".to_owned()],
-            vec!["borg".to_owned(), "11.25".to_owned()],
-        ];
-        let table = render_table(&["tool", "ingest s"], &rows);
-        assert_eq!(
-            table,
-            "tool    ingest s\nrestic       9.5\nborg       11.25\n"
-        );
-    }
-
-    #[test]
     fn scan_counts_regular_files_once() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("a"), b"12345").unwrap();
