@@ -6,6 +6,7 @@
 mod api;
 mod output;
 mod remote;
+mod volume;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -63,6 +64,9 @@ enum Cmd {
         /// The mountpoint.
         dir: PathBuf,
     },
+    /// Block volumes served over NBD by volumed: create, snapshot, clone, resize, attach.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,11 +171,11 @@ fn open(cli: &Cli) -> Result<Box<dyn StoreApi>> {
     }
 }
 
-/// Mounts live in the daemon: only `--socket` can serve them.
-fn open_remote(cli: &Cli) -> Result<Remote> {
+/// Mounts and volumes live in the daemon: only `--socket` can serve them.
+fn open_remote(cli: &Cli, what: &str) -> Result<Remote> {
     match (&cli.store, &cli.socket) {
         (_, None) => bail!(
-            "mounts need the daemon: start volumed and pass --socket PATH (TIDE_SOCKET) instead of --store"
+            "{what} need the daemon: start volumed and pass --socket PATH (TIDE_SOCKET) instead of --store"
         ),
         (Some(_), Some(_)) => {
             bail!("give either --store DIR (TIDE_STORE) or --socket PATH (TIDE_SOCKET), not both")
@@ -181,7 +185,7 @@ fn open_remote(cli: &Cli) -> Result<Remote> {
 }
 
 fn run_mount(cli: &Cli) -> Result<i32> {
-    let remote = open_remote(cli)?;
+    let remote = open_remote(cli, "mounts")?;
     match &cli.cmd {
         Cmd::Mount(MountArgs {
             cmd: Some(MountCmd::Ls),
@@ -287,6 +291,10 @@ fn import_progress(p: &Progress) -> (u64, u64, String) {
 fn run(cli: &Cli) -> Result<i32> {
     if matches!(cli.cmd, Cmd::Mount(_) | Cmd::Umount { .. }) {
         return run_mount(cli);
+    }
+    if let Cmd::Volume(cmd) = &cli.cmd {
+        volume::run(&open_remote(cli, "volumes")?, cli.json, cmd)?;
+        return Ok(0);
     }
     let api = open(cli)?;
     match &cli.cmd {
@@ -545,7 +553,9 @@ fn run(cli: &Cli) -> Result<i32> {
                 );
             }
         }
-        Cmd::Mount(_) | Cmd::Umount { .. } => unreachable!("handled by run_mount"),
+        Cmd::Mount(_) | Cmd::Umount { .. } | Cmd::Volume(_) => {
+            unreachable!("handled by run_mount and volume::run")
+        }
     }
     Ok(0)
 }

@@ -23,6 +23,15 @@ pub(crate) fn print_json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
+/// `v` as JSON, or `human(v)` for people.
+pub(crate) fn emit<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
+    if json {
+        print_json(v);
+    } else {
+        human(v);
+    }
+}
+
 /// An aligned table on stdout.
 pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

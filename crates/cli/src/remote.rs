@@ -16,7 +16,7 @@ use castore::{
 };
 use futures::AsyncReadExt;
 use schema::store_capnp::{
-    Format, daemon, import_report, layer_summary, mount_info, mounts, store,
+    Format, daemon, import_report, layer_summary, mount_info, mounts, store, volumes,
 };
 use serde::Serialize;
 
@@ -39,6 +39,7 @@ pub(crate) struct Remote {
     local: tokio::task::LocalSet,
     store: store::Client,
     mounts: mounts::Client,
+    pub(crate) volumes: volumes::Client,
 }
 
 impl std::fmt::Debug for Remote {
@@ -47,9 +48,20 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// `.w()?` on any Cap'n Proto result: [`wire_err`] without the noise.
+pub(crate) trait Wire<T> {
+    fn w(self) -> Result<T>;
+}
+
+impl<T> Wire<T> for capnp::Result<T> {
+    fn w(self) -> Result<T> {
+        self.map_err(wire_err)
+    }
+}
+
 /// The one conversion of wire errors: a daemon's `failed` reason is already a full
 /// one-line message; other kinds (disconnected, ...) say what happened to the link.
-fn wire_err(e: capnp::Error) -> anyhow::Error {
+pub(crate) fn wire_err(e: capnp::Error) -> anyhow::Error {
     // capnp-rpc marks errors that crossed the wire; the daemon's reason follows.
     let reason = e
         .extra
@@ -62,14 +74,14 @@ fn wire_err(e: capnp::Error) -> anyhow::Error {
     }
 }
 
-fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String> {
+pub(crate) fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String> {
     Ok(r.map_err(wire_err)?
         .to_str()
         .map_err(|_| anyhow!("volumed sent text that is not UTF-8"))?
         .to_string())
 }
 
-fn texts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> Result<Vec<String>> {
+pub(crate) fn texts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> Result<Vec<String>> {
     r.map_err(wire_err)?.iter().map(text).collect()
 }
 
@@ -169,7 +181,7 @@ impl Remote {
             .enable_all()
             .build()?;
         let local = tokio::task::LocalSet::new();
-        let (store, mounts) = local.block_on(&rt, async {
+        let (store, mounts, volumes) = local.block_on(&rt, async {
             let stream = tokio::net::UnixStream::connect(socket)
                 .await
                 .with_context(|| {
@@ -192,17 +204,19 @@ impl Remote {
             // Pipelined: both capabilities arrive in the same round trip.
             let store = daemon.store_request().send().pipeline.get_store();
             let mounts = daemon.mounts_request().send().pipeline.get_mounts();
-            anyhow::Ok((store, mounts))
+            let volumes = daemon.volumes_request().send().pipeline.get_volumes();
+            anyhow::Ok((store, mounts, volumes))
         })?;
         Ok(Remote {
             rt,
             local,
             store,
             mounts,
+            volumes,
         })
     }
 
-    fn run<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    pub(crate) fn run<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         self.local.block_on(&self.rt, f)
     }
 

@@ -18,7 +18,7 @@ impl Exports for One {
         Ok(vec![("mem".into(), Some("in-memory".into()))])
     }
 
-    fn open(&self, _: &str, _: Intent) -> Result<Export, ExportError> {
+    fn open(&self, _: &str, _: Intent, _: &str) -> Result<Export, ExportError> {
         Ok(Export {
             device: self.0.clone(),
             description: Some("in-memory".into()),

@@ -33,6 +33,9 @@ interface Daemon {
 
   mounts @2 () -> (mounts :Mounts);
   # Layered roots mounted through FUSE by the daemon.
+
+  volumes @3 () -> (volumes :Volumes);
+  # Block volumes, served over NBD.
 }
 
 enum Format {
@@ -224,4 +227,112 @@ interface Mounts {
 
   umount @2 (mountpoint :Text) -> ();
   # Unmounts whatever the daemon mounted at `mountpoint`.
+}
+
+enum AccessMode {
+  # Who may attach a volume.
+  rwo @0;  # One attachment at a time (read-write); a second is refused naming the holder.
+  rwx @1;  # Many read-write attachments (NBD multi-conn consistent).
+  rox @2;  # Many attachments, all read-only: writes fail with EPERM.
+}
+
+struct VolumeSummary {
+  # One volume, as `Volumes.list` shows it.
+  name @0 :Text;
+  size @1 :UInt64;          # Bytes.
+  extentSize @2 :UInt64;    # Bytes per block map extent.
+  mode @3 :AccessMode;
+  instances @4 :UInt32;     # A per-instance template: how many stamps (NAME-0 ..); 0 if not one.
+  template @5 :Text;        # For a stamp, its template's name; else "".
+  generation @6 :UInt64;    # The generation writes go to.
+  snapshots @7 :UInt32;     # Number of snapshots.
+  originVolume @8 :Text;    # For a clone: the volume it was cloned from; else "".
+  originSnapshot @9 :Text;  # For a clone: that volume's snapshot; else "".
+  created @10 :UInt64;      # Unix seconds.
+  attachments @11 :UInt32;  # Live attachments (persistent ones and NBD connections).
+}
+
+struct SnapshotInfo {
+  # One snapshot (exported read-only as VOLUME@NAME).
+  name @0 :Text;
+  generation @1 :UInt64;
+  size @2 :UInt64;          # The volume's size when it was taken.
+  created @3 :UInt64;       # Unix seconds.
+  clones @4 :List(Text);    # Volumes cloned from it.
+}
+
+struct AttachmentInfo {
+  # One attachment of a volume.
+  id @0 :UInt64;            # Unique in the daemon's data directory.
+  volume @1 :Text;
+  holder @2 :Text;          # Who: the `attach` caller's holder text, or the NBD client.
+  readOnly @3 :Bool;
+  persistent @4 :Bool;      # Made by `attach` (kept across restarts until detached); false
+                            # for an NBD connection to VOLUME (ends with the connection).
+  since @5 :UInt64;         # Unix seconds.
+  exportName @6 :Text;      # The NBD export name to connect to: VOLUME/ID when persistent.
+}
+
+struct VolumeDetail {
+  # Everything `Volumes.inspect` returns.
+  summary @0 :VolumeSummary;
+  snapshots @1 :List(SnapshotInfo);   # Oldest first.
+  attachments @2 :List(AttachmentInfo);
+  allocatedBytes @3 :UInt64;  # Bytes of extents backed by a chunk (inherited ones too).
+  uniqueBytes @4 :UInt64;     # Stored bytes only this volume and its snapshots name.
+}
+
+struct NbdEndpoints {
+  # Where the daemon serves NBD.
+  unixSocket @0 :Text;  # Absolute path, or "" if not served on a Unix socket.
+  tcp @1 :Text;         # HOST:PORT, or "" if not served on TCP.
+}
+
+interface Attachment {
+  # A persistent attachment. Dropping the capability does not detach.
+  info @0 () -> (info :AttachmentInfo);
+  detach @1 () -> ();
+}
+
+interface Volumes {
+  # Block volumes. Names: 1 to 128 of `a-z 0-9 . _ -`, starting with a letter or digit.
+  # NBD export names: VOLUME (the connection attaches it while open), VOLUME@SNAPSHOT
+  # (read-only, never an attachment), VOLUME/ID (under persistent attachment ID).
+
+  create @0 (name :Text, size :UInt64, mode :AccessMode, instances :UInt32, extentSize :UInt32)
+    -> (volumes :List(VolumeSummary));
+  # Creates a volume of `size` bytes (a multiple of 512). `instances` > 0 makes a
+  # per-instance template (rwo only) and stamps NAME-0 .. NAME-{instances-1}, all
+  # returned after the template. `extentSize`: 0 for the default (64 KiB).
+
+  list @1 () -> (volumes :List(VolumeSummary));
+  # Every volume, sorted by name.
+
+  inspect @2 (name :Text) -> (detail :VolumeDetail);
+
+  snapshot @3 (volume :Text, snapshot :Text) -> (snapshot :SnapshotInfo);
+  # A crash-consistent snapshot: every write acknowledged before the call is in it.
+
+  snapshots @4 (volume :Text) -> (snapshots :List(SnapshotInfo));
+
+  cloneSnapshot @5 (source :Text, name :Text) -> (volume :VolumeSummary);
+  # A new volume `name` from `source`, "VOLUME@SNAPSHOT", sharing every chunk until written.
+
+  resize @6 (name :Text, size :UInt64, shrink :Bool) -> (volume :VolumeSummary);
+  # Grows online (new NBD connections see the new size). Shrinking discards the data
+  # beyond the new end and is refused unless `shrink`.
+
+  remove @7 (name :Text, cascade :Bool) -> (removed :List(Text));
+  # Removes VOLUME or VOLUME@SNAPSHOT. Refused while attached, while the volume has
+  # snapshots, the snapshot has clones, or the template has instances, unless `cascade`
+  # (which removes those too). Returns every name removed.
+
+  attach @8 (name :Text, holder :Text, readOnly :Bool)
+    -> (attachment :Attachment, info :AttachmentInfo);
+  # A persistent attachment for `holder` (e.g. an instance id), honouring the access mode.
+
+  detach @9 (name :Text, id :UInt64) -> ();
+  # Ends persistent attachment `id`; NBD connections under it fail from then on.
+
+  endpoints @10 () -> (endpoints :NbdEndpoints);
 }

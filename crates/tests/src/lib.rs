@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod fixture;
 pub mod fstree;
+pub mod nbd;
 pub mod pjdfs;
 pub mod roots;
 pub mod tide;

@@ -20,10 +20,16 @@ pub struct Volumed {
     child: Option<Child>,
 }
 
-/// A `volumed --data DATA --socket SOCKET` command.
+/// A `volumed --data DATA --socket SOCKET` command, serving NBD on `DATA/nbd.sock` and
+/// on a free loopback port (so tests can run side by side).
 pub fn command(data: &Path, socket: &Path) -> Command {
     let mut c = Command::new(crate::volumed_bin());
-    c.arg("--data").arg(data).arg("--socket").arg(socket);
+    c.arg("--data")
+        .arg(data)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--nbd-listen")
+        .arg("127.0.0.1:0");
     c
 }
 
@@ -81,6 +87,14 @@ impl Volumed {
     /// `tide --socket SOCKET` commands.
     pub fn tide(&self) -> Tide {
         Tide::remote(&self.socket, self.data.join("store"))
+    }
+
+    /// The `nbd+unix://` URI of `export` on the daemon's NBD socket (`DATA/nbd.sock`).
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.data.join("nbd.sock").display()
+        )
     }
 
     /// What the daemon logged so far.

@@ -23,6 +23,17 @@ pub(crate) enum Error {
     /// The daemon is shutting down and takes no new mounts.
     #[error("volumed is shutting down")]
     ShuttingDown,
+    /// A read-write-once volume is attached by someone else.
+    #[error("volume {volume} is in use by {holder}")]
+    InUse {
+        /// The volume.
+        volume: String,
+        /// Who holds it.
+        holder: String,
+    },
+    /// A file of the daemon's own could not be read or written.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
     /// A worker thread died (a bug); the daemon keeps serving.
     #[error("internal error: worker failed: {0}")]
     Worker(String),
@@ -33,5 +44,11 @@ pub(crate) enum Error {
 impl From<Error> for capnp::Error {
     fn from(e: Error) -> capnp::Error {
         capnp::Error::failed(e.to_string())
+    }
+}
+
+impl From<castore::VolumeError> for Error {
+    fn from(e: castore::VolumeError) -> Error {
+        Error::Store(e.into())
     }
 }

@@ -11,6 +11,8 @@
 mod error;
 mod mounts;
 mod server;
+mod volume_rpc;
+mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -25,6 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use mounts::MountTable;
 use server::{DaemonImpl, Shared};
+use volume_rpc::Endpoints;
 
 /// Logs one line to stderr with a UTC timestamp.
 #[macro_export]
@@ -69,6 +72,22 @@ struct Args {
     /// Unix socket to serve Cap'n Proto on.
     #[arg(long, env = "VOLUMED_SOCKET", value_name = "PATH")]
     socket: PathBuf,
+    /// Unix socket to serve NBD on (default DATA/nbd.sock).
+    #[arg(long, env = "VOLUMED_NBD_SOCKET", value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
+    /// TCP address to serve NBD on (port 0 picks a free one; `none` to serve only the
+    /// Unix socket). Loopback only, unless --nbd-allow-remote.
+    #[arg(
+        long,
+        env = "VOLUMED_NBD_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:10809"
+    )]
+    nbd_listen: String,
+    /// Allow a non-loopback --nbd-listen address. NBD has no authentication: anyone who
+    /// can reach the port can read and write every volume.
+    #[arg(long)]
+    nbd_allow_remote: bool,
 }
 
 /// Binds `path`, replacing a socket file nobody listens on, refusing a live one.
@@ -104,6 +123,15 @@ fn run(args: &Args) -> Result<()> {
     mounts
         .recover()
         .with_context(|| format!("cleaning up after the last run in {}", args.data.display()))?;
+    let volumes = volumes::Volumes::open(store.clone(), &args.data)
+        .with_context(|| format!("loading volume attachments in {}", args.data.display()))?;
+    // NBD connections run on a runtime of their own, with a worker per core: the RPC
+    // loop below is single-threaded (capnp-rpc is not Send).
+    let nbd_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nbd")
+        .build()?;
+    let endpoints = nbd_rt.block_on(start_nbd(args, volumes.clone()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -111,8 +139,17 @@ fn run(args: &Args) -> Result<()> {
     let shared = Rc::new(Shared {
         store: store.clone(),
         mounts: mounts.clone(),
+        volumes,
+        endpoints: endpoints.clone(),
     });
     let r = local.block_on(&rt, serve(args, shared));
+    // Stop NBD first: every connection is dropped (its attachment released); requests
+    // already on blocking threads finish. Nothing acknowledged is lost: FLUSH and FUA
+    // were synced before their replies.
+    nbd_rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    if !endpoints.unix_socket.is_empty() {
+        let _ = std::fs::remove_file(&endpoints.unix_socket);
+    }
     // Dropping the LocalSet drops every connection and capability; dropping the runtime
     // waits for blocking work still running (an import finishes or fails first).
     drop(local);
@@ -120,6 +157,55 @@ fn run(args: &Args) -> Result<()> {
     // Our handle is the last one now: dropping it closes RocksDB, flushing the store.
     drop(store);
     r
+}
+
+/// Binds the NBD listeners (before the RPC socket, so a daemon that serves RPC serves
+/// NBD) and spawns their accept loops on the current (NBD) runtime.
+async fn start_nbd(args: &Args, volumes: Arc<volumes::Volumes>) -> Result<Endpoints> {
+    let server = layerfs::nbd::Server::new(
+        Arc::new(volumes::VolumeExports(volumes)),
+        layerfs::nbd::ServerConfig::default(),
+    );
+    let path = args
+        .nbd_socket
+        .clone()
+        .unwrap_or_else(|| args.data.join("nbd.sock"));
+    let unix = bind(&path)?;
+    let mut endpoints = Endpoints {
+        unix_socket: std::path::absolute(&path)?.display().to_string(),
+        tcp: String::new(),
+    };
+    let s = server.clone();
+    tokio::spawn(async move {
+        if let Err(e) = s.serve_unix(unix).await {
+            log!("nbd unix listener stopped: {e}");
+        }
+    });
+    if args.nbd_listen != "none" {
+        let addr: std::net::SocketAddr = args.nbd_listen.parse().with_context(|| {
+            format!(
+                "--nbd-listen {:?}: expected IP:PORT or none",
+                args.nbd_listen
+            )
+        })?;
+        let tcp = layerfs::nbd::Server::bind_tcp(addr, args.nbd_allow_remote).await?;
+        endpoints.tcp = tcp.local_addr()?.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = server.serve_tcp(tcp).await {
+                log!("nbd tcp listener stopped: {e}");
+            }
+        });
+    }
+    log!(
+        "serving NBD on {}{}",
+        endpoints.unix_socket,
+        if endpoints.tcp.is_empty() {
+            String::new()
+        } else {
+            format!(" and {}", endpoints.tcp)
+        }
+    );
+    Ok(endpoints)
 }
 
 /// One `RpcSystem` serving `bootstrap` over `stream` (a socket, or a pipe in tests).
@@ -197,7 +283,13 @@ mod tests {
         let store = Arc::new(castore::Store::open(data.join("store")).unwrap());
         let mounts = Arc::new(MountTable::new(&data));
         mounts.recover().unwrap();
-        let shared = Rc::new(Shared { store, mounts });
+        let volumes = volumes::Volumes::open(store.clone(), &data).unwrap();
+        let shared = Rc::new(Shared {
+            store,
+            mounts,
+            volumes,
+            endpoints: Endpoints::default(),
+        });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -16,16 +16,20 @@ use schema::store_capnp::{Format, daemon, mount, mounts, store};
 use crate::error::Error;
 use crate::log;
 use crate::mounts::{MountInfo, MountRecord, MountTable};
+use crate::volume_rpc::{Endpoints, VolumesImpl};
+use crate::volumes::Volumes;
 
 /// What every capability of one daemon shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
     pub(crate) mounts: Arc<MountTable>,
+    pub(crate) volumes: Arc<Volumes>,
+    pub(crate) endpoints: Endpoints,
 }
 
 /// Runs `f` on tokio's blocking pool so the event loop keeps serving other clients.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, capnp::Error> {
     match tokio::task::spawn_blocking(f).await {
@@ -34,7 +38,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+pub(crate) fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
     Ok(r?
         .to_str()
         .map_err(|_| capnp::Error::failed("text argument is not UTF-8".into()))?
@@ -97,6 +101,20 @@ impl daemon::Server for DaemonImpl {
         results
             .get()
             .set_mounts(capnp_rpc::new_client(MountsImpl(self.0.clone())));
+        Ok(())
+    }
+
+    async fn volumes(
+        self: CapRc<Self>,
+        _: daemon::VolumesParams,
+        mut results: daemon::VolumesResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_volumes(capnp_rpc::new_client(VolumesImpl {
+                volumes: self.0.volumes.clone(),
+                endpoints: self.0.endpoints.clone(),
+            }));
         Ok(())
     }
 }

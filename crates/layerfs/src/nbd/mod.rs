@@ -227,6 +227,8 @@ pub trait Exports: Send + Sync {
     /// server that does not want to reveal names may return an empty list.
     fn list(&self) -> Result<Vec<(String, Option<String>)>, ExportError>;
 
-    /// Opens the export `name` (`""` is the client's default export) for `intent`.
-    fn open(&self, name: &str, intent: Intent) -> Result<Export, ExportError>;
+    /// Opens the export `name` (`""` is the client's default export) for `intent`, on
+    /// behalf of `peer` (a description of the client, such as `nbd client pid 1234
+    /// (qemu-io)` or `nbd client 127.0.0.1:40312`, for naming who holds an export).
+    fn open(&self, name: &str, intent: Intent, peer: &str) -> Result<Export, ExportError>;
 }

@@ -94,6 +94,17 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// `nbd client pid 1234 (qemu-io)` for a Unix-socket client, from its credentials.
+fn unix_peer(stream: &tokio::net::UnixStream) -> String {
+    match stream.peer_cred().ok().and_then(|c| c.pid()) {
+        Some(pid) => match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            Ok(comm) => format!("nbd client pid {pid} ({})", comm.trim_end()),
+            Err(_) => format!("nbd client pid {pid}"),
+        },
+        None => "nbd client on the unix socket".to_string(),
+    }
+}
+
 /// The only mapping from device errors to NBD error values.
 fn errno(e: &DeviceError) -> u32 {
     match e {
@@ -143,6 +154,8 @@ struct Session {
 /// Negotiation state: what the client has asked for so far.
 #[derive(Default)]
 struct Negotiation {
+    /// Who the client is, for [`Exports::open`].
+    peer: String,
     structured: bool,
     /// The export `NBD_OPT_SET_META_CONTEXT` named and whether it selected
     /// `base:allocation`.
@@ -283,8 +296,9 @@ impl Server {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    let peer = unix_peer(&stream);
                     let (r, w) = stream.into_split();
-                    self.spawn(r, w);
+                    self.spawn(peer, r, w);
                 }
                 Err(e) => Self::accept_failed(e).await?,
             }
@@ -295,10 +309,10 @@ impl Server {
     pub async fn serve_tcp(&self, listener: TcpListener) -> io::Result<()> {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
+                Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
                     let (r, w) = stream.into_split();
-                    self.spawn(r, w);
+                    self.spawn(format!("nbd client {addr}"), r, w);
                 }
                 Err(e) => Self::accept_failed(e).await?,
             }
@@ -324,7 +338,7 @@ impl Server {
         }
     }
 
-    fn spawn<R, W>(&self, r: R, w: W)
+    fn spawn<R, W>(&self, peer: String, r: R, w: W)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -332,12 +346,18 @@ impl Server {
         let me = self.clone();
         tokio::spawn(async move {
             // A connection's failure is the client's business; it never reaches others.
-            let _ = me.serve_connection(r, w).await;
+            let _ = me.serve_connection(peer, r, w).await;
         });
     }
 
-    /// Serves one connection (already accepted) to its end.
-    pub async fn serve_connection<R, W>(&self, r: R, w: W) -> Result<(), ConnectionError>
+    /// Serves one connection (already accepted) to its end. `peer` describes the client
+    /// to [`Exports::open`] (who holds an export, in error messages).
+    pub async fn serve_connection<R, W>(
+        &self,
+        peer: String,
+        r: R,
+        w: W,
+    ) -> Result<(), ConnectionError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -346,7 +366,7 @@ impl Server {
         let mut w = BufWriter::with_capacity(64 << 10, w);
         let session = tokio::time::timeout(
             self.config.handshake_timeout,
-            self.negotiate(&mut r, &mut w),
+            self.negotiate(peer, &mut r, &mut w),
         )
         .await
         .map_err(|_| ConnectionError::Timeout)??;
@@ -359,6 +379,7 @@ impl Server {
 
     async fn negotiate<R, W>(
         &self,
+        peer: String,
         r: &mut R,
         w: &mut W,
     ) -> Result<Option<Session>, ConnectionError>
@@ -381,7 +402,10 @@ impl Server {
             return Err(ConnectionError::Protocol("client is not fixed newstyle"));
         }
         let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-        let mut state = Negotiation::default();
+        let mut state = Negotiation {
+            peer,
+            ..Negotiation::default()
+        };
         loop {
             if r.read_u64().await? != IHAVEOPT {
                 return Err(ConnectionError::Protocol("bad option magic"));
@@ -424,10 +448,10 @@ impl Server {
     }
 
     /// Opens an export on a blocking thread.
-    async fn open(&self, name: &str, intent: Intent) -> Result<Export, ExportError> {
+    async fn open(&self, name: &str, intent: Intent, peer: &str) -> Result<Export, ExportError> {
         let exports = self.exports.clone();
-        let name = name.to_owned();
-        match tokio::task::spawn_blocking(move || exports.open(&name, intent)).await {
+        let (name, peer) = (name.to_owned(), peer.to_owned());
+        match tokio::task::spawn_blocking(move || exports.open(&name, intent, &peer)).await {
             Ok(r) => r,
             Err(e) => Err(ExportError::Failed(Box::new(e))),
         }
@@ -472,7 +496,7 @@ impl Server {
                 let name = std::str::from_utf8(data)
                     .map_err(|_| ConnectionError::Protocol("export name not UTF-8"))?;
                 let export = self
-                    .open(name, Intent::Serve)
+                    .open(name, Intent::Serve, &state.peer)
                     .await
                     .map_err(|_| ConnectionError::Protocol("export refused"))?;
                 let dev = &export.device;
@@ -572,7 +596,7 @@ impl Server {
         } else {
             Intent::Query
         };
-        let export = match self.open(name, intent).await {
+        let export = match self.open(name, intent, &state.peer).await {
             Ok(e) => e,
             Err(e) => return Ok(Err((rep_err(&e), e.to_string()))),
         };
@@ -652,7 +676,7 @@ impl Server {
         if !set && n == 0 {
             selected = true;
         }
-        if let Err(e) = self.open(name, Intent::Query).await {
+        if let Err(e) = self.open(name, Intent::Query, &state.peer).await {
             return Ok(Err((rep_err(&e), e.to_string())));
         }
         if selected {

@@ -1,0 +1,711 @@
+//! `tide volume ...`: block volumes through volumed (`--socket`). Wire replies become the
+//! plain types below, which are what `--json` prints.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use schema::store_capnp::{self, attachment_info, snapshot_info, volume_summary};
+use serde::Serialize;
+
+use crate::output::{emit, human_bytes, print_json, table};
+use crate::remote::{Remote, Wire, text, texts};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VolumeCmd {
+    /// Create a volume (or a per-instance template with --instances).
+    Create {
+        /// Name: a-z 0-9 . _ - (1 to 128 characters).
+        name: String,
+        /// Size: bytes or with a unit (512M, 10G, 1T; powers of 1024), a multiple of 512.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// rwo (one attachment at a time), rwx (many read-write), rox (many read-only).
+        #[arg(long, default_value = "rwo", value_parser = parse_mode)]
+        mode: store_capnp::AccessMode,
+        /// Per-instance RWO: stamp NAME-0 .. NAME-{N-1}, one per instance.
+        #[arg(long)]
+        instances: Option<u32>,
+        /// Extent size (a power of two, 4K to 256K; default 64K).
+        #[arg(long, value_parser = parse_size)]
+        extent_size: Option<u64>,
+    },
+    /// List volumes.
+    Ls,
+    /// Size, mode, attachments, allocated and unique bytes, snapshots.
+    Inspect {
+        /// The volume.
+        name: String,
+    },
+    /// Take a crash-consistent snapshot (exported read-only as NAME@SNAP).
+    Snapshot {
+        /// The volume.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// List a volume's snapshots.
+    Snapshots {
+        /// The volume.
+        name: String,
+    },
+    /// Make a new volume from a snapshot; it shares every chunk until written.
+    Clone {
+        /// VOLUME@SNAPSHOT.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
+    /// Grow a volume online, or shrink it (--shrink, discarding the data beyond).
+    Resize {
+        /// The volume.
+        name: String,
+        /// New size (bytes or with a unit: 20G).
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Allow shrinking.
+        #[arg(long)]
+        shrink: bool,
+        /// Do not ask for confirmation before shrinking.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove volumes (NAME) or snapshots (NAME@SNAP).
+    Rm {
+        /// What to remove.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Also remove snapshots, clones and a template's instances.
+        #[arg(long)]
+        cascade: bool,
+    },
+    /// Attach a volume for a holder (kept across restarts until detached).
+    Attach {
+        /// The volume.
+        name: String,
+        /// Who holds it (an instance id, a host, a person).
+        #[arg(long)]
+        holder: String,
+        /// A read-only attachment.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// End a persistent attachment.
+    Detach {
+        /// The volume.
+        name: String,
+        /// The attachment id (optional when the volume has exactly one).
+        id: Option<u64>,
+    },
+    /// Print the NBD URI of a volume (NAME), snapshot (NAME@SNAP) or attachment (NAME/ID).
+    Url {
+        /// The export.
+        name: String,
+        /// nbd://HOST:PORT/... instead of nbd+unix://...
+        #[arg(long)]
+        tcp: bool,
+    },
+}
+
+/// Bytes from `10G`, `512M`, `1.5T`, `4096`, `64K`, `64KiB`: powers of 1024.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => return Err(format!("size {s:?}: unknown unit {c:?} (K, M, G, T, P)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let bad = || format!("size {s:?}: expected a number of bytes, optionally with K, M, G, T or P");
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(1u64 << shift)
+            .ok_or_else(|| format!("size {s:?} is too large"));
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    let v = f * (1u64 << shift) as f64;
+    if !(v.is_finite() && v >= 0.0 && v < u64::MAX as f64) || v.fract() != 0.0 {
+        return Err(format!("size {s:?} is not a whole number of bytes"));
+    }
+    Ok(v as u64)
+}
+
+fn parse_mode(s: &str) -> Result<store_capnp::AccessMode, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "rwo" => Ok(store_capnp::AccessMode::Rwo),
+        "rwx" => Ok(store_capnp::AccessMode::Rwx),
+        "rox" => Ok(store_capnp::AccessMode::Rox),
+        _ => Err(format!("unknown access mode {s:?} (rwo, rwx, rox)")),
+    }
+}
+
+fn mode_name(m: Result<store_capnp::AccessMode, capnp::NotInSchema>) -> String {
+    match m {
+        Ok(store_capnp::AccessMode::Rwo) => "rwo".into(),
+        Ok(store_capnp::AccessMode::Rwx) => "rwx".into(),
+        Ok(store_capnp::AccessMode::Rox) => "rox".into(),
+        Err(capnp::NotInSchema(n)) => format!("mode#{n}"),
+    }
+}
+
+/// One volume, as `ls` and `--json` show it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct VolumeRow {
+    name: String,
+    size: u64,
+    extent_size: u64,
+    mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instances: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template: Option<String>,
+    generation: u64,
+    snapshots: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
+    created: u64,
+    attachments: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SnapshotRow {
+    name: String,
+    generation: u64,
+    size: u64,
+    created: u64,
+    clones: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct AttachmentRow {
+    id: u64,
+    volume: String,
+    holder: String,
+    read_only: bool,
+    persistent: bool,
+    since: u64,
+    export_name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct VolumeDetail {
+    #[serde(flatten)]
+    volume: VolumeRow,
+    allocated_bytes: u64,
+    unique_bytes: u64,
+    snapshot_list: Vec<SnapshotRow>,
+    attachment_list: Vec<AttachmentRow>,
+}
+
+fn volume_row(r: volume_summary::Reader<'_>) -> Result<VolumeRow> {
+    let origin_volume = text(r.get_origin_volume())?;
+    Ok(VolumeRow {
+        name: text(r.get_name())?,
+        size: r.get_size(),
+        extent_size: r.get_extent_size(),
+        mode: mode_name(r.get_mode()),
+        instances: Some(r.get_instances()).filter(|&n| n > 0),
+        template: Some(text(r.get_template())?).filter(|t| !t.is_empty()),
+        generation: r.get_generation(),
+        snapshots: r.get_snapshots(),
+        origin: if origin_volume.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "{origin_volume}@{}",
+                text(r.get_origin_snapshot())?
+            ))
+        },
+        created: r.get_created(),
+        attachments: r.get_attachments(),
+    })
+}
+
+fn snapshot_row(r: snapshot_info::Reader<'_>) -> Result<SnapshotRow> {
+    Ok(SnapshotRow {
+        name: text(r.get_name())?,
+        generation: r.get_generation(),
+        size: r.get_size(),
+        created: r.get_created(),
+        clones: texts(r.get_clones())?,
+    })
+}
+
+fn attachment_row(r: attachment_info::Reader<'_>) -> Result<AttachmentRow> {
+    Ok(AttachmentRow {
+        id: r.get_id(),
+        volume: text(r.get_volume())?,
+        holder: text(r.get_holder())?,
+        read_only: r.get_read_only(),
+        persistent: r.get_persistent(),
+        since: r.get_since(),
+        export_name: text(r.get_export_name())?,
+    })
+}
+
+/// The calls, one round trip each.
+impl Remote {
+    fn volume_list(&self) -> Result<Vec<VolumeRow>> {
+        self.run(async {
+            let reply = self.volumes.list_request().send().promise.await.w()?;
+            reply
+                .get()
+                .w()?
+                .get_volumes()
+                .w()?
+                .iter()
+                .map(volume_row)
+                .collect()
+        })
+    }
+
+    fn volume_detail(&self, name: &str) -> Result<VolumeDetail> {
+        self.run(async {
+            let mut req = self.volumes.inspect_request();
+            req.get().set_name(name);
+            let reply = req.send().promise.await.w()?;
+            let d = reply.get().w()?.get_detail().w()?;
+            Ok(VolumeDetail {
+                volume: volume_row(d.get_summary().w()?)?,
+                allocated_bytes: d.get_allocated_bytes(),
+                unique_bytes: d.get_unique_bytes(),
+                snapshot_list: d
+                    .get_snapshots()
+                    .w()?
+                    .iter()
+                    .map(snapshot_row)
+                    .collect::<Result<_>>()?,
+                attachment_list: d
+                    .get_attachments()
+                    .w()?
+                    .iter()
+                    .map(attachment_row)
+                    .collect::<Result<_>>()?,
+            })
+        })
+    }
+
+    fn volume_snapshots(&self, name: &str) -> Result<Vec<SnapshotRow>> {
+        self.run(async {
+            let mut req = self.volumes.snapshots_request();
+            req.get().set_volume(name);
+            let reply = req.send().promise.await.w()?;
+            reply
+                .get()
+                .w()?
+                .get_snapshots()
+                .w()?
+                .iter()
+                .map(snapshot_row)
+                .collect()
+        })
+    }
+
+    /// (unix socket, tcp address), each possibly empty.
+    fn nbd_endpoints(&self) -> Result<(String, String)> {
+        self.run(async {
+            let reply = self.volumes.endpoints_request().send().promise.await.w()?;
+            let e = reply.get().w()?.get_endpoints().w()?;
+            Ok((text(e.get_unix_socket())?, text(e.get_tcp())?))
+        })
+    }
+}
+
+fn print_volumes(json: bool, rows: &[VolumeRow]) {
+    if json {
+        print_json(&rows);
+        return;
+    }
+    table(
+        &["NAME", "SIZE", "MODE", "SNAPSHOTS", "ATTACHED", "ORIGIN"],
+        rows.iter()
+            .map(|v| {
+                let mode = match (&v.instances, &v.template) {
+                    (Some(n), _) => format!("{} template x{n}", v.mode),
+                    (None, Some(t)) => format!("{} (of {t})", v.mode),
+                    _ => v.mode.clone(),
+                };
+                vec![
+                    v.name.clone(),
+                    human_bytes(v.size),
+                    mode,
+                    v.snapshots.to_string(),
+                    v.attachments.to_string(),
+                    v.origin.clone().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn print_snapshots(rows: &[SnapshotRow]) {
+    table(
+        &["SNAPSHOT", "SIZE", "GENERATION", "CLONES"],
+        rows.iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    human_bytes(s.size),
+                    s.generation.to_string(),
+                    s.clones.join(","),
+                ]
+            })
+            .collect(),
+    );
+}
+
+/// `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST:PORT/EXPORT`.
+fn nbd_url(export: &str, unix: &str, tcp: &str, want_tcp: bool) -> Result<String> {
+    if want_tcp {
+        if tcp.is_empty() {
+            bail!("volumed serves NBD only on its Unix socket (started with --nbd-listen none)");
+        }
+        Ok(format!("nbd://{tcp}/{export}"))
+    } else {
+        Ok(format!("nbd+unix:///{export}?socket={unix}"))
+    }
+}
+
+/// Asks on the terminal for the volume's name before a shrink; `--yes` skips it.
+fn confirm_shrink(name: &str, from: u64, to: u64, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "shrinking volume {name} from {} to {} discards the data beyond {}; confirm with --yes",
+            human_bytes(from),
+            human_bytes(to),
+            human_bytes(to)
+        );
+    }
+    eprint!(
+        "Shrinking volume {name} from {} to {} discards {} of data beyond the new end.\nType the volume's name to confirm: ",
+        human_bytes(from),
+        human_bytes(to),
+        human_bytes(from - to)
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != name {
+        bail!("not confirmed; volume {name} left at {}", human_bytes(from));
+    }
+    Ok(())
+}
+
+pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
+    let vols = &remote.volumes;
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            mode,
+            instances,
+            extent_size,
+        } => {
+            let extent = match extent_size {
+                None => 0,
+                Some(e) => u32::try_from(*e)
+                    .map_err(|_| anyhow::anyhow!("extent size {e} is too large (at most 256K)"))?,
+            };
+            let made = remote.run(async {
+                let mut req = vols.create_request();
+                let mut p = req.get();
+                p.set_name(name);
+                p.set_size(*size);
+                p.set_mode(*mode);
+                p.set_instances(instances.unwrap_or(0));
+                p.set_extent_size(extent);
+                let reply = req.send().promise.await.w()?;
+                reply
+                    .get()
+                    .w()?
+                    .get_volumes()
+                    .w()?
+                    .iter()
+                    .map(volume_row)
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            if json {
+                print_json(&made);
+            } else {
+                let v = &made[0];
+                println!(
+                    "created volume {} ({}, {})",
+                    v.name,
+                    human_bytes(v.size),
+                    v.mode
+                );
+                for s in &made[1..] {
+                    println!("created instance volume {}", s.name);
+                }
+            }
+        }
+        VolumeCmd::Ls => print_volumes(json, &remote.volume_list()?),
+        VolumeCmd::Inspect { name } => {
+            let d = remote.volume_detail(name)?;
+            if json {
+                print_json(&d);
+                return Ok(());
+            }
+            let v = &d.volume;
+            println!("volume:      {}", v.name);
+            println!("size:        {} ({} bytes)", human_bytes(v.size), v.size);
+            println!("mode:        {}", v.mode);
+            if let Some(n) = v.instances {
+                println!(
+                    "template:    {n} instances ({0}-0 .. {0}-{1})",
+                    v.name,
+                    n - 1
+                );
+            }
+            if let Some(t) = &v.template {
+                println!("instance of: {t}");
+            }
+            if let Some(o) = &v.origin {
+                println!("cloned from: {o}");
+            }
+            println!("extent size: {}", human_bytes(v.extent_size));
+            println!("allocated:   {}", human_bytes(d.allocated_bytes));
+            println!(
+                "unique:      {} (stored, not shared with other volumes)",
+                human_bytes(d.unique_bytes)
+            );
+            println!("attachments: {}", d.attachment_list.len());
+            for a in &d.attachment_list {
+                println!(
+                    "  {:>4}  {}  {}  {}",
+                    a.id,
+                    if a.read_only { "ro" } else { "rw" },
+                    if a.persistent {
+                        &a.export_name
+                    } else {
+                        "(connection)"
+                    },
+                    a.holder
+                );
+            }
+            println!("snapshots:   {}", d.snapshot_list.len());
+            if !d.snapshot_list.is_empty() {
+                print_snapshots(&d.snapshot_list);
+            }
+        }
+        VolumeCmd::Snapshot { name, snapshot } => {
+            let s = remote.run(async {
+                let mut req = vols.snapshot_request();
+                req.get().set_volume(name);
+                req.get().set_snapshot(snapshot);
+                let reply = req.send().promise.await.w()?;
+                snapshot_row(reply.get().w()?.get_snapshot().w()?)
+            })?;
+            emit(json, &s, |s| {
+                println!("snapshot {name}@{} taken ({})", s.name, human_bytes(s.size))
+            });
+        }
+        VolumeCmd::Snapshots { name } => {
+            emit(json, &remote.volume_snapshots(name)?, |r| {
+                print_snapshots(r)
+            });
+        }
+        VolumeCmd::Clone { source, name } => {
+            let v = remote.run(async {
+                let mut req = vols.clone_snapshot_request();
+                req.get().set_source(source);
+                req.get().set_name(name);
+                let reply = req.send().promise.await.w()?;
+                volume_row(reply.get().w()?.get_volume().w()?)
+            })?;
+            emit(json, &v, |v| {
+                println!("cloned {source} as {} ({})", v.name, human_bytes(v.size))
+            });
+        }
+        VolumeCmd::Resize {
+            name,
+            size,
+            shrink,
+            yes,
+        } => {
+            let current = remote.volume_detail(name)?.volume.size;
+            if *size < current {
+                if !shrink {
+                    bail!(
+                        "volume {name} is {}; resizing it to {} would discard data: pass --shrink",
+                        human_bytes(current),
+                        human_bytes(*size)
+                    );
+                }
+                confirm_shrink(name, current, *size, *yes)?;
+            }
+            let v = remote.run(async {
+                let mut req = vols.resize_request();
+                req.get().set_name(name);
+                req.get().set_size(*size);
+                req.get().set_shrink(*shrink);
+                let reply = req.send().promise.await.w()?;
+                volume_row(reply.get().w()?.get_volume().w()?)
+            })?;
+            emit(json, &v, |v| {
+                println!(
+                    "resized volume {name} from {} to {}",
+                    human_bytes(current),
+                    human_bytes(v.size)
+                )
+            });
+        }
+        VolumeCmd::Rm { names, cascade } => {
+            let mut all = Vec::new();
+            for n in names {
+                let removed = remote.run(async {
+                    let mut req = vols.remove_request();
+                    req.get().set_name(n);
+                    req.get().set_cascade(*cascade);
+                    let reply = req.send().promise.await.w()?;
+                    texts(reply.get().w()?.get_removed())
+                })?;
+                if !json {
+                    for r in &removed {
+                        println!("removed {r}");
+                    }
+                }
+                all.extend(removed);
+            }
+            if json {
+                print_json(&serde_json::json!({ "removed": all }));
+            }
+        }
+        VolumeCmd::Attach {
+            name,
+            holder,
+            read_only,
+        } => {
+            let a = remote.run(async {
+                let mut req = vols.attach_request();
+                req.get().set_name(name);
+                req.get().set_holder(holder);
+                req.get().set_read_only(*read_only);
+                let reply = req.send().promise.await.w()?;
+                attachment_row(reply.get().w()?.get_info().w()?)
+            })?;
+            let (unix, tcp) = remote.nbd_endpoints()?;
+            let url = nbd_url(&a.export_name, &unix, &tcp, false)?;
+            if json {
+                let mut v = serde_json::to_value(&a)?;
+                v["url"] = url.into();
+                print_json(&v);
+            } else {
+                println!(
+                    "attached {name} for {} (attachment {}, {}): {url}",
+                    a.holder,
+                    a.id,
+                    if a.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                );
+            }
+        }
+        VolumeCmd::Detach { name, id } => {
+            let id = match id {
+                Some(id) => *id,
+                None => {
+                    let atts: Vec<_> = remote
+                        .volume_detail(name)?
+                        .attachment_list
+                        .into_iter()
+                        .filter(|a| a.persistent)
+                        .collect();
+                    match atts.as_slice() {
+                        [a] => a.id,
+                        [] => bail!("volume {name} has no persistent attachment"),
+                        many => bail!(
+                            "volume {name} has {} attachments ({}); name one",
+                            many.len(),
+                            many.iter()
+                                .map(|a| a.id.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    }
+                }
+            };
+            remote.run(async {
+                let mut req = vols.detach_request();
+                req.get().set_name(name);
+                req.get().set_id(id);
+                req.send().promise.await.w()?;
+                Ok(())
+            })?;
+            if json {
+                print_json(&serde_json::json!({ "volume": name, "detached": id }));
+            } else {
+                println!("detached attachment {id} of {name}");
+            }
+        }
+        VolumeCmd::Url { name, tcp } => {
+            // Check the export exists, so a typo is an error rather than a dead URI.
+            let (volume, rest) = match name.split_once(['@', '/']) {
+                Some((v, _)) => (v, Some(name.as_str())),
+                None => (name.as_str(), None),
+            };
+            let d = remote.volume_detail(volume)?;
+            if let Some(full) = rest {
+                let known = d
+                    .snapshot_list
+                    .iter()
+                    .map(|s| format!("{volume}@{}", s.name))
+                    .chain(
+                        d.attachment_list
+                            .iter()
+                            .filter(|a| a.persistent)
+                            .map(|a| a.export_name.clone()),
+                    )
+                    .any(|e| e == full);
+                if !known {
+                    bail!("volume {volume} has no snapshot or attachment {full:?}");
+                }
+            }
+            let (unix, tcp_addr) = remote.nbd_endpoints()?;
+            let url = nbd_url(name, &unix, &tcp_addr, *tcp)?;
+            if json {
+                print_json(&serde_json::json!({ "export": name, "url": url }));
+            } else {
+                println!("{url}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert!(parse_size("10Q").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("0.3K").unwrap_err().contains("whole number"));
+        assert!(parse_size("99999999P").unwrap_err().contains("too large"));
+        assert!(parse_size("-1G").is_err());
+    }
+}

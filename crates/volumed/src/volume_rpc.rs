@@ -1,0 +1,333 @@
+//! The Cap'n Proto servers `Volumes` and `Attachment`: wire readers and builders for
+//! volumes stay here; the work runs on a blocking thread against [`Volumes`].
+
+use std::sync::Arc;
+
+use capnp::capability::Rc as CapRc;
+use castore::{AccessMode, SnapshotInfo, VolumeSpec};
+use schema::store_capnp::{self, attachment, volumes};
+
+use crate::error::Error;
+use crate::log;
+use crate::server::{blocking, text};
+use crate::volumes::{Attachment, Listed, Volumes, split_snapshot};
+
+/// Where NBD is served, for `Volumes.endpoints` (and `tide volume url`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Endpoints {
+    pub(crate) unix_socket: String,
+    pub(crate) tcp: String,
+}
+
+/// The `Volumes` capability.
+#[derive(Debug)]
+pub(crate) struct VolumesImpl {
+    pub(crate) volumes: Arc<Volumes>,
+    pub(crate) endpoints: Endpoints,
+}
+
+fn wire_mode(m: AccessMode) -> store_capnp::AccessMode {
+    match m {
+        AccessMode::Rwo => store_capnp::AccessMode::Rwo,
+        AccessMode::Rwx => store_capnp::AccessMode::Rwx,
+        AccessMode::Rox => store_capnp::AccessMode::Rox,
+    }
+}
+
+fn set_summary(mut b: store_capnp::volume_summary::Builder<'_>, l: &Listed) {
+    let v = &l.summary;
+    b.set_name(&v.name);
+    b.set_size(v.size);
+    b.set_extent_size(v.extent_size);
+    b.set_mode(wire_mode(v.mode));
+    b.set_instances(v.instances.unwrap_or(0));
+    b.set_template(l.template.as_deref().unwrap_or(""));
+    b.set_generation(v.generation);
+    b.set_snapshots(v.snapshots as u32);
+    if let Some(o) = &v.origin {
+        b.set_origin_volume(&o.volume);
+        b.set_origin_snapshot(&o.snapshot);
+    }
+    b.set_created(v.created);
+    b.set_attachments(l.attachments);
+}
+
+fn set_snapshot(mut b: store_capnp::snapshot_info::Builder<'_>, s: &SnapshotInfo) {
+    b.set_name(&s.name);
+    b.set_generation(s.generation);
+    b.set_size(s.size);
+    b.set_created(s.created);
+    let mut c = b.init_clones(s.clones.len() as u32);
+    for (i, n) in s.clones.iter().enumerate() {
+        c.set(i as u32, n);
+    }
+}
+
+fn set_attachment(mut b: store_capnp::attachment_info::Builder<'_>, a: &Attachment) {
+    b.set_id(a.id);
+    b.set_volume(&a.volume);
+    b.set_holder(&a.holder);
+    b.set_read_only(a.read_only);
+    b.set_persistent(a.persistent);
+    b.set_since(a.since);
+    b.set_export_name(a.export_name());
+}
+
+fn split_source(source: &str) -> Result<(String, String), Error> {
+    split_snapshot(source)
+        .map(|(v, s)| (v.to_string(), s.to_string()))
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "clone source {source:?} must name a snapshot: VOLUME@SNAPSHOT"
+            ))
+        })
+}
+
+impl volumes::Server for VolumesImpl {
+    async fn create(
+        self: CapRc<Self>,
+        params: volumes::CreateParams,
+        mut results: volumes::CreateResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let mode = match p.get_mode() {
+            Ok(store_capnp::AccessMode::Rwo) => AccessMode::Rwo,
+            Ok(store_capnp::AccessMode::Rwx) => AccessMode::Rwx,
+            Ok(store_capnp::AccessMode::Rox) => AccessMode::Rox,
+            Err(capnp::NotInSchema(n)) => {
+                return Err(Error::BadRequest(format!("unknown access mode {n}")).into());
+            }
+        };
+        let mut spec = VolumeSpec::new(text(p.get_name())?, p.get_size());
+        spec.mode = mode;
+        spec.instances = Some(p.get_instances()).filter(|&n| n > 0);
+        if p.get_extent_size() != 0 {
+            spec.extent_size = p.get_extent_size();
+        }
+        let vols = self.volumes.clone();
+        let made = blocking(move || {
+            let made = vols.create(&spec)?;
+            made.iter().map(|v| vols.listed(&v.name)).collect()
+        })
+        .await?;
+        let made: Vec<Listed> = made;
+        log!(
+            "created volume {} ({} bytes, {})",
+            made[0].summary.name,
+            made[0].summary.size,
+            made[0].summary.mode.as_str()
+        );
+        let mut l = results.get().init_volumes(made.len() as u32);
+        for (i, v) in made.iter().enumerate() {
+            set_summary(l.reborrow().get(i as u32), v);
+        }
+        Ok(())
+    }
+
+    async fn list(
+        self: CapRc<Self>,
+        _: volumes::ListParams,
+        mut results: volumes::ListResults,
+    ) -> Result<(), capnp::Error> {
+        let vols = self.volumes.clone();
+        let all = blocking(move || vols.list()).await?;
+        let mut l = results.get().init_volumes(all.len() as u32);
+        for (i, v) in all.iter().enumerate() {
+            set_summary(l.reborrow().get(i as u32), v);
+        }
+        Ok(())
+    }
+
+    async fn inspect(
+        self: CapRc<Self>,
+        params: volumes::InspectParams,
+        mut results: volumes::InspectResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name())?;
+        let vols = self.volumes.clone();
+        let (listed, info, atts) = blocking(move || {
+            let info = vols.store().volume_info(&name)?;
+            Ok((vols.listed(&name)?, info, vols.attachments(&name)))
+        })
+        .await?;
+        let mut d = results.get().init_detail();
+        set_summary(d.reborrow().init_summary(), &listed);
+        let mut s = d.reborrow().init_snapshots(info.snapshot_list.len() as u32);
+        for (i, snap) in info.snapshot_list.iter().enumerate() {
+            set_snapshot(s.reborrow().get(i as u32), snap);
+        }
+        let mut a = d.reborrow().init_attachments(atts.len() as u32);
+        for (i, att) in atts.iter().enumerate() {
+            set_attachment(a.reborrow().get(i as u32), att);
+        }
+        d.set_allocated_bytes(info.allocated_bytes);
+        d.set_unique_bytes(info.unique_bytes);
+        Ok(())
+    }
+
+    async fn snapshot(
+        self: CapRc<Self>,
+        params: volumes::SnapshotParams,
+        mut results: volumes::SnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (volume, snapshot) = (text(p.get_volume())?, text(p.get_snapshot())?);
+        let vols = self.volumes.clone();
+        let s = blocking(move || Ok(vols.store().snapshot_volume(&volume, &snapshot)?)).await?;
+        set_snapshot(results.get().init_snapshot(), &s);
+        Ok(())
+    }
+
+    async fn snapshots(
+        self: CapRc<Self>,
+        params: volumes::SnapshotsParams,
+        mut results: volumes::SnapshotsResults,
+    ) -> Result<(), capnp::Error> {
+        let volume = text(params.get()?.get_volume())?;
+        let vols = self.volumes.clone();
+        let all = blocking(move || Ok(vols.store().volume_snapshots(&volume)?)).await?;
+        let mut l = results.get().init_snapshots(all.len() as u32);
+        for (i, s) in all.iter().enumerate() {
+            set_snapshot(l.reborrow().get(i as u32), s);
+        }
+        Ok(())
+    }
+
+    async fn clone_snapshot(
+        self: CapRc<Self>,
+        params: volumes::CloneSnapshotParams,
+        mut results: volumes::CloneSnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (source, name) = (text(p.get_source())?, text(p.get_name())?);
+        let (volume, snapshot) = split_source(&source)?;
+        let vols = self.volumes.clone();
+        let v = blocking(move || {
+            vols.store().clone_volume(&volume, &snapshot, &name)?;
+            vols.listed(&name)
+        })
+        .await?;
+        log!("cloned {source} as {}", v.summary.name);
+        set_summary(results.get().init_volume(), &v);
+        Ok(())
+    }
+
+    async fn resize(
+        self: CapRc<Self>,
+        params: volumes::ResizeParams,
+        mut results: volumes::ResizeResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (name, size, shrink) = (text(p.get_name())?, p.get_size(), p.get_shrink());
+        let vols = self.volumes.clone();
+        let v = blocking(move || {
+            vols.store().resize_volume(&name, size, shrink)?;
+            vols.listed(&name)
+        })
+        .await?;
+        log!("resized volume {} to {size} bytes", v.summary.name);
+        set_summary(results.get().init_volume(), &v);
+        Ok(())
+    }
+
+    async fn remove(
+        self: CapRc<Self>,
+        params: volumes::RemoveParams,
+        mut results: volumes::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (name, cascade) = (text(p.get_name())?, p.get_cascade());
+        let vols = self.volumes.clone();
+        let removed = blocking(move || vols.remove(&name, cascade)).await?;
+        log!("removed {}", removed.join(", "));
+        let mut l = results.get().init_removed(removed.len() as u32);
+        for (i, n) in removed.iter().enumerate() {
+            l.set(i as u32, n);
+        }
+        Ok(())
+    }
+
+    async fn attach(
+        self: CapRc<Self>,
+        params: volumes::AttachParams,
+        mut results: volumes::AttachResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (name, holder, read_only) = (
+            text(p.get_name())?,
+            text(p.get_holder())?,
+            p.get_read_only(),
+        );
+        let vols = self.volumes.clone();
+        let a = blocking(move || vols.attach(&name, &holder, read_only)).await?;
+        log!(
+            "attached {} for {} (attachment {})",
+            a.volume,
+            a.holder,
+            a.id
+        );
+        let mut r = results.get();
+        set_attachment(r.reborrow().init_info(), &a);
+        r.set_attachment(capnp_rpc::new_client(AttachmentImpl {
+            volumes: self.volumes.clone(),
+            volume: a.volume,
+            id: a.id,
+        }));
+        Ok(())
+    }
+
+    async fn detach(
+        self: CapRc<Self>,
+        params: volumes::DetachParams,
+        _: volumes::DetachResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (name, id) = (text(p.get_name())?, p.get_id());
+        let vols = self.volumes.clone();
+        let a = blocking(move || vols.detach(&name, id)).await?;
+        log!("detached {} attachment {} ({})", a.volume, a.id, a.holder);
+        Ok(())
+    }
+
+    async fn endpoints(
+        self: CapRc<Self>,
+        _: volumes::EndpointsParams,
+        mut results: volumes::EndpointsResults,
+    ) -> Result<(), capnp::Error> {
+        let mut e = results.get().init_endpoints();
+        e.set_unix_socket(&self.endpoints.unix_socket);
+        e.set_tcp(&self.endpoints.tcp);
+        Ok(())
+    }
+}
+
+/// An `Attachment` capability: a persistent attachment by volume and id.
+#[derive(Debug)]
+struct AttachmentImpl {
+    volumes: Arc<Volumes>,
+    volume: String,
+    id: u64,
+}
+
+impl attachment::Server for AttachmentImpl {
+    async fn info(
+        self: CapRc<Self>,
+        _: attachment::InfoParams,
+        mut results: attachment::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        let a = self.volumes.attachment(&self.volume, self.id)?;
+        set_attachment(results.get().init_info(), &a);
+        Ok(())
+    }
+
+    async fn detach(
+        self: CapRc<Self>,
+        _: attachment::DetachParams,
+        _: attachment::DetachResults,
+    ) -> Result<(), capnp::Error> {
+        let (vols, volume, id) = (self.volumes.clone(), self.volume.clone(), self.id);
+        let a = blocking(move || vols.detach(&volume, id)).await?;
+        log!("detached {} attachment {} ({})", a.volume, a.id, a.holder);
+        Ok(())
+    }
+}
