@@ -12,5 +12,6 @@
 //! edge. How bytes are stored is castore's business; here a layer is a digest and a
 //! count of bytes.
 
+pub mod model;
 pub mod stack;
 pub mod types;
