@@ -13,5 +13,6 @@
 //! count of bytes.
 
 pub mod model;
+pub mod placement;
 pub mod stack;
 pub mod types;
