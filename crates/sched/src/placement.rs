@@ -936,23 +936,10 @@ impl Cluster {
             self.remove_warm(vm);
         }
         let fetched = self.fetch_image(h, &w.image);
-        let wi = match self.workload_index.get(&w.key) {
-            Some(&wi) => {
-                if self.workloads[wi as usize].spec != *w {
-                    self.workloads[wi as usize].spec = w.clone();
-                }
-                wi
-            }
-            None => {
-                let wi = self.workloads.len() as u32;
-                self.workload_index.insert(w.key.clone(), wi);
-                self.workloads.push(WorkloadState {
-                    spec: w.clone(),
-                    replicas: HashMap::new(),
-                });
-                wi
-            }
-        };
+        let wi = self.intern_workload(w);
+        if self.workloads[wi as usize].spec != *w {
+            self.workloads[wi as usize].spec = w.clone();
+        }
         *self.workloads[wi as usize].replicas.entry(h).or_insert(0) += 1;
         let reserved = Capacity::of(&w.resources);
         self.hosts[h as usize].used.add(reserved);
@@ -965,6 +952,20 @@ impl Cluster {
             },
         );
         Ok(fetched)
+    }
+
+    /// The workload's id, registering it on first sight.
+    fn intern_workload(&mut self, w: &Workload) -> u32 {
+        if let Some(&wi) = self.workload_index.get(&w.key) {
+            return wi;
+        }
+        let wi = self.workloads.len() as u32;
+        self.workload_index.insert(w.key.clone(), wi);
+        self.workloads.push(WorkloadState {
+            spec: w.clone(),
+            replicas: HashMap::new(),
+        });
+        wi
     }
 
     /// Makes host `h` hold every layer of `image` fully; returns the bytes it lacked.
@@ -1115,18 +1116,7 @@ impl Cluster {
     /// The warm VMs of a pool count as replicas of `pool:NAME`, so replenishment
     /// spreads them; this resets that count to the pool's live VMs.
     fn workload_of(&mut self, w: &Workload) -> u32 {
-        let wi = match self.workload_index.get(&w.key) {
-            Some(&wi) => wi,
-            None => {
-                let wi = self.workloads.len() as u32;
-                self.workload_index.insert(w.key.clone(), wi);
-                self.workloads.push(WorkloadState {
-                    spec: w.clone(),
-                    replicas: HashMap::new(),
-                });
-                wi
-            }
-        };
+        let wi = self.intern_workload(w);
         let pool = w.key.strip_prefix("pool:").unwrap_or_default();
         let mut reps = HashMap::new();
         for ws in self.warm.values().filter(|ws| ws.vm.pool.as_str() == pool) {
