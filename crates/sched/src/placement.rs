@@ -75,6 +75,24 @@ pub struct HostInventory {
 }
 
 impl HostInventory {
+    /// A host with every hypervisor installed, no labels and no layers yet.
+    pub fn new(
+        id: impl Into<String>,
+        address: impl Into<String>,
+        arch: Arch,
+        capacity: Capacity,
+    ) -> Self {
+        HostInventory {
+            id: id.into(),
+            address: address.into(),
+            arch,
+            capacity,
+            hypervisors: Hypervisor::ALL.to_vec(),
+            labels: IndexMap::new(),
+            layers: HashMap::new(),
+        }
+    }
+
     /// Bytes of layer chunks the host holds, counted per layer (a chunk shared by two
     /// layers counts twice).
     pub fn layer_bytes(&self) -> u64 {
@@ -1197,23 +1215,18 @@ mod tests {
     }
 
     fn host(id: &str, layers: &[(u32, u64)]) -> HostInventory {
-        HostInventory {
-            id: id.into(),
-            address: format!("{id}:7000"),
-            arch: Arch::X86_64,
-            capacity: Capacity {
+        let mut h = HostInventory::new(
+            id,
+            format!("{id}:7000"),
+            Arch::X86_64,
+            Capacity {
                 vcpus: 16,
                 memory: 64 * GB,
                 gpus: 0,
             },
-            hypervisors: vec![
-                Hypervisor::Firecracker,
-                Hypervisor::CloudHypervisor,
-                Hypervisor::Qemu,
-            ],
-            labels: IndexMap::new(),
-            layers: layers.iter().map(|&(d, b)| (digest(d), b)).collect(),
-        }
+        );
+        h.layers = layers.iter().map(|&(d, b)| (digest(d), b)).collect();
+        h
     }
 
     fn image(layers: &[(u32, u64)]) -> ImageSpec {
