@@ -461,6 +461,8 @@ struct Scratch {
     full_layers: Vec<u32>,
     replicas: Vec<u32>,
     layer_ids: Vec<u32>,
+    /// Hosts holding every layer of the image fully (for the kube baseline).
+    whole_image_hosts: usize,
 }
 
 /// The scheduler's view of the hosts. See the module doc.
@@ -677,6 +679,8 @@ impl Cluster {
                 }
             }
         }
+        let layers = p.w.image.layers.len() as u32;
+        s.whole_image_hosts = s.full_layers.iter().filter(|&&f| f >= layers).count();
         if let Some(wi) = p.workload {
             for (&h, &c) in &self.workloads[wi as usize].replicas {
                 s.replicas[h as usize] = c;
@@ -806,9 +810,8 @@ impl Cluster {
         if s.full_layers[hi] < layers {
             return 0.0;
         }
-        // Counted per decision over the accumulator: the hosts holding the whole image.
-        let holding = s.full_layers.iter().filter(|&&f| f >= layers).count();
-        let scaled = p.image_bytes as f64 * holding as f64 / self.hosts.len().max(1) as f64;
+        let holding = s.whole_image_hosts as f64;
+        let scaled = p.image_bytes as f64 * holding / self.hosts.len().max(1) as f64;
         (scaled.clamp(MIN, MAX) - MIN) / (MAX - MIN)
     }
 
