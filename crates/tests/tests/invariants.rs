@@ -52,6 +52,20 @@ fn schema_depends_on_no_workspace_crate() {
 }
 
 #[test]
+fn sched_is_pure_domain_code() {
+    // The daemon wraps sched; sched itself does no I/O, RPC or storage.
+    let tree = deps("sched");
+    for forbidden in [
+        "capnp", "tokio ", "rocksdb ", "castore ", "schema ", "fuser ", "layerfs ",
+    ] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(forbidden)),
+            "sched depends on {forbidden}:\n{tree}"
+        );
+    }
+}
+
+#[test]
 fn only_castore_names_rocksdb() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut offenders = Vec::new();
