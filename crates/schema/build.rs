@@ -5,6 +5,7 @@ fn main() {
     capnpc::CompilerCommand::new()
         .src_prefix("capnp")
         .file("capnp/store.capnp")
+        .file("capnp/sched.capnp")
         .run()
-        .expect("compiling capnp/store.capnp (is the `capnp` tool installed?)");
+        .expect("compiling capnp/*.capnp (is the `capnp` tool installed?)");
 }

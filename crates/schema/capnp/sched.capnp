@@ -1,0 +1,285 @@
+# Tidedge scheduler (sched) interface, and the `Host` interface volumed offers it.
+#
+# Two kinds of clients connect to `sched --listen ADDR` (TCP or a Unix socket) and speak
+# Cap'n Proto two-party RPC; the bootstrap capability is `Scheduler`:
+#   * deployers (`tide --scheduler ADDR`, or any language with this file), and
+#   * hosts: `volumed --scheduler ADDR` calls `Scheduler.register` with a `Host`
+#     capability of its own, and the scheduler calls back through it (prepare and
+#     release instances, boot warm VMs) on the same connection.
+#
+# Conventions (as in store.capnp):
+#   * Digests are text, "sha256:" followed by 64 lowercase hex digits.
+#   * Optional text is "" when absent; optional numbers are 0 when absent (documented).
+#   * Sizes are bytes; times are Unix seconds.
+#   * Failures are exceptions of type `failed` whose reason is one line naming the
+#     subject ("shop.toml:14: services.api.instances.max: must be >= min (2 < 3)",
+#     "stack shop has no variant pr-7").
+#   * Stack files travel as their TOML text plus a file name for messages; their format
+#     is documented in crates/sched/examples/shop.toml.
+#
+# Compatibility: fields and methods are only ever added, with new ordinals; a breaking
+# change bumps `version` and the file id.
+
+@0xd19992cd9c93489c;
+
+const version :UInt32 = 1;
+# Interface version of this file. Compare with `Scheduler.version()`.
+
+# ---- Shared structures ----
+
+struct KeyValue {
+  key @0 :Text;
+  value @1 :Text;
+}
+
+struct Capacity {
+  vcpus @0 :UInt32;
+  memory @1 :UInt64;   # Bytes.
+  gpus @2 :UInt32;
+}
+
+struct LayerBytes {
+  # A layer and a byte count: in `Inventory.layers`, the bytes of the layer's chunks
+  # present in the host's store (a layer may be partly present, its chunks having come
+  # with other layers); in `ImageLayers.layers`, the layer's total chunk bytes.
+  digest @0 :Text;
+  bytes @1 :UInt64;
+}
+
+struct ImageLayers {
+  # An image a host's store holds, so the scheduler learns which layers an image has.
+  name @0 :Text;                # NAME:TAG.
+  digest @1 :Text;              # The image digest.
+  layers @2 :List(LayerBytes);  # Bottom first, with each layer's total chunk bytes.
+}
+
+struct Inventory {
+  # What a host reports at registration and with every heartbeat.
+  hostId @0 :Text;              # Unique per host; a re-registration with the same id
+                                # replaces the old session.
+  address @1 :Text;             # Where its instances are reached (an IP or host name).
+  arch @2 :Text;                # "x86_64", "aarch64", ...
+  capacity @3 :Capacity;        # What it offers in all.
+  hypervisors @4 :List(Text);   # Installed: "firecracker", "cloud-hypervisor", "qemu".
+  labels @5 :List(KeyValue);
+  layers @6 :List(LayerBytes);  # Every layer with chunks present locally.
+  images @7 :List(ImageLayers); # Named images in its store.
+}
+
+# ---- The host side (served by volumed) ----
+
+struct VolumeRequest {
+  # A volume an instance mounts.
+  name @0 :Text;          # The stack's volume name; for a per-instance template the host
+                          # attaches NAME-ORDINAL, creating it if missing.
+  size @1 :UInt64;        # Created with this size if missing.
+  mode @2 :Text;          # "rwo", "rwx" or "rox".
+  perInstance @3 :Bool;
+  mountPath @4 :Text;     # Where the guest mounts it.
+}
+
+struct InstanceSpec {
+  # Everything a host needs to prepare one instance.
+  instance @0 :Text;            # Unique instance id, e.g. "web.shop--pr-42-0".
+  key @1 :Text;                 # service.stack[--variant]: which instances it is one of.
+  ordinal @2 :UInt32;           # Its ordinal among them (per-instance volumes use it).
+  image @3 :Text;               # NAME:TAG or digest, in the host's store.
+  hypervisor @4 :Text;          # The hypervisor chosen for it.
+  resources @5 :Capacity;
+  env @6 :List(KeyValue);       # The effective environment (the cascade applied).
+  volumes @7 :List(VolumeRequest);
+  warmVm @8 :Text;              # A warm VM of this host to convert, or "" to boot cold.
+}
+
+struct PreparedInstance {
+  # What a host made ready for an instance.
+  instance @0 :Text;
+  root @1 :Text;                # The root's mountpoint on the host (image + fresh scratch).
+  image @2 :Text;               # Digest of the image mounted.
+  volumes @3 :List(Text);       # NBD URIs of the attached volumes, in request order.
+  hypervisor @4 :Text;          # Recorded for the launcher (not started by this version).
+  warmVm @5 :Text;              # The warm VM converted, or "".
+}
+
+struct WarmVm {
+  # A VM booted ahead of time on a pool's layer stack.
+  id @0 :Text;
+  pool @1 :Text;
+  image @2 :Text;               # Digest of the image whose layers it runs.
+  layers @3 :List(Text);        # Its layer stack, bottom first.
+  root @4 :Text;                # Its root's mountpoint.
+}
+
+interface Host {
+  # What volumed offers the scheduler. Every method is idempotent by id.
+
+  inventory @0 () -> (inventory :Inventory);
+
+  prepare @1 (spec :InstanceSpec) -> (prepared :PreparedInstance);
+  # Mounts the instance's root (its image plus a fresh scratch layer), attaches its
+  # volumes honouring their access modes (the attachment's holder is the instance id),
+  # and reports it ready. Preparing an instance already prepared returns it as it is.
+
+  release @2 (instance :Text) -> ();
+  # Undoes `prepare`: detaches the volumes, unmounts the root, discards the scratch.
+
+  bootWarm @3 (pool :Text, image :Text) -> (vm :WarmVm);
+  # Prepares a warm VM for `pool` from `image` (its layers are the pool's stack).
+
+  instances @4 () -> (instances :List(PreparedInstance), warm :List(WarmVm));
+  # What this host has prepared, for a scheduler that restarted.
+}
+
+interface HostSession {
+  # A registered host's link to the scheduler. Dropping it (or the connection) makes the
+  # host stop reporting; after the heartbeat timeout the scheduler marks it down.
+  heartbeat @0 (inventory :Inventory) -> (intervalMs :UInt32);
+  # Reports the current inventory; returns how long to wait before the next heartbeat.
+}
+
+# ---- The scheduler side ----
+
+struct EnvVar {
+  key @0 :Text;
+  value @1 :Text;
+  source @2 :Text;              # "stack", "service", "variant" or "variant_service".
+}
+
+struct InstanceInfo {
+  id @0 :Text;
+  key @1 :Text;                 # service.stack[--variant].
+  stack @2 :Text;
+  variant @3 :Text;             # "" for the stack itself.
+  service @4 :Text;
+  host @5 :Text;                # Host id.
+  address @6 :Text;             # The host's address.
+  hypervisor @7 :Text;
+  state @8 :Text;               # "ready", "pending" (host not reachable yet), "moved", "lost".
+  root @9 :Text;                # Root mountpoint on the host.
+  volumes @10 :List(Text);      # NBD URIs.
+  warmVm @11 :Text;             # The warm VM it was converted from, or "".
+  image @12 :Text;
+}
+
+struct HostVerdict {
+  # Why a host was or was not chosen (`explain`).
+  host @0 :Text;
+  eligible @1 :Bool;
+  reason @2 :Text;              # Why filtered out, or the score breakdown in words.
+  score @3 :Float64;            # When eligible.
+}
+
+struct Placed {
+  # One instance a deploy placed.
+  instance @0 :InstanceInfo;
+  reasons @1 :List(Text);       # Why this host: locality bytes, spread, warm VM, hypervisor.
+  fetchBytes @2 :UInt64;        # Bytes of the image's chunks the host lacked.
+  verdicts @3 :List(HostVerdict); # With `explain`: every host's verdict.
+}
+
+struct ServiceReport {
+  service @0 :Text;
+  hostname @1 :Text;            # {service}.{stack}[--{variant}].{domain}
+  sharing @2 :Text;             # "own", "shared" (served by the parent's instances) or "unique".
+  instancesOf @3 :Text;         # The key of the instances that serve it.
+  env @4 :List(EnvVar);         # The effective environment, with where each value came from.
+}
+
+struct DeployReport {
+  stack @0 :Text;
+  variant @1 :Text;             # "" for the stack itself.
+  services @2 :List(ServiceReport);
+  placed @3 :List(Placed);      # Instances started by this deploy (none for SHARED services).
+  entrypoint @4 :Text;          # {stack}.{domain}, if the stack has an entrypoint.
+}
+
+struct StackSummary {
+  name @0 :Text;
+  domain @1 :Text;
+  services @2 :List(Text);
+  variants @3 :List(Text);
+  instances @4 :UInt32;         # Instances of the stack and its variants.
+}
+
+struct HostInfo {
+  inventory @0 :Inventory;
+  up @1 :Bool;
+  lastSeen @2 :UInt64;          # Unix seconds of the last heartbeat.
+  used @3 :Capacity;            # Reserved by placed instances.
+  instances @4 :UInt32;
+  warmVms @5 :UInt32;
+}
+
+struct PoolInfo {
+  name @0 :Text;
+  layers @1 :List(Text);        # The pool's layer stack, bottom first.
+  min @2 :UInt32;
+  max @3 :UInt32;
+  warm @4 :UInt32;              # Warm VMs now.
+}
+
+struct Alias {
+  domain @0 :Text;              # www.example.com
+  target @1 :Text;              # service.stack or service.stack--variant
+}
+
+struct RouteInfo {
+  hostname @0 :Text;
+  stack @1 :Text;
+  variant @2 :Text;
+  service @3 :Text;
+  sharedFromParent @4 :Bool;
+  viaAliases @5 :List(Text);
+  instance @6 :InstanceInfo;    # The instance that serves it.
+  started @7 :Bool;             # True when resolving started it (scaled to zero before).
+}
+
+interface Stack {
+  # One deployed stack.
+  summary @0 () -> (summary :StackSummary);
+  source @1 () -> (file :Text, source :Text);   # The stack file as deployed.
+  remove @2 () -> ();
+  # Releases every instance of the stack and its variants and forgets them. Refused
+  # while an alias points into it.
+  variants @3 () -> (variants :List(Text));
+  createVariant @4 (file :Text, source :Text, explain :Bool) -> (report :DeployReport);
+  # A variant file (`[variant]` with name and parent = this stack) deployed.
+  removeVariant @5 (name :Text) -> ();
+}
+
+interface Scheduler {
+  # The bootstrap capability of sched.
+
+  version @0 () -> (version :UInt32, scheduler :Text);
+
+  deploy @1 (file :Text, source :Text, variant :Text, explain :Bool, hypervisor :Text)
+    -> (report :DeployReport, stack :Stack);
+  # Validates and stores the stack file, then places and prepares what it needs to run:
+  # the stack's own services, or with `variant` the variant's UNIQUE services only.
+  # `hypervisor` ("" for automatic) overrides the choice for every service placed; an
+  # impossible override fails naming why. Deploying the same stack again updates it.
+
+  stacks @2 () -> (stacks :List(StackSummary));
+  stack @3 (name :Text) -> (stack :Stack);
+
+  instances @4 () -> (instances :List(InstanceInfo));
+
+  pools @5 () -> (pools :List(PoolInfo));
+  createPool @6 (name :Text, layers :List(Text), image :Text, min :UInt32, max :UInt32)
+    -> (pool :PoolInfo);
+  # A warm pool on `layers` (digests, bottom first) or on `image`'s layers (NAME:TAG);
+  # warm VMs are booted on hosts until `min` are warm.
+  removePool @7 (name :Text) -> ();
+
+  aliases @8 () -> (aliases :List(Alias));
+  addAlias @9 (domain :Text, target :Text) -> ();
+  removeAlias @10 (domain :Text) -> ();
+
+  resolve @11 (hostname :Text) -> (route :RouteInfo);
+  # Which instance serves `hostname`, starting one if its service is scaled to zero.
+
+  hosts @12 () -> (hosts :List(HostInfo));
+
+  register @13 (host :Host, inventory :Inventory) -> (session :HostSession);
+  # A host joins (or rejoins). The scheduler keeps `host` to call back.
+}
