@@ -832,16 +832,25 @@ impl Store {
             if st.deleted {
                 continue;
             }
+            // Each folding thread starts at its own stripe and skips stripes in use, so
+            // concurrent writers over budget fold different extents side by side.
             let n = shared.stripes.len();
-            let start = shared.hand.load(Ordering::Relaxed);
+            let start = shared.hand.fetch_add(1, Ordering::Relaxed);
+            let mut folded = false;
             for i in 0..n {
                 let idx = (start + i) % n;
-                let mut stripe = shared.stripes[idx].lock().expect("extent lock");
+                let Ok(mut stripe) = shared.stripes[idx].try_lock() else {
+                    continue;
+                };
                 if let Some(e) = stripe.oldest() {
                     self.fold_locked(&shared, &st, &mut stripe, &[e])?;
-                    shared.hand.store((idx + 1) % n, Ordering::Relaxed);
+                    folded = true;
                     break;
                 }
+            }
+            if !folded {
+                // Another thread folded the rest meanwhile: nothing left here to free.
+                return Ok(());
             }
         }
         Ok(())

@@ -794,6 +794,9 @@ impl Store {
         let _admin = self.volumes.admin.lock().expect("volume admin lock");
         let id = self.volume_id(name)?;
         let shared = self.volume_shared(id)?;
+        // Fold what is pending while writers may still run (a fold changes no byte they
+        // see); only what they add meanwhile is folded under the exclusive lock below.
+        self.fold_volume(&shared)?;
         let mut st = shared.state.write().expect("volume state lock");
         if st.rec.snapshot(snapshot).is_some() {
             return Err(VolumeError::SnapshotExists {
