@@ -645,6 +645,9 @@ fn concurrent_sub_extent_writes(budget: usize) {
                         let byte = (rng.below(255) + 1) as u8;
                         vol.write(sector * 512, &[byte; 512], false).unwrap();
                         last[sector as usize] = byte;
+                        // Read-your-writes while other threads' folds replace journal
+                        // records by chunks.
+                        assert_eq!(vol.read(sector * 512, 512).unwrap(), vec![byte; 512]);
                         // Readers run beside the writers.
                         let _ = vol.read(rng.below(size - 4096), 4096).unwrap();
                     }

@@ -382,9 +382,12 @@ impl Volume {
     /// Calls `f` with extent `e`'s pending journal state and its base bytes (None: zeros)
     /// if it has any, under its stripe lock. Journal records belong to the current
     /// generation: snapshot handles never see them.
+    ///
+    /// A cursor reads the block map as of its creation, so when this returns None the
+    /// caller must look the extent up through a cursor made *after* the call: a fold
+    /// that emptied the extent's pending state before then is in the block map it sees.
     fn pending<R>(
         &self,
-        cursor: &mut Cursor<'_>,
         v: &View<'_>,
         e: u64,
         f: impl FnOnce(&Dirty, Option<&[u8]>) -> R,
@@ -399,7 +402,10 @@ impl Volume {
             return Ok(None);
         };
         let base = match d.needs_base() {
-            true => base_bytes(&self.store, cursor, &v.levels, e, v.shift)?,
+            true => {
+                let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
+                base_bytes(&self.store, &mut cursor, &v.levels, e, v.shift)?
+            }
             false => None,
         };
         Ok(Some(f(d, base.as_deref().map(Vec::as_slice))))
@@ -410,7 +416,6 @@ impl Volume {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let v = self.view()?;
         self.check_range(&v, offset, buf.len() as u64)?;
-        let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
         let es = 1u64 << v.shift;
         let mut done = 0usize;
         while done < buf.len() {
@@ -421,11 +426,12 @@ impl Volume {
             let out = &mut buf[done..done + n];
             done += n;
             if self
-                .pending(&mut cursor, &v, e, |d, base| d.read(base, within, out))?
+                .pending(&v, e, |d, base| d.read(base, within, out))?
                 .is_some()
             {
                 continue;
             }
+            let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
             match base_bytes(&self.store, &mut cursor, &v.levels, e, v.shift)? {
                 None => out.fill(0),
                 Some(data) => out.copy_from_slice(&data[within..within + n]),
@@ -616,18 +622,18 @@ impl Volume {
         let shift = v.shift;
         let es = 1u64 << shift;
         let end = offset + len;
-        let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
         let mut pos = offset;
         let mut examined = 0;
         while pos < end && examined < BLOCK_STATUS_MAX_EXTENTS {
             let e = pos >> shift;
             let n = end.min((e << shift) + es) - pos;
-            let pending = self.pending(&mut cursor, &v, e, |d, base| {
-                !is_zero(&d.content(base, es as usize))
-            })?;
+            let pending = self.pending(&v, e, |d, base| !is_zero(&d.content(base, es as usize)))?;
             let data = match pending {
                 Some(data) => data,
-                None => matches!(lookup(&mut cursor, &v.levels, e, shift)?, Extent::Chunk(_)),
+                None => {
+                    let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
+                    matches!(lookup(&mut cursor, &v.levels, e, shift)?, Extent::Chunk(_))
+                }
             };
             match out.last_mut() {
                 Some(last) if last.allocated == data => last.len += n,

@@ -786,9 +786,10 @@ impl Store {
 
     /// Records the current generation as snapshot `snapshot` and moves writes to a new
     /// generation. O(1) when no small write is pending: one record write, no chunk or
-    /// block map entry; pending journal records are folded into their extents in the
-    /// same batch. Crash-consistent: every write acknowledged before it is in it, none
-    /// started after it.
+    /// block map entry. Pending journal records are folded into their extents first
+    /// (writers keep running), and those written meanwhile in the snapshot's own batch.
+    /// Crash-consistent: every write acknowledged before it is in it, none started after
+    /// it.
     pub fn snapshot_volume(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo> {
         validate_volume_name(snapshot)?;
         let _admin = self.volumes.admin.lock().expect("volume admin lock");
