@@ -1,9 +1,11 @@
 //! In-process volume I/O costs, without NBD: sequential 1 MiB writes and reads, then
-//! random 4 KiB writes and reads from several threads, on a fresh store in a temporary
-//! directory under DIR (default /var/tmp). The numbers say what the store alone allows
-//! before a protocol is in the way; the NBD benchmark is the headline.
+//! random 4 KiB writes and reads with 1 and 2 threads (or the given count), on a fresh
+//! store in a temporary directory under DIR (default /var/tmp), then what a snapshot
+//! costs with small writes pending (it folds them) and with none. The numbers say what
+//! the store alone allows before a protocol is in the way; the NBD benchmark is the
+//! headline. BUDGET_MIB sets the small-write journal's memory budget.
 //!
-//! `cargo run -p castore --example volume_io -- [DIR] [MiB] [threads] [seconds]`
+//! `cargo run -p castore --example volume_io -- [DIR] [MiB] [threads] [seconds] [BUDGET_MIB]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,10 +27,16 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let dir = args.next().unwrap_or_else(|| "/var/tmp".into());
     let mib: u64 = args.next().map_or(256, |v| v.parse().expect("MiB"));
-    let threads: u64 = args.next().map_or(2, |v| v.parse().expect("threads"));
+    let threads: Vec<u64> = args
+        .next()
+        .map_or(vec![1, 2], |v| vec![v.parse().expect("threads")]);
     let secs: u64 = args.next().map_or(5, |v| v.parse().expect("seconds"));
+    let budget: Option<usize> = args.next().map(|v| v.parse::<usize>().expect("MiB") << 20);
     let tmp = tempfile_dir(&dir);
     let store = Arc::new(Store::open(&tmp).expect("open store"));
+    if let Some(b) = budget {
+        store.set_volume_journal_budget(b);
+    }
     let size = mib << 20;
     store
         .create_volume(&VolumeSpec::new("bench", size))
@@ -57,7 +65,10 @@ fn main() {
         mib as f64 / r
     );
 
-    for (name, write) in [("write", true), ("read", false)] {
+    let runs = threads
+        .iter()
+        .flat_map(|&t| [("write", true, t), ("read", false, t)]);
+    for (name, write, threads) in runs {
         let ops = AtomicU64::new(0);
         let stop = Instant::now() + Duration::from_secs(secs);
         std::thread::scope(|s| {
@@ -84,10 +95,23 @@ fn main() {
             }
         });
         println!(
-            "random 4 KiB {name}: {:.0} IOPS ({threads} threads)",
-            ops.load(Ordering::Relaxed) as f64 / secs as f64
+            "random 4 KiB {name}: {:.0} IOPS ({threads} threads; {} MiB of small writes pending)",
+            ops.load(Ordering::Relaxed) as f64 / secs as f64,
+            store.volume_journal_bytes() >> 20
         );
     }
+    let pending = store.volume_journal_bytes() >> 20;
+    let t = Instant::now();
+    store.snapshot_volume("bench", "a").expect("snapshot");
+    let folded = t.elapsed();
+    let t = Instant::now();
+    store.snapshot_volume("bench", "b").expect("snapshot");
+    store.clone_volume("bench", "b", "copy").expect("clone");
+    println!(
+        "snapshot folding {pending} MiB pending: {:.1} ms; snapshot + clone with none pending: {:.2} ms",
+        folded.as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e3
+    );
     drop(vol);
     drop(store);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -14,6 +14,7 @@
 //! | `volumes` | volume id (8 B BE) | volume record (volume.rs) |
 //! | `volume_names` | volume name | volume id (8 B BE) |
 //! | `block_map` | volume id ‖ extent index ‖ !generation (8 B BE each) | chunk digest, or 1 B zero marker |
+//! | `volume_journal` | volume id ‖ extent index ‖ sequence (8 B BE each) | small write not yet folded into its extent: kind, offset in extent, bytes (volume/journal.rs) |
 //!
 //! Later families are added here and nowhere else.
 
@@ -44,10 +45,11 @@ pub(crate) enum Cf {
     Volumes,
     VolumeNames,
     BlockMap,
+    VolumeJournal,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 12] = [
+    pub(crate) const ALL: [Cf; 13] = [
         Cf::Chunks,
         Cf::ChunkIndex,
         Cf::Blobs,
@@ -60,6 +62,7 @@ impl Cf {
         Cf::Volumes,
         Cf::VolumeNames,
         Cf::BlockMap,
+        Cf::VolumeJournal,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -76,6 +79,7 @@ impl Cf {
             Cf::Volumes => "volumes",
             Cf::VolumeNames => "volume_names",
             Cf::BlockMap => "block_map",
+            Cf::VolumeJournal => "volume_journal",
         }
     }
 }
@@ -230,6 +234,11 @@ impl Db {
                     o.set_max_write_buffer_number(4);
                 }
                 Cf::ChunkIndex => {
+                    o.set_compression_type(DBCompressionType::None);
+                }
+                Cf::VolumeJournal => {
+                    // Journal records live until their extent is folded, usually before
+                    // their memtable flushes; compressing them would be wasted work.
                     o.set_compression_type(DBCompressionType::None);
                 }
                 _ => {

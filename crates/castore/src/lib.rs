@@ -51,7 +51,7 @@ pub use stats::Stats;
 pub use store::Store;
 pub use views::{ImageDetail, ImageSummary, LayerSummary};
 pub use volume::{
-    AccessMode, BLOCK_STATUS_MAX_EXTENTS, BlockStatus, DEFAULT_EXTENT_SIZE, MAX_EXTENT_SIZE,
-    MIN_EXTENT_SIZE, SECTOR_SIZE, SnapshotInfo, Volume, VolumeError, VolumeInfo, VolumeOrigin,
-    VolumeSpec, VolumeSummary, validate_volume_name,
+    AccessMode, BLOCK_STATUS_MAX_EXTENTS, BlockStatus, DEFAULT_EXTENT_SIZE, DEFAULT_JOURNAL_BUDGET,
+    MAX_EXTENT_SIZE, MIN_EXTENT_SIZE, SECTOR_SIZE, SnapshotInfo, Volume, VolumeError, VolumeInfo,
+    VolumeOrigin, VolumeSpec, VolumeSummary, validate_volume_name,
 };

@@ -36,3 +36,20 @@ pub fn chunk_digests(store: &Store) -> Result<Vec<Digest>> {
     }
     Ok(out)
 }
+
+/// How many small-write journal records the store holds (not yet folded into extents).
+pub fn journal_records(store: &Store) -> Result<usize> {
+    let mut n = 0;
+    for k in store.db.keys(Cf::VolumeJournal) {
+        k?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Writes a raw journal record, as a bug or a foreign store might have left it.
+pub fn put_journal_record(store: &Store, key: &[u8], value: &[u8]) -> Result<()> {
+    let mut b = Batch::new();
+    b.put(&store.db, Cf::VolumeJournal, key, value);
+    store.db.write(b, true)
+}

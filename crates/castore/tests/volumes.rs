@@ -167,7 +167,20 @@ fn check(vol: &Volume, model: &[u8], what: &str) {
 
 #[test]
 fn random_io_snapshots_clones_and_resize_match_a_model() {
+    random_io_matches_a_model(castore::DEFAULT_JOURNAL_BUDGET);
+}
+
+/// The same workload when writers fold small writes into extents right away (budget 0)
+/// and every few writes (a small budget), so folds interleave with everything else.
+#[test]
+fn random_io_matches_a_model_while_folding() {
+    random_io_matches_a_model(0);
+    random_io_matches_a_model(256 * KIB as usize);
+}
+
+fn random_io_matches_a_model(budget: usize) {
     let (_dir, store) = store();
+    store.set_volume_journal_budget(budget);
     let es = 64 * KIB;
     // Not a multiple of the extent size: the last extent is partial.
     let size = 40 * es + 1536;
@@ -602,11 +615,19 @@ fn bad_requests_get_typed_errors() {
     );
 }
 
-/// Threads doing read-modify-writes of the same extents must not lose each other's
-/// writes: each owns every fourth 512-byte sector and writes random ones of its own.
+/// Threads doing small writes to the same extents must not lose each other's writes:
+/// each owns every fourth 512-byte sector and writes random ones of its own. With a
+/// small journal budget, folds run beside the writes and reads.
 #[test]
 fn concurrent_sub_extent_writes_lose_nothing() {
+    for budget in [castore::DEFAULT_JOURNAL_BUDGET, 64 * KIB as usize] {
+        concurrent_sub_extent_writes(budget);
+    }
+}
+
+fn concurrent_sub_extent_writes(budget: usize) {
     let (_dir, store) = store();
+    store.set_volume_journal_budget(budget);
     let es = 64 * KIB;
     let size = 4 * es;
     store.create_volume(&VolumeSpec::new("c", size)).unwrap();
@@ -624,6 +645,9 @@ fn concurrent_sub_extent_writes_lose_nothing() {
                         let byte = (rng.below(255) + 1) as u8;
                         vol.write(sector * 512, &[byte; 512], false).unwrap();
                         last[sector as usize] = byte;
+                        // Read-your-writes while other threads' folds replace journal
+                        // records by chunks.
+                        assert_eq!(vol.read(sector * 512, 512).unwrap(), vec![byte; 512]);
                         // Readers run beside the writers.
                         let _ = vol.read(rng.below(size - 4096), 4096).unwrap();
                     }
@@ -663,8 +687,14 @@ fn crash_child() {
     let Ok(spec) = std::env::var(CRASH_ENV) else {
         return; // Only runs when the crash test starts it.
     };
-    let (dir, seed) = spec.split_once(',').unwrap();
+    let mut parts = spec.split(',');
+    let (dir, seed, budget) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
     let store = Arc::new(Store::open(dir).unwrap());
+    store.set_volume_journal_budget(budget.parse().unwrap());
     let vol = store.open_volume("crash").unwrap();
     let mut rng = Rng(seed.parse().unwrap());
     for i in 0..100_000u64 {
@@ -679,12 +709,26 @@ fn crash_child() {
     }
 }
 
+/// With the default budget the volume (1.5 MiB) never leaves the journal's memory, so a
+/// crash leaves every small write since the last snapshot in the journal: the reopened
+/// store replays it.
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let runs: u64 = std::env::var("TIDE_VOLUME_CRASH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    crash_runs(runs, castore::DEFAULT_JOURNAL_BUDGET, 1000);
+}
+
+/// With a tiny budget, writers fold extents all the time, so kills land between journal
+/// appends and folds: the state must still be a prefix, and fsck clean.
+#[test]
+fn acknowledged_writes_survive_sigkill_while_folding() {
+    crash_runs(10, 96 * KIB as usize, 5000);
+}
+
+fn crash_runs(runs: u64, budget: usize, seeds: u64) {
     let exe = std::env::current_exe().unwrap();
     let mut pick = Rng(0xc0ffee);
     for run in 0..runs {
@@ -696,10 +740,10 @@ fn acknowledged_writes_survive_sigkill() {
                 .create_volume(&VolumeSpec::new("crash", CRASH_SIZE))
                 .unwrap();
         }
-        let seed = 1000 + run;
+        let seed = seeds + run;
         let mut child = Command::new(&exe)
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env(CRASH_ENV, format!("{},{seed}", path.display()))
+            .env(CRASH_ENV, format!("{},{seed},{budget}", path.display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -875,4 +919,171 @@ fn deleting_a_snapshot_with_clones_cascades_only_when_asked() {
         .collect();
     assert_eq!(snaps, vec!["b".to_string()]);
     assert!(store.fsck().unwrap().is_clean());
+}
+
+/// Small writes wait in the journal: they read back at once through every handle,
+/// survive closing and reopening the store (replay), and fold into ordinary extents.
+#[test]
+fn journaled_writes_replay_after_reopen_and_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let es = 64 * KIB;
+    let size = 16 * es;
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(42);
+    {
+        let store = Arc::new(Store::open(&path).unwrap());
+        store.create_volume(&VolumeSpec::new("j", size)).unwrap();
+        let a = store.open_volume("j").unwrap();
+        let b = store.open_volume("j").unwrap();
+        // A whole extent first, so some journal records patch a real chunk.
+        let full = payload(&mut rng, es as usize);
+        a.write(es, &full, false).unwrap();
+        model[es as usize..2 * es as usize].copy_from_slice(&full);
+        for i in 0..200 {
+            let off = rng.below(size - 4096);
+            let len = 1 + rng.below(4096);
+            let data = payload(&mut rng, len as usize);
+            let vol = if i % 2 == 0 { &a } else { &b };
+            vol.write(off, &data, i % 7 == 0).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            // The other handle sees it at once.
+            let other = if i % 2 == 0 { &b } else { &a };
+            assert_eq!(other.read(off, len as usize).unwrap(), data, "write {i}");
+        }
+        a.write_zeroes(3 * es + 100, 1000, false).unwrap();
+        model[(3 * es + 100) as usize..(3 * es + 1100) as usize].fill(0);
+        check(&a, &model, "with pending writes");
+        assert!(testing::journal_records(&store).unwrap() > 0);
+        assert!(store.volume_journal_bytes() > 0);
+        // Whole-extent writes drop the extent's records in their own batch.
+        let before = testing::journal_records(&store).unwrap();
+        a.write(0, &vec![3; es as usize], false).unwrap();
+        model[..es as usize].fill(3);
+        assert!(testing::journal_records(&store).unwrap() < before);
+        a.flush().unwrap();
+        let report = store.fsck().unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
+    let chunks_before;
+    {
+        let store = Arc::new(Store::open(&path).unwrap());
+        assert!(testing::journal_records(&store).unwrap() > 0);
+        let vol = store.open_volume("j").unwrap();
+        check(&vol, &model, "replayed after reopen");
+        chunks_before = testing::chunk_digests(&store).unwrap().len();
+        store.fold_journal().unwrap();
+        assert_eq!(testing::journal_records(&store).unwrap(), 0);
+        assert_eq!(store.volume_journal_bytes(), 0);
+        assert!(testing::chunk_digests(&store).unwrap().len() > chunks_before);
+        check(&vol, &model, "after folding");
+        let report = store.fsck().unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
+    let store = Arc::new(Store::open(&path).unwrap());
+    check(&store.open_volume("j").unwrap(), &model, "folded, reopened");
+}
+
+/// A snapshot folds the volume's pending writes in its own batch and stays immutable; a
+/// snapshot with nothing pending writes no chunk. Shrink discards journaled bytes past
+/// the new end; delete takes the volume's journal along.
+#[test]
+fn snapshots_shrink_and_delete_with_pending_writes() {
+    let (_dir, store) = store();
+    let es = 64 * KIB;
+    let size = 8 * es;
+    store.create_volume(&VolumeSpec::new("p", size)).unwrap();
+    let vol = store.open_volume("p").unwrap();
+    let mut model = vec![0u8; size as usize];
+    for (i, off) in [10, es + 5, 5 * es - 2, 7 * es + 4000]
+        .into_iter()
+        .enumerate()
+    {
+        let data = vec![i as u8 + 1; 300];
+        vol.write(off, &data, false).unwrap();
+        model[off as usize..off as usize + 300].copy_from_slice(&data);
+    }
+    assert_eq!(testing::journal_records(&store).unwrap(), 5);
+    let chunks = testing::chunk_digests(&store).unwrap().len();
+    store.snapshot_volume("p", "s1").unwrap();
+    assert_eq!(testing::journal_records(&store).unwrap(), 0);
+    assert_eq!(testing::chunk_digests(&store).unwrap().len(), chunks + 5);
+    let s1 = store.open_snapshot("p", "s1").unwrap();
+    check(&s1, &model, "snapshot of pending writes");
+    // Nothing pending: no chunk.
+    store.snapshot_volume("p", "s2").unwrap();
+    assert_eq!(testing::chunk_digests(&store).unwrap().len(), chunks + 5);
+    // Writes after the snapshot do not reach it.
+    let snap_model = model.clone();
+    vol.write(20, b"after", false).unwrap();
+    model[20..25].copy_from_slice(b"after");
+    check(&s1, &snap_model, "snapshot after a later write");
+    check(&vol, &model, "volume after a later write");
+    // A clone of the snapshot reads what it froze, and journals its own small writes.
+    store.clone_volume("p", "s1", "c").unwrap();
+    let c = store.open_volume("c").unwrap();
+    c.write(es + 6, b"clone", false).unwrap();
+    let mut clone_model = snap_model.clone();
+    clone_model[(es + 6) as usize..(es + 11) as usize].copy_from_slice(b"clone");
+    check(&c, &clone_model, "clone with a pending write");
+    check(&s1, &snap_model, "the clone's base");
+
+    // Pending writes past a shrink's end are gone, also after a grow; the boundary
+    // extent keeps its bytes below the end.
+    vol.write(6 * es + 10, &[9; 100], false).unwrap();
+    vol.write(4 * es + 400, &[8; 200], false).unwrap();
+    model[(4 * es + 400) as usize..(4 * es + 600) as usize].fill(8);
+    let small = 4 * es + 512;
+    store.resize_volume("p", small, true).unwrap();
+    model.truncate(small as usize);
+    check(&vol, &model, "after shrink");
+    store.resize_volume("p", size, false).unwrap();
+    model.resize(size as usize, 0);
+    check(&vol, &model, "after grow");
+    let report = store.fsck().unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+
+    // Deleting volumes deletes their journal records in the same batch.
+    c.write(2 * es + 1, b"x", false).unwrap();
+    vol.write(2 * es + 1, b"y", false).unwrap();
+    assert!(testing::journal_records(&store).unwrap() > 0);
+    store.delete_volume("p", true).unwrap();
+    assert_eq!(testing::journal_records(&store).unwrap(), 0);
+    assert_eq!(store.volume_journal_bytes(), 0);
+    let report = store.fsck().unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    store
+        .gc(&GcRoots::default(), &GcProgress::default())
+        .unwrap();
+    assert_eq!(testing::chunk_digests(&store).unwrap().len(), 0);
+}
+
+/// fsck checks journal records: well-formed, inside their extent, of a live volume.
+#[test]
+fn fsck_reports_bad_journal_records() {
+    let (_dir, store) = store();
+    store.create_volume(&VolumeSpec::new("f", MIB)).unwrap();
+    store
+        .open_volume("f")
+        .unwrap()
+        .write(7, b"ok", false)
+        .unwrap();
+    assert!(store.fsck().unwrap().is_clean());
+    let key = |v: u64, e: u64, s: u64| [v.to_be_bytes(), e.to_be_bytes(), s.to_be_bytes()].concat();
+    // Volume 99 does not exist; kind 7 is no record; the last runs past its extent;
+    // extent 16 lies past the 1 MiB volume's end.
+    testing::put_journal_record(&store, &key(99, 0, 0), &[0, 0, 0, 0, 0, 1]).unwrap();
+    testing::put_journal_record(&store, &key(1, 0, 5), &[7, 0, 0, 0, 0, 1]).unwrap();
+    testing::put_journal_record(&store, &key(1, 1, 0), &[1, 0, 1, 0, 0, 0, 1, 0, 0]).unwrap();
+    testing::put_journal_record(&store, &key(1, 16, 0), &[0, 0, 0, 0, 0, 1]).unwrap();
+    testing::put_journal_record(&store, b"short", &[0]).unwrap();
+    let report = store.fsck().unwrap();
+    let journal: Vec<_> = report
+        .problems
+        .iter()
+        .filter(|p| p.object == "volume journal")
+        .collect();
+    assert_eq!(journal.len(), 5, "{:?}", report.problems);
+    assert!(journal.iter().any(|p| p.problem == "belongs to no volume"));
+    assert!(journal.iter().any(|p| p.problem.contains("past the end")));
 }

@@ -1,9 +1,12 @@
 //! fsck of volumes: records decode, names and records agree, clones' parents and base
 //! snapshots exist, and every block map entry belongs to a volume, lies at or below its
-//! current generation and names a good chunk of exactly one extent.
+//! current generation and names a good chunk of exactly one extent; every journal record
+//! is well-formed and lies inside a live volume.
 
 use std::collections::{HashMap, HashSet};
 
+use super::extents;
+use super::journal;
 use super::record::{Extent, Record, parse_key};
 use crate::Digest;
 use crate::db::Cf;
@@ -126,6 +129,36 @@ impl Store {
                         );
                     }
                 }
+            }
+        }
+        for kv in self.db.entries(Cf::VolumeJournal) {
+            let (k, v) = kv?;
+            let Some((id, e, seq)) = journal::parse_key(&k) else {
+                r.problem(
+                    "volume journal",
+                    hex::encode(&k),
+                    "key is not volume ‖ extent ‖ sequence",
+                );
+                continue;
+            };
+            let name = format!("volume id {id} extent {e} record {seq}");
+            let Some(rec) = recs.get(&id) else {
+                r.problem("volume journal", &name, "belongs to no volume");
+                continue;
+            };
+            if e >= extents(rec.size, rec.extent_shift) {
+                r.problem(
+                    "volume journal",
+                    &name,
+                    format!("lies past the end of volume {}", rec.name),
+                );
+            }
+            if journal::decode(&v, rec.extent_size()).is_none() {
+                r.problem(
+                    "volume journal",
+                    &name,
+                    "value is not a record inside its extent",
+                );
             }
         }
         Ok(())

@@ -1,11 +1,13 @@
 //! Byte-granular access to a volume, for an NBD server: read, write (with FUA), write
 //! zeroes, trim, flush and block status, through [`Volume`] handles.
 //!
-//! Every change is staged extent by extent into one batch ([`Volume::commit`]): whole
-//! extents directly, partial ones read-modify-written under their extent locks. That
-//! batch is the seam for the journal the NBD benchmark will need: small writes would be
-//! appended to a journal there and coalesced into extents later, instead of rewriting a
-//! whole extent per request.
+//! Every request is one batch. Whole extents are written as chunks directly (dropping
+//! the extent's journal records in the same batch); smaller writes and partial zeroing
+//! append a record to the small-write journal ([`super::journal`]) and patch the
+//! extent's pending state in memory, under the extent's stripe lock. Reads of the
+//! current generation consult that state first. Writers fold the oldest pending
+//! extents into chunks when the store's journal budget is exceeded, and an extent with
+//! [`journal::MAX_RECORDS`] records right away.
 //!
 //! Durability: batches go through RocksDB's write-ahead log. A write acknowledged with
 //! `fua`, and every write acknowledged before a [`Volume::flush`] returns, survives a
@@ -14,8 +16,10 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, RwLockReadGuard};
 
+use super::journal::{self, Dirty, Patch, Stripe};
 use super::record::{Extent, ZERO_MARKER, key};
 use super::{Level, Shared, State, VolumeError, extents};
 use crate::Digest;
@@ -142,6 +146,45 @@ pub(crate) fn lookup(
         }
     }
     Ok(Extent::Zero)
+}
+
+/// The bytes of extent `e` as seen through `levels` (its block map only, no journal),
+/// or None when it reads as zeros. Verified, through the shared chunk cache.
+pub(crate) fn base_bytes(
+    store: &Store,
+    cursor: &mut Cursor<'_>,
+    levels: &[Level],
+    e: u64,
+    shift: u8,
+) -> Result<Option<Arc<Vec<u8>>>> {
+    match lookup(cursor, levels, e, shift)? {
+        Extent::Zero => Ok(None),
+        Extent::Chunk(d) => {
+            let data = store.volumes.cache.chunk(store, &d)?;
+            if data.len() as u64 != 1u64 << shift {
+                return Err(Error::Corrupt {
+                    kind: ObjectKind::Chunk,
+                    digest: d,
+                }
+                .context(format!(
+                    "volume id {}: extent {e} has the wrong size",
+                    levels[0].id
+                )));
+            }
+            Ok(Some(data))
+        }
+    }
+}
+
+/// The levels a write of the volume in `st` sees (its current generation first).
+fn current_levels(id: u64, st: &State) -> Vec<Level> {
+    let mut levels = vec![Level {
+        id,
+        generation: st.rec.generation,
+        size: st.rec.size,
+    }];
+    levels.extend(st.ancestors.iter().copied());
+    levels
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -336,37 +379,43 @@ impl Volume {
         Ok(self.view()?.levels[0].generation)
     }
 
-    /// The bytes of extent `e`, or None when it reads as zeros.
-    fn extent(
+    /// Calls `f` with extent `e`'s pending journal state and its base bytes (None: zeros)
+    /// if it has any, under its stripe lock. Journal records belong to the current
+    /// generation: snapshot handles never see them.
+    ///
+    /// A cursor reads the block map as of its creation, so when this returns None the
+    /// caller must look the extent up through a cursor made *after* the call: a fold
+    /// that emptied the extent's pending state before then is in the block map it sees.
+    fn pending<R>(
         &self,
-        cursor: &mut Cursor<'_>,
         v: &View<'_>,
         e: u64,
-    ) -> Result<Option<Arc<Vec<u8>>>> {
-        match lookup(cursor, &v.levels, e, v.shift)? {
-            Extent::Zero => Ok(None),
-            Extent::Chunk(d) => {
-                let data = self.store.volumes.cache.chunk(&self.store, &d)?;
-                if data.len() as u64 != 1u64 << v.shift {
-                    return Err(Error::Corrupt {
-                        kind: ObjectKind::Chunk,
-                        digest: d,
-                    }
-                    .context(format!(
-                        "volume {}: extent {e} has the wrong size",
-                        self.name
-                    )));
-                }
-                Ok(Some(data))
-            }
+        f: impl FnOnce(&Dirty, Option<&[u8]>) -> R,
+    ) -> Result<Option<R>> {
+        if self.snapshot.is_some() {
+            return Ok(None);
         }
+        let stripe = self.shared.stripes[self.shared.stripe_of(e)]
+            .lock()
+            .expect("extent lock");
+        let Some(d) = stripe.dirty.get(&e) else {
+            return Ok(None);
+        };
+        let base = match d.needs_base() {
+            true => {
+                let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
+                base_bytes(&self.store, &mut cursor, &v.levels, e, v.shift)?
+            }
+            false => None,
+        };
+        Ok(Some(f(d, base.as_deref().map(Vec::as_slice))))
     }
 
-    /// Reads `buf.len()` bytes at `offset`. Every chunk is verified on its way in.
+    /// Reads `buf.len()` bytes at `offset`. Every chunk is verified on its way in; a
+    /// volume handle sees the pending journal records of every handle in the process.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let v = self.view()?;
         self.check_range(&v, offset, buf.len() as u64)?;
-        let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
         let es = 1u64 << v.shift;
         let mut done = 0usize;
         while done < buf.len() {
@@ -375,11 +424,18 @@ impl Volume {
             let within = (pos - (e << v.shift)) as usize;
             let n = (buf.len() - done).min(es as usize - within);
             let out = &mut buf[done..done + n];
-            match self.extent(&mut cursor, &v, e)? {
+            done += n;
+            if self
+                .pending(&v, e, |d, base| d.read(base, within, out))?
+                .is_some()
+            {
+                continue;
+            }
+            let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
+            match base_bytes(&self.store, &mut cursor, &v.levels, e, v.shift)? {
                 None => out.fill(0),
                 Some(data) => out.copy_from_slice(&data[within..within + n]),
             }
-            done += n;
         }
         Ok(())
     }
@@ -416,16 +472,17 @@ impl Volume {
         self.store.db.sync_wal()
     }
 
-    fn lock_stripes(&self, e0: u64, e1: u64) -> Vec<MutexGuard<'_, ()>> {
+    /// Locks the stripes of extents `e0..=e1`, in index order (so two multi-extent
+    /// writes cannot deadlock), as (stripe index, guard) sorted by index.
+    fn lock_stripes(&self, e0: u64, e1: u64) -> Vec<(usize, MutexGuard<'_, Stripe>)> {
         let n = self.shared.stripes.len() as u64;
-        // Stripes are taken in index order, so two multi-extent writes cannot deadlock.
         let set: BTreeSet<usize> = if e1 - e0 + 1 >= n {
             (0..n as usize).collect()
         } else {
-            (e0..=e1).map(|e| (e % n) as usize).collect()
+            (e0..=e1).map(|e| self.shared.stripe_of(e)).collect()
         };
         set.into_iter()
-            .map(|i| self.shared.stripes[i].lock().expect("extent lock"))
+            .map(|i| (i, self.shared.stripes[i].lock().expect("extent lock")))
             .collect()
     }
 
@@ -445,84 +502,116 @@ impl Volume {
             }
             return Ok(());
         }
+        let store = &*self.store;
+        let db = &store.db;
+        let id = self.shared.id;
+        let generation = v.st.rec.generation;
         let shift = v.shift;
         let es = 1u64 << shift;
         let (e0, e1) = (offset >> shift, (offset + len - 1) >> shift);
-        let _locks = self.lock_stripes(e0, e1);
-        let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
-        let mut updates: Vec<(u64, Content<'_>)> = Vec::new();
+        let mut locks = self.lock_stripes(e0, e1);
+        let mut cursor = db.cursor(Cf::BlockMap, None, None);
+        let claims = store.claims();
+        let mut b = Batch::new();
+        let mut changes: Vec<(u64, Change)> = Vec::new();
         for e in e0..=e1 {
+            let stripe = stripe_mut(&mut locks, self.shared.stripe_of(e));
+            let dirty = stripe.dirty.get(&e);
             let start = e << shift;
             let lo = offset.max(start);
             let hi = (offset + len).min(start + es);
             // Covers every byte of the extent that lies inside the volume.
             let whole = lo == start && hi >= (start + es).min(v.size);
-            let range = (lo - start) as usize..(hi - start) as usize;
-            match fill {
+            let off = (lo - start) as u32;
+            let mut reads_zero = || -> Result<bool> {
+                Ok(dirty.is_none() && lookup(&mut cursor, &v.levels, e, shift)? == Extent::Zero)
+            };
+            // Whole extents replace the extent (and its journal records) in this batch;
+            // partial ones append a journal record.
+            let action = match fill {
                 Fill::Data(data) => {
                     let src = &data[(lo - offset) as usize..(hi - offset) as usize];
                     if lo == start && hi == start + es {
-                        updates.push((e, Content::Bytes(Cow::Borrowed(src))));
+                        Some(Err(Content::Bytes(Cow::Borrowed(src))))
                     } else {
-                        let mut buf = match self.extent(&mut cursor, &v, e)? {
-                            Some(d) => d.as_ref().clone(),
-                            None => vec![0; es as usize],
-                        };
-                        buf[range].copy_from_slice(src);
-                        updates.push((e, Content::Bytes(Cow::Owned(buf))));
+                        Some(Ok(Patch::Data(src.to_vec())))
                     }
                 }
                 Fill::Zeroes | Fill::Trim if whole => {
-                    if lookup(&mut cursor, &v.levels, e, shift)? != Extent::Zero {
-                        updates.push((e, Content::Zero));
-                    }
+                    (!reads_zero()?).then_some(Err(Content::Zero))
                 }
-                Fill::Zeroes => {
-                    if let Some(d) = self.extent(&mut cursor, &v, e)? {
-                        let mut buf = d.as_ref().clone();
-                        buf[range].fill(0);
-                        updates.push((e, Content::Bytes(Cow::Owned(buf))));
-                    }
+                Fill::Zeroes => (!reads_zero()?).then(|| Ok(Patch::Zero((hi - lo) as u32))),
+                Fill::Trim => None,
+            };
+            match action {
+                None => {}
+                Some(Err(content)) => {
+                    stage(store, &claims, &mut b, id, e, generation, &content)?;
+                    drop_records(&mut b, store, id, e, dirty);
+                    changes.push((e, Change::Replace));
                 }
-                Fill::Trim => {}
+                Some(Ok(patch)) => {
+                    let seq = Dirty::next_seq(dirty);
+                    let value = journal::encode(off, &patch);
+                    b.put(db, Cf::VolumeJournal, &journal::key(id, e, seq), &value);
+                    changes.push((e, Change::Append(seq, off, patch)));
+                }
             }
-        }
-        drop(cursor);
-        self.commit(&v, &updates, fua)
-    }
-
-    /// Writes new extent contents at the current generation in one batch (the seam for
-    /// a small-write journal; see the module comment).
-    fn commit(&self, v: &View<'_>, updates: &[(u64, Content<'_>)], fua: bool) -> Result<()> {
-        let store = &*self.store;
-        let claims = store.claims();
-        let mut b = Batch::new();
-        let generation = v.st.rec.generation;
-        for (e, content) in updates {
-            stage(
-                store,
-                &claims,
-                &mut b,
-                self.shared.id,
-                *e,
-                generation,
-                content,
-            )?;
         }
         if b.is_empty() {
             if fua {
-                store.db.sync_wal()?;
+                db.sync_wal()?;
             }
             return Ok(());
         }
-        store.db.write(b, fua)?;
+        db.write(b, fua)?;
         drop(claims);
-        Ok(())
+        // The batch is in: now the memory state follows it, under the same locks.
+        let reg = &store.volumes;
+        let mut full = Vec::new();
+        for (e, change) in changes {
+            let stripe = stripe_mut(&mut locks, self.shared.stripe_of(e));
+            match change {
+                Change::Replace => {
+                    if let Some(d) = stripe.dirty.remove(&e) {
+                        reg.account(&self.shared, -(d.mem as isize));
+                    }
+                }
+                Change::Append(seq, off, patch) => {
+                    let d = stripe.dirty.entry(e).or_insert_with(|| {
+                        let d = Dirty::new(reg.next_tick());
+                        reg.account(&self.shared, d.mem as isize);
+                        d
+                    });
+                    let mut delta = d.push(seq, off, patch);
+                    if d.wants_base(es as usize) {
+                        // Many patches: keep the whole extent instead. If its base cannot
+                        // be read now, the patches stay (reads will report the error).
+                        if let Ok(base) = base_bytes(store, &mut cursor, &v.levels, e, shift) {
+                            delta += d.materialise(base.as_deref().map(Vec::as_slice), es as usize);
+                        }
+                    }
+                    reg.account(&self.shared, delta);
+                    if d.seqs.len() >= journal::MAX_RECORDS {
+                        full.push(e);
+                    }
+                }
+            }
+        }
+        drop(cursor);
+        for e in full {
+            let stripe = stripe_mut(&mut locks, self.shared.stripe_of(e));
+            store.fold_locked(&self.shared, &v.st, stripe, &[e])?;
+        }
+        drop(locks);
+        drop(v);
+        store.fold_over_budget()
     }
 
     /// Which bytes of `[offset, offset + len)` hold data and which read as zeros, as
     /// runs in order. Covers at least the first extent touched, and at most
     /// [`BLOCK_STATUS_MAX_EXTENTS`] extents: the answer may be shorter than asked.
+    /// Extents with pending journal records are data unless they read as all zeros.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>> {
         let v = self.view()?;
         self.check_range(&v, offset, len)?;
@@ -533,13 +622,19 @@ impl Volume {
         let shift = v.shift;
         let es = 1u64 << shift;
         let end = offset + len;
-        let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
         let mut pos = offset;
         let mut examined = 0;
         while pos < end && examined < BLOCK_STATUS_MAX_EXTENTS {
             let e = pos >> shift;
             let n = end.min((e << shift) + es) - pos;
-            let data = matches!(lookup(&mut cursor, &v.levels, e, shift)?, Extent::Chunk(_));
+            let pending = self.pending(&v, e, |d, base| !is_zero(&d.content(base, es as usize)))?;
+            let data = match pending {
+                Some(data) => data,
+                None => {
+                    let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
+                    matches!(lookup(&mut cursor, &v.levels, e, shift)?, Extent::Chunk(_))
+                }
+            };
             match out.last_mut() {
                 Some(last) if last.allocated == data => last.len += n,
                 _ => out.push(BlockStatus {
@@ -552,6 +647,250 @@ impl Volume {
             examined += 1;
         }
         Ok(out)
+    }
+}
+
+/// What a write does to an extent's pending state once its batch is in.
+enum Change {
+    /// The extent was replaced whole: its journal records are gone.
+    Replace,
+    /// A journal record was appended.
+    Append(u64, u32, Patch),
+}
+
+fn stripe_mut<'a, 'g>(
+    locks: &'a mut [(usize, MutexGuard<'g, Stripe>)],
+    idx: usize,
+) -> &'a mut Stripe {
+    let i = locks
+        .binary_search_by_key(&idx, |(i, _)| *i)
+        .expect("the extent's stripe is locked");
+    &mut locks[i].1
+}
+
+/// Deletes the journal records of extent `e` (pending state `dirty`) in `b`.
+fn drop_records(b: &mut Batch, store: &Store, id: u64, e: u64, dirty: Option<&Dirty>) {
+    for &seq in dirty.map_or(&[][..], |d| &d.seqs) {
+        b.delete(&store.db, Cf::VolumeJournal, &journal::key(id, e, seq));
+    }
+}
+
+impl Store {
+    /// Stages the fold of pending extent `e` of the volume in `st` into `b`: its new
+    /// content (base plus records) as a chunk at the current generation, and the
+    /// deletion of its journal records.
+    fn stage_fold(
+        &self,
+        claims: &ClaimSet<'_>,
+        b: &mut Batch,
+        shared: &Shared,
+        st: &State,
+        e: u64,
+        d: &Dirty,
+    ) -> Result<()> {
+        let shift = st.rec.extent_shift;
+        let base = match d.needs_base() {
+            true => {
+                let mut cursor = self.db.cursor(Cf::BlockMap, None, None);
+                base_bytes(self, &mut cursor, &current_levels(shared.id, st), e, shift)?
+            }
+            false => None,
+        };
+        let content = d.content(base.as_deref().map(Vec::as_slice), 1 << shift);
+        stage(
+            self,
+            claims,
+            b,
+            shared.id,
+            e,
+            st.rec.generation,
+            &Content::Bytes(Cow::Owned(content)),
+        )?;
+        drop_records(b, self, shared.id, e, Some(d));
+        Ok(())
+    }
+
+    /// Folds the pending extents `es` of one locked stripe in one batch (not synced: a
+    /// fold changes no byte a reader sees, and the records it replaces are logged
+    /// before it).
+    fn fold_locked(
+        &self,
+        shared: &Shared,
+        st: &State,
+        stripe: &mut Stripe,
+        es: &[u64],
+    ) -> Result<()> {
+        let claims = self.claims();
+        let mut b = Batch::new();
+        for e in es {
+            if let Some(d) = stripe.dirty.get(e) {
+                self.stage_fold(&claims, &mut b, shared, st, *e, d)?;
+            }
+        }
+        if b.is_empty() {
+            return Ok(());
+        }
+        self.db.write(b, false)?;
+        drop(claims);
+        for e in es {
+            if let Some(d) = stripe.dirty.remove(e) {
+                self.volumes.account(shared, -(d.mem as isize));
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the pending extents `es` of a volume whose state lock the caller holds.
+    pub(crate) fn fold_extents(&self, shared: &Shared, st: &State, es: &[u64]) -> Result<()> {
+        for &e in es {
+            let mut stripe = shared.stripes[shared.stripe_of(e)]
+                .lock()
+                .expect("extent lock");
+            self.fold_locked(shared, st, &mut stripe, &[e])?;
+        }
+        Ok(())
+    }
+
+    /// Stages the fold of every pending extent of a volume into `b`; the caller holds
+    /// its state lock exclusively and calls [`Store::forget_dirty`] once `b` is in.
+    pub(crate) fn stage_fold_all(
+        &self,
+        shared: &Shared,
+        st: &State,
+        b: &mut Batch,
+        claims: &ClaimSet<'_>,
+    ) -> Result<()> {
+        if shared.dirty_bytes.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        for stripe in shared.stripes.iter() {
+            let stripe = stripe.lock().expect("extent lock");
+            for (&e, d) in &stripe.dirty {
+                self.stage_fold(claims, b, shared, st, e, d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages into `b` the deletion of the journal records of extents at or past `first`
+    /// (a shrink); [`Store::forget_dirty`] drops them from memory once `b` is in.
+    pub(crate) fn drop_journal_from(
+        &self,
+        shared: &Shared,
+        _st: &State,
+        first: u64,
+        b: &mut Batch,
+    ) {
+        for stripe in shared.stripes.iter() {
+            let stripe = stripe.lock().expect("extent lock");
+            for (&e, d) in stripe.dirty.iter().filter(|(e, _)| **e >= first) {
+                drop_records(b, self, shared.id, e, Some(d));
+            }
+        }
+    }
+
+    /// Forgets the pending state of the extents `which` selects, after a batch that
+    /// folded or deleted their records.
+    pub(crate) fn forget_dirty(&self, shared: &Shared, which: impl Fn(u64) -> bool) {
+        for stripe in shared.stripes.iter() {
+            let mut stripe = stripe.lock().expect("extent lock");
+            let mut freed = 0;
+            stripe.dirty.retain(|&e, d| {
+                let drop = which(e);
+                if drop {
+                    freed += d.mem;
+                }
+                !drop
+            });
+            self.volumes.account(shared, -(freed as isize));
+        }
+    }
+
+    /// Folds every pending extent of one volume, stripe by stripe.
+    pub(crate) fn fold_volume(&self, shared: &Shared) -> Result<()> {
+        let st = shared.state.read().expect("volume state lock");
+        if st.deleted {
+            return Ok(());
+        }
+        for stripe in shared.stripes.iter() {
+            let mut stripe = stripe.lock().expect("extent lock");
+            let es: Vec<u64> = stripe.dirty.keys().copied().collect();
+            self.fold_locked(shared, &st, &mut stripe, &es)?;
+        }
+        Ok(())
+    }
+
+    /// Folds the oldest pending extents of the volumes with the most pending memory until
+    /// the store is within its journal budget.
+    pub(crate) fn fold_over_budget(&self) -> Result<()> {
+        let reg = &self.volumes;
+        while reg.dirty_bytes.load(Ordering::Relaxed) > reg.budget.load(Ordering::Relaxed) {
+            let victim = {
+                let open = reg.open.lock().expect("volume registry lock");
+                open.values()
+                    .max_by_key(|s| s.dirty_bytes.load(Ordering::Relaxed))
+                    .cloned()
+            };
+            let Some(shared) = victim.filter(|s| s.dirty_bytes.load(Ordering::Relaxed) > 0) else {
+                return Ok(());
+            };
+            let st = shared.state.read().expect("volume state lock");
+            if st.deleted {
+                continue;
+            }
+            // Each folding thread starts at its own stripe and skips stripes in use, so
+            // concurrent writers over budget fold different extents side by side.
+            let n = shared.stripes.len();
+            let start = shared.hand.fetch_add(1, Ordering::Relaxed);
+            let mut folded = false;
+            for i in 0..n {
+                let idx = (start + i) % n;
+                let Ok(mut stripe) = shared.stripes[idx].try_lock() else {
+                    continue;
+                };
+                if let Some(e) = stripe.oldest() {
+                    self.fold_locked(&shared, &st, &mut stripe, &[e])?;
+                    folded = true;
+                    break;
+                }
+            }
+            if !folded {
+                // Another thread folded the rest meanwhile: nothing left here to free.
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds every pending small write of every volume open in this process into its
+    /// extent (chunks and block map entries), leaving the journal empty. Not needed for
+    /// durability (the journal is durable); it makes the block map say everything, and
+    /// makes the next open replay nothing.
+    pub fn fold_journal(&self) -> Result<()> {
+        let open: Vec<Arc<Shared>> = self
+            .volumes
+            .open
+            .lock()
+            .expect("volume registry lock")
+            .values()
+            .cloned()
+            .collect();
+        for shared in open {
+            self.fold_volume(&shared)?;
+        }
+        Ok(())
+    }
+
+    /// Sets how much memory pending small writes may hold, over all volumes, before
+    /// writers fold the oldest of them into their extents ([`super::DEFAULT_JOURNAL_BUDGET`] by
+    /// default; 0 folds every small write right after it is journaled).
+    pub fn set_volume_journal_budget(&self, bytes: usize) {
+        self.volumes.budget.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Memory held now by pending small writes, over all open volumes.
+    pub fn volume_journal_bytes(&self) -> usize {
+        self.volumes.dirty_bytes.load(Ordering::Relaxed)
     }
 }
 

@@ -20,19 +20,27 @@
 //! generation, or a clone's base, which is always a live snapshot) can see them, when
 //! deleting a snapshot prunes them. GC marks every chunk named by the block map.
 //!
+//! **Journal:** writes smaller than an extent wait in the `volume_journal` family and in
+//! memory until folded into their extent ([`journal`]); they are always of the current
+//! generation, and snapshot, shrink and delete fold or drop them in their own batches.
+//!
 //! The admin operations (create, snapshot, clone, resize, delete) live here; reads and
 //! writes of bytes in [`io`] through [`Volume`] handles.
 
 mod check;
 mod io;
+mod journal;
 mod record;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 
 pub use io::{BLOCK_STATUS_MAX_EXTENTS, BlockStatus, Volume};
+pub use journal::DEFAULT_JOURNAL_BUDGET;
+use journal::{Dirty, Stripe};
 
 use crate::Digest;
 use crate::db::{Batch, Cf};
@@ -314,8 +322,19 @@ pub(crate) struct Shared {
     /// Writers and readers hold it shared; snapshot, resize and delete exclusively, so a
     /// snapshot never splits a write and a resize never races one.
     pub(crate) state: RwLock<State>,
-    /// Extent locks (striped): a read-modify-write holds its extents' stripes.
-    pub(crate) stripes: Box<[Mutex<()>]>,
+    /// Extent locks (striped), each with its extents' pending journal records: a write
+    /// or a fold holds its extents' stripes; a read holds one while it consults it.
+    pub(crate) stripes: Box<[Mutex<Stripe>]>,
+    /// Memory its pending journal records hold (part of [`Registry::dirty_bytes`]).
+    pub(crate) dirty_bytes: AtomicUsize,
+    /// Where the next fold to free memory starts looking (a stripe index).
+    pub(crate) hand: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn stripe_of(&self, e: u64) -> usize {
+        (e % self.stripes.len() as u64) as usize
+    }
 }
 
 #[derive(Debug)]
@@ -337,13 +356,55 @@ pub(crate) struct Level {
 const STRIPES: usize = 256;
 
 /// The volumes of one store as this process sees them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Registry {
     /// Serialises admin operations (create, snapshot, clone, resize, delete, open).
     pub(crate) admin: Mutex<()>,
-    open: Mutex<HashMap<u64, Arc<Shared>>>,
+    pub(crate) open: Mutex<HashMap<u64, Arc<Shared>>>,
     /// Decompressed, verified extents, shared by all volumes.
     pub(crate) cache: ChunkCache,
+    /// Memory held by pending journal records of all volumes.
+    pub(crate) dirty_bytes: AtomicUsize,
+    /// Above this many dirty bytes, writers fold the oldest dirty extents.
+    pub(crate) budget: AtomicUsize,
+    /// Orders extents by when they became dirty.
+    pub(crate) tick: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            admin: Mutex::default(),
+            open: Mutex::default(),
+            cache: ChunkCache::default(),
+            dirty_bytes: AtomicUsize::new(0),
+            budget: AtomicUsize::new(DEFAULT_JOURNAL_BUDGET),
+            tick: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Registry {
+    /// Counts `delta` bytes of pending journal memory for `shared`.
+    pub(crate) fn account(&self, shared: &Shared, delta: isize) {
+        if delta >= 0 {
+            shared
+                .dirty_bytes
+                .fetch_add(delta as usize, Ordering::Relaxed);
+            self.dirty_bytes
+                .fetch_add(delta as usize, Ordering::Relaxed);
+        } else {
+            shared
+                .dirty_bytes
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            self.dirty_bytes
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn next_tick(&self) -> u64 {
+        self.tick.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 fn now() -> u64 {
@@ -455,6 +516,33 @@ impl Store {
             });
             next = p.parent;
         }
+        let es = rec.extent_size();
+        let mut stripes: Vec<Stripe> = (0..STRIPES).map(|_| Stripe::default()).collect();
+        // Replay: the journal records that survived (a crash, or a close without a fold)
+        // become the extents' pending state again, in sequence order.
+        let lower = journal::key(id, 0, 0);
+        let upper = journal::key(id + 1, 0, 0);
+        let mut cursor = self
+            .db
+            .cursor(Cf::VolumeJournal, Some(&lower[..]), Some(&upper[..]));
+        let mut entry = cursor.first()?;
+        let mut mem = 0;
+        while let Some((k, v)) = entry {
+            let bad = |extent| VolumeError::BadEntry { id, extent };
+            let (_, e, seq) = journal::parse_key(k).ok_or(bad(u64::MAX))?;
+            let (off, patch) = journal::decode(v, es).ok_or(bad(e))?;
+            let d = stripes[(e % STRIPES as u64) as usize]
+                .dirty
+                .entry(e)
+                .or_insert_with(|| {
+                    let d = Dirty::new(self.volumes.next_tick());
+                    mem += d.mem;
+                    d
+                });
+            mem = (mem as isize + d.push(seq, off, patch)) as usize;
+            entry = cursor.next()?;
+        }
+        drop(cursor);
         let shared = Arc::new(Shared {
             id,
             state: RwLock::new(State {
@@ -462,8 +550,11 @@ impl Store {
                 ancestors,
                 deleted: false,
             }),
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: stripes.into_iter().map(Mutex::new).collect(),
+            dirty_bytes: AtomicUsize::new(0),
+            hand: AtomicUsize::new(0),
         });
+        self.volumes.account(&shared, mem as isize);
         open.insert(id, shared.clone());
         Ok(shared)
     }
@@ -583,6 +674,9 @@ impl Store {
             volume: name.to_string(),
         })?;
         let shared = self.volume_shared(id)?;
+        // Pending journal records count like any write: fold them so the block map says
+        // everything.
+        self.fold_volume(&shared)?;
         let allocated = {
             let st = shared.state.read().expect("volume state lock");
             let mut levels = vec![Level {
@@ -691,13 +785,19 @@ impl Store {
     }
 
     /// Records the current generation as snapshot `snapshot` and moves writes to a new
-    /// generation. O(1): one record write, no chunk or block map entry. Crash-consistent:
-    /// every write acknowledged before it is in it, none started after it.
+    /// generation. O(1) when no small write is pending: one record write, no chunk or
+    /// block map entry. Pending journal records are folded into their extents first
+    /// (writers keep running), and those written meanwhile in the snapshot's own batch.
+    /// Crash-consistent: every write acknowledged before it is in it, none started after
+    /// it.
     pub fn snapshot_volume(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo> {
         validate_volume_name(snapshot)?;
         let _admin = self.volumes.admin.lock().expect("volume admin lock");
         let id = self.volume_id(name)?;
         let shared = self.volume_shared(id)?;
+        // Fold what is pending while writers may still run (a fold changes no byte they
+        // see); only what they add meanwhile is folded under the exclusive lock below.
+        self.fold_volume(&shared)?;
         let mut st = shared.state.write().expect("volume state lock");
         if st.rec.snapshot(snapshot).is_some() {
             return Err(VolumeError::SnapshotExists {
@@ -716,8 +816,14 @@ impl Store {
         rec.snapshots.push(snap.clone());
         rec.generation += 1;
         let mut b = Batch::new();
+        // Pending journal records belong to the generation being frozen: fold them in
+        // the same batch, so the snapshot holds every acknowledged write or does not exist.
+        let claims = self.claims();
+        self.stage_fold_all(&shared, &st, &mut b, &claims)?;
         b.put(&self.db, Cf::Volumes, &id.to_be_bytes(), &rec.encode());
         self.db.write(b, true)?;
+        drop(claims);
+        self.forget_dirty(&shared, |_| true);
         st.rec = rec;
         Ok(SnapshotInfo {
             name: snap.name,
@@ -780,11 +886,22 @@ impl Store {
         let mut rec = st.rec.clone();
         rec.size = new_size;
         let mut b = Batch::new();
+        let first_dropped = extents(new_size, st.rec.extent_shift);
         if new_size < old {
+            // The boundary extent's pending records are folded first (its tail is then
+            // zeroed from the block map); those past the new end are simply deleted.
+            let boundary = new_size >> st.rec.extent_shift;
+            if boundary < first_dropped {
+                self.fold_extents(&shared, &st, &[boundary])?;
+            }
+            self.drop_journal_from(&shared, &st, first_dropped, &mut b);
             io::discard_tail(self, &shared, &st, new_size, &mut b)?;
         }
         b.put(&self.db, Cf::Volumes, &id.to_be_bytes(), &rec.encode());
         self.db.write(b, true)?;
+        if new_size < old {
+            self.forget_dirty(&shared, |e| e >= first_dropped);
+        }
         st.rec = rec;
         Ok(())
     }
@@ -879,6 +996,12 @@ impl Store {
                 &record::extent_start(v, 0),
                 &record::extent_start(v + 1, 0),
             );
+            b.delete_range(
+                &self.db,
+                Cf::VolumeJournal,
+                &journal::key(v, 0, 0),
+                &journal::key(v + 1, 0, 0),
+            );
             names.push(r.name.clone());
         }
         // Handles must stop writing before the batch lands, or a write racing the range
@@ -894,6 +1017,9 @@ impl Store {
         self.db.write(b, true)?;
         for g in &mut guards {
             g.deleted = true;
+        }
+        for s in &shared {
+            self.forget_dirty(s, |_| true);
         }
         drop(guards);
         let mut open = self.volumes.open.lock().expect("volume registry lock");
