@@ -9,7 +9,7 @@
 //! Whole-file digests cannot be checked by random reads; chunk digests are.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -29,7 +29,7 @@ pub const DEFAULT_CHUNK_CACHE_BYTES: usize = 64 << 20;
 /// flight waits for it rather than reading it a second time.
 #[derive(Debug)]
 pub struct ChunkCache {
-    capacity: usize,
+    capacity: AtomicUsize,
     inner: Mutex<Lru>,
 }
 
@@ -80,7 +80,7 @@ impl ChunkCache {
     /// A cache holding up to `capacity` bytes of decompressed chunks.
     pub fn new(capacity: usize) -> ChunkCache {
         ChunkCache {
-            capacity,
+            capacity: AtomicUsize::new(capacity),
             inner: Mutex::new(Lru::default()),
         }
     }
@@ -91,7 +91,12 @@ impl ChunkCache {
 
     /// Capacity in bytes.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Changes the capacity; a smaller one is enforced at the next insertion.
+    pub fn set_capacity(&self, bytes: usize) {
+        self.capacity.store(bytes, Ordering::Relaxed);
     }
 
     /// Bytes currently cached.
@@ -144,7 +149,8 @@ impl ChunkCache {
 
     fn insert(&self, d: &Digest, data: &Arc<Vec<u8>>) {
         let mut lru = self.lock();
-        if data.len() > self.capacity || lru.map.contains_key(d) {
+        let capacity = self.capacity();
+        if data.len() > capacity || lru.map.contains_key(d) {
             return;
         }
         lru.tick += 1;
@@ -152,7 +158,7 @@ impl ChunkCache {
         lru.bytes += data.len();
         lru.map.insert(*d, (data.clone(), tick));
         lru.order.insert(tick, *d);
-        while lru.bytes > self.capacity {
+        while lru.bytes > capacity {
             let Some((_, victim)) = lru.order.pop_first() else {
                 break;
             };

@@ -84,6 +84,15 @@ struct Args {
         default_value = "127.0.0.1:10809"
     )]
     nbd_listen: String,
+    /// MiB of decompressed, verified volume extents kept in memory (shared by all
+    /// volumes): random reads that hit it cost a copy instead of a read, a hash and a
+    /// decompression of a whole extent.
+    #[arg(long, env = "VOLUMED_VOLUME_CACHE_MIB", default_value_t = 1024)]
+    volume_cache_mib: usize,
+    /// MiB of small volume writes held in memory (and in the journal) before they are
+    /// folded into extents.
+    #[arg(long, env = "VOLUMED_JOURNAL_MIB", default_value_t = 1024)]
+    journal_mib: usize,
     /// Allow a non-loopback --nbd-listen address. NBD has no authentication: anyone who
     /// can reach the port can read and write every volume.
     #[arg(long)]
@@ -119,6 +128,8 @@ fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating {}", args.data.display()))?;
     let store = Arc::new(castore::Store::open(args.data.join("store"))?);
+    store.set_volume_cache_bytes(args.volume_cache_mib << 20);
+    store.set_volume_journal_budget(args.journal_mib << 20);
     let mounts = Arc::new(MountTable::new(&args.data));
     mounts
         .recover()

@@ -217,7 +217,7 @@ fn stage(
             // from an unlogged import batch) is written again, logged, so this batch never
             // names a chunk a crash could lose.
             if claims.claim(d) && !db.contains_durable(&[Cf::ChunkIndex, Cf::Chunks], &d.0)? {
-                let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk(zc, buf));
+                let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk_probed(zc, buf));
                 Store::put_chunk(b, db, &d, buf.len(), &stored);
             }
             b.put(db, Cf::BlockMap, &k, &d.0);
@@ -888,6 +888,14 @@ impl Store {
         self.volumes.budget.store(bytes, Ordering::Relaxed);
     }
 
+    /// Sets how many bytes of decompressed, verified extents the volumes of this store
+    /// keep in memory (shared by all volumes; [`crate::DEFAULT_CHUNK_CACHE_BYTES`] by
+    /// default). Random reads of a volume larger than it decompress and verify a whole
+    /// extent per miss.
+    pub fn set_volume_cache_bytes(&self, bytes: usize) {
+        self.volumes.cache.set_capacity(bytes);
+    }
+
     /// Memory held now by pending small writes, over all open volumes.
     pub fn volume_journal_bytes(&self) -> usize {
         self.volumes.dirty_bytes.load(Ordering::Relaxed)
@@ -915,7 +923,7 @@ mod tests {
         let d = Digest::of(&raw);
         let put = |unlogged: bool| {
             let mut b = Batch::new();
-            let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk(zc, &raw));
+            let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk_probed(zc, &raw));
             Store::put_chunk(&mut b, db, &d, raw.len(), &stored);
             if unlogged {
                 db.write_unlogged(b).unwrap();
