@@ -159,21 +159,22 @@ pub(crate) fn base_bytes(
 ) -> Result<Option<Arc<Vec<u8>>>> {
     match lookup(cursor, levels, e, shift)? {
         Extent::Zero => Ok(None),
-        Extent::Chunk(d) => {
-            let data = store.volumes.cache.chunk(store, &d)?;
-            if data.len() as u64 != 1u64 << shift {
-                return Err(Error::Corrupt {
-                    kind: ObjectKind::Chunk,
-                    digest: d,
-                }
-                .context(format!(
-                    "volume id {}: extent {e} has the wrong size",
-                    levels[0].id
-                )));
-            }
-            Ok(Some(data))
-        }
+        Extent::Chunk(d) => extent_bytes(store, &d, levels[0].id, e, shift).map(Some),
     }
+}
+
+/// The bytes of chunk `d`, extent `e` of volume `id`, from the volumes' cache (verified
+/// when read from disk), checked to be one extent long.
+fn extent_bytes(store: &Store, d: &Digest, id: u64, e: u64, shift: u8) -> Result<Arc<Vec<u8>>> {
+    let data = store.volumes.cache.chunk(store, d)?;
+    if data.len() as u64 != 1u64 << shift {
+        return Err(Error::Corrupt {
+            kind: ObjectKind::Chunk,
+            digest: *d,
+        }
+        .context(format!("volume id {id}: extent {e} has the wrong size")));
+    }
+    Ok(data)
 }
 
 /// The levels a write of the volume in `st` sees (its current generation first).
@@ -431,13 +432,46 @@ impl Volume {
             {
                 continue;
             }
-            let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
-            match base_bytes(&self.store, &mut cursor, &v.levels, e, v.shift)? {
+            let data = match self.mapped(&v, e)? {
+                Some(Extent::Zero) => None,
+                Some(Extent::Chunk(d)) => {
+                    Some(extent_bytes(&self.store, &d, self.shared.id, e, v.shift)?)
+                }
+                None => {
+                    let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
+                    base_bytes(&self.store, &mut cursor, &v.levels, e, v.shift)?
+                }
+            };
+            match data {
                 None => out.fill(0),
                 Some(data) => out.copy_from_slice(&data[within..within + n]),
             }
         }
         Ok(())
+    }
+
+    /// Extent `e` of the current generation as the block map says, from the stripe's
+    /// map cache or looked up (and remembered) under the stripe's lock. None for
+    /// snapshot handles, and when `e` has pending journal records (a fold may have raced
+    /// the caller's check; it then reads the block map itself).
+    fn mapped(&self, v: &View<'_>, e: u64) -> Result<Option<Extent>> {
+        if self.snapshot.is_some() {
+            return Ok(None);
+        }
+        let mut stripe = self.shared.stripes[self.shared.stripe_of(e)]
+            .lock()
+            .expect("extent lock");
+        if stripe.dirty.contains_key(&e) {
+            return Ok(None);
+        }
+        if let Some(x) = stripe.map.get(&e) {
+            return Ok(Some(*x));
+        }
+        // Made under the lock: every change to `e` committed before it is visible.
+        let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
+        let x = lookup(&mut cursor, &v.levels, e, v.shift)?;
+        stripe.map.insert(e, x);
+        Ok(Some(x))
     }
 
     /// Reads `len` bytes at `offset`.
@@ -573,6 +607,7 @@ impl Volume {
             let stripe = stripe_mut(&mut locks, self.shared.stripe_of(e));
             match change {
                 Change::Replace => {
+                    stripe.map.remove(&e);
                     if let Some(d) = stripe.dirty.remove(&e) {
                         reg.account(&self.shared, -(d.mem as isize));
                     }
@@ -733,6 +768,7 @@ impl Store {
         self.db.write(b, false)?;
         drop(claims);
         for e in es {
+            stripe.map.remove(e);
             if let Some(d) = stripe.dirty.remove(e) {
                 self.volumes.account(shared, -(d.mem as isize));
             }

@@ -219,6 +219,11 @@ impl Dirty {
 #[derive(Debug, Default)]
 pub(crate) struct Stripe {
     pub(crate) dirty: HashMap<u64, Dirty>,
+    /// What the current generation's block map says of extents read lately (the whole
+    /// clone chain resolved): a read that finds its extent here skips the RocksDB seek.
+    /// Filled by reads under this stripe's lock with a cursor made under it; every change
+    /// of an extent's current version removes its entry under the same lock.
+    pub(crate) map: HashMap<u64, super::record::Extent>,
 }
 
 impl Stripe {

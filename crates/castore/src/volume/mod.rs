@@ -902,6 +902,11 @@ impl Store {
         if new_size < old {
             self.forget_dirty(&shared, |e| e >= first_dropped);
         }
+        // The boundary extent and the ones past the end changed; no reader runs now
+        // (the state lock is held exclusively), so the map caches simply start over.
+        for stripe in shared.stripes.iter() {
+            stripe.lock().expect("extent lock").map.clear();
+        }
         st.rec = rec;
         Ok(())
     }
