@@ -114,15 +114,13 @@ impl ChunkCache {
     /// thread is reading `d` already, waits for that read.
     pub fn chunk(&self, store: &Store, d: &Digest) -> Result<Arc<Vec<u8>>> {
         let guard = loop {
-            let mut lru = self.lock();
-            lru.tick += 1;
-            let tick = lru.tick;
-            if let Some((data, used)) = lru.map.get_mut(d) {
-                let old = std::mem::replace(used, tick);
-                let data = data.clone();
-                lru.order.remove(&old);
-                lru.order.insert(tick, *d);
+            if let Some(data) = self.get_cached(d) {
                 return Ok(data);
+            }
+            let mut lru = self.lock();
+            // Fetched between the two locks: look once more.
+            if lru.map.contains_key(d) {
+                continue;
             }
             if let Some(f) = lru.inflight.get(d) {
                 let f = f.clone();
@@ -145,6 +143,25 @@ impl ChunkCache {
         self.insert(d, &data);
         drop(guard);
         Ok(data)
+    }
+
+    /// The chunk `d` if it is cached (counts as a use); never reads the store.
+    pub(crate) fn get_cached(&self, d: &Digest) -> Option<Arc<Vec<u8>>> {
+        let mut lru = self.lock();
+        lru.tick += 1;
+        let tick = lru.tick;
+        let (data, used) = lru.map.get_mut(d)?;
+        let old = std::mem::replace(used, tick);
+        let data = data.clone();
+        lru.order.remove(&old);
+        lru.order.insert(tick, *d);
+        Some(data)
+    }
+
+    /// Adds `data`, which the caller knows hashes to `d` (it just computed the digest),
+    /// so that reading back what was just written finds it decompressed.
+    pub(crate) fn insert_known(&self, d: &Digest, data: Vec<u8>) {
+        self.insert(d, &Arc::new(data));
     }
 
     fn insert(&self, d: &Digest, data: &Arc<Vec<u8>>) {

@@ -683,6 +683,13 @@ impl BlockDevice for VolumeDevice {
         self.vol.read_at(offset, buf).map_err(device_err)
     }
 
+    fn read_in_memory(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), DeviceError>> {
+        if let Err(e) = self.live() {
+            return Some(Err(e));
+        }
+        self.vol.read_in_memory(offset, buf).map(Ok)
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         self.live()?;
         self.vol.write(offset, data, fua).map_err(device_err)

@@ -52,6 +52,16 @@ impl MemoryDevice {
         self.pages.read().unwrap_or_else(|e| e.into_inner()).len() as u64 * PAGE
     }
 
+    /// Copies `buf.len()` bytes at `offset` out of `pages` (absent pages are zeros).
+    fn copy_out(pages: &HashMap<u64, Box<[u8]>>, offset: u64, buf: &mut [u8]) {
+        Self::for_pages(offset, buf.len() as u64, |page, at, n, pos| {
+            match pages.get(&page) {
+                Some(p) => buf[pos..pos + n].copy_from_slice(&p[at..at + n]),
+                None => buf[pos..pos + n].fill(0),
+            }
+        });
+    }
+
     /// Calls `f` for each run of `(offset, len)` within a page: the page number, the offset
     /// in it, and the position in the caller's buffer.
     fn for_pages(offset: u64, len: u64, mut f: impl FnMut(u64, usize, usize, usize)) {
@@ -112,13 +122,15 @@ impl BlockDevice for MemoryDevice {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
-        Self::for_pages(offset, buf.len() as u64, |page, at, n, pos| {
-            match pages.get(&page) {
-                Some(p) => buf[pos..pos + n].copy_from_slice(&p[at..at + n]),
-                None => buf[pos..pos + n].fill(0),
-            }
-        });
+        Self::copy_out(&pages, offset, buf);
         Ok(())
+    }
+
+    /// Everything is in memory: answered unless a writer holds the pages.
+    fn read_in_memory(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), DeviceError>> {
+        let pages = self.pages.try_read().ok()?;
+        Self::copy_out(&pages, offset, buf);
+        Some(Ok(()))
     }
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), DeviceError> {

@@ -67,6 +67,16 @@ pub trait BlockDevice: Send + Sync {
     /// Fills `buf` with the bytes at `offset`. Unwritten or trimmed ranges read as zeroes.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
 
+    /// Fills `buf` as [`BlockDevice::read`] does, but only if that can be done from
+    /// memory at once, without I/O and without waiting for a lock held for long;
+    /// otherwise returns None having done nothing. Called on the connection's async
+    /// task (not a blocking thread) for small reads, to save a thread hand-off when the
+    /// data is cached. The default never answers.
+    fn read_in_memory(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), DeviceError>> {
+        let _ = (offset, buf);
+        None
+    }
+
     /// Writes `data` at `offset`. When `fua` is set the data must be durable (as after
     /// [`BlockDevice::flush`]) before this returns; otherwise it must be durable after
     /// the next successful flush.
