@@ -215,6 +215,10 @@ impl Db {
             table.set_block_cache(&cache);
             table.set_bloom_filter(10.0, false);
             o.set_block_based_table_factory(&table);
+            // With atomic flush, a full `chunks` memtable switches every family's memtable
+            // at once; with RocksDB's default of two, the small families (block_map,
+            // chunk_index) stopped writes while a volume write's flush was in flight.
+            o.set_max_write_buffer_number(6);
             match cf {
                 Cf::Chunks => {
                     // Chunk values are already zstd-compressed by us; RocksDB keeps them in
@@ -228,10 +232,10 @@ impl Db {
                     // compactions would rewrite live chunks for nothing. `reclaim` turns it
                     // on for the compaction after a sweep.
                     o.set_enable_blob_gc(false);
-                    // Small memtables flush in the background while an import runs, so the
-                    // flush before its commit has little left to write.
-                    o.set_write_buffer_size(16 << 20);
-                    o.set_max_write_buffer_number(4);
+                    // Memtables of 64 MiB flush in the background while an import or a
+                    // sequential volume write runs, so the flush before an import's commit has
+                    // little left to write and writers rarely wait for a flush.
+                    o.set_write_buffer_size(64 << 20);
                 }
                 Cf::ChunkIndex => {
                     o.set_compression_type(DBCompressionType::None);
