@@ -805,14 +805,7 @@ impl Server {
             }
             if let Err(error) = ctx.check(&req) {
                 let bytes = error_reply(ctx.structured, req.cookie, error, "");
-                if tx
-                    .send(Reply {
-                        bytes,
-                        _permits: permits,
-                    })
-                    .await
-                    .is_err()
-                {
+                if !send(&tx, bytes, permits).await {
                     break Ok(());
                 }
                 continue;
@@ -824,14 +817,7 @@ impl Server {
                 // Served from memory without a thread hand-off (the batch is empty, so
                 // this does not overtake anything queued before it; NBD allows any reply
                 // order anyway).
-                if tx
-                    .send(Reply {
-                        bytes,
-                        _permits: permits,
-                    })
-                    .await
-                    .is_err()
-                {
+                if !send(&tx, bytes, permits).await {
                     break Ok(());
                 }
                 continue;
@@ -846,14 +832,7 @@ impl Server {
                 // wake-ups (measured with fio's 4 KiB random writes). It holds this
                 // connection's reads of further requests only as long as the write.
                 let bytes = ctx.execute_guarded(&req, &payload);
-                if tx
-                    .send(Reply {
-                        bytes,
-                        _permits: permits,
-                    })
-                    .await
-                    .is_err()
-                {
+                if !send(&tx, bytes, permits).await {
                     break Ok(());
                 }
                 continue;
@@ -874,6 +853,20 @@ impl Server {
         let _ = writer.await;
         result
     }
+}
+
+/// Queues a reply for the writer; false when the writer has gone (the connection died).
+async fn send(
+    tx: &mpsc::Sender<Reply>,
+    bytes: Vec<u8>,
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+) -> bool {
+    tx.send(Reply {
+        bytes,
+        _permits: permits,
+    })
+    .await
+    .is_ok()
 }
 
 /// A checked request, its write payload and the permits it holds.
