@@ -1082,6 +1082,30 @@ impl Cluster {
         Ok(id)
     }
 
+    /// Forgets a warm VM (converted or discarded outside a placement) and releases its
+    /// reservation. Returns whether it was known.
+    pub fn remove_warm_vm(&mut self, vm: u64) -> bool {
+        let known = self.warm.contains_key(&vm);
+        self.remove_warm(vm);
+        known
+    }
+
+    /// Forgets a pool and its warm VMs (their reservations are released); returns the
+    /// ids of the VMs it had.
+    pub fn remove_pool(&mut self, pool: &Name) -> Result<Vec<u64>, PlaceError> {
+        let vms = self
+            .pools
+            .get(pool)
+            .ok_or_else(|| PlaceError::UnknownPool(pool.clone()))?
+            .vms
+            .clone();
+        for &vm in &vms {
+            self.remove_warm(vm);
+        }
+        self.pools.shift_remove(pool);
+        Ok(vms)
+    }
+
     fn remove_warm(&mut self, vm: u64) {
         if let Some(ws) = self.warm.shift_remove(&vm) {
             self.hosts[ws.host as usize].used.sub(ws.reserved);
@@ -1192,6 +1216,19 @@ impl Cluster {
             lost_warm,
             boots,
         })
+    }
+
+    /// Marks a host down without moving anything off it: no new placement goes there
+    /// until [`Cluster::upsert_host`] or [`Cluster::host_up`] (a host that has not
+    /// reconnected yet after the daemon restarted). [`Cluster::fail_host`] moves its
+    /// instances if it does not come back.
+    pub fn mark_down(&mut self, id: &str) -> Result<(), PlaceError> {
+        let &h = self
+            .host_index
+            .get(id)
+            .ok_or_else(|| PlaceError::UnknownHost(id.to_owned()))?;
+        self.hosts[h as usize].up = false;
+        Ok(())
     }
 
     /// Brings a failed host back (empty of instances; its layers as last known).
