@@ -120,3 +120,34 @@ fn the_nbd_server_knows_nothing_of_the_store_or_volumes() {
     }
     assert!(offenders.is_empty(), "{offenders:?}");
 }
+
+#[test]
+fn schedd_stores_through_castore_and_knows_no_host_side_crate() {
+    // The scheduler daemon keeps its state through `castore::Kv` and drives hosts only
+    // through the `Host` capability: no storage engine, FUSE, NBD or volumed of its own.
+    let o = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--depth",
+            "1",
+            "-p",
+            "schedd",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tree = String::from_utf8_lossy(&o.stdout);
+    assert!(tree.lines().any(|l| l.starts_with("castore ")), "{tree}");
+    for forbidden in ["rocksdb ", "volumed ", "layerfs ", "fuser "] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(forbidden)),
+            "schedd depends on {forbidden}:\n{tree}"
+        );
+    }
+}
