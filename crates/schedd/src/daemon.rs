@@ -1461,6 +1461,9 @@ pub fn heartbeat(
 /// prepares what it lacks, releases what it should not have, adopts warm VMs of known
 /// pools.
 pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
+    // Under the lock from the host's answer on: a deploy in between would otherwise
+    // prepare or boot something the answer does not show, and this would undo it.
+    let _op = sh.op.lock().await;
     let Some(client) = sh.state.borrow().client(&id) else {
         return;
     };
@@ -1471,7 +1474,6 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
             return;
         }
     };
-    let _op = sh.op.lock().await;
     let (releases, reprepare) = {
         let mut d = sh.state.borrow_mut();
         let d = &mut *d;

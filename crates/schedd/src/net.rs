@@ -79,6 +79,11 @@ pub fn rpc_system(
 /// Connects to a scheduler and returns its bootstrap capability; the connection runs on
 /// the current `LocalSet`.
 pub async fn connect(addr: &str) -> Result<scheduler::Client> {
+    Ok(connect_task(addr).await?.0)
+}
+
+/// [`connect`], with the task that runs the connection: aborting it closes the socket.
+pub async fn connect_task(addr: &str) -> Result<(scheduler::Client, tokio::task::JoinHandle<()>)> {
     let a = parse_addr(addr)?;
     let mut rpc = match &a {
         Addr::Tcp(sa) => {
@@ -96,6 +101,8 @@ pub async fn connect(addr: &str) -> Result<scheduler::Client> {
         }
     };
     let client: scheduler::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
-    tokio::task::spawn_local(rpc);
-    Ok(client)
+    let task = tokio::task::spawn_local(async move {
+        let _ = rpc.await;
+    });
+    Ok((client, task))
 }

@@ -100,12 +100,16 @@ pub struct Record {
     pub warm: BTreeMap<String, (String, String)>,
     /// When set, prepare fails with this reason.
     pub fail_prepare: Option<String>,
+    /// When set, the host drops its connection in the middle of the next prepare.
+    pub vanish_in_prepare: bool,
     next_vm: u64,
 }
 
 struct HostImpl {
     cfg: HostConfig,
     rec: Rc<RefCell<Record>>,
+    /// The task running the host's connection (set once connected).
+    connection: Rc<RefCell<Option<tokio::task::AbortHandle>>>,
 }
 
 fn layers_of(cfg: &HostConfig, image: &str) -> Vec<String> {
@@ -189,8 +193,19 @@ impl host::Server for HostImpl {
             volumes,
             warm_vm: text(s.get_warm_vm())?,
         };
+        let vanish = {
+            let mut rec = self.rec.borrow_mut();
+            rec.prepares.push(seen.clone());
+            std::mem::take(&mut rec.vanish_in_prepare)
+        };
+        if vanish {
+            // The call is in flight on the scheduler's side: cut the link under it.
+            if let Some(c) = self.connection.borrow_mut().take() {
+                c.abort();
+            }
+            std::future::pending::<()>().await;
+        }
         let mut rec = self.rec.borrow_mut();
-        rec.prepares.push(seen.clone());
         if let Some(why) = &rec.fail_prepare {
             return Err(capnp::Error::failed(format!(
                 "prepare {}: {why}",
@@ -318,6 +333,7 @@ pub struct FakeHost {
     pub rec: Rc<RefCell<Record>>,
     beating: Rc<Cell<bool>>,
     pub scheduler: scheduler::Client,
+    connection: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for FakeHost {
@@ -330,11 +346,13 @@ impl FakeHost {
     /// Connects to `addr` (its own connection), registers and starts heartbeating.
     /// Must run on a `LocalSet`.
     pub async fn start(addr: &str, cfg: HostConfig) -> Result<FakeHost> {
-        let scheduler = crate::net::connect(addr).await?;
+        let (scheduler, connection) = crate::net::connect_task(addr).await?;
         let rec = Rc::new(RefCell::new(Record::default()));
+        let handle = Rc::new(RefCell::new(Some(connection.abort_handle())));
         let host: host::Client = capnp_rpc::new_client(HostImpl {
             cfg: cfg.clone(),
             rec: rec.clone(),
+            connection: handle,
         });
         let mut req = scheduler.register_request();
         req.get().set_host(host);
@@ -348,12 +366,20 @@ impl FakeHost {
             rec,
             beating,
             scheduler,
+            connection,
         })
     }
 
     /// Stops heartbeating (the connection stays open), as a hung host would.
     pub fn stop_heartbeats(&self) {
         self.beating.set(false);
+    }
+
+    /// Drops its connection, as a host that crashed or lost the network would: calls the
+    /// scheduler makes on it fail, and it sends no more heartbeats.
+    pub fn vanish(&self) {
+        self.beating.set(false);
+        self.connection.abort();
     }
 
     /// Ids of the instances it holds prepared.

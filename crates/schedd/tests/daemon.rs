@@ -566,6 +566,47 @@ fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
 }
 
 #[test]
+fn a_host_that_vanishes_mid_deploy_fails_it_cleanly_and_is_marked_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Sched::start(dir.path(), "1s");
+    local(async {
+        let a = FakeHost::start(&sched.addr, HostConfig::new("host-a"))
+            .await
+            .unwrap();
+        let b = FakeHost::start(&sched.addr, HostConfig::new("host-b"))
+            .await
+            .unwrap();
+        let s = schedd::net::connect(&sched.addr).await.unwrap();
+        b.rec.borrow_mut().vanish_in_prepare = true;
+        // Two replicas spread over both hosts: host-b drops its connection while its
+        // prepare is in flight.
+        let two = "[stack]\nname = \"two\"\n[services.app]\nimage = \"app/two:1\"\n[services.app.instances]\nmin = 2\nmax = 2\n";
+        let e = testing::deploy(&s, "two.toml", two, "", false, "")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rolled back") && e.contains("host host-b"),
+            "{e}"
+        );
+        assert!(a.prepared().is_empty());
+        assert!(testing::stacks(&s).await.unwrap().is_empty());
+        assert_eq!(b.rec.borrow().prepares.len(), 1, "host-b was asked");
+        wait_for("host-b to be marked down", async || {
+            testing::hosts(&s).await.unwrap() == [("host-a".into(), true), ("host-b".into(), false)]
+        })
+        .await;
+        // The daemon kept serving: the same deploy now lands on host-a alone.
+        let r = testing::deploy(&s, "two.toml", two, "", false, "")
+            .await
+            .unwrap();
+        assert_eq!(r.placed.len(), 2);
+        assert!(r.placed.iter().all(|p| p.instance.host == "host-a"));
+        assert_eq!(a.prepared().len(), 2);
+    });
+}
+
+#[test]
 fn non_loopback_listen_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sched"))
