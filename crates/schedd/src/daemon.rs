@@ -841,6 +841,53 @@ impl Daemon {
         }
     }
 
+    /// Places the lost instances again where they now fit (a host came back or joined)
+    /// and commits them; returns what to prepare. Those that still fit nowhere stay
+    /// lost.
+    fn plan_revive(&mut self, batch: &mut KvBatch) -> Vec<(host::Client, String, Spec)> {
+        let lost: Vec<String> = self
+            .instances
+            .values()
+            .filter(|r| r.state == InstState::Lost)
+            .map(|r| r.id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in lost {
+            let w = self.instances[&id].workload.clone();
+            let Ok(p) = self.cluster.place(&w) else {
+                continue;
+            };
+            let Some(client) = self.client(&p.host) else {
+                continue;
+            };
+            if self.cluster.commit(&id, &w, &p).is_err() {
+                continue;
+            }
+            let mut warm_vm = String::new();
+            if let Action::Convert { vm, .. } = p.action {
+                let wid = self
+                    .warm
+                    .iter()
+                    .find(|(_, (_, v))| *v == vm)
+                    .map(|(k, _)| k.clone());
+                if let Some(wid) = wid {
+                    self.warm.remove(&wid);
+                    batch.delete(state::warm_key(&wid));
+                    warm_vm = wid;
+                }
+            }
+            let rec = self.instances.get_mut(&id).expect("listed above");
+            rec.host = p.host.clone();
+            rec.spec.hypervisor = p.hypervisor;
+            rec.spec.warm_vm = warm_vm;
+            rec.state = InstState::Moved;
+            rec.prepared = Prepared::default();
+            state::put(batch, &state::instance_key(&id), rec);
+            out.push((client, p.host, rec.spec.clone()));
+        }
+        out
+    }
+
     /// The instance serving `key`: a ready one on a connected host first.
     fn pick_instance(&self, key: &str) -> Option<InstanceView> {
         let mut candidates: Vec<InstanceView> = self
@@ -1519,6 +1566,15 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
     };
     release_all(&sh, releases).await;
     prepare_existing(&sh, reprepare, "reconcile").await;
+    // Capacity may have come back: lost instances get another chance.
+    let revive = {
+        let mut d = sh.state.borrow_mut();
+        let mut batch = KvBatch::new();
+        let r = d.plan_revive(&mut batch);
+        write(&d.kv, batch);
+        r
+    };
+    prepare_existing(&sh, revive, "restarting a lost instance").await;
     replenish(&sh).await;
 }
 

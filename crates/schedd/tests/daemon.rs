@@ -434,6 +434,39 @@ fn a_host_that_stops_heartbeating_is_marked_down_and_its_instances_move() {
 }
 
 #[test]
+fn an_instance_lost_with_the_only_host_runs_again_when_a_host_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Sched::start(dir.path(), "1s");
+    local(async {
+        let a = FakeHost::start(&sched.addr, HostConfig::new("host-a"))
+            .await
+            .unwrap();
+        let s = schedd::net::connect(&sched.addr).await.unwrap();
+        let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
+        testing::deploy(&s, "x.toml", file, "", false, "")
+            .await
+            .unwrap();
+        a.stop_heartbeats();
+        wait_for("the instance to be lost", async || {
+            testing::instances(&s).await.unwrap()[0].state == "lost"
+        })
+        .await;
+        let b = FakeHost::start(&sched.addr, HostConfig::new("host-b"))
+            .await
+            .unwrap();
+        wait_for("the instance to run on host-b", async || {
+            let i = testing::instances(&s).await.unwrap();
+            i[0].state == "moved" && i[0].host == "host-b"
+        })
+        .await;
+        assert_eq!(b.prepared(), vec!["app.x-0".to_string()]);
+        let (served, started) = testing::resolve(&s, "app.x.tidedge.local").await.unwrap();
+        assert!(!started);
+        assert_eq!(served.host, "host-b");
+    });
+}
+
+#[test]
 fn state_survives_kill_9_and_hosts_are_reconciled() {
     let dir = tempfile::tempdir().unwrap();
     let mut sched = Sched::start(dir.path(), "10s");
