@@ -696,14 +696,8 @@ impl Daemon {
                 verdicts: p.verdicts.clone(),
             });
         }
-        let mut releases = Vec::new();
-        for id in &plan.stale {
-            if let Some(rec) = self.instances.remove(id) {
-                let _ = self.cluster.remove_instance(id);
-                batch.delete(state::instance_key(id));
-                releases.push((rec.host, rec.id));
-            }
-        }
+        let stale: BTreeSet<&String> = plan.stale.iter().collect();
+        let releases = self.forget_instances(|r| stale.contains(&r.id), batch);
         for w in &plan.converted {
             batch.delete(state::warm_key(w));
         }
@@ -839,6 +833,30 @@ impl Daemon {
                 Ok((i.spec(), want))
             }
         }
+    }
+
+    /// Forgets the instances `pick` selects (records and cluster reservations); returns
+    /// (host, instance) pairs to release.
+    fn forget_instances(
+        &mut self,
+        pick: impl Fn(&InstanceRec) -> bool,
+        batch: &mut KvBatch,
+    ) -> Vec<(String, String)> {
+        let ids: Vec<String> = self
+            .instances
+            .values()
+            .filter(|r| pick(r))
+            .map(|r| r.id.clone())
+            .collect();
+        let mut releases = Vec::new();
+        for id in ids {
+            if let Some(r) = self.instances.remove(&id) {
+                let _ = self.cluster.remove_instance(&id);
+                batch.delete(state::instance_key(&id));
+                releases.push((r.host, id));
+            }
+        }
+        releases
     }
 
     /// Places the lost instances again where they now fit (a host came back or joined)
@@ -1285,20 +1303,7 @@ pub async fn remove_stack(sh: &Rc<Shared>, name: &str) -> Result<()> {
         }
         batch.delete(state::stack_key(name));
         d.files.remove(name);
-        let ids: Vec<String> = d
-            .instances
-            .values()
-            .filter(|r| r.stack.as_str() == name)
-            .map(|r| r.id.clone())
-            .collect();
-        let mut releases = Vec::new();
-        for id in ids {
-            if let Some(r) = d.instances.remove(&id) {
-                let _ = d.cluster.remove_instance(&id);
-                batch.delete(state::instance_key(&id));
-                releases.push((r.host, id));
-            }
-        }
+        let releases = d.forget_instances(|r| r.stack.as_str() == name, &mut batch);
         write(&d.kv, batch);
         releases
     };
@@ -1318,22 +1323,10 @@ pub async fn remove_variant(sh: &Rc<Shared>, stack: &str, name: &str) -> Result<
         d.catalog.remove_variant(stack, name)?;
         let mut batch = KvBatch::new();
         batch.delete(state::variant_key(stack, name));
-        let ids: Vec<String> = d
-            .instances
-            .values()
-            .filter(|r| {
-                r.stack.as_str() == stack && r.variant.as_ref().is_some_and(|v| v.as_str() == name)
-            })
-            .map(|r| r.id.clone())
-            .collect();
-        let mut releases = Vec::new();
-        for id in ids {
-            if let Some(r) = d.instances.remove(&id) {
-                let _ = d.cluster.remove_instance(&id);
-                batch.delete(state::instance_key(&id));
-                releases.push((r.host, id));
-            }
-        }
+        let releases = d.forget_instances(
+            |r| r.stack.as_str() == stack && r.variant.as_ref().is_some_and(|v| v.as_str() == name),
+            &mut batch,
+        );
         write(&d.kv, batch);
         releases
     };

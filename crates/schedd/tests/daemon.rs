@@ -588,6 +588,23 @@ fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
         assert!(testing::stacks(&s).await.unwrap().is_empty());
         assert!(testing::instances(&s).await.unwrap().is_empty());
 
+        // A host reporting what the scheduler cannot use is refused, naming the field.
+        let mut odd = HostConfig::new("host-odd");
+        odd.arch = "sparc".into();
+        let e = FakeHost::start(&sched.addr, odd)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inventory of host \"host-odd\": arch"), "{e}");
+        let mut odd = HostConfig::new("host-odd");
+        odd.layers = vec![("sha256:nothex".into(), 1)];
+        let e = FakeHost::start(&sched.addr, odd)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host-odd") && e.contains("layers"), "{e}");
+        assert_eq!(testing::hosts(&s).await.unwrap().len(), 2);
+
         // Still serving.
         assert_eq!(testing::version(&s).await.unwrap(), 1);
         b.rec.borrow_mut().fail_prepare = None;
