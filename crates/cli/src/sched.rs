@@ -21,24 +21,39 @@ pub(crate) enum StackCmd {
     /// List deployed stacks.
     Ls,
     /// Show a stack's summary and its file as deployed.
-    Inspect { name: String },
+    Inspect {
+        /// The stack's name.
+        name: String,
+    },
     /// Remove a stack, its variants and their instances.
-    Rm { name: String },
+    Rm {
+        /// The stack's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum VariantCmd {
     /// Deploy a variant file (`[variant]` with name and parent).
     Create {
+        /// The variant file.
         file: PathBuf,
         /// Every host's verdict for each instance placed.
         #[arg(long)]
         explain: bool,
     },
     /// List a stack's variants.
-    Ls { stack: String },
+    Ls {
+        /// The parent stack.
+        stack: String,
+    },
     /// Remove a variant and its instances.
-    Rm { stack: String, name: String },
+    Rm {
+        /// The parent stack.
+        stack: String,
+        /// The variant.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +66,7 @@ pub(crate) enum InstanceCmd {
 pub(crate) enum PoolCmd {
     /// Create a warm pool on a layer stack or an image's layers.
     Create {
+        /// The pool's name (a DNS label).
         name: String,
         /// Layer digests, bottom first, comma-separated.
         #[arg(
@@ -63,25 +79,38 @@ pub(crate) enum PoolCmd {
         /// NAME:TAG whose layers the pool boots.
         #[arg(long)]
         image: Option<String>,
+        /// Warm VMs kept booted (refilled after each conversion).
         #[arg(long, default_value_t = 1)]
         min: u32,
+        /// At most this many warm VMs.
         #[arg(long, default_value_t = 4)]
         max: u32,
     },
     /// List pools with their warm VMs.
     Ls,
     /// Remove a pool and its warm VMs.
-    Rm { name: String },
+    Rm {
+        /// The pool's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AliasCmd {
     /// Point a custom domain at service.stack[--variant] (or another host name).
-    Add { domain: String, target: String },
+    Add {
+        /// The custom domain (www.example.com).
+        domain: String,
+        /// service.stack, service.stack--variant, stack, or another host name.
+        target: String,
+    },
     /// List aliases.
     Ls,
     /// Remove an alias.
-    Rm { domain: String },
+    Rm {
+        /// The custom domain.
+        domain: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
