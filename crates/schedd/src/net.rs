@@ -106,3 +106,27 @@ pub async fn connect_task(addr: &str) -> Result<(scheduler::Client, tokio::task:
     });
     Ok((client, task))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_remote_ones_need_consent() {
+        assert_eq!(
+            parse_addr("unix:/run/sched.sock").unwrap(),
+            Addr::Unix("/run/sched.sock".into())
+        );
+        assert!(parse_addr("unix:").is_err());
+        assert!(parse_addr("no-port").is_err());
+        let local = parse_addr("127.0.0.1:7700").unwrap();
+        assert_eq!(local.to_string(), "127.0.0.1:7700");
+        check_listen(&local, false).unwrap();
+        check_listen(&parse_addr("[::1]:7700").unwrap(), false).unwrap();
+        let any = parse_addr("0.0.0.0:7700").unwrap();
+        let e = check_listen(&any, false).unwrap_err().to_string();
+        assert!(e.contains("--allow-remote"), "{e}");
+        check_listen(&any, true).unwrap();
+        check_listen(&Addr::Unix("/x".into()), false).unwrap();
+    }
+}
