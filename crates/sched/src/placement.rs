@@ -1408,6 +1408,36 @@ mod tests {
     }
 
     #[test]
+    fn removing_pools_and_warm_vms_frees_their_reservations_and_down_hosts_get_nothing() {
+        let mut c = cluster(vec![host("a", &[]), host("b", &[])]);
+        c.add_pool(pool("base", 2), image(&IMG[..1])).unwrap();
+        let boots = c.replenish_pools();
+        assert_eq!(boots.len(), 2);
+        let reserved = |c: &Cluster| c.used("a").unwrap().vcpus + c.used("b").unwrap().vcpus;
+        assert_eq!(reserved(&c), 2);
+        assert!(c.remove_warm_vm(boots[0].vm));
+        assert!(!c.remove_warm_vm(boots[0].vm));
+        assert_eq!(reserved(&c), 1);
+        assert_eq!(
+            c.remove_pool(&Name::new("base").unwrap()).unwrap(),
+            vec![boots[1].vm]
+        );
+        assert_eq!(reserved(&c), 0);
+        assert_eq!(c.warm_vms().count(), 0);
+        assert!(c.remove_pool(&Name::new("base").unwrap()).is_err());
+        // A host marked down keeps its instances but gets no new ones.
+        let w = workload("web.shop", &IMG);
+        let p = c.place(&w).unwrap();
+        assert_eq!(p.host, "a");
+        c.commit("i0", &w, &p).unwrap();
+        c.mark_down("b").unwrap();
+        let p = c.place(&w).unwrap();
+        assert_eq!(p.host, "a", "spread would pick b, but b is down");
+        assert_eq!(c.replicas("web.shop")["a"], 1);
+        assert!(c.mark_down("nope").is_err());
+    }
+
+    #[test]
     fn hypervisor_choice_and_overrides() {
         let mut gpu_host = host("gpu", &[]);
         gpu_host.capacity.gpus = 2;
