@@ -78,6 +78,22 @@ pub struct SpecSeen {
 }
 
 impl SpecSeen {
+    /// A spec with only its instance id and key, for a host that already holds it.
+    pub fn named(instance: &str, key: &str) -> SpecSeen {
+        SpecSeen {
+            instance: instance.to_owned(),
+            key: key.to_owned(),
+            ordinal: 0,
+            image: String::new(),
+            hypervisor: String::new(),
+            vcpus: 0,
+            memory: 0,
+            env: Vec::new(),
+            volumes: Vec::new(),
+            warm_vm: String::new(),
+        }
+    }
+
     pub fn env(&self, key: &str) -> Option<&str> {
         self.env
             .iter()
@@ -102,6 +118,8 @@ pub struct Record {
     pub fail_prepare: Option<String>,
     /// When set, the host drops its connection in the middle of the next prepare.
     pub vanish_in_prepare: bool,
+    /// When set, prepare does its work (the instance is held) and never answers.
+    pub hang_after_prepare: bool,
     next_vm: u64,
 }
 
@@ -218,6 +236,11 @@ impl host::Server for HostImpl {
             .or_insert(seen)
             .clone();
         rec.warm.remove(&seen.warm_vm);
+        if rec.hang_after_prepare {
+            drop(rec);
+            std::future::pending::<()>().await;
+            unreachable!("pending never completes");
+        }
         set_prepared(
             results.get().init_prepared(),
             &self.cfg.id,
@@ -346,8 +369,17 @@ impl FakeHost {
     /// Connects to `addr` (its own connection), registers and starts heartbeating.
     /// Must run on a `LocalSet`.
     pub async fn start(addr: &str, cfg: HostConfig) -> Result<FakeHost> {
+        Self::start_with(addr, cfg, Rc::new(RefCell::new(Record::default()))).await
+    }
+
+    /// [`FakeHost::start`] for a host that already holds what `rec` says (it restarted
+    /// with its instances).
+    pub async fn start_with(
+        addr: &str,
+        cfg: HostConfig,
+        rec: Rc<RefCell<Record>>,
+    ) -> Result<FakeHost> {
         let (scheduler, connection) = crate::net::connect_task(addr).await?;
-        let rec = Rc::new(RefCell::new(Record::default()));
         let handle = Rc::new(RefCell::new(Some(connection.abort_handle())));
         let host: host::Client = capnp_rpc::new_client(HostImpl {
             cfg: cfg.clone(),

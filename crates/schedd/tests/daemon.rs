@@ -538,6 +538,57 @@ fn state_survives_kill_9_and_hosts_are_reconciled() {
 }
 
 #[test]
+fn a_deploy_cut_by_kill_9_leaves_nothing_and_its_instance_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sched = Sched::start(dir.path(), "10s");
+    let addr = sched.addr.clone();
+    let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
+    local(async {
+        let a = FakeHost::start(&addr, HostConfig::new("host-a"))
+            .await
+            .unwrap();
+        let s = schedd::net::connect(&addr).await.unwrap();
+        testing::deploy(&s, "y.toml", &file.replace("\"x\"", "\"y\""), "", false, "")
+            .await
+            .unwrap();
+        a.rec.borrow_mut().hang_after_prepare = true;
+        let deploy = testing::deploy(&s, "x.toml", file, "", false, "");
+        let waited = tokio::time::timeout(Duration::from_millis(300), deploy).await;
+        assert!(waited.is_err(), "the deploy waits for the hung host");
+        assert_eq!(a.prepared(), ["app.x-0", "app.y-0"]);
+    });
+    sched.kill9_and_restart();
+    local(async {
+        let s = schedd::net::connect(&addr).await.unwrap();
+        // The acknowledged deploy is there, the cut one is not.
+        assert_eq!(testing::stacks(&s).await.unwrap(), ["y"]);
+        let ids: Vec<String> = testing::instances(&s)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids, ["app.y-0"]);
+        // The host still holds what the cut deploy prepared; it comes back holding it
+        // and the scheduler releases it.
+        let held = std::rc::Rc::new(std::cell::RefCell::new(testing::Record::default()));
+        for (id, key) in [("app.x-0", "app.x"), ("app.y-0", "app.y")] {
+            held.borrow_mut()
+                .prepared
+                .insert(id.into(), testing::SpecSeen::named(id, key));
+        }
+        let a = FakeHost::start_with(&addr, HostConfig::new("host-a"), held)
+            .await
+            .unwrap();
+        wait_for("the cut deploy's instance to be released", async || {
+            a.prepared() == ["app.y-0"]
+        })
+        .await;
+        assert!(a.rec.borrow().releases.iter().any(|r| r == "app.x-0"));
+    });
+}
+
+#[test]
 fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "10s");
