@@ -223,23 +223,24 @@ impl host::Server for HostImpl {
             }
             std::future::pending::<()>().await;
         }
-        let mut rec = self.rec.borrow_mut();
-        if let Some(why) = &rec.fail_prepare {
-            return Err(capnp::Error::failed(format!(
-                "prepare {}: {why}",
-                seen.instance
-            )));
-        }
-        let seen = rec
-            .prepared
-            .entry(seen.instance.clone())
-            .or_insert(seen)
-            .clone();
-        rec.warm.remove(&seen.warm_vm);
-        if rec.hang_after_prepare {
-            drop(rec);
+        let (seen, hang) = {
+            let mut rec = self.rec.borrow_mut();
+            if let Some(why) = &rec.fail_prepare {
+                return Err(capnp::Error::failed(format!(
+                    "prepare {}: {why}",
+                    seen.instance
+                )));
+            }
+            let seen = rec
+                .prepared
+                .entry(seen.instance.clone())
+                .or_insert(seen)
+                .clone();
+            rec.warm.remove(&seen.warm_vm);
+            (seen, rec.hang_after_prepare)
+        };
+        if hang {
             std::future::pending::<()>().await;
-            unreachable!("pending never completes");
         }
         set_prepared(
             results.get().init_prepared(),
