@@ -554,6 +554,15 @@ fn variant_parent(file: &str, source: &str) -> Result<String> {
     }
 }
 
+/// What a command without a result did: `{"removed": "pool x"}` with `--json`.
+fn done(json: bool, verb: &str, what: &str) {
+    if json {
+        crate::output::print_json(&serde_json::json!({ verb: what }));
+    } else {
+        println!("{verb} {what}");
+    }
+}
+
 /// Runs one scheduler command against `addr`.
 pub(crate) fn run(addr: &str, json: bool, cmd: Command<'_>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -640,9 +649,7 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
                 .promise
                 .await
                 .w()?;
-            if !json {
-                println!("removed stack {name}");
-            }
+            done(json, "removed", &format!("stack {name}"));
         }
         Command::Variant(VariantCmd::Create { file, explain }) => {
             let (name, source) = read_file(file)?;
@@ -677,9 +684,7 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
             let mut req = stack_cap(s, stack).remove_variant_request();
             req.get().set_name(name);
             req.send().promise.await.w()?;
-            if !json {
-                println!("removed variant {name} of {stack}");
-            }
+            done(json, "removed", &format!("variant {name} of {stack}"));
         }
         Command::Instance(InstanceCmd::Ls) => {
             let reply = s.instances_request().send().promise.await.w()?;
@@ -754,18 +759,14 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
             let mut req = s.remove_pool_request();
             req.get().set_name(name);
             req.send().promise.await.w()?;
-            if !json {
-                println!("removed pool {name}");
-            }
+            done(json, "removed", &format!("pool {name}"));
         }
         Command::Alias(AliasCmd::Add { domain, target }) => {
             let mut req = s.add_alias_request();
             req.get().set_domain(domain);
             req.get().set_target(target);
             req.send().promise.await.w()?;
-            if !json {
-                println!("{domain} -> {target}");
-            }
+            done(json, "added", &format!("alias {domain} -> {target}"));
         }
         Command::Alias(AliasCmd::Ls) => {
             let reply = s.aliases_request().send().promise.await.w()?;
@@ -789,9 +790,7 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
             let mut req = s.remove_alias_request();
             req.get().set_domain(domain);
             req.send().promise.await.w()?;
-            if !json {
-                println!("removed alias {domain}");
-            }
+            done(json, "removed", &format!("alias {domain}"));
         }
         Command::Host(HostCmd::Ls) => {
             let reply = s.hosts_request().send().promise.await.w()?;

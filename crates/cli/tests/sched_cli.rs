@@ -142,7 +142,10 @@ fn tide_drives_the_scheduler() {
     assert_eq!(p["warm"], 1);
     let pools = json(&addr, &["pool", "ls"]);
     assert_eq!(pools.as_array().unwrap().len(), 2);
-    human(&addr, &["pool", "rm", "extra"]);
+    assert_eq!(
+        json(&addr, &["pool", "rm", "extra"]),
+        serde_json::json!({ "removed": "pool extra" })
+    );
     assert_eq!(json(&addr, &["pool", "ls"]).as_array().unwrap().len(), 1);
 
     human(&addr, &["alias", "add", "www.shop.example.com", "web.shop"]);

@@ -187,12 +187,39 @@ fn deploy_places_and_prepares_with_env_volumes_and_hypervisor() {
             aliases,
             vec![("preview.shop.example.com".into(), "web.shop--pr-42".into())]
         );
+        // A per-instance volume template: each ordinal gets its own volume.
+        let pg = "[stack]\nname = \"pg\"\n[volumes.data]\nsize = \"1G\"\nmode = \"rwo\"\nper_instance = true\n[services.db]\nimage = \"pg:1\"\nvolumes = { data = \"/data\" }\n[services.db.instances]\nmin = 2\nmax = 2\n";
+        let r = testing::deploy(&s, "pg.toml", pg, "", false, "")
+            .await
+            .unwrap();
+        let mut seen: Vec<(u32, bool, String)> = r
+            .placed
+            .iter()
+            .map(|p| {
+                let host = if p.instance.host == "host-a" { &a } else { &b };
+                let spec = host.rec.borrow().prepared[&p.instance.id].clone();
+                (
+                    spec.ordinal,
+                    spec.volumes[0].per_instance,
+                    p.instance.volumes[0].clone(),
+                )
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(seen[0].0, 0);
+        assert_eq!(seen[1].0, 1);
+        assert!(seen.iter().all(|s| s.1));
+        assert!(
+            seen[0].2.ends_with("/data-0") && seen[1].2.ends_with("/data-1"),
+            "{seen:?}"
+        );
+
         // Redeploying the same file changes nothing.
         let again = testing::deploy(&s, "shop.toml", SHOP, "", false, "")
             .await
             .unwrap();
         assert!(again.placed.is_empty(), "{again:#?}");
-        assert_eq!(testing::instances(&s).await.unwrap().len(), 4);
+        assert_eq!(testing::instances(&s).await.unwrap().len(), 6);
     });
 }
 
