@@ -204,6 +204,17 @@ struct DeployPlan {
     report: DeployReport,
 }
 
+/// The placement of an instance that already runs where its record says.
+fn where_it_is(rec: &InstanceRec) -> Placement {
+    Placement {
+        host: rec.host.clone(),
+        hypervisor: rec.spec.hypervisor,
+        action: Action::ColdBoot,
+        score: ScoreBreakdown::default(),
+        fetch_bytes: 0,
+    }
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -301,17 +312,10 @@ impl Daemon {
             d.pools.insert(name, rec);
         }
         for (id, rec) in state::scan::<InstanceRec>(&d.kv, "instance/")? {
-            if rec.state != InstState::Lost {
-                let p = Placement {
-                    host: rec.host.clone(),
-                    hypervisor: rec.spec.hypervisor,
-                    action: Action::ColdBoot,
-                    score: ScoreBreakdown::default(),
-                    fetch_bytes: 0,
-                };
-                if let Err(e) = d.cluster.commit(&id, &rec.workload, &p) {
-                    log!("instance {id}: {e}");
-                }
+            if rec.state != InstState::Lost
+                && let Err(e) = d.cluster.commit(&id, &rec.workload, &where_it_is(&rec))
+            {
+                log!("instance {id}: {e}");
             }
             d.instances.insert(id, rec);
         }
@@ -1526,6 +1530,18 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
         for p in prepared {
             match d.instances.get_mut(&p.instance) {
                 Some(r) if r.host == id && r.state != InstState::Lost => {
+                    r.prepared = p;
+                    state::put(&mut batch, &state::instance_key(&r.id), r);
+                }
+                // Given up on while its host was away (no other host could take it),
+                // and still running there: it is taken back as it is.
+                Some(r)
+                    if r.host == id
+                        && d.cluster
+                            .commit(&r.id, &r.workload, &where_it_is(r))
+                            .is_ok() =>
+                {
+                    r.state = InstState::Ready;
                     r.prepared = p;
                     state::put(&mut batch, &state::instance_key(&r.id), r);
                 }

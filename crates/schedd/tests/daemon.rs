@@ -494,6 +494,38 @@ fn an_instance_lost_with_the_only_host_runs_again_when_a_host_joins() {
 }
 
 #[test]
+fn an_instance_lost_with_its_host_is_taken_back_when_the_host_returns_holding_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Sched::start(dir.path(), "1s");
+    local(async {
+        let a = FakeHost::start(&sched.addr, HostConfig::new("host-a"))
+            .await
+            .unwrap();
+        let s = schedd::net::connect(&sched.addr).await.unwrap();
+        let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
+        testing::deploy(&s, "x.toml", file, "", false, "")
+            .await
+            .unwrap();
+        a.stop_heartbeats();
+        wait_for("the instance to be lost", async || {
+            testing::instances(&s).await.unwrap()[0].state == "lost"
+        })
+        .await;
+        // The host was only cut off: it registers again, still running the instance.
+        let back = FakeHost::start_with(&sched.addr, HostConfig::new("host-a"), a.rec.clone())
+            .await
+            .unwrap();
+        wait_for("the instance to be ready again", async || {
+            testing::instances(&s).await.unwrap()[0].state == "ready"
+        })
+        .await;
+        assert_eq!(back.prepared(), ["app.x-0"]);
+        assert!(back.rec.borrow().releases.is_empty(), "not restarted");
+        assert_eq!(back.rec.borrow().prepares.len(), 1, "not prepared again");
+    });
+}
+
+#[test]
 fn state_survives_kill_9_and_hosts_are_reconciled() {
     let dir = tempfile::tempdir().unwrap();
     let mut sched = Sched::start(dir.path(), "10s");
