@@ -715,6 +715,22 @@ fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
         assert!(e.contains("host-odd") && e.contains("layers"), "{e}");
         assert_eq!(testing::hosts(&s).await.unwrap().len(), 2);
 
+        // A peer that sends garbage loses its own connection only.
+        {
+            use std::io::{Read, Write};
+            let mut raw = std::os::unix::net::UnixStream::connect(&sched.socket).unwrap();
+            raw.write_all(&[0xff; 4096]).unwrap();
+            raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rest = Vec::new();
+            // The daemon hangs up (EOF or reset), rather than leaving it open.
+            let r = raw.read_to_end(&mut rest);
+            assert!(
+                r.as_ref()
+                    .map_or_else(|e| e.kind() != std::io::ErrorKind::WouldBlock, |_| true),
+                "{r:?}"
+            );
+        }
+
         // Still serving.
         assert_eq!(testing::version(&s).await.unwrap(), 1);
         b.rec.borrow_mut().fail_prepare = None;
