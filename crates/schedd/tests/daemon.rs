@@ -460,24 +460,31 @@ fn a_host_that_stops_heartbeating_is_marked_down_and_its_instances_move() {
     });
 }
 
+/// One host, one instance of stack x on it; the host stops heartbeating and, no other
+/// host being there, the instance is lost.
+async fn lose_the_only_host(addr: &str) -> (FakeHost, schema::sched_capnp::scheduler::Client) {
+    let a = FakeHost::start(addr, HostConfig::new("host-a"))
+        .await
+        .unwrap();
+    let s = schedd::net::connect(addr).await.unwrap();
+    let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
+    testing::deploy(&s, "x.toml", file, "", false, "")
+        .await
+        .unwrap();
+    a.stop_heartbeats();
+    wait_for("the instance to be lost", async || {
+        testing::instances(&s).await.unwrap()[0].state == "lost"
+    })
+    .await;
+    (a, s)
+}
+
 #[test]
 fn an_instance_lost_with_the_only_host_runs_again_when_a_host_joins() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "1s");
     local(async {
-        let a = FakeHost::start(&sched.addr, HostConfig::new("host-a"))
-            .await
-            .unwrap();
-        let s = schedd::net::connect(&sched.addr).await.unwrap();
-        let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
-        testing::deploy(&s, "x.toml", file, "", false, "")
-            .await
-            .unwrap();
-        a.stop_heartbeats();
-        wait_for("the instance to be lost", async || {
-            testing::instances(&s).await.unwrap()[0].state == "lost"
-        })
-        .await;
+        let (_a, s) = lose_the_only_host(&sched.addr).await;
         let b = FakeHost::start(&sched.addr, HostConfig::new("host-b"))
             .await
             .unwrap();
@@ -498,19 +505,7 @@ fn an_instance_lost_with_its_host_is_taken_back_when_the_host_returns_holding_it
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "1s");
     local(async {
-        let a = FakeHost::start(&sched.addr, HostConfig::new("host-a"))
-            .await
-            .unwrap();
-        let s = schedd::net::connect(&sched.addr).await.unwrap();
-        let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
-        testing::deploy(&s, "x.toml", file, "", false, "")
-            .await
-            .unwrap();
-        a.stop_heartbeats();
-        wait_for("the instance to be lost", async || {
-            testing::instances(&s).await.unwrap()[0].state == "lost"
-        })
-        .await;
+        let (a, s) = lose_the_only_host(&sched.addr).await;
         // The host was only cut off: it registers again, still running the instance.
         let back = FakeHost::start_with(&sched.addr, HostConfig::new("host-a"), a.rec.clone())
             .await
