@@ -17,6 +17,10 @@
 //! | `volume_journal` | volume id ‖ extent index ‖ sequence (8 B BE each) | small write not yet folded into its extent: kind, offset in extent, bytes (volume/journal.rs) |
 //!
 //! Later families are added here and nowhere else.
+//!
+//! [`PlainDb`] is a second, separate kind of database behind the same seam: one default
+//! column family of opaque keys and values, for daemons that keep small records of their
+//! own (the scheduler's state, through [`crate::kv::Kv`]).
 
 use std::path::Path;
 
@@ -396,4 +400,103 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// A database with only the default column family: opaque keys and values, always
+/// written through the write-ahead log. The backend of [`crate::kv::Kv`].
+pub(crate) struct PlainDb {
+    db: rocksdb::DB,
+}
+
+impl std::fmt::Debug for PlainDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainDb")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+/// Writes applied together by [`PlainDb::write_synced`].
+#[derive(Default)]
+pub(crate) struct PlainBatch {
+    wb: WriteBatch,
+}
+
+impl std::fmt::Debug for PlainBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainBatch")
+            .field("entries", &self.wb.len())
+            .finish()
+    }
+}
+
+impl PlainBatch {
+    pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.wb.put(key, value);
+    }
+
+    pub(crate) fn delete(&mut self, key: &[u8]) {
+        self.wb.delete(key);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.wb.len()
+    }
+}
+
+impl PlainDb {
+    pub(crate) fn open(path: &Path) -> std::result::Result<PlainDb, rocksdb::Error> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_log_level(rocksdb::LogLevel::Warn);
+        opts.set_keep_log_file_num(2);
+        opts.set_compression_type(DBCompressionType::Lz4);
+        let db = rocksdb::DB::open(&opts, path)?;
+        Ok(PlainDb { db })
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(key)?)
+    }
+
+    /// Every key starting with `prefix` and its value, in key order.
+    pub(crate) fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(prefix.to_vec());
+        if let Some(upper) = prefix_end(prefix) {
+            ro.set_iterate_upper_bound(upper);
+        }
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while it.valid() {
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                out.push((k.into(), v.into()));
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Applies `batch` atomically and fsyncs the write-ahead log before returning.
+    pub(crate) fn write_synced(&self, batch: PlainBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch.wb, &wo)?;
+        Ok(())
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None` when no
+/// such key exists (an empty prefix or one of only 0xff bytes).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }

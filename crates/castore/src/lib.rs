@@ -21,6 +21,7 @@ mod export;
 mod fsck;
 mod gc;
 mod ingest;
+pub mod kv;
 pub mod merge;
 mod model;
 mod read;
@@ -42,6 +43,7 @@ pub use gc::{GcProgress, GcReport, GcRoots};
 pub use ingest::{
     ImportOptions, ImportReport, OPAQUE, Progress, SourceFormat, WHITEOUT_PREFIX, host_arch,
 };
+pub use kv::{Kv, KvBatch};
 pub use model::{
     Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree,
 };

@@ -2,10 +2,14 @@
 //! against a store opened in this process (`--store DIR`) or over Cap'n Proto to the
 //! host daemon `volumed` (`--socket PATH`, [`remote::Remote`]). Mounts are served only by
 //! the daemon. No storage logic lives here.
+//!
+//! The scheduler commands (`deploy`, `stack`, `variant`, `instance`, `pool`, `alias`,
+//! `host`, `resolve`) talk to `sched` (`--scheduler ADDR`), see [`sched`].
 
 mod api;
 mod output;
 mod remote;
+mod sched;
 mod volume;
 
 use std::io::IsTerminal;
@@ -35,6 +39,9 @@ struct Cli {
     /// volumed's Unix socket (the daemon owns the store; needed for mounts).
     #[arg(long, global = true, env = "TIDE_SOCKET", value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// The scheduler daemon: HOST:PORT or unix:/path.
+    #[arg(long, global = true, env = "TIDE_SCHEDULER", value_name = "ADDR")]
+    scheduler: Option<String>,
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -67,6 +74,41 @@ enum Cmd {
     /// Block volumes served over NBD by volumed: create, snapshot, clone, resize, attach.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
+    /// Deploy a stack file (or one of its variants) through the scheduler.
+    Deploy {
+        /// The stack file (format: crates/sched/examples/shop.toml).
+        file: PathBuf,
+        /// Also run this variant's UNIQUE services.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Show every host's verdict for each instance placed.
+        #[arg(long)]
+        explain: bool,
+        /// Use this hypervisor for every instance placed (firecracker,
+        /// cloud-hypervisor, qemu).
+        #[arg(long)]
+        hypervisor: Option<String>,
+    },
+    /// Deployed stacks: list, inspect, remove.
+    #[command(subcommand)]
+    Stack(sched::StackCmd),
+    /// Variants of a stack: create from a file, list, remove.
+    #[command(subcommand)]
+    Variant(sched::VariantCmd),
+    /// Placed instances.
+    #[command(subcommand)]
+    Instance(sched::InstanceCmd),
+    /// Warm VM pools.
+    #[command(subcommand)]
+    Pool(sched::PoolCmd),
+    /// Custom domains.
+    #[command(subcommand)]
+    Alias(sched::AliasCmd),
+    /// Hosts registered with the scheduler.
+    #[command(subcommand)]
+    Host(sched::HostCmd),
+    /// Which instance serves a host name (starting one if it is scaled to zero).
+    Resolve { hostname: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -288,7 +330,41 @@ fn import_progress(p: &Progress) -> (u64, u64, String) {
     )
 }
 
+/// The scheduler command `cli.cmd` is, if it is one.
+fn sched_command(cmd: &Cmd) -> Option<sched::Command<'_>> {
+    Some(match cmd {
+        Cmd::Deploy {
+            file,
+            variant,
+            explain,
+            hypervisor,
+        } => sched::Command::Deploy {
+            file,
+            variant: variant.as_deref(),
+            explain: *explain,
+            hypervisor: hypervisor.as_deref(),
+        },
+        Cmd::Stack(c) => sched::Command::Stack(c),
+        Cmd::Variant(c) => sched::Command::Variant(c),
+        Cmd::Instance(c) => sched::Command::Instance(c),
+        Cmd::Pool(c) => sched::Command::Pool(c),
+        Cmd::Alias(c) => sched::Command::Alias(c),
+        Cmd::Host(c) => sched::Command::Host(c),
+        Cmd::Resolve { hostname } => sched::Command::Resolve(hostname),
+        _ => return None,
+    })
+}
+
 fn run(cli: &Cli) -> Result<i32> {
+    if let Some(cmd) = sched_command(&cli.cmd) {
+        let Some(addr) = &cli.scheduler else {
+            bail!(
+                "scheduler commands need the scheduler: pass --scheduler ADDR (TIDE_SCHEDULER), HOST:PORT or unix:/path"
+            );
+        };
+        sched::run(addr, cli.json, cmd)?;
+        return Ok(0);
+    }
     if matches!(cli.cmd, Cmd::Mount(_) | Cmd::Umount { .. }) {
         return run_mount(cli);
     }
@@ -556,6 +632,14 @@ fn run(cli: &Cli) -> Result<i32> {
         Cmd::Mount(_) | Cmd::Umount { .. } | Cmd::Volume(_) => {
             unreachable!("handled by run_mount and volume::run")
         }
+        Cmd::Deploy { .. }
+        | Cmd::Stack(_)
+        | Cmd::Variant(_)
+        | Cmd::Instance(_)
+        | Cmd::Pool(_)
+        | Cmd::Alias(_)
+        | Cmd::Host(_)
+        | Cmd::Resolve { .. } => unreachable!("handled by sched::run"),
     }
     Ok(0)
 }

@@ -62,6 +62,11 @@ impl<T> Wire<T> for capnp::Result<T> {
 /// The one conversion of wire errors: a daemon's `failed` reason is already a full
 /// one-line message; other kinds (disconnected, ...) say what happened to the link.
 pub(crate) fn wire_err(e: capnp::Error) -> anyhow::Error {
+    peer_err("volumed", e)
+}
+
+/// [`wire_err`] for any daemon (`volumed`, `sched`).
+pub(crate) fn peer_err(peer: &str, e: capnp::Error) -> anyhow::Error {
     // capnp-rpc marks errors that crossed the wire; the daemon's reason follows.
     let reason = e
         .extra
@@ -69,8 +74,8 @@ pub(crate) fn wire_err(e: capnp::Error) -> anyhow::Error {
         .unwrap_or(&e.extra);
     match e.kind {
         capnp::ErrorKind::Failed => anyhow!("{reason}"),
-        capnp::ErrorKind::Disconnected => anyhow!("lost the connection to volumed: {reason}"),
-        _ => anyhow!("volumed: {:?}: {reason}", e.kind),
+        capnp::ErrorKind::Disconnected => anyhow!("lost the connection to {peer}: {reason}"),
+        _ => anyhow!("{peer}: {:?}: {reason}", e.kind),
     }
 }
 

@@ -1082,6 +1082,30 @@ impl Cluster {
         Ok(id)
     }
 
+    /// Forgets a warm VM (converted or discarded outside a placement) and releases its
+    /// reservation. Returns whether it was known.
+    pub fn remove_warm_vm(&mut self, vm: u64) -> bool {
+        let known = self.warm.contains_key(&vm);
+        self.remove_warm(vm);
+        known
+    }
+
+    /// Forgets a pool and its warm VMs (their reservations are released); returns the
+    /// ids of the VMs it had.
+    pub fn remove_pool(&mut self, pool: &Name) -> Result<Vec<u64>, PlaceError> {
+        let vms = self
+            .pools
+            .get(pool)
+            .ok_or_else(|| PlaceError::UnknownPool(pool.clone()))?
+            .vms
+            .clone();
+        for &vm in &vms {
+            self.remove_warm(vm);
+        }
+        self.pools.shift_remove(pool);
+        Ok(vms)
+    }
+
     fn remove_warm(&mut self, vm: u64) {
         if let Some(ws) = self.warm.shift_remove(&vm) {
             self.hosts[ws.host as usize].used.sub(ws.reserved);
@@ -1192,6 +1216,19 @@ impl Cluster {
             lost_warm,
             boots,
         })
+    }
+
+    /// Marks a host down without moving anything off it: no new placement goes there
+    /// until [`Cluster::upsert_host`] or [`Cluster::host_up`] (a host that has not
+    /// reconnected yet after the daemon restarted). [`Cluster::fail_host`] moves its
+    /// instances if it does not come back.
+    pub fn mark_down(&mut self, id: &str) -> Result<(), PlaceError> {
+        let &h = self
+            .host_index
+            .get(id)
+            .ok_or_else(|| PlaceError::UnknownHost(id.to_owned()))?;
+        self.hosts[h as usize].up = false;
+        Ok(())
     }
 
     /// Brings a failed host back (empty of instances; its layers as last known).
@@ -1368,6 +1405,36 @@ mod tests {
         c2.replenish_pools();
         let p = c2.place(&w).unwrap();
         assert_eq!(p.action, Action::ColdBoot);
+    }
+
+    #[test]
+    fn removing_pools_and_warm_vms_frees_their_reservations_and_down_hosts_get_nothing() {
+        let mut c = cluster(vec![host("a", &[]), host("b", &[])]);
+        c.add_pool(pool("base", 2), image(&IMG[..1])).unwrap();
+        let boots = c.replenish_pools();
+        assert_eq!(boots.len(), 2);
+        let reserved = |c: &Cluster| c.used("a").unwrap().vcpus + c.used("b").unwrap().vcpus;
+        assert_eq!(reserved(&c), 2);
+        assert!(c.remove_warm_vm(boots[0].vm));
+        assert!(!c.remove_warm_vm(boots[0].vm));
+        assert_eq!(reserved(&c), 1);
+        assert_eq!(
+            c.remove_pool(&Name::new("base").unwrap()).unwrap(),
+            vec![boots[1].vm]
+        );
+        assert_eq!(reserved(&c), 0);
+        assert_eq!(c.warm_vms().count(), 0);
+        assert!(c.remove_pool(&Name::new("base").unwrap()).is_err());
+        // A host marked down keeps its instances but gets no new ones.
+        let w = workload("web.shop", &IMG);
+        let p = c.place(&w).unwrap();
+        assert_eq!(p.host, "a");
+        c.commit("i0", &w, &p).unwrap();
+        c.mark_down("b").unwrap();
+        let p = c.place(&w).unwrap();
+        assert_eq!(p.host, "a", "spread would pick b, but b is down");
+        assert_eq!(c.replicas("web.shop")["a"], 1);
+        assert!(c.mark_down("nope").is_err());
     }
 
     #[test]

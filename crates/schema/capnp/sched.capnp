@@ -135,6 +135,9 @@ interface HostSession {
   # host stop reporting; after the heartbeat timeout the scheduler marks it down.
   heartbeat @0 (inventory :Inventory) -> (intervalMs :UInt32);
   # Reports the current inventory; returns how long to wait before the next heartbeat.
+  # Fails once the scheduler has marked the host down (it missed heartbeats for the
+  # scheduler's timeout, and its instances were moved) or a newer `register` with the
+  # same hostId replaced this session: the host then registers again.
 }
 
 # ---- The scheduler side ----

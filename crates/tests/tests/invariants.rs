@@ -3,6 +3,12 @@
 use std::process::Command;
 
 fn deps(package: &str) -> String {
+    deps_to_depth(package, None)
+}
+
+/// `cargo tree` of `package`'s normal dependencies, to `depth` levels when given.
+fn deps_to_depth(package: &str, depth: Option<u32>) -> String {
+    let depth = depth.map(|d| d.to_string());
     let o = Command::new(env!("CARGO"))
         .args([
             "tree",
@@ -14,6 +20,7 @@ fn deps(package: &str) -> String {
             "-p",
             package,
         ])
+        .args(depth.iter().flat_map(|d| ["--depth", d.as_str()]))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo tree");
@@ -119,4 +126,18 @@ fn the_nbd_server_knows_nothing_of_the_store_or_volumes() {
         }
     }
     assert!(offenders.is_empty(), "{offenders:?}");
+}
+
+#[test]
+fn schedd_stores_through_castore_and_knows_no_host_side_crate() {
+    // The scheduler daemon keeps its state through `castore::Kv` and drives hosts only
+    // through the `Host` capability: no storage engine, FUSE, NBD or volumed of its own.
+    let tree = deps_to_depth("schedd", Some(1));
+    assert!(tree.lines().any(|l| l.starts_with("castore ")), "{tree}");
+    for forbidden in ["rocksdb ", "volumed ", "layerfs ", "fuser "] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(forbidden)),
+            "schedd depends on {forbidden}:\n{tree}"
+        );
+    }
 }

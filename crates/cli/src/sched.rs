@@ -1,0 +1,864 @@
+//! The scheduler commands (`tide deploy`, `stack`, `variant`, `instance`, `pool`,
+//! `alias`, `host`, `resolve`), over Cap'n Proto to `sched` (`--scheduler ADDR`:
+//! `HOST:PORT` or `unix:/path`). Replies are converted to plain serde rows here, printed
+//! as tables or, with `--json`, as JSON. No scheduling logic lives here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use clap::Subcommand;
+use futures::AsyncReadExt;
+use schema::sched_capnp::{
+    deploy_report, host_info, instance_info, pool_info, route_info, scheduler, stack, stack_summary,
+};
+use serde::Serialize;
+
+use crate::output::{emit, human_bytes, table};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum StackCmd {
+    /// List deployed stacks.
+    Ls,
+    /// Show a stack's summary and its file as deployed.
+    Inspect {
+        /// The stack's name.
+        name: String,
+    },
+    /// Remove a stack, its variants and their instances.
+    Rm {
+        /// The stack's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VariantCmd {
+    /// Deploy a variant file (`[variant]` with name and parent).
+    Create {
+        /// The variant file.
+        file: PathBuf,
+        /// Every host's verdict for each instance placed.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// List a stack's variants.
+    Ls {
+        /// The parent stack.
+        stack: String,
+    },
+    /// Remove a variant and its instances.
+    Rm {
+        /// The parent stack.
+        stack: String,
+        /// The variant.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum InstanceCmd {
+    /// List every placed instance.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PoolCmd {
+    /// Create a warm pool on a layer stack or an image's layers.
+    Create {
+        /// The pool's name (a DNS label).
+        name: String,
+        /// Layer digests, bottom first, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            conflicts_with = "image",
+            required_unless_present = "image"
+        )]
+        layers: Vec<String>,
+        /// NAME:TAG whose layers the pool boots.
+        #[arg(long)]
+        image: Option<String>,
+        /// Warm VMs kept booted (refilled after each conversion).
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        /// At most this many warm VMs.
+        #[arg(long, default_value_t = 4)]
+        max: u32,
+    },
+    /// List pools with their warm VMs.
+    Ls,
+    /// Remove a pool and its warm VMs.
+    Rm {
+        /// The pool's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AliasCmd {
+    /// Point a custom domain at service.stack[--variant] (or another host name).
+    Add {
+        /// The custom domain (www.example.com).
+        domain: String,
+        /// service.stack, service.stack--variant, stack, or another host name.
+        target: String,
+    },
+    /// List aliases.
+    Ls,
+    /// Remove an alias.
+    Rm {
+        /// The custom domain.
+        domain: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum HostCmd {
+    /// List registered hosts with capacity, use and state.
+    Ls,
+}
+
+/// One scheduler command.
+#[derive(Debug)]
+pub(crate) enum Command<'a> {
+    Deploy {
+        file: &'a Path,
+        variant: Option<&'a str>,
+        explain: bool,
+        hypervisor: Option<&'a str>,
+    },
+    Stack(&'a StackCmd),
+    Variant(&'a VariantCmd),
+    Instance(&'a InstanceCmd),
+    Pool(&'a PoolCmd),
+    Alias(&'a AliasCmd),
+    Host(&'a HostCmd),
+    Resolve(&'a str),
+}
+
+// ---- Rows ----
+
+#[derive(Debug, Serialize)]
+struct InstanceRow {
+    id: String,
+    key: String,
+    stack: String,
+    variant: String,
+    service: String,
+    host: String,
+    address: String,
+    hypervisor: String,
+    state: String,
+    root: String,
+    volumes: Vec<String>,
+    warm_vm: String,
+    image: String,
+}
+
+#[derive(Debug, Serialize)]
+struct VerdictRow {
+    host: String,
+    eligible: bool,
+    reason: String,
+    score: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct PlacedRow {
+    instance: InstanceRow,
+    reasons: Vec<String>,
+    fetch_bytes: u64,
+    verdicts: Vec<VerdictRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct EnvRow {
+    key: String,
+    value: String,
+    source: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ServiceRow {
+    service: String,
+    hostname: String,
+    sharing: String,
+    instances_of: String,
+    env: Vec<EnvRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeployRow {
+    stack: String,
+    variant: String,
+    entrypoint: String,
+    services: Vec<ServiceRow>,
+    placed: Vec<PlacedRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct StackRow {
+    name: String,
+    domain: String,
+    services: Vec<String>,
+    variants: Vec<String>,
+    instances: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct StackDetail {
+    #[serde(flatten)]
+    summary: StackRow,
+    file: String,
+    source: String,
+}
+
+#[derive(Debug, Serialize)]
+struct HostRow {
+    id: String,
+    address: String,
+    arch: String,
+    up: bool,
+    last_seen: u64,
+    vcpus: u32,
+    memory: u64,
+    gpus: u32,
+    used_vcpus: u32,
+    used_memory: u64,
+    hypervisors: Vec<String>,
+    layer_bytes: u64,
+    instances: u32,
+    warm_vms: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct PoolRow {
+    name: String,
+    layers: Vec<String>,
+    min: u32,
+    max: u32,
+    warm: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct AliasRow {
+    domain: String,
+    target: String,
+}
+
+#[derive(Debug, Serialize)]
+struct RouteRow {
+    hostname: String,
+    stack: String,
+    variant: String,
+    service: String,
+    shared_from_parent: bool,
+    via_aliases: Vec<String>,
+    started: bool,
+    instance: InstanceRow,
+}
+
+// ---- Wire → rows ----
+
+fn err(e: capnp::Error) -> anyhow::Error {
+    crate::remote::peer_err("sched", e)
+}
+
+trait W<T> {
+    fn w(self) -> Result<T>;
+}
+
+impl<T> W<T> for capnp::Result<T> {
+    fn w(self) -> Result<T> {
+        self.map_err(err)
+    }
+}
+
+fn t(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String> {
+    Ok(r.w()?
+        .to_str()
+        .map_err(|_| anyhow!("sched sent text that is not UTF-8"))?
+        .to_owned())
+}
+
+fn ts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> Result<Vec<String>> {
+    r.w()?.iter().map(t).collect()
+}
+
+fn instance_row(r: instance_info::Reader<'_>) -> Result<InstanceRow> {
+    Ok(InstanceRow {
+        id: t(r.get_id())?,
+        key: t(r.get_key())?,
+        stack: t(r.get_stack())?,
+        variant: t(r.get_variant())?,
+        service: t(r.get_service())?,
+        host: t(r.get_host())?,
+        address: t(r.get_address())?,
+        hypervisor: t(r.get_hypervisor())?,
+        state: t(r.get_state())?,
+        root: t(r.get_root())?,
+        volumes: ts(r.get_volumes())?,
+        warm_vm: t(r.get_warm_vm())?,
+        image: t(r.get_image())?,
+    })
+}
+
+fn deploy_row(r: deploy_report::Reader<'_>) -> Result<DeployRow> {
+    let mut services = Vec::new();
+    for s in r.get_services().w()? {
+        let mut env = Vec::new();
+        for e in s.get_env().w()? {
+            env.push(EnvRow {
+                key: t(e.get_key())?,
+                value: t(e.get_value())?,
+                source: t(e.get_source())?,
+            });
+        }
+        services.push(ServiceRow {
+            service: t(s.get_service())?,
+            hostname: t(s.get_hostname())?,
+            sharing: t(s.get_sharing())?,
+            instances_of: t(s.get_instances_of())?,
+            env,
+        });
+    }
+    let mut placed = Vec::new();
+    for p in r.get_placed().w()? {
+        let mut verdicts = Vec::new();
+        for v in p.get_verdicts().w()? {
+            verdicts.push(VerdictRow {
+                host: t(v.get_host())?,
+                eligible: v.get_eligible(),
+                reason: t(v.get_reason())?,
+                score: v.get_score(),
+            });
+        }
+        placed.push(PlacedRow {
+            instance: instance_row(p.get_instance().w()?)?,
+            reasons: ts(p.get_reasons())?,
+            fetch_bytes: p.get_fetch_bytes(),
+            verdicts,
+        });
+    }
+    Ok(DeployRow {
+        stack: t(r.get_stack())?,
+        variant: t(r.get_variant())?,
+        entrypoint: t(r.get_entrypoint())?,
+        services,
+        placed,
+    })
+}
+
+fn stack_row(r: stack_summary::Reader<'_>) -> Result<StackRow> {
+    Ok(StackRow {
+        name: t(r.get_name())?,
+        domain: t(r.get_domain())?,
+        services: ts(r.get_services())?,
+        variants: ts(r.get_variants())?,
+        instances: r.get_instances(),
+    })
+}
+
+fn host_row(r: host_info::Reader<'_>) -> Result<HostRow> {
+    let inv = r.get_inventory().w()?;
+    let cap = inv.get_capacity().w()?;
+    let used = r.get_used().w()?;
+    Ok(HostRow {
+        id: t(inv.get_host_id())?,
+        address: t(inv.get_address())?,
+        arch: t(inv.get_arch())?,
+        up: r.get_up(),
+        last_seen: r.get_last_seen(),
+        vcpus: cap.get_vcpus(),
+        memory: cap.get_memory(),
+        gpus: cap.get_gpus(),
+        used_vcpus: used.get_vcpus(),
+        used_memory: used.get_memory(),
+        hypervisors: ts(inv.get_hypervisors())?,
+        layer_bytes: inv.get_layers().w()?.iter().map(|l| l.get_bytes()).sum(),
+        instances: r.get_instances(),
+        warm_vms: r.get_warm_vms(),
+    })
+}
+
+fn pool_row(r: pool_info::Reader<'_>) -> Result<PoolRow> {
+    Ok(PoolRow {
+        name: t(r.get_name())?,
+        layers: ts(r.get_layers())?,
+        min: r.get_min(),
+        max: r.get_max(),
+        warm: r.get_warm(),
+    })
+}
+
+fn route_row(r: route_info::Reader<'_>) -> Result<RouteRow> {
+    Ok(RouteRow {
+        hostname: t(r.get_hostname())?,
+        stack: t(r.get_stack())?,
+        variant: t(r.get_variant())?,
+        service: t(r.get_service())?,
+        shared_from_parent: r.get_shared_from_parent(),
+        via_aliases: ts(r.get_via_aliases())?,
+        started: r.get_started(),
+        instance: instance_row(r.get_instance().w()?)?,
+    })
+}
+
+// ---- Printing ----
+
+fn print_instances(rows: &[InstanceRow]) {
+    table(
+        &[
+            "INSTANCE",
+            "HOST",
+            "HYPERVISOR",
+            "STATE",
+            "IMAGE",
+            "WARM VM",
+        ],
+        rows.iter()
+            .map(|i| {
+                vec![
+                    i.id.clone(),
+                    i.host.clone(),
+                    i.hypervisor.clone(),
+                    i.state.clone(),
+                    i.image.clone(),
+                    if i.warm_vm.is_empty() {
+                        "-".into()
+                    } else {
+                        i.warm_vm.clone()
+                    },
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn print_deploy(d: &DeployRow) {
+    let what = if d.variant.is_empty() {
+        format!("stack {}", d.stack)
+    } else {
+        format!("variant {} of {}", d.variant, d.stack)
+    };
+    println!("deployed {what}: {} new instance(s)", d.placed.len());
+    if !d.entrypoint.is_empty() {
+        println!("entrypoint: {}", d.entrypoint);
+    }
+    table(
+        &["SERVICE", "HOSTNAME", "SHARING", "INSTANCES OF"],
+        d.services
+            .iter()
+            .map(|s| {
+                vec![
+                    s.service.clone(),
+                    s.hostname.clone(),
+                    s.sharing.clone(),
+                    s.instances_of.clone(),
+                ]
+            })
+            .collect(),
+    );
+    for p in &d.placed {
+        println!();
+        println!(
+            "{} on {} ({}), fetching {}",
+            p.instance.id,
+            p.instance.host,
+            p.instance.hypervisor,
+            human_bytes(p.fetch_bytes)
+        );
+        for r in &p.reasons {
+            println!("  - {r}");
+        }
+        if !p.verdicts.is_empty() {
+            table(
+                &["  HOST", "ELIGIBLE", "SCORE", "WHY"],
+                p.verdicts
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            format!("  {}", v.host),
+                            if v.eligible { "yes" } else { "no" }.into(),
+                            if v.eligible {
+                                format!("{:.3}", v.score)
+                            } else {
+                                "-".into()
+                            },
+                            v.reason.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+    }
+}
+
+/// The client end of one connection; the `RpcSystem` runs on the current `LocalSet`.
+fn over(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+) -> scheduler::Client {
+    let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+    let network = Box::new(twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r),
+        futures::io::BufWriter::new(w),
+        rpc_twoparty_capnp::Side::Client,
+        Default::default(),
+    ));
+    let mut rpc = RpcSystem::new(network, None);
+    let client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+    tokio::task::spawn_local(rpc);
+    client
+}
+
+async fn connect(addr: &str) -> Result<scheduler::Client> {
+    let ctx = || format!("connecting to sched at {addr} (is it running?)");
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .with_context(ctx)?;
+        return Ok(over(s));
+    }
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(ctx)?;
+    s.set_nodelay(true)?;
+    Ok(over(s))
+}
+
+fn read_file(path: &Path) -> Result<(String, String)> {
+    let source =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    Ok((name, source))
+}
+
+fn stack_cap(s: &scheduler::Client, name: &str) -> stack::Client {
+    let mut req = s.stack_request();
+    req.get().set_name(name);
+    req.send().pipeline.get_stack()
+}
+
+/// The stack a variant file names as its parent (read by the daemon's own parser).
+fn variant_parent(file: &str, source: &str) -> Result<String> {
+    let parsed = sched::stack::parse(file, source).map_err(|e| anyhow!("{e}"))?;
+    match (parsed.stack, parsed.variants.as_slice()) {
+        (None, [v]) => Ok(v.parent.to_string()),
+        _ => bail!(
+            "{file}: a variant file holds one [variant] with a parent and no [stack] (deploy stack files with `tide deploy`)"
+        ),
+    }
+}
+
+/// What a command without a result did: `{"removed": "pool x"}` with `--json`.
+fn done(json: bool, verb: &str, what: &str) {
+    if json {
+        crate::output::print_json(&serde_json::json!({ verb: what }));
+    } else {
+        println!("{verb} {what}");
+    }
+}
+
+/// Runs one scheduler command against `addr`.
+pub(crate) fn run(addr: &str, json: bool, cmd: Command<'_>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let s = connect(addr).await?;
+        exec(&s, json, cmd).await
+    })
+}
+
+async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()> {
+    match cmd {
+        Command::Deploy {
+            file,
+            variant,
+            explain,
+            hypervisor,
+        } => {
+            let (name, source) = read_file(file)?;
+            let mut req = s.deploy_request();
+            let mut p = req.get();
+            p.set_file(&name);
+            p.set_source(&source);
+            p.set_variant(variant.unwrap_or(""));
+            p.set_explain(explain);
+            p.set_hypervisor(hypervisor.unwrap_or(""));
+            let reply = req.send().promise.await.w()?;
+            let d = deploy_row(reply.get().w()?.get_report().w()?)?;
+            emit(json, &d, print_deploy);
+        }
+        Command::Stack(StackCmd::Ls) => {
+            let reply = s.stacks_request().send().promise.await.w()?;
+            let rows = reply
+                .get()
+                .w()?
+                .get_stacks()
+                .w()?
+                .iter()
+                .map(stack_row)
+                .collect::<Result<Vec<_>>>()?;
+            emit(json, &rows, |rows| {
+                table(
+                    &["STACK", "DOMAIN", "SERVICES", "VARIANTS", "INSTANCES"],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.name.clone(),
+                                r.domain.clone(),
+                                r.services.join(","),
+                                r.variants.join(","),
+                                r.instances.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        Command::Stack(StackCmd::Inspect { name }) => {
+            let st = stack_cap(s, name);
+            let summary = st.summary_request().send().promise.await.w()?;
+            let source = st.source_request().send().promise.await.w()?;
+            let src = source.get().w()?;
+            let d = StackDetail {
+                summary: stack_row(summary.get().w()?.get_summary().w()?)?,
+                file: t(src.get_file())?,
+                source: t(src.get_source())?,
+            };
+            emit(json, &d, |d| {
+                println!("stack:     {}", d.summary.name);
+                println!("domain:    {}", d.summary.domain);
+                println!("services:  {}", d.summary.services.join(", "));
+                println!("variants:  {}", d.summary.variants.join(", "));
+                println!("instances: {}", d.summary.instances);
+                println!("file:      {}", d.file);
+                println!();
+                print!("{}", d.source);
+            });
+        }
+        Command::Stack(StackCmd::Rm { name }) => {
+            stack_cap(s, name)
+                .remove_request()
+                .send()
+                .promise
+                .await
+                .w()?;
+            done(json, "removed", &format!("stack {name}"));
+        }
+        Command::Variant(VariantCmd::Create { file, explain }) => {
+            let (name, source) = read_file(file)?;
+            let parent = variant_parent(&name, &source)?;
+            let mut req = stack_cap(s, &parent).create_variant_request();
+            req.get().set_file(&name);
+            req.get().set_source(&source);
+            req.get().set_explain(*explain);
+            let reply = req.send().promise.await.w()?;
+            let d = deploy_row(reply.get().w()?.get_report().w()?)?;
+            emit(json, &d, print_deploy);
+        }
+        Command::Variant(VariantCmd::Ls { stack }) => {
+            let reply = stack_cap(s, stack)
+                .variants_request()
+                .send()
+                .promise
+                .await
+                .w()?;
+            let names = ts(reply.get().w()?.get_variants())?;
+            emit(json, &names, |names| {
+                table(
+                    &["VARIANT", "HOSTNAMES"],
+                    names
+                        .iter()
+                        .map(|n| vec![n.clone(), format!("*.{stack}--{n}")])
+                        .collect(),
+                )
+            });
+        }
+        Command::Variant(VariantCmd::Rm { stack, name }) => {
+            let mut req = stack_cap(s, stack).remove_variant_request();
+            req.get().set_name(name);
+            req.send().promise.await.w()?;
+            done(json, "removed", &format!("variant {name} of {stack}"));
+        }
+        Command::Instance(InstanceCmd::Ls) => {
+            let reply = s.instances_request().send().promise.await.w()?;
+            let rows = reply
+                .get()
+                .w()?
+                .get_instances()
+                .w()?
+                .iter()
+                .map(instance_row)
+                .collect::<Result<Vec<_>>>()?;
+            emit(json, &rows, |r| print_instances(r));
+        }
+        Command::Pool(PoolCmd::Create {
+            name,
+            layers,
+            image,
+            min,
+            max,
+        }) => {
+            let mut req = s.create_pool_request();
+            let mut p = req.get();
+            p.set_name(name);
+            let mut l = p.reborrow().init_layers(layers.len() as u32);
+            for (i, d) in layers.iter().enumerate() {
+                l.set(i as u32, d.as_str());
+            }
+            p.set_image(image.as_deref().unwrap_or(""));
+            p.set_min(*min);
+            p.set_max(*max);
+            let reply = req.send().promise.await.w()?;
+            let row = pool_row(reply.get().w()?.get_pool().w()?)?;
+            emit(json, &row, |r| {
+                println!(
+                    "pool {}: {} warm (min {}, max {})",
+                    r.name, r.warm, r.min, r.max
+                )
+            });
+        }
+        Command::Pool(PoolCmd::Ls) => {
+            let reply = s.pools_request().send().promise.await.w()?;
+            let rows = reply
+                .get()
+                .w()?
+                .get_pools()
+                .w()?
+                .iter()
+                .map(pool_row)
+                .collect::<Result<Vec<_>>>()?;
+            emit(json, &rows, |rows| {
+                table(
+                    &["POOL", "WARM", "MIN", "MAX", "LAYERS"],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.name.clone(),
+                                r.warm.to_string(),
+                                r.min.to_string(),
+                                r.max.to_string(),
+                                r.layers
+                                    .iter()
+                                    .map(|l| l.get(..19).unwrap_or(l))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        Command::Pool(PoolCmd::Rm { name }) => {
+            let mut req = s.remove_pool_request();
+            req.get().set_name(name);
+            req.send().promise.await.w()?;
+            done(json, "removed", &format!("pool {name}"));
+        }
+        Command::Alias(AliasCmd::Add { domain, target }) => {
+            let mut req = s.add_alias_request();
+            req.get().set_domain(domain);
+            req.get().set_target(target);
+            req.send().promise.await.w()?;
+            done(json, "added", &format!("alias {domain} -> {target}"));
+        }
+        Command::Alias(AliasCmd::Ls) => {
+            let reply = s.aliases_request().send().promise.await.w()?;
+            let mut rows = Vec::new();
+            for a in reply.get().w()?.get_aliases().w()? {
+                rows.push(AliasRow {
+                    domain: t(a.get_domain())?,
+                    target: t(a.get_target())?,
+                });
+            }
+            emit(json, &rows, |rows| {
+                table(
+                    &["DOMAIN", "TARGET"],
+                    rows.iter()
+                        .map(|r| vec![r.domain.clone(), r.target.clone()])
+                        .collect(),
+                )
+            });
+        }
+        Command::Alias(AliasCmd::Rm { domain }) => {
+            let mut req = s.remove_alias_request();
+            req.get().set_domain(domain);
+            req.send().promise.await.w()?;
+            done(json, "removed", &format!("alias {domain}"));
+        }
+        Command::Host(HostCmd::Ls) => {
+            let reply = s.hosts_request().send().promise.await.w()?;
+            let rows = reply
+                .get()
+                .w()?
+                .get_hosts()
+                .w()?
+                .iter()
+                .map(host_row)
+                .collect::<Result<Vec<_>>>()?;
+            emit(json, &rows, |rows| {
+                table(
+                    &[
+                        "HOST",
+                        "ADDRESS",
+                        "ARCH",
+                        "STATE",
+                        "VCPUS",
+                        "MEMORY",
+                        "LAYERS",
+                        "INSTANCES",
+                        "WARM",
+                    ],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.id.clone(),
+                                r.address.clone(),
+                                r.arch.clone(),
+                                if r.up { "up" } else { "down" }.into(),
+                                format!("{}/{}", r.used_vcpus, r.vcpus),
+                                format!("{}/{}", human_bytes(r.used_memory), human_bytes(r.memory)),
+                                human_bytes(r.layer_bytes),
+                                r.instances.to_string(),
+                                r.warm_vms.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        Command::Resolve(hostname) => {
+            let mut req = s.resolve_request();
+            req.get().set_hostname(hostname);
+            let reply = req.send().promise.await.w()?;
+            let row = route_row(reply.get().w()?.get_route().w()?)?;
+            emit(json, &row, |r| {
+                let via = if r.via_aliases.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (via {})", r.via_aliases.join(" -> "))
+                };
+                println!(
+                    "{}{via} -> {} on {} ({}){}{}",
+                    r.hostname,
+                    r.instance.id,
+                    r.instance.host,
+                    r.instance.address,
+                    if r.shared_from_parent {
+                        ", shared from the parent stack"
+                    } else {
+                        ""
+                    },
+                    if r.started { ", started now" } else { "" },
+                );
+            });
+        }
+    }
+    Ok(())
+}

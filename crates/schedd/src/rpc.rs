@@ -1,0 +1,383 @@
+//! The Cap'n Proto servers: `Scheduler` (bootstrap), `Stack` and `HostSession`. Each
+//! method reads its parameters through [`crate::wire`], runs a [`crate::daemon`]
+//! operation and writes the result back; every error leaves as one `failed` exception
+//! (see [`crate::error`]), and the daemon keeps serving.
+
+use std::rc::Rc;
+
+use capnp::capability::Rc as CapRc;
+use sched::types::Hypervisor;
+use schema::sched_capnp::{host_session, scheduler, stack};
+
+use crate::daemon::{self, Shared};
+use crate::error::Error;
+use crate::wire::{self, text};
+
+/// The bootstrap capability.
+#[derive(Debug)]
+pub struct SchedulerImpl(pub Rc<Shared>);
+
+fn hypervisor(s: &str) -> Result<Option<Hypervisor>, Error> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| Error::BadRequest(format!("--hypervisor: {e}")))
+}
+
+fn stack_client(sh: &Rc<Shared>, name: &str) -> Result<stack::Client, Error> {
+    if sh.state.borrow().catalog.stack(name).is_none() {
+        return Err(Error::BadRequest(format!("no stack {name:?}")));
+    }
+    Ok(capnp_rpc::new_client(StackImpl {
+        sh: sh.clone(),
+        name: name.to_owned(),
+    }))
+}
+
+impl scheduler::Server for SchedulerImpl {
+    async fn version(
+        self: CapRc<Self>,
+        _: scheduler::VersionParams,
+        mut results: scheduler::VersionResults,
+    ) -> Result<(), capnp::Error> {
+        let mut r = results.get();
+        r.set_version(schema::sched_capnp::VERSION);
+        r.set_scheduler(concat!("sched ", env!("CARGO_PKG_VERSION")));
+        Ok(())
+    }
+
+    async fn deploy(
+        self: CapRc<Self>,
+        params: scheduler::DeployParams,
+        mut results: scheduler::DeployResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let file = text(p.get_file())?;
+        let source = text(p.get_source())?;
+        let variant = text(p.get_variant())?;
+        let hv = hypervisor(&text(p.get_hypervisor())?)?;
+        let variant = Some(variant.as_str()).filter(|v| !v.is_empty());
+        let report =
+            daemon::deploy(&self.0, &file, &source, variant, None, p.get_explain(), hv).await?;
+        let st = stack_client(&self.0, &report.stack)?;
+        let mut r = results.get();
+        wire::set_deploy_report(r.reborrow().init_report(), &report);
+        r.set_stack(st);
+        Ok(())
+    }
+
+    async fn stacks(
+        self: CapRc<Self>,
+        _: scheduler::StacksParams,
+        mut results: scheduler::StacksResults,
+    ) -> Result<(), capnp::Error> {
+        let views = self.0.state.borrow().stack_views();
+        let mut l = results.get().init_stacks(views.len() as u32);
+        for (i, v) in views.iter().enumerate() {
+            wire::set_stack_summary(l.reborrow().get(i as u32), v);
+        }
+        Ok(())
+    }
+
+    async fn stack(
+        self: CapRc<Self>,
+        params: scheduler::StackParams,
+        mut results: scheduler::StackResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name())?;
+        results.get().set_stack(stack_client(&self.0, &name)?);
+        Ok(())
+    }
+
+    async fn instances(
+        self: CapRc<Self>,
+        _: scheduler::InstancesParams,
+        mut results: scheduler::InstancesResults,
+    ) -> Result<(), capnp::Error> {
+        let views: Vec<_> = {
+            let d = self.0.state.borrow();
+            d.instances.values().map(|r| d.view(r)).collect()
+        };
+        let mut l = results.get().init_instances(views.len() as u32);
+        for (i, v) in views.iter().enumerate() {
+            wire::set_instance_info(l.reborrow().get(i as u32), v);
+        }
+        Ok(())
+    }
+
+    async fn pools(
+        self: CapRc<Self>,
+        _: scheduler::PoolsParams,
+        mut results: scheduler::PoolsResults,
+    ) -> Result<(), capnp::Error> {
+        let views: Vec<_> = {
+            let d = self.0.state.borrow();
+            d.pools.values().map(|p| d.pool_view(p)).collect()
+        };
+        let mut l = results.get().init_pools(views.len() as u32);
+        for (i, v) in views.iter().enumerate() {
+            wire::set_pool_info(l.reborrow().get(i as u32), v);
+        }
+        Ok(())
+    }
+
+    async fn create_pool(
+        self: CapRc<Self>,
+        params: scheduler::CreatePoolParams,
+        mut results: scheduler::CreatePoolResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = text(p.get_name())?;
+        let layers = p
+            .get_layers()?
+            .iter()
+            .map(text)
+            .collect::<capnp::Result<Vec<_>>>()?;
+        let image = text(p.get_image())?;
+        let view =
+            daemon::create_pool(&self.0, &name, &layers, &image, p.get_min(), p.get_max()).await?;
+        wire::set_pool_info(results.get().init_pool(), &view);
+        Ok(())
+    }
+
+    async fn remove_pool(
+        self: CapRc<Self>,
+        params: scheduler::RemovePoolParams,
+        _: scheduler::RemovePoolResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name())?;
+        daemon::remove_pool(&self.0, &name).await?;
+        Ok(())
+    }
+
+    async fn aliases(
+        self: CapRc<Self>,
+        _: scheduler::AliasesParams,
+        mut results: scheduler::AliasesResults,
+    ) -> Result<(), capnp::Error> {
+        let list: Vec<(String, String)> = self
+            .0
+            .state
+            .borrow()
+            .catalog
+            .aliases()
+            .map(|(d, t)| (d.to_owned(), t.to_owned()))
+            .collect();
+        let mut l = results.get().init_aliases(list.len() as u32);
+        for (i, (d, t)) in list.iter().enumerate() {
+            let mut e = l.reborrow().get(i as u32);
+            e.set_domain(d);
+            e.set_target(t);
+        }
+        Ok(())
+    }
+
+    async fn add_alias(
+        self: CapRc<Self>,
+        params: scheduler::AddAliasParams,
+        _: scheduler::AddAliasResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        daemon::add_alias(&self.0, &text(p.get_domain())?, &text(p.get_target())?).await?;
+        Ok(())
+    }
+
+    async fn remove_alias(
+        self: CapRc<Self>,
+        params: scheduler::RemoveAliasParams,
+        _: scheduler::RemoveAliasResults,
+    ) -> Result<(), capnp::Error> {
+        daemon::remove_alias(&self.0, &text(params.get()?.get_domain())?).await?;
+        Ok(())
+    }
+
+    async fn resolve(
+        self: CapRc<Self>,
+        params: scheduler::ResolveParams,
+        mut results: scheduler::ResolveResults,
+    ) -> Result<(), capnp::Error> {
+        let hostname = text(params.get()?.get_hostname())?;
+        let route = daemon::resolve(&self.0, &hostname).await?;
+        wire::set_route(results.get().init_route(), &route);
+        Ok(())
+    }
+
+    async fn hosts(
+        self: CapRc<Self>,
+        _: scheduler::HostsParams,
+        mut results: scheduler::HostsResults,
+    ) -> Result<(), capnp::Error> {
+        let views = self.0.state.borrow().host_views();
+        let mut l = results.get().init_hosts(views.len() as u32);
+        for (i, v) in views.iter().enumerate() {
+            wire::set_host_info(l.reborrow().get(i as u32), v);
+        }
+        Ok(())
+    }
+
+    async fn register(
+        self: CapRc<Self>,
+        params: scheduler::RegisterParams,
+        mut results: scheduler::RegisterResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let client = p.get_host()?;
+        let (inv, images) = wire::inventory_from(p.get_inventory()?)?;
+        let id = inv.id.clone();
+        let session = daemon::register(&self.0, client, inv, images);
+        tokio::task::spawn_local(daemon::reconcile(self.0.clone(), id.clone(), session));
+        results
+            .get()
+            .set_session(capnp_rpc::new_client(HostSessionImpl {
+                sh: self.0.clone(),
+                id,
+                session,
+            }));
+        Ok(())
+    }
+}
+
+/// One deployed stack.
+#[derive(Debug)]
+pub struct StackImpl {
+    sh: Rc<Shared>,
+    name: String,
+}
+
+impl StackImpl {
+    fn check(&self) -> Result<(), Error> {
+        if self.sh.state.borrow().catalog.stack(&self.name).is_none() {
+            return Err(Error::BadRequest(format!(
+                "stack {} was removed",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl stack::Server for StackImpl {
+    async fn summary(
+        self: CapRc<Self>,
+        _: stack::SummaryParams,
+        mut results: stack::SummaryResults,
+    ) -> Result<(), capnp::Error> {
+        let view = self
+            .sh
+            .state
+            .borrow()
+            .stack_view(&self.name)
+            .ok_or_else(|| Error::BadRequest(format!("stack {} was removed", self.name)))?;
+        wire::set_stack_summary(results.get().init_summary(), &view);
+        Ok(())
+    }
+
+    async fn source(
+        self: CapRc<Self>,
+        _: stack::SourceParams,
+        mut results: stack::SourceResults,
+    ) -> Result<(), capnp::Error> {
+        self.check()?;
+        let f = self
+            .sh
+            .state
+            .borrow()
+            .files
+            .get(&self.name)
+            .cloned()
+            .ok_or_else(|| Error::BadRequest(format!("stack {} has no stored file", self.name)))?;
+        let mut r = results.get();
+        r.set_file(&f.file);
+        r.set_source(&f.source);
+        Ok(())
+    }
+
+    async fn remove(
+        self: CapRc<Self>,
+        _: stack::RemoveParams,
+        _: stack::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        daemon::remove_stack(&self.sh, &self.name).await?;
+        Ok(())
+    }
+
+    async fn variants(
+        self: CapRc<Self>,
+        _: stack::VariantsParams,
+        mut results: stack::VariantsResults,
+    ) -> Result<(), capnp::Error> {
+        self.check()?;
+        let names: Vec<String> = self
+            .sh
+            .state
+            .borrow()
+            .catalog
+            .variants_of(&self.name)
+            .map(|v| v.name.to_string())
+            .collect();
+        let mut l = results.get().init_variants(names.len() as u32);
+        for (i, n) in names.iter().enumerate() {
+            l.set(i as u32, n.as_str());
+        }
+        Ok(())
+    }
+
+    async fn create_variant(
+        self: CapRc<Self>,
+        params: stack::CreateVariantParams,
+        mut results: stack::CreateVariantResults,
+    ) -> Result<(), capnp::Error> {
+        self.check()?;
+        let p = params.get()?;
+        let file = text(p.get_file())?;
+        let source = text(p.get_source())?;
+        let report = daemon::deploy(
+            &self.sh,
+            &file,
+            &source,
+            None,
+            Some(&self.name),
+            p.get_explain(),
+            None,
+        )
+        .await?;
+        wire::set_deploy_report(results.get().init_report(), &report);
+        Ok(())
+    }
+
+    async fn remove_variant(
+        self: CapRc<Self>,
+        params: stack::RemoveVariantParams,
+        _: stack::RemoveVariantResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name())?;
+        daemon::remove_variant(&self.sh, &self.name, &name).await?;
+        Ok(())
+    }
+}
+
+/// A registered host's session.
+#[derive(Debug)]
+pub struct HostSessionImpl {
+    sh: Rc<Shared>,
+    id: String,
+    session: u64,
+}
+
+impl host_session::Server for HostSessionImpl {
+    async fn heartbeat(
+        self: CapRc<Self>,
+        params: host_session::HeartbeatParams,
+        mut results: host_session::HeartbeatResults,
+    ) -> Result<(), capnp::Error> {
+        let (inv, images) = wire::inventory_from(params.get()?.get_inventory()?)?;
+        daemon::heartbeat(&self.sh, &self.id, self.session, inv, images)?;
+        let interval = (self.sh.host_timeout / 3)
+            .as_millis()
+            .clamp(10, u32::MAX as u128);
+        results.get().set_interval_ms(interval as u32);
+        Ok(())
+    }
+}

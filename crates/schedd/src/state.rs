@@ -1,0 +1,206 @@
+//! What the scheduler keeps, as serde records, and where it keeps them: one
+//! [`castore::Kv`] at `DATA/state`, one JSON value per key.
+//!
+//! | key | value |
+//! |---|---|
+//! | `stack/NAME` | [`StoredFile`]: the stack file's name and TOML text, re-parsed at load |
+//! | `variant/STACK/NAME` | [`sched::stack::Variant`] |
+//! | `alias/DOMAIN` | the target, as text |
+//! | `pool/NAME` | [`PoolRec`] |
+//! | `instance/ID` | [`InstanceRec`] |
+//! | `host/ID` | [`HostRec`]: the last inventory a host reported |
+//! | `warm/ID` | [`WarmRec`] |
+//!
+//! Every change a call makes is one synced batch ([`castore::KvBatch`]), written after
+//! the hosts answered and before the call returns: a crash loses no acknowledged change
+//! and leaves no half of one.
+
+use castore::{Kv, KvBatch};
+use sched::placement::{HostInventory, ImageLayer, ImageSpec, Workload};
+use sched::stack::{Pool, Resources, Variant};
+use sched::types::{Hypervisor, Name};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A stack file as deployed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub file: String,
+    pub source: String,
+}
+
+/// A volume an instance mounts (the wire's `VolumeRequest`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeReq {
+    pub name: String,
+    pub size: u64,
+    /// "rwo", "rwx" or "rox".
+    pub mode: String,
+    pub per_instance: bool,
+    pub mount_path: String,
+}
+
+/// Everything a host needs to prepare one instance (the wire's `InstanceSpec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    pub instance: String,
+    pub key: String,
+    pub ordinal: u32,
+    pub image: String,
+    pub hypervisor: Hypervisor,
+    pub resources: Resources,
+    pub env: Vec<(String, String)>,
+    pub volumes: Vec<VolumeReq>,
+    /// The host's warm VM to convert, or "".
+    pub warm_vm: String,
+}
+
+/// What a host reported for a prepared instance (the wire's `PreparedInstance`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Prepared {
+    pub instance: String,
+    pub root: String,
+    pub image: String,
+    pub volumes: Vec<String>,
+    pub hypervisor: String,
+    pub warm_vm: String,
+}
+
+/// Where an instance stands. "pending" (its host has not reconnected) is not stored: it
+/// is derived when the instance is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstState {
+    /// Prepared on its host.
+    Ready,
+    /// Prepared on another host after its first host went down.
+    Moved,
+    /// Its host went down and no other host could take it.
+    Lost,
+}
+
+impl InstState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstState::Ready => "ready",
+            InstState::Moved => "moved",
+            InstState::Lost => "lost",
+        }
+    }
+}
+
+/// One placed instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRec {
+    pub id: String,
+    pub key: String,
+    pub stack: Name,
+    pub variant: Option<Name>,
+    pub service: Name,
+    pub host: String,
+    pub state: InstState,
+    pub spec: Spec,
+    /// What placement saw, so a restarted daemon re-enters it into the cluster.
+    pub workload: Workload,
+    /// What the deploy asked for (image, env, resources, volumes, hypervisor request):
+    /// a redeploy replaces instances whose fingerprint changed.
+    pub fingerprint: String,
+    pub prepared: Prepared,
+}
+
+/// An image a host's store holds, with its layers (from the host's inventory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRec {
+    pub name: String,
+    pub digest: String,
+    pub layers: Vec<ImageLayer>,
+}
+
+impl ImageRec {
+    pub fn spec(&self) -> ImageSpec {
+        ImageSpec {
+            layers: self.layers.clone(),
+        }
+    }
+}
+
+/// A host's last report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostRec {
+    pub inventory: HostInventory,
+    pub images: Vec<ImageRec>,
+    /// Unix seconds of its last registration or heartbeat.
+    pub last_seen: u64,
+    /// False once it missed heartbeats for the timeout.
+    pub up: bool,
+}
+
+/// A warm pool: its spec, the layers it was resolved to, and the image booted for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolRec {
+    pub pool: Pool,
+    pub image: ImageSpec,
+    /// NAME:TAG or digest handed to `Host.bootWarm` ("" when no known image has exactly
+    /// the pool's layers; the host then decides).
+    pub boot_image: String,
+}
+
+/// A warm VM a host booted for a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WarmRec {
+    pub id: String,
+    pub pool: Name,
+    pub host: String,
+    pub hypervisor: Hypervisor,
+    pub image: String,
+    pub layers: Vec<String>,
+    pub root: String,
+}
+
+pub fn stack_key(name: &str) -> String {
+    format!("stack/{name}")
+}
+pub fn variant_key(stack: &str, name: &str) -> String {
+    format!("variant/{stack}/{name}")
+}
+pub fn alias_key(domain: &str) -> String {
+    format!("alias/{domain}")
+}
+pub fn pool_key(name: &str) -> String {
+    format!("pool/{name}")
+}
+pub fn instance_key(id: &str) -> String {
+    format!("instance/{id}")
+}
+pub fn host_key(id: &str) -> String {
+    format!("host/{id}")
+}
+pub fn warm_key(id: &str) -> String {
+    format!("warm/{id}")
+}
+
+/// Puts `value` as JSON under `key` in `batch`.
+pub fn put<T: Serialize>(batch: &mut KvBatch, key: &str, value: &T) {
+    let json = serde_json::to_vec(value).expect("records serialize");
+    batch.put(key, json);
+}
+
+/// Every record under `prefix` (`"stack/"`, ...), decoded, with the rest of its key.
+pub fn scan<T: DeserializeOwned>(kv: &Kv, prefix: &str) -> Result<Vec<(String, T)>> {
+    kv.scan_prefix(prefix)?
+        .into_iter()
+        .map(|(k, v)| {
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = serde_json::from_slice(&v).map_err(|e| Error::Record {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok((key[prefix.len()..].to_owned(), value))
+        })
+        .collect()
+}
+
+/// Variants are stored as their domain type.
+pub type StoredVariant = Variant;

@@ -1,0 +1,303 @@
+//! The edge: Cap'n Proto readers become validated domain values here, and domain values
+//! are written into builders here. Nothing past this module sees a wire type, except
+//! the `Host` capability the daemon keeps to call back.
+
+use std::collections::HashMap;
+
+use indexmap::IndexMap;
+use sched::placement::{Capacity, HostInventory, ImageLayer};
+use sched::types::{Arch, Digest, Hypervisor};
+use schema::sched_capnp::{
+    host_info, instance_info, instance_spec, inventory, pool_info, prepared_instance, route_info,
+    stack_summary, warm_vm,
+};
+
+use crate::daemon::{DeployReport, HostView, InstanceView, PoolView, RouteView, StackView};
+use crate::error::{Error, Result};
+use crate::hostcall::WarmReport;
+use crate::state::{ImageRec, Prepared, Spec};
+
+/// A text field as an owned string.
+pub fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    Ok(r?
+        .to_str()
+        .map_err(|_| capnp::Error::failed("text field is not UTF-8".into()))?
+        .to_owned())
+}
+
+fn texts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> capnp::Result<Vec<String>> {
+    r?.iter().map(text).collect()
+}
+
+fn set_texts(mut b: capnp::text_list::Builder<'_>, v: &[String]) {
+    for (i, s) in v.iter().enumerate() {
+        b.set(i as u32, s.as_str());
+    }
+}
+
+fn bad(host: &str, field: &str, why: impl std::fmt::Display) -> Error {
+    Error::BadRequest(format!("inventory of host {host:?}: {field}: {why}"))
+}
+
+/// An inventory off the wire, validated: the host id is set, the arch, hypervisors and
+/// digests are known values.
+pub fn inventory_from(r: inventory::Reader<'_>) -> Result<(HostInventory, Vec<ImageRec>)> {
+    let id = text(r.get_host_id())?;
+    if id.is_empty() {
+        return Err(Error::BadRequest("inventory: hostId is empty".into()));
+    }
+    let arch: Arch = text(r.get_arch())?
+        .parse()
+        .map_err(|e| bad(&id, "arch", e))?;
+    let cap = r.get_capacity()?;
+    let capacity = Capacity {
+        vcpus: cap.get_vcpus(),
+        memory: cap.get_memory(),
+        gpus: cap.get_gpus(),
+    };
+    let mut hypervisors = Vec::new();
+    for h in texts(r.get_hypervisors())? {
+        let hv: Hypervisor = h.parse().map_err(|e| bad(&id, "hypervisors", e))?;
+        if !hypervisors.contains(&hv) {
+            hypervisors.push(hv);
+        }
+    }
+    let mut labels = IndexMap::new();
+    for kv in r.get_labels()? {
+        labels.insert(text(kv.get_key())?, text(kv.get_value())?);
+    }
+    let mut layers = HashMap::new();
+    for l in r.get_layers()? {
+        let d = Digest::new(&text(l.get_digest())?).map_err(|e| bad(&id, "layers", e))?;
+        layers.insert(d, l.get_bytes());
+    }
+    let mut images = Vec::new();
+    for i in r.get_images()? {
+        let mut il = Vec::new();
+        for l in i.get_layers()? {
+            il.push(ImageLayer {
+                digest: Digest::new(&text(l.get_digest())?).map_err(|e| bad(&id, "images", e))?,
+                bytes: l.get_bytes(),
+            });
+        }
+        images.push(ImageRec {
+            name: text(i.get_name())?,
+            digest: text(i.get_digest())?,
+            layers: il,
+        });
+    }
+    let inv = HostInventory {
+        id,
+        address: text(r.get_address())?,
+        arch,
+        capacity,
+        hypervisors,
+        labels,
+        layers,
+    };
+    Ok((inv, images))
+}
+
+pub fn set_inventory(mut b: inventory::Builder<'_>, inv: &HostInventory, images: &[ImageRec]) {
+    b.set_host_id(&inv.id);
+    b.set_address(&inv.address);
+    b.set_arch(inv.arch.as_str());
+    let mut c = b.reborrow().init_capacity();
+    c.set_vcpus(inv.capacity.vcpus);
+    c.set_memory(inv.capacity.memory);
+    c.set_gpus(inv.capacity.gpus);
+    let hvs: Vec<String> = inv.hypervisors.iter().map(|h| h.to_string()).collect();
+    set_texts(b.reborrow().init_hypervisors(hvs.len() as u32), &hvs);
+    let mut labels = b.reborrow().init_labels(inv.labels.len() as u32);
+    for (i, (k, v)) in inv.labels.iter().enumerate() {
+        let mut e = labels.reborrow().get(i as u32);
+        e.set_key(k);
+        e.set_value(v);
+    }
+    let mut layers: Vec<(&Digest, &u64)> = inv.layers.iter().collect();
+    layers.sort();
+    let mut lb = b.reborrow().init_layers(layers.len() as u32);
+    for (i, (d, n)) in layers.into_iter().enumerate() {
+        let mut e = lb.reborrow().get(i as u32);
+        e.set_digest(d.as_str());
+        e.set_bytes(*n);
+    }
+    let mut ib = b.init_images(images.len() as u32);
+    for (i, img) in images.iter().enumerate() {
+        let mut e = ib.reborrow().get(i as u32);
+        e.set_name(&img.name);
+        e.set_digest(&img.digest);
+        let mut l = e.init_layers(img.layers.len() as u32);
+        for (j, layer) in img.layers.iter().enumerate() {
+            let mut x = l.reborrow().get(j as u32);
+            x.set_digest(layer.digest.as_str());
+            x.set_bytes(layer.bytes);
+        }
+    }
+}
+
+pub fn set_spec(mut b: instance_spec::Builder<'_>, s: &Spec) {
+    b.set_instance(&s.instance);
+    b.set_key(&s.key);
+    b.set_ordinal(s.ordinal);
+    b.set_image(&s.image);
+    b.set_hypervisor(s.hypervisor.as_str());
+    let mut r = b.reborrow().init_resources();
+    r.set_vcpus(s.resources.vcpus);
+    r.set_memory(s.resources.memory.0);
+    r.set_gpus(s.resources.gpus);
+    let mut env = b.reborrow().init_env(s.env.len() as u32);
+    for (i, (k, v)) in s.env.iter().enumerate() {
+        let mut e = env.reborrow().get(i as u32);
+        e.set_key(k);
+        e.set_value(v);
+    }
+    let mut vols = b.reborrow().init_volumes(s.volumes.len() as u32);
+    for (i, v) in s.volumes.iter().enumerate() {
+        let mut e = vols.reborrow().get(i as u32);
+        e.set_name(&v.name);
+        e.set_size(v.size);
+        e.set_mode(&v.mode);
+        e.set_per_instance(v.per_instance);
+        e.set_mount_path(&v.mount_path);
+    }
+    b.set_warm_vm(&s.warm_vm);
+}
+
+pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared> {
+    Ok(Prepared {
+        instance: text(r.get_instance())?,
+        root: text(r.get_root())?,
+        image: text(r.get_image())?,
+        volumes: texts(r.get_volumes())?,
+        hypervisor: text(r.get_hypervisor())?,
+        warm_vm: text(r.get_warm_vm())?,
+    })
+}
+
+pub fn warm_from(r: warm_vm::Reader<'_>) -> capnp::Result<WarmReport> {
+    Ok(WarmReport {
+        id: text(r.get_id())?,
+        pool: text(r.get_pool())?,
+        image: text(r.get_image())?,
+        layers: texts(r.get_layers())?,
+        root: text(r.get_root())?,
+    })
+}
+
+pub fn set_instance_info(mut b: instance_info::Builder<'_>, v: &InstanceView) {
+    let r = &v.rec;
+    b.set_id(&r.id);
+    b.set_key(&r.key);
+    b.set_stack(r.stack.as_str());
+    b.set_variant(r.variant.as_ref().map_or("", |v| v.as_str()));
+    b.set_service(r.service.as_str());
+    b.set_host(&r.host);
+    b.set_address(&v.address);
+    b.set_hypervisor(r.spec.hypervisor.as_str());
+    b.set_state(v.state);
+    b.set_root(&r.prepared.root);
+    set_texts(
+        b.reborrow().init_volumes(r.prepared.volumes.len() as u32),
+        &r.prepared.volumes,
+    );
+    b.set_warm_vm(&r.spec.warm_vm);
+    b.set_image(&r.spec.image);
+}
+
+pub fn set_deploy_report(mut b: schema::sched_capnp::deploy_report::Builder<'_>, r: &DeployReport) {
+    b.set_stack(&r.stack);
+    b.set_variant(&r.variant);
+    b.set_entrypoint(&r.entrypoint);
+    let mut sl = b.reborrow().init_services(r.services.len() as u32);
+    for (i, s) in r.services.iter().enumerate() {
+        let mut e = sl.reborrow().get(i as u32);
+        e.set_service(&s.service);
+        e.set_hostname(&s.hostname);
+        e.set_sharing(s.sharing);
+        e.set_instances_of(&s.instances_of);
+        let mut env = e.init_env(s.env.len() as u32);
+        for (j, v) in s.env.iter().enumerate() {
+            let mut x = env.reborrow().get(j as u32);
+            x.set_key(&v.key);
+            x.set_value(&v.value);
+            x.set_source(match v.source {
+                sched::model::EnvSource::Stack => "stack",
+                sched::model::EnvSource::Service => "service",
+                sched::model::EnvSource::Variant => "variant",
+                sched::model::EnvSource::VariantService => "variant_service",
+            });
+        }
+    }
+    let mut pl = b.init_placed(r.placed.len() as u32);
+    for (i, p) in r.placed.iter().enumerate() {
+        let mut e = pl.reborrow().get(i as u32);
+        set_instance_info(e.reborrow().init_instance(), &p.instance);
+        set_texts(
+            e.reborrow().init_reasons(p.reasons.len() as u32),
+            &p.reasons,
+        );
+        e.set_fetch_bytes(p.fetch_bytes);
+        let mut vl = e.init_verdicts(p.verdicts.len() as u32);
+        for (j, v) in p.verdicts.iter().enumerate() {
+            let mut x = vl.reborrow().get(j as u32);
+            x.set_host(&v.host);
+            x.set_eligible(v.eligible);
+            x.set_reason(&v.reason);
+            x.set_score(v.score);
+        }
+    }
+}
+
+pub fn set_stack_summary(mut b: stack_summary::Builder<'_>, s: &StackView) {
+    b.set_name(&s.name);
+    b.set_domain(&s.domain);
+    set_texts(
+        b.reborrow().init_services(s.services.len() as u32),
+        &s.services,
+    );
+    set_texts(
+        b.reborrow().init_variants(s.variants.len() as u32),
+        &s.variants,
+    );
+    b.set_instances(s.instances);
+}
+
+pub fn set_host_info(mut b: host_info::Builder<'_>, h: &HostView) {
+    set_inventory(
+        b.reborrow().init_inventory(),
+        &h.rec.inventory,
+        &h.rec.images,
+    );
+    b.set_up(h.rec.up);
+    b.set_last_seen(h.rec.last_seen);
+    let mut u = b.reborrow().init_used();
+    u.set_vcpus(h.used.vcpus);
+    u.set_memory(h.used.memory);
+    u.set_gpus(h.used.gpus);
+    b.set_instances(h.instances);
+    b.set_warm_vms(h.warm);
+}
+
+pub fn set_pool_info(mut b: pool_info::Builder<'_>, p: &PoolView) {
+    b.set_name(&p.name);
+    set_texts(b.reborrow().init_layers(p.layers.len() as u32), &p.layers);
+    b.set_min(p.min);
+    b.set_max(p.max);
+    b.set_warm(p.warm);
+}
+
+pub fn set_route(mut b: route_info::Builder<'_>, r: &RouteView) {
+    b.set_hostname(&r.hostname);
+    b.set_stack(r.route.stack.as_str());
+    b.set_variant(r.route.variant.as_ref().map_or("", |v| v.as_str()));
+    b.set_service(r.route.service.as_str());
+    b.set_shared_from_parent(r.route.shared_from_parent);
+    set_texts(
+        b.reborrow()
+            .init_via_aliases(r.route.via_aliases.len() as u32),
+        &r.route.via_aliases,
+    );
+    set_instance_info(b.reborrow().init_instance(), &r.instance);
+    b.set_started(r.started);
+}
