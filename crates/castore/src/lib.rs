@@ -21,6 +21,7 @@ mod export;
 mod fsck;
 mod gc;
 mod ingest;
+mod inventory;
 pub mod merge;
 mod model;
 mod read;
@@ -42,6 +43,7 @@ pub use gc::{GcProgress, GcReport, GcRoots};
 pub use ingest::{
     ImportOptions, ImportReport, OPAQUE, Progress, SourceFormat, WHITEOUT_PREFIX, host_arch,
 };
+pub use inventory::{ImageInventory, Inventory, LayerPresence};
 pub use model::{
     Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree,
 };
