@@ -228,15 +228,10 @@ fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
     }
 }
 
-fn noise(n: usize, mut x: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut b = vec![0; n];
+    tests::nbd::Rng(seed | 1).fill(&mut b);
+    b
 }
 
 /// A small root for image `name`: /etc/hostname says `hostname`, /usr/lib/big is 1 MiB.
@@ -274,6 +269,22 @@ fn host_args(sched: &Path, extra: &[&str]) -> Vec<String> {
     .collect();
     a.extend(extra.iter().map(|s| s.to_string()));
     a
+}
+
+/// A volumed started with `args` on `DIR/data`, joined to a fake scheduler on
+/// `DIR/sched.sock`: started, and its registration received.
+struct Joined {
+    v: Volumed,
+    sched: FakeScheduler,
+    host: host::Client,
+}
+
+async fn join(dir: &Path, args: &[String]) -> Joined {
+    let sched = FakeScheduler::start(&dir.join("sched.sock"));
+    let v = Volumed::start_with(dir.join("data"), dir.join("volumed.sock"), args);
+    until("registration", &v, || sched.registrations() == 1).await;
+    let host = sched.latest().1;
+    Joined { v, sched, host }
 }
 
 fn reason(e: capnp::Error) -> String {
@@ -453,31 +464,26 @@ fn registers_heartbeats_and_rejoins() {
     };
     run(async move {
         let sock = tmp.path().join("sched.sock");
-        let sched = FakeScheduler::start(&sock);
-        let v = Volumed::start_with(
-            &data,
-            tmp.path().join("volumed.sock"),
-            &host_args(
-                &sock,
-                &[
-                    "--address",
-                    "10.0.0.7",
-                    "--vcpus",
-                    "4",
-                    "--memory",
-                    "8G",
-                    "--gpus",
-                    "1",
-                    "--arch",
-                    "aarch64",
-                    "--label",
-                    "zone=a",
-                    "--label",
-                    "disk=ssd",
-                ],
-            ),
+        let args = host_args(
+            &sock,
+            &[
+                "--address",
+                "10.0.0.7",
+                "--vcpus",
+                "4",
+                "--memory",
+                "8G",
+                "--gpus",
+                "1",
+                "--arch",
+                "aarch64",
+                "--label",
+                "zone=a",
+                "--label",
+                "disk=ssd",
+            ],
         );
-        until("registration", &v, || sched.registrations() == 1).await;
+        let Joined { v, sched, .. } = join(tmp.path(), &args).await;
         let (inv, h) = sched.latest();
         assert_eq!(inv.host_id, "h1");
         assert_eq!(inv.address, "10.0.0.7");
@@ -562,14 +568,7 @@ fn prepare_attach_and_release() {
     };
     run(async move {
         let sock = tmp.path().join("sched.sock");
-        let sched = FakeScheduler::start(&sock);
-        let v = Volumed::start_with(
-            &data,
-            tmp.path().join("volumed.sock"),
-            &host_args(&sock, &[]),
-        );
-        until("registration", &v, || sched.registrations() == 1).await;
-        let (_, h) = sched.latest();
+        let Joined { v: _v, host: h, .. } = join(tmp.path(), &host_args(&sock, &[])).await;
         let vols: &[Vol<'_>] = &[
             ("db", 16 << 20, "rwo", false),
             ("data", 8 << 20, "rwo", true),
@@ -749,11 +748,8 @@ fn warm_vms_and_restart() {
     };
     run(async move {
         let sock = tmp.path().join("sched.sock");
-        let sched = FakeScheduler::start(&sock);
         let args = host_args(&sock, &["--heartbeat-ms", "50"]);
-        let v = Volumed::start_with(&data, tmp.path().join("volumed.sock"), &args);
-        until("registration", &v, || sched.registrations() == 1).await;
-        let (_, h) = sched.latest();
+        let Joined { v, sched, host: h } = join(tmp.path(), &args).await;
 
         let boot = |pool: &'static str| {
             let h = h.clone();
