@@ -853,3 +853,154 @@ fn warm_vms_and_restart() {
         assert!(!is_mounted(&root1) && !is_mounted(&root2));
     });
 }
+
+/// An OCI image layout at `out` named `name`, its layers the directories `layers`
+/// (bottom first, as uncompressed tars).
+fn oci_layout(out: &Path, name: &str, layers: &[&Path]) {
+    let blobs = out.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = castore::Digest::of(bytes);
+        std::fs::write(blobs.join(d.to_hex()), bytes).unwrap();
+        (d, bytes.len())
+    };
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for dir in layers {
+        let tar = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(dir)
+            .args(["-cf", "-", "."])
+            .output()
+            .unwrap();
+        assert!(tar.status.success());
+        let (d, len) = put(&tar.stdout);
+        diff_ids.push(d.to_string());
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": d.to_string(), "size": len
+        }));
+    }
+    let cfg = serde_json::to_vec(&serde_json::json!({
+        "architecture": castore::host_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}
+    }))
+    .unwrap();
+    let (c, clen) = put(&cfg);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c.to_string(), "size": clen},
+        "layers": descs
+    });
+    let (m, mlen) = put(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": m.to_string(),
+        "size": mlen, "annotations": {"org.opencontainers.image.ref.name": name}
+    }]});
+    std::fs::write(out.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// A warm VM booted on a pool's base image is converted for an instance whose image
+/// adds a layer on top: the root, at the same place, then shows the full stack. A warm
+/// VM whose layers are not a prefix of the instance's image is refused and kept.
+#[test]
+fn warm_vm_on_a_prefix_takes_the_full_stack() {
+    let tmp = tmpdir("host-prefix");
+    let data = tmp.path().join("data");
+    let (base, app) = {
+        let store = castore::Store::open(data.join("store")).unwrap();
+        let (l1, l2) = (tmp.path().join("l1"), tmp.path().join("l2"));
+        write_files(
+            &l1,
+            &[
+                ("etc/os-release", b"base\n"),
+                ("usr/lib/libc", &noise(200_000, 3)),
+            ],
+        );
+        write_files(
+            &l2,
+            &[
+                ("srv/app", &noise(100_000, 4)),
+                ("etc/app.conf", b"port=80\n"),
+            ],
+        );
+        oci_layout(&tmp.path().join("base-oci"), "base:1", &[&l1]);
+        oci_layout(&tmp.path().join("app-oci"), "shop/app:1", &[&l1, &l2]);
+        let opts = castore::ImportOptions::default();
+        let base = store
+            .import_image(&tmp.path().join("base-oci"), None, &opts)
+            .unwrap();
+        let app = store
+            .import_image(&tmp.path().join("app-oci"), None, &opts)
+            .unwrap();
+        (base, app)
+    };
+    assert_eq!(app.layers[0], base.layers[0]);
+    run(async move {
+        let sock = tmp.path().join("sched.sock");
+        let Joined {
+            v: _v,
+            sched,
+            host: h,
+        } = join(tmp.path(), &host_args(&sock, &[])).await;
+        // The inventory names both images with their layers, bottom first.
+        let inv = sched.latest().0;
+        let app_inv = inv.images.iter().find(|i| i.0 == "shop/app:1").unwrap();
+        assert_eq!(
+            app_inv.2,
+            [
+                (app.layers[0].to_string(), 200_000),
+                (app.layers[1].to_string(), 100_000)
+            ]
+        );
+        assert_eq!(inv.layers.len(), 2);
+
+        let mut req = h.boot_warm_request();
+        req.get().set_pool("base");
+        req.get().set_image("base:1");
+        let r = req.send().promise.await.unwrap();
+        let w = r.get().unwrap().get_vm().unwrap();
+        let (id, root) = (s(w.get_id()), PathBuf::from(s(w.get_root())));
+        assert!(!root.join("srv/app").exists());
+
+        // base:1's warm VM cannot serve an image that does not start with its layers…
+        let mut req = h.boot_warm_request();
+        req.get().set_pool("apps");
+        req.get().set_image("shop/app:1");
+        let r = req.send().promise.await.unwrap();
+        let app_vm = s(r.get().unwrap().get_vm().unwrap().get_id());
+        let e = reason(
+            prepare(&h, "base-0", 0, "base:1", &[], &app_vm)
+                .await
+                .unwrap_err(),
+        );
+        assert!(e.contains("not a prefix"), "{e}");
+        let (_, warm) = instances(&h).await;
+        assert_eq!(warm.len(), 2, "a refused conversion keeps the warm VM");
+
+        // …but base:1's serves shop/app:1: same root, now with the app layer.
+        let p = prepare(&h, "app-0", 0, "shop/app:1", &[], &id)
+            .await
+            .unwrap();
+        assert_eq!(
+            (p.root.as_path(), p.warm_vm.as_str()),
+            (root.as_path(), id.as_str())
+        );
+        assert_eq!(p.image, app.image.unwrap().to_string());
+        assert_eq!(
+            std::fs::read(root.join("srv/app")).unwrap(),
+            noise(100_000, 4)
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/os-release")).unwrap(),
+            "base\n"
+        );
+        let (list, warm) = instances(&h).await;
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            warm.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(),
+            [app_vm.as_str()]
+        );
+    });
+}
