@@ -48,8 +48,15 @@ pub(crate) fn set_inventory(
         l.set_key(k);
         l.set_value(v);
     }
-    let mut layers = b.reborrow().init_layers(inv.layers.len() as u32);
-    for (i, l) in inv.layers.iter().enumerate() {
+    // Layers none of whose chunks are here are left out ("every layer with chunks
+    // present"); a layer without chunks (only small, inlined files) is all here.
+    let present: Vec<&castore::LayerPresence> = inv
+        .layers
+        .iter()
+        .filter(|l| l.present_bytes > 0 || l.total_bytes == 0)
+        .collect();
+    let mut layers = b.reborrow().init_layers(present.len() as u32);
+    for (i, l) in present.iter().enumerate() {
         let mut lb = layers.reborrow().get(i as u32);
         lb.set_digest(l.digest.to_string());
         lb.set_bytes(l.present_bytes);

@@ -460,6 +460,14 @@ fn registers_heartbeats_and_rejoins() {
             }
         }
         assert_eq!(lost, 40_000);
+        // A layer none of whose chunks are here is not reported at all.
+        write_files(&tmp.path().join("gone"), &[("gone", &noise(50_000, 42))]);
+        let gone = store
+            .import_layer(&tmp.path().join("gone"), &castore::ImportOptions::default())
+            .unwrap();
+        for (c, _) in store.layer_chunks(&gone.layers[0]).unwrap() {
+            castore::testing::forget_chunk(&store, &c).unwrap();
+        }
         (web, layer, 1u64 << 20)
     };
     run(async move {
