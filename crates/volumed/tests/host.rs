@@ -744,8 +744,9 @@ fn prepare_attach_and_release() {
 }
 
 /// Warm VMs: booted on a pool's image, converted into an instance (same root), and
-/// prepared instances and warm VMs survive a volumed restart (roots mounted again,
-/// volumes still attached), reported to the scheduler it registers with again.
+/// prepared instances and warm VMs survive a volumed restart, graceful or kill -9 (roots
+/// mounted again, volumes still attached), reported to the scheduler it registers with
+/// again.
 #[test]
 fn warm_vms_and_restart() {
     let tmp = tmpdir("host-warm");
@@ -853,6 +854,27 @@ fn warm_vms_and_restart() {
             .unwrap_err(),
         );
         assert!(e.contains("held by web.shop-0"), "{e}");
+
+        // kill -9: the next start cleans up the dead mounts and mounts the roots again.
+        let st = v.signal_and_wait(libc::SIGKILL);
+        assert!(!st.success());
+        let v = Volumed::start_with(&data, tmp.path().join("volumed.sock"), &args);
+        until("registration after kill -9", &v, || {
+            sched.registrations() == 3
+        })
+        .await;
+        let (_, h) = sched.latest();
+        let (list, warm) = instances(&h).await;
+        assert_eq!((list.len(), warm.len()), (1, 1));
+        assert_eq!(
+            std::fs::read_to_string(root1.join("etc/hostname")).unwrap(),
+            "web\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root2.join("etc/hostname")).unwrap(),
+            "web\n"
+        );
+        assert_eq!(nbd_size(&list[0].volumes[0]), 1 << 20);
 
         release(&h, "web.shop-0").await;
         release(&h, &w2).await;
