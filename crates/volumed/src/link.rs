@@ -65,12 +65,29 @@ pub(crate) async fn run(
     heartbeat_ms: Option<u32>,
 ) {
     let mut backoff = MIN_BACKOFF;
+    // The same failure over and over (a scheduler down for an hour) is logged when it
+    // starts and then once a minute or so, not at every attempt.
+    let mut last = String::new();
+    let mut repeats = 0u32;
     loop {
         let e = session(&host, &endpoints, &addr, heartbeat_ms, &mut backoff).await;
-        log!(
-            "scheduler {addr}: {e}; reconnecting in {} ms",
-            backoff.as_millis()
-        );
+        if e == last {
+            repeats += 1;
+        } else {
+            repeats = 0;
+        }
+        if repeats.is_multiple_of(12) {
+            let again = if repeats > 0 {
+                format!(" ({} attempts)", repeats + 1)
+            } else {
+                String::new()
+            };
+            log!(
+                "scheduler {addr}: {e}{again}; reconnecting in {} ms",
+                backoff.as_millis()
+            );
+        }
+        last = e;
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -195,5 +212,25 @@ async fn registered(
             (None, ms) => ms,
         };
         tokio::time::sleep(Duration::from_millis(u64::from(ms.max(10)))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheduler_addresses() {
+        assert!(
+            matches!(Addr::parse("sched.local:7000"), Ok(Addr::Tcp(a)) if a == "sched.local:7000")
+        );
+        assert!(matches!(Addr::parse("[::1]:7000"), Ok(Addr::Tcp(_))));
+        assert!(
+            matches!(Addr::parse("unix:/run/sched.sock"), Ok(Addr::Unix(p)) if p == std::path::Path::new("/run/sched.sock"))
+        );
+        for bad in ["sched", "sched:", ":7000", "sched:99999", "unix:"] {
+            assert!(Addr::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Addr::parse("unix:/a").unwrap().to_string(), "unix:/a");
     }
 }
