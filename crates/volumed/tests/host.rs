@@ -605,6 +605,12 @@ fn prepare_attach_and_release() {
             std::fs::read(p0.root.join("etc/motd")).unwrap(),
             b"instance 0\n"
         );
+        // …as a real file in a scratch directory of DATA/scratch, not in the store.
+        let in_scratch = std::fs::read_dir(data.join("scratch"))
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .any(|f| std::fs::read(f.unwrap().path()).is_ok_and(|b| b == b"instance 0\n"));
+        assert!(in_scratch, "the write is in the instance's scratch layer");
 
         // Volumes: created with the requested sizes, NAME-ORDINAL for per-instance,
         // reachable with nbdinfo; data written with nbdcopy reads back.
