@@ -266,7 +266,8 @@ fn run(args: &Args) -> Result<()> {
 /// What this host offers, from the flags and the machine.
 fn host_config(args: &Args) -> Result<host::HostConfig> {
     let host_id = match &args.host_id {
-        Some(id) => id.clone(),
+        Some(id) if id.trim().is_empty() => bail!("--host-id must not be empty"),
+        Some(id) => id.trim().to_string(),
         None => host::persistent_host_id(&args.data)?,
     };
     let vcpus = match args.vcpus {
