@@ -186,6 +186,7 @@ impl Store {
                 _ => report.chunks = count,
             }
         }
+        self.bump_changes();
         if report.chunks > 0 {
             // Give the space of deleted chunk values back now rather than at some later
             // compaction.

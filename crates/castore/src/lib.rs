@@ -8,9 +8,10 @@
 //!
 //! castore owns chunking, digests, compression, the RocksDB store, the object model,
 //! import, export, block volumes (block maps of chunks, versioned so snapshots and clones
-//! are O(1)), GC, fsck and stats. It knows nothing of FUSE, NBD, volumes' lifecycle
-//! (attachments, access enforcement) or scheduling: those crates build on it, and a test checks that it pulls
-//! none of them in. RocksDB is named only in the private `db` module.
+//! are O(1)), GC, fsck, stats, and the inventory of layers (bytes present) and images
+//! a host reports, cached until the store changes. It knows nothing of FUSE, NBD,
+//! volumes' lifecycle (attachments, access enforcement) or scheduling: those crates build
+//! on it, and a test checks that it pulls none of them in. RocksDB is named only in the private `db` module.
 
 mod chunker;
 mod codec;
@@ -21,6 +22,7 @@ mod export;
 mod fsck;
 mod gc;
 mod ingest;
+mod inventory;
 pub mod kv;
 pub mod merge;
 mod model;
@@ -43,6 +45,7 @@ pub use gc::{GcProgress, GcReport, GcRoots};
 pub use ingest::{
     ImportOptions, ImportReport, OPAQUE, Progress, SourceFormat, WHITEOUT_PREFIX, host_arch,
 };
+pub use inventory::{ImageInventory, Inventory, LayerPresence};
 pub use kv::{Kv, KvBatch};
 pub use model::{
     Blob, Entry, FileData, INLINE_MAX, Image, ImageConfig, Kind, Layer, Segment, Timespec, Tree,

@@ -44,6 +44,10 @@ pub struct Store {
     next_claim: AtomicU64,
     /// Volumes open in this process (volume/mod.rs).
     pub(crate) volumes: crate::volume::Registry,
+    /// Bumped by every change to layers, images, names or chunks (inventory.rs).
+    pub(crate) changes: AtomicU64,
+    /// The last inventory and each layer's chunk list (inventory.rs).
+    pub(crate) inventory: crate::inventory::InventoryCache,
 }
 
 /// Digests in use by work that has not committed a reference yet.
@@ -162,6 +166,8 @@ impl Store {
             live: Mutex::new(Live::default()),
             next_claim: AtomicU64::new(1),
             volumes: crate::volume::Registry::default(),
+            changes: AtomicU64::new(0),
+            inventory: crate::inventory::InventoryCache::default(),
         })
     }
 
@@ -402,7 +408,9 @@ impl Store {
         }
         let mut b = Batch::new();
         b.put(&self.db, Cf::Refs, name.as_bytes(), &image.0);
-        self.db.write(b, true)
+        self.db.write(b, true)?;
+        self.bump_changes();
+        Ok(())
     }
 
     /// Removes a `name:tag` reference; its data goes at the next GC if nothing else
@@ -415,6 +423,7 @@ impl Store {
         let mut b = Batch::new();
         b.delete(&self.db, Cf::Refs, name.as_bytes());
         self.db.write(b, true)?;
+        self.bump_changes();
         Ok(d)
     }
 
@@ -439,7 +448,9 @@ impl Store {
         }
         let mut b = Batch::new();
         b.delete(&self.db, Cf::LayerRefs, &d.0);
-        self.db.write(b, true)
+        self.db.write(b, true)?;
+        self.bump_changes();
+        Ok(())
     }
 
     /// Resolves what a user typed: `name:tag` (`:latest` implied), `sha256:HEX`, or a

@@ -26,6 +26,17 @@ pub fn lose_chunk(store: &Store, d: &Digest) -> Result<()> {
     store.db.write(b, true)
 }
 
+/// Deletes a chunk and its index entry, as if it had never arrived: the store then
+/// holds a layer whose data is partly present. Counts as a change (`change_count`).
+pub fn forget_chunk(store: &Store, d: &Digest) -> Result<()> {
+    let mut b = Batch::new();
+    b.delete(&store.db, Cf::Chunks, &d.0);
+    b.delete(&store.db, Cf::ChunkIndex, &d.0);
+    store.db.write(b, true)?;
+    store.bump_changes();
+    Ok(())
+}
+
 /// Every chunk digest in the store.
 pub fn chunk_digests(store: &Store) -> Result<Vec<Digest>> {
     let mut out = Vec::new();

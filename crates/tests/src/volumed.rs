@@ -37,6 +37,15 @@ impl Volumed {
     /// Starts the daemon and waits (up to 30 s) until its socket accepts connections;
     /// panics with the daemon's log if it exits or never serves.
     pub fn start(data: impl AsRef<Path>, socket: impl AsRef<Path>) -> Volumed {
+        Volumed::start_with(data, socket, &[])
+    }
+
+    /// As [`Volumed::start`], with more command-line arguments (e.g. `--scheduler`).
+    pub fn start_with(
+        data: impl AsRef<Path>,
+        socket: impl AsRef<Path>,
+        args: &[String],
+    ) -> Volumed {
         let data = data.as_ref().to_path_buf();
         let socket = socket.as_ref().to_path_buf();
         let log = data.with_extension("log");
@@ -46,6 +55,7 @@ impl Volumed {
             .open(&log)
             .expect("create daemon log");
         let child = command(&data, &socket)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -6,9 +6,14 @@
 //! The RPC side follows capnp-rpc's examples: a current-thread tokio runtime with a
 //! `LocalSet`, one `RpcSystem` per connection. Store work (import, export, gc, fsck, ...)
 //! runs on tokio's blocking pool so one long call never stalls other clients. Placement
-//! policy and scheduling are not its business.
+//! policy and scheduling are not its business: with `--scheduler ADDR` it joins a
+//! scheduler as a host (`link`), reporting its inventory and preparing the instances
+//! and warm VMs it is asked for (`host`), but it decides nothing about where they run.
 
 mod error;
+mod host;
+mod host_rpc;
+mod link;
 mod mounts;
 mod server;
 mod volume_rpc;
@@ -97,6 +102,55 @@ struct Args {
     /// can reach the port can read and write every volume.
     #[arg(long)]
     nbd_allow_remote: bool,
+    /// Join the scheduler at ADDR (HOST:PORT or unix:/path) as a host; without it
+    /// volumed runs standalone.
+    #[arg(long, env = "VOLUMED_SCHEDULER", value_name = "ADDR")]
+    scheduler: Option<String>,
+    /// Milliseconds between heartbeats (default: what the scheduler asks for, else 2000).
+    #[arg(long, env = "VOLUMED_HEARTBEAT_MS", value_name = "MS")]
+    heartbeat_ms: Option<u32>,
+    /// This host's id (default: generated once and kept in DATA/host-id).
+    #[arg(long, env = "VOLUMED_HOST_ID", value_name = "ID")]
+    host_id: Option<String>,
+    /// Where this host's instances are reached (an IP or host name).
+    #[arg(
+        long,
+        env = "VOLUMED_ADDRESS",
+        value_name = "HOST",
+        default_value = "127.0.0.1"
+    )]
+    address: String,
+    /// vCPUs offered to instances (default: this machine's CPUs).
+    #[arg(long, env = "VOLUMED_VCPUS", value_name = "N")]
+    vcpus: Option<u32>,
+    /// Memory offered to instances, in bytes or with a unit: 512M, 8G, 1.5T (default: all
+    /// of this machine's RAM).
+    #[arg(long, env = "VOLUMED_MEMORY", value_name = "SIZE", value_parser = host::parse_size)]
+    memory: Option<u64>,
+    /// GPUs offered to instances.
+    #[arg(long, env = "VOLUMED_GPUS", value_name = "N", default_value_t = 0)]
+    gpus: u32,
+    /// CPU architecture reported to the scheduler.
+    #[arg(long, env = "VOLUMED_ARCH", value_name = "ARCH", default_value = std::env::consts::ARCH)]
+    arch: String,
+    /// Installed hypervisors, comma-separated (`none` for none; default: firecracker,
+    /// cloud-hypervisor and qemu-system-* found on PATH).
+    #[arg(
+        long,
+        env = "VOLUMED_HYPERVISORS",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    hypervisors: Option<Vec<String>>,
+    /// A label for placement, KEY=VALUE (repeatable; the variable takes a comma list).
+    #[arg(
+        long = "label",
+        env = "VOLUMED_LABELS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ',',
+        value_parser = host::parse_label
+    )]
+    labels: Vec<(String, String)>,
 }
 
 /// Binds `path`, replacing a socket file nobody listens on, refusing a live one.
@@ -136,6 +190,22 @@ fn run(args: &Args) -> Result<()> {
         .with_context(|| format!("cleaning up after the last run in {}", args.data.display()))?;
     let volumes = volumes::Volumes::open(store.clone(), &args.data)
         .with_context(|| format!("loading volume attachments in {}", args.data.display()))?;
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(link::Addr::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let config = host_config(args)?;
+    // Prepared instances' roots are mounted again before anything is served.
+    let host = host::Host::open(
+        config,
+        store.clone(),
+        mounts.clone(),
+        volumes.clone(),
+        &args.data,
+    )
+    .with_context(|| format!("loading prepared instances in {}", args.data.display()))?;
     // NBD connections run on a runtime of their own, with a worker per core: the RPC
     // loop below is single-threaded (capnp-rpc is not Send).
     let nbd_rt = tokio::runtime::Builder::new_multi_thread()
@@ -153,6 +223,29 @@ fn run(args: &Args) -> Result<()> {
         volumes,
         endpoints: endpoints.clone(),
     });
+    if let Some(addr) = scheduler {
+        log!(
+            "joining scheduler {addr} as host {} ({} vCPUs, {} bytes, {} GPUs, {}, hypervisors: {})",
+            host.config.host_id,
+            host.config.vcpus,
+            host.config.memory,
+            host.config.gpus,
+            host.config.arch,
+            if host.config.hypervisors.is_empty() {
+                "none".to_string()
+            } else {
+                host.config.hypervisors.join(",")
+            }
+        );
+        local.spawn_local(link::run(
+            host.clone(),
+            endpoints.clone(),
+            addr,
+            args.heartbeat_ms,
+        ));
+    }
+    // `serve` unmounts instances' roots with every other mount at shutdown; their
+    // records stay in DATA/instances.json for the next run.
     let r = local.block_on(&rt, serve(args, shared));
     // Stop NBD first: every connection is dropped (its attachment released); requests
     // already on blocking threads finish. Nothing acknowledged is lost: FLUSH and FUA
@@ -168,6 +261,41 @@ fn run(args: &Args) -> Result<()> {
     // Our handle is the last one now: dropping it closes RocksDB, flushing the store.
     drop(store);
     r
+}
+
+/// What this host offers, from the flags and the machine.
+fn host_config(args: &Args) -> Result<host::HostConfig> {
+    let host_id = match &args.host_id {
+        Some(id) if id.trim().is_empty() => bail!("--host-id must not be empty"),
+        Some(id) => id.trim().to_string(),
+        None => host::persistent_host_id(&args.data)?,
+    };
+    let vcpus = match args.vcpus {
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    };
+    let memory = match args.memory {
+        Some(m) => m,
+        None => host::total_memory().context("reading /proc/meminfo (give --memory)")?,
+    };
+    let hypervisors = match &args.hypervisors {
+        Some(list) => list
+            .iter()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty() && h != "none")
+            .collect(),
+        None => host::detect_hypervisors(),
+    };
+    Ok(host::HostConfig {
+        host_id,
+        address: args.address.clone(),
+        arch: args.arch.clone(),
+        vcpus,
+        memory,
+        gpus: args.gpus,
+        hypervisors,
+        labels: args.labels.clone(),
+    })
 }
 
 /// Binds the NBD listeners (before the RPC socket, so a daemon that serves RPC serves

@@ -232,13 +232,19 @@ impl MountTable {
     }
 }
 
-fn write_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+/// Writes `value` as JSON to `path` atomically and durably: a temporary file, fsynced,
+/// renamed over `path`, and the directory fsynced so the rename survives a crash.
+pub(crate) fn write_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Mountpoints of FUSE filesystems in this mount namespace (`/proc/self/mountinfo`).

@@ -448,33 +448,99 @@ pub(crate) async fn unmount(
     id: u64,
     detach_if_busy: bool,
 ) -> Result<(), Error> {
+    match tokio::task::spawn_blocking(move || unmount_now(&mounts, id, detach_if_busy)).await {
+        Ok(r) => r,
+        Err(e) => Err(Error::Worker(e.to_string())),
+    }
+}
+
+/// [`unmount`] on the calling thread (which may block).
+pub(crate) fn unmount_now(
+    mounts: &Arc<MountTable>,
+    id: u64,
+    detach_if_busy: bool,
+) -> Result<(), Error> {
     let Some((record, image, mut mount)) = mounts.take(id) else {
         return Ok(());
     };
     let scratch = mounts.scratch_dir(id);
-    let r = tokio::task::spawn_blocking(move || {
-        log!("unmount {}", record.mountpoint.display());
-        if detach_if_busy {
-            // Dropping a busy mount detaches it lazily (and layerfs then drops scratch).
-            return mount.unmount().map_err(Error::from);
+    log!("unmount {}", record.mountpoint.display());
+    if detach_if_busy {
+        // Dropping a busy mount detaches it lazily (and layerfs then drops scratch).
+        return mount.unmount().map_err(Error::from);
+    }
+    match mount.try_unmount() {
+        Ok(()) => {
+            // layerfs empties a writable mount's scratch; a read-only one has none.
+            let _ = std::fs::remove_dir_all(&scratch);
+            Ok(())
         }
-        match mount.try_unmount() {
-            Ok(()) => {
-                // layerfs empties a writable mount's scratch; a read-only one has none.
-                let _ = std::fs::remove_dir_all(&scratch);
-                Ok(())
+        Err(e) => {
+            log!("unmount {} failed: {e}", record.mountpoint.display());
+            mounts.insert(record, image, mount);
+            Err(e.into())
+        }
+    }
+}
+
+/// Mounts image `spec` at `mountpoint` (a directory) with a fresh scratch layer (none
+/// when `read_only`), records it in the mount table and returns its id and image. Runs
+/// on the calling thread (which may block); a failure leaves no reservation, record or
+/// scratch behind.
+pub(crate) fn mount_image(
+    table: &Arc<MountTable>,
+    store: &Arc<Store>,
+    spec: &str,
+    mountpoint: &Path,
+    read_only: bool,
+) -> Result<(u64, Digest), Error> {
+    let id = table.reserve(mountpoint)?;
+    let scratch_dir = table.scratch_dir(id);
+    log!("mount {spec} at {} (id {id})", mountpoint.display());
+    let r = (|| -> Result<Digest, Error> {
+        check_mountpoint(mountpoint)?;
+        // A GC root from here on (see `MountTable::resolve_and_pin` for why this is
+        // race-free against a concurrent gc).
+        let image = table.resolve_and_pin(id, || store.resolve_image(spec))?;
+        let m = layerfs::mount(
+            store.clone(),
+            image,
+            mountpoint,
+            layerfs::MountOptions {
+                read_only,
+                scratch_dir: scratch_dir.clone(),
+            },
+        );
+        match m {
+            Ok(m) => {
+                let name = if spec.contains(':') && Digest::parse(spec).is_none() {
+                    spec.to_string()
+                } else {
+                    String::new()
+                };
+                let record = MountRecord {
+                    id,
+                    image: image.to_string(),
+                    name,
+                    mountpoint: mountpoint.to_path_buf(),
+                    read_only,
+                };
+                table.insert(record, image, m);
+                Ok(image)
             }
             Err(e) => {
-                log!("unmount {} failed: {e}", record.mountpoint.display());
-                mounts.insert(record, image, mount);
-                Err(e.into())
+                let _ = std::fs::remove_dir_all(&scratch_dir);
+                Err(Error::from(e))
             }
         }
-    })
-    .await;
+    })();
     match r {
-        Ok(r) => r,
-        Err(e) => Err(Error::Worker(e.to_string())),
+        Ok(image) => Ok((id, image)),
+        Err(e) => {
+            table.release(id, mountpoint);
+            log!("mount at {} failed: {e}", mountpoint.display());
+            Err(e)
+        }
     }
 }
 
@@ -494,54 +560,8 @@ impl mounts::Server for MountsImpl {
         let read_only = p.get_read_only();
         let table = self.0.mounts.clone();
         let store = self.0.store.clone();
-        let id = table.reserve(&mountpoint)?;
-        let scratch_dir = table.scratch_dir(id);
-        log!("mount {spec} at {} (id {id})", mountpoint.display());
-        let t = table.clone();
-        let mp = mountpoint.clone();
-        let r = blocking(move || {
-            check_mountpoint(&mp)?;
-            // A GC root from here on (see `MountTable::resolve_and_pin` for why this is
-            // race-free against a concurrent gc).
-            let image = t.resolve_and_pin(id, || store.resolve_image(&spec))?;
-            let m = layerfs::mount(
-                store,
-                image,
-                &mp,
-                layerfs::MountOptions {
-                    read_only,
-                    scratch_dir: scratch_dir.clone(),
-                },
-            );
-            match m {
-                Ok(m) => {
-                    let name = if spec.contains(':') && Digest::parse(&spec).is_none() {
-                        spec
-                    } else {
-                        String::new()
-                    };
-                    let record = MountRecord {
-                        id,
-                        image: image.to_string(),
-                        name,
-                        mountpoint: mp,
-                        read_only,
-                    };
-                    t.insert(record, image, m);
-                    Ok(())
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&scratch_dir);
-                    Err(e.into())
-                }
-            }
-        })
-        .await;
-        if let Err(e) = r {
-            table.release(id, &mountpoint);
-            log!("mount at {} failed: {}", mountpoint.display(), e.extra);
-            return Err(e);
-        }
+        let (id, _) =
+            blocking(move || mount_image(&table, &store, &spec, &mountpoint, read_only)).await?;
         results.get().set_mount(capnp_rpc::new_client(MountImpl {
             shared: self.0.clone(),
             id,

@@ -232,6 +232,7 @@ impl Store {
         // batch with the trees, layers, image and name.
         ingest.make_durable()?;
         self.db.write(batch, true)?;
+        self.bump_changes();
         Ok(report(
             &ingest,
             Some(digest),
@@ -260,6 +261,7 @@ impl Store {
         batch.put(&self.db, Cf::LayerRefs, &d.0, b"");
         ingest.make_durable()?;
         self.db.write(batch, true)?;
+        self.bump_changes();
         Ok(report(&ingest, None, None, vec![d], start))
     }
 
