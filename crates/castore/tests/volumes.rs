@@ -400,6 +400,44 @@ fn trim_write_zeroes_and_block_status() {
         .unwrap();
     assert_eq!(testing::chunk_digests(&store).unwrap().len(), before);
     assert!(vol.block_status(0, 9 * es).is_err());
+
+    // Zeros kept allocated (NBD's NO_HOLE), over data (extent 6) and over a hole
+    // (extent 5): they read as zeros, report data and zero, and store no chunk; a
+    // snapshot keeps them; zeroing without no_hole, or a trim, ...
+    let before = testing::chunk_digests(&store).unwrap().len();
+    vol.write_zeroes_allocated(5 * es, 2 * es, false).unwrap();
+    assert_eq!(
+        vol.read(5 * es, (2 * es) as usize).unwrap(),
+        vec![0; (2 * es) as usize]
+    );
+    assert_eq!(testing::chunk_digests(&store).unwrap().len(), before);
+    let zeroed = BlockStatus {
+        len: 2 * es,
+        allocated: true,
+        zero: true,
+    };
+    assert_eq!(st(5 * es, 2 * es), vec![zeroed]);
+    store.snapshot_volume("z", "s").unwrap();
+    let snap = store.open_snapshot("z", "s").unwrap();
+    assert_eq!(snap.block_status(5 * es, 2 * es).unwrap(), vec![zeroed]);
+    // ... leave them zero but let go of the allocation.
+    vol.write_zeroes(5 * es, es, false).unwrap();
+    vol.trim(6 * es, es, false).unwrap();
+    assert_eq!(
+        st(5 * es, 2 * es),
+        vec![BlockStatus {
+            len: 2 * es,
+            allocated: false,
+            zero: true
+        }]
+    );
+    // A shrink over a kept-allocated extent discards it like data.
+    vol.write_zeroes_allocated(7 * es, es, false).unwrap();
+    store.resize_volume("z", 7 * es, true).unwrap();
+    store.resize_volume("z", 8 * es, false).unwrap();
+    let vol = store.open_volume("z").unwrap();
+    assert!(!vol.block_status(7 * es, es).unwrap()[0].allocated);
+    assert!(store.fsck().unwrap().is_clean());
 }
 
 #[test]

@@ -227,6 +227,11 @@ fn nbd_clients_through_volumed() {
             "write -P 0x22 4M 2M".into(),
             "discard 4M 1M".into(),
             "write -z -u 8M 1M".into(),
+            // Without -u qemu sends NBD_CMD_FLAG_NO_HOLE: zeros that stay allocated,
+            // over data and over a hole.
+            "write -P 0x33 10M 1M".into(),
+            "write -z 10M 1M".into(),
+            "write -z 12M 1M".into(),
         ],
     );
     let runs = map_runs(&map);
@@ -242,9 +247,25 @@ fn nbd_clients_through_volumed() {
     assert_eq!(kind_at(4 * MIB), 3, "trimmed: hole, zero");
     assert_eq!(kind_at(5 * MIB), 0, "written, not trimmed");
     assert_eq!(kind_at(8 * MIB), 3, "zeroed: hole, zero");
+    assert_eq!(
+        kind_at(10 * MIB),
+        2,
+        "zeroed with NO_HOLE over data: data, zero"
+    );
+    assert_eq!(
+        kind_at(12 * MIB),
+        2,
+        "zeroed with NO_HOLE over a hole: data, zero"
+    );
+    assert_eq!(kind_at(11 * MIB), 3, "never written");
     qemu_io(
         &map,
-        &["read -P 0 4M 1M".into(), "read -P 0x22 5M 1M".into()],
+        &[
+            "read -P 0 4M 1M".into(),
+            "read -P 0x22 5M 1M".into(),
+            "read -P 0 10M 1M".into(),
+            "read -P 0 12M 1M".into(),
+        ],
     );
 
     // Through all of that the store stayed consistent.

@@ -712,9 +712,11 @@ impl BlockDevice for VolumeDevice {
         if flags.fast && !aligned {
             return Err(DeviceError::NotFast);
         }
-        self.vol
-            .write_zeroes(offset, len, flags.fua)
-            .map_err(device_err)
+        match flags.no_hole {
+            true => self.vol.write_zeroes_allocated(offset, len, flags.fua),
+            false => self.vol.write_zeroes(offset, len, flags.fua),
+        }
+        .map_err(device_err)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {

@@ -306,7 +306,9 @@ impl<'s> Ingest<'s> {
 
     fn writer(&self, rx: Receiver<WriteMsg>) -> Result<()> {
         let db = &self.store.db;
-        let mut batch = Batch::new();
+        // Room for one batch and the chunk that takes it over the mark.
+        let fresh = || Batch::with_capacity(BATCH_BYTES + (1 << 20));
+        let mut batch = fresh();
         for msg in rx {
             match msg {
                 WriteMsg::Chunk {
@@ -317,7 +319,7 @@ impl<'s> Ingest<'s> {
                 WriteMsg::Record { cf, key, value } => batch.put(db, cf, &key.0, &value),
             }
             if batch.size_in_bytes() >= BATCH_BYTES
-                && let Err(e) = db.write_unlogged(std::mem::take(&mut batch))
+                && let Err(e) = db.write_unlogged(std::mem::replace(&mut batch, fresh()))
             {
                 self.abort.store(true, Ordering::Relaxed);
                 return Err(e);

@@ -96,7 +96,7 @@ impl Store {
             }
             match Extent::decode(&v) {
                 None => r.problem("block map", &name, "value is neither a digest nor zero"),
-                Some(Extent::Zero) => {}
+                Some(Extent::Zero | Extent::Zeroed) => {}
                 Some(Extent::Chunk(d)) if !chunks.contains(&d) => {
                     r.problem(
                         "block map",

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, RwLockReadGuard};
 
 use super::journal::{self, Dirty, Patch, Stripe};
-use super::record::{Extent, ZERO_MARKER, key};
+use super::record::{Extent, ZERO_MARKER, ZEROED_MARKER, key};
 use super::{Level, Shared, State, VolumeError, extents};
 use crate::Digest;
 use crate::db::{Batch, Cf, Cursor};
@@ -70,6 +70,8 @@ struct View<'a> {
 /// A new value for one extent.
 enum Content<'a> {
     Zero,
+    /// Zeros kept allocated (`no_hole`).
+    Zeroed,
     Bytes(Cow<'a, [u8]>),
 }
 
@@ -77,7 +79,8 @@ enum Content<'a> {
 #[derive(Clone, Copy)]
 enum Fill<'a> {
     Data(&'a [u8]),
-    Zeroes,
+    /// Zeros; `true`: keep the range allocated (NBD's `NO_HOLE`).
+    Zeroes(bool),
     Trim,
 }
 
@@ -158,7 +161,7 @@ pub(crate) fn base_bytes(
     shift: u8,
 ) -> Result<Option<Arc<Vec<u8>>>> {
     match lookup(cursor, levels, e, shift)? {
-        Extent::Zero => Ok(None),
+        Extent::Zero | Extent::Zeroed => Ok(None),
         Extent::Chunk(d) => extent_bytes(store, &d, levels[0].id, e, shift).map(Some),
     }
 }
@@ -186,6 +189,11 @@ fn current_levels(id: u64, st: &State) -> Vec<Level> {
     }];
     levels.extend(st.ancestors.iter().copied());
     levels
+}
+
+/// Whether an extent with nothing pending (None: something is) reads as zeros.
+fn reads_zero(settled: Option<Extent>) -> bool {
+    matches!(settled, Some(Extent::Zero | Extent::Zeroed))
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -226,6 +234,7 @@ fn stage(
             store.volumes.cache.insert_known(&d, buf.to_vec());
             b.put(db, Cf::BlockMap, &k, &d.0);
         }
+        Content::Zeroed => b.put(db, Cf::BlockMap, &k, ZEROED_MARKER),
         _ => b.put(db, Cf::BlockMap, &k, ZERO_MARKER),
     }
     Ok(())
@@ -264,7 +273,9 @@ pub(crate) fn discard_tail<'s>(
     let first_dropped = extents(new_size, shift);
     for e in store.chain_extents(&now, first_dropped, extents(st.rec.size, shift))? {
         match lookup(&mut cursor, &below, e, shift)? {
-            Extent::Chunk(_) => b.put(&store.db, Cf::BlockMap, &key(id, e, cur), ZERO_MARKER),
+            Extent::Chunk(_) | Extent::Zeroed => {
+                b.put(&store.db, Cf::BlockMap, &key(id, e, cur), ZERO_MARKER)
+            }
             Extent::Zero => b.delete(&store.db, Cf::BlockMap, &key(id, e, cur)),
         }
     }
@@ -436,7 +447,7 @@ impl Volume {
                 continue;
             }
             let data = match self.mapped(&v, e)? {
-                Some(Extent::Zero) => None,
+                Some(Extent::Zero | Extent::Zeroed) => None,
                 Some(Extent::Chunk(d)) => {
                     Some(extent_bytes(&self.store, &d, self.shared.id, e, v.shift)?)
                 }
@@ -488,7 +499,7 @@ impl Volume {
                 continue;
             }
             match *stripe.map.get(&e)? {
-                Extent::Zero => out.fill(0),
+                Extent::Zero | Extent::Zeroed => out.fill(0),
                 Extent::Chunk(d) => {
                     let data = self.store.volumes.cache.get_cached(&d)?;
                     if data.len() as u64 != es {
@@ -541,7 +552,15 @@ impl Volume {
     /// Makes `len` bytes at `offset` read as zeros: whole extents become zero markers (no
     /// chunk), partial ones are rewritten.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.modify(offset, len, Fill::Zeroes, fua)
+        self.modify(offset, len, Fill::Zeroes(false), fua)
+    }
+
+    /// [`Volume::write_zeroes`] keeping the range allocated (NBD's `NO_HOLE`): whole
+    /// extents read as zeros yet [`Volume::block_status`] reports them as data, and no
+    /// chunk is written. A partial extent gets a zero patch like any write (so an extent
+    /// that ends up all zeros when folded is a hole again).
+    pub fn write_zeroes_allocated(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.modify(offset, len, Fill::Zeroes(true), fua)
     }
 
     /// Discards whole extents within `[offset, offset + len)` (they read as zeros
@@ -597,7 +616,11 @@ impl Volume {
         let mut locks = self.lock_stripes(e0, e1);
         let mut cursor = db.cursor(Cf::BlockMap, None, None);
         let claims = store.claims();
-        let mut b = Batch::new();
+        let mut b = match fill {
+            // The data, and keys, digests and index entries for each extent.
+            Fill::Data(_) => Batch::with_capacity(len as usize + 256 * (e1 - e0 + 1) as usize),
+            _ => Batch::new(),
+        };
         let mut changes: Vec<(u64, Change)> = Vec::new();
         for e in e0..=e1 {
             let stripe = stripe_mut(&mut locks, self.shared.stripe_of(e));
@@ -608,8 +631,12 @@ impl Volume {
             // Covers every byte of the extent that lies inside the volume.
             let whole = lo == start && hi >= (start + es).min(v.size);
             let off = (lo - start) as u32;
-            let mut reads_zero = || -> Result<bool> {
-                Ok(dirty.is_none() && lookup(&mut cursor, &v.levels, e, shift)? == Extent::Zero)
+            // What the extent holds when no write is pending on it.
+            let mut settled = || -> Result<Option<Extent>> {
+                Ok(match dirty {
+                    Some(_) => None,
+                    None => Some(lookup(&mut cursor, &v.levels, e, shift)?),
+                })
             };
             // Whole extents replace the extent (and its journal records) in this batch;
             // partial ones append a journal record.
@@ -622,10 +649,15 @@ impl Volume {
                         Some(Ok(Patch::Data(src.to_vec())))
                     }
                 }
-                Fill::Zeroes | Fill::Trim if whole => {
-                    (!reads_zero()?).then_some(Err(Content::Zero))
+                Fill::Zeroes(true) if whole => {
+                    (settled()? != Some(Extent::Zeroed)).then_some(Err(Content::Zeroed))
                 }
-                Fill::Zeroes => (!reads_zero()?).then(|| Ok(Patch::Zero((hi - lo) as u32))),
+                Fill::Zeroes(false) | Fill::Trim if whole => {
+                    (settled()? != Some(Extent::Zero)).then_some(Err(Content::Zero))
+                }
+                Fill::Zeroes(_) => {
+                    (!reads_zero(settled()?)).then(|| Ok(Patch::Zero((hi - lo) as u32)))
+                }
                 Fill::Trim => None,
             };
             match action {
@@ -714,19 +746,24 @@ impl Volume {
             let e = pos >> shift;
             let n = end.min((e << shift) + es) - pos;
             let pending = self.pending(&v, e, |d, base| !is_zero(&d.content(base, es as usize)))?;
-            let data = match pending {
-                Some(data) => data,
+            // (allocated, reads as zeros)
+            let (allocated, zero) = match pending {
+                Some(data) => (data, !data),
                 None => {
                     let mut cursor = self.store.db.cursor(Cf::BlockMap, None, None);
-                    matches!(lookup(&mut cursor, &v.levels, e, shift)?, Extent::Chunk(_))
+                    match lookup(&mut cursor, &v.levels, e, shift)? {
+                        Extent::Chunk(_) => (true, false),
+                        Extent::Zeroed => (true, true),
+                        Extent::Zero => (false, true),
+                    }
                 }
             };
             match out.last_mut() {
-                Some(last) if last.allocated == data => last.len += n,
+                Some(last) if last.allocated == allocated && last.zero == zero => last.len += n,
                 _ => out.push(BlockStatus {
                     len: n,
-                    allocated: data,
-                    zero: !data,
+                    allocated,
+                    zero,
                 }),
             }
             pos += n;

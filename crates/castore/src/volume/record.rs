@@ -10,6 +10,9 @@ const RECORD_VERSION: u8 = 1;
 
 /// The value of a block map entry for an all-zero (trimmed, never written) extent.
 pub(crate) const ZERO_MARKER: &[u8] = &[0];
+/// Block map value of an extent zeroed with "keep allocated" (NBD's `NO_HOLE`): it reads
+/// as zeros and names no chunk, but allocation reports say data, not hole.
+pub(crate) const ZEROED_MARKER: &[u8] = &[1];
 
 /// A block map key: volume id ‖ extent index ‖ !generation, each 8 bytes big-endian, so
 /// one volume's entries are contiguous, ordered by extent, newest generation first.
@@ -40,6 +43,8 @@ pub(crate) fn parse_key(k: &[u8]) -> Option<(u64, u64, u64)> {
 pub(crate) enum Extent {
     /// Reads as zeros; no chunk.
     Zero,
+    /// Reads as zeros, no chunk, but counts as allocated (zeroed with `no_hole`).
+    Zeroed,
     /// The chunk holding its bytes (always a whole extent).
     Chunk(Digest),
 }
@@ -48,6 +53,8 @@ impl Extent {
     pub(crate) fn decode(v: &[u8]) -> Option<Extent> {
         if v == ZERO_MARKER {
             Some(Extent::Zero)
+        } else if v == ZEROED_MARKER {
+            Some(Extent::Zeroed)
         } else {
             Digest::from_slice(v).map(Extent::Chunk)
         }
