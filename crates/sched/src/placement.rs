@@ -291,7 +291,8 @@ impl fmt::Display for FilterCounts {
         let mut first = true;
         for (n, what) in parts {
             if n > 0 {
-                write!(f, "{}{n} {what}", if first { "" } else { ", " })?;
+                let hosts = if n == 1 { "host" } else { "hosts" };
+                write!(f, "{}{n} {hosts} {what}", if first { "" } else { ", " })?;
                 first = false;
             }
         }
@@ -1487,7 +1488,7 @@ mod tests {
         assert!(matches!(e, PlaceError::NoHost { .. }));
         assert_eq!(
             e.to_string(),
-            "no host can run arm.shop: 1 down, 2 without a suitable hypervisor"
+            "no host can run arm.shop: 1 host down, 2 hosts without a suitable hypervisor"
         );
         let reason = &x.hosts.iter().find(|(h, _)| h == "plain").unwrap().1;
         assert_eq!(
@@ -1515,7 +1516,7 @@ mod tests {
         );
         assert_eq!(
             x.decision.unwrap_err().to_string(),
-            "no host can run big.shop: 1 short of memory"
+            "no host can run big.shop: 1 host short of memory"
         );
     }
 

@@ -427,7 +427,7 @@ impl Daemon {
                 .filter_map(|m| {
                     let v = stack.volumes.get(&m.volume)?;
                     Some(VolumeReq {
-                        name: m.volume.to_string(),
+                        name: host_volume_name(stack, rs, &m.volume, v.mode),
                         size: v.size.0,
                         mode: mode_str(v.mode).to_owned(),
                         per_instance: v.per_instance,
@@ -1734,4 +1734,68 @@ pub async fn fail_host(sh: &Rc<Shared>, id: &str) -> Result<()> {
     boot_all(sh, boots).await;
     replenish(sh).await;
     Ok(())
+}
+
+/// The name a stack's volume has on a host: `{stack}-{volume}`, so two stacks' volumes
+/// of the same name stay apart. A variant's own (UNIQUE) instances get RWO volumes of
+/// their own, `{stack}--{variant}-{volume}` (the parent's is held by the parent's
+/// instance), and share the parent's RWX and ROX volumes.
+fn host_volume_name(
+    stack: &Stack,
+    rs: &ResolvedService,
+    volume: &Name,
+    mode: AccessMode,
+) -> String {
+    let owner = match mode {
+        AccessMode::Rwo => rs
+            .instances_of
+            .split_once('.')
+            .map_or(stack.name.as_str(), |(_, owner)| owner),
+        AccessMode::Rwx | AccessMode::Rox => stack.name.as_str(),
+    };
+    format!("{owner}-{volume}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// shop.toml plus a variant that overrides the database (RWO volume) and web (RWX).
+    const VARIANT: &str = r#"
+[variant]
+name = "pr-7"
+parent = "shop"
+
+[variant.services.db]
+image = "library/postgres:17.0"
+
+[variant.services.web]
+image = "shop/web:pr-7"
+"#;
+
+    #[test]
+    fn host_volume_names_keep_stacks_apart_and_give_variants_their_own_rwo_volumes() {
+        let mut catalog = Catalog::new();
+        let shop = include_str!("../../sched/examples/shop.toml");
+        catalog.load(parse("shop.toml", shop).unwrap()).unwrap();
+        catalog.load(parse("pr-7.toml", VARIANT).unwrap()).unwrap();
+        let stack = catalog.stack("shop").unwrap().clone();
+        let names = |variant: Option<&str>, service: &str| -> Vec<String> {
+            let d = catalog.deployment("shop", variant).unwrap();
+            let rs = d
+                .services
+                .iter()
+                .find(|s| s.service.name.as_str() == service)
+                .unwrap();
+            Daemon::build_spec(&stack, rs, "x-0", 0)
+                .volumes
+                .into_iter()
+                .map(|v| v.name)
+                .collect()
+        };
+        assert_eq!(names(None, "db"), ["shop-orders-db"]);
+        assert_eq!(names(None, "web"), ["shop-cache"]);
+        assert_eq!(names(Some("pr-7"), "db"), ["shop--pr-7-orders-db"]);
+        assert_eq!(names(Some("pr-7"), "web"), ["shop-cache"], "RWX is shared");
+    }
 }

@@ -146,7 +146,8 @@ fn deploy_places_and_prepares_with_env_volumes_and_hypervisor() {
         assert_eq!(w.env("PUBLIC_URL"), Some("https://shop.tidedge.local"));
         assert_eq!(w.hypervisor, "firecracker");
         assert_eq!(w.volumes.len(), 1);
-        assert_eq!(w.volumes[0].name, "cache");
+        // Host volume names carry the stack: two stacks' "cache" stay apart.
+        assert_eq!(w.volumes[0].name, "shop-cache");
         assert_eq!(w.volumes[0].mode, "rwx");
         assert_eq!(w.volumes[0].mount_path, "/var/cache/shop");
         let api = prepares.iter().find(|p| p.key == "api.shop").unwrap();
@@ -155,7 +156,7 @@ fn deploy_places_and_prepares_with_env_volumes_and_hypervisor() {
         let model = api
             .volumes
             .iter()
-            .find(|v| v.name == "recommender-model")
+            .find(|v| v.name == "shop-recommender-model")
             .unwrap();
         assert_eq!(
             (model.mode.as_str(), model.mount_path.as_str()),
@@ -167,7 +168,7 @@ fn deploy_places_and_prepares_with_env_volumes_and_hypervisor() {
         );
         let db = prepares.iter().find(|p| p.key == "db.shop").unwrap();
         assert_eq!(db.hypervisor, "firecracker");
-        assert_eq!(db.volumes[0].name, "orders-db");
+        assert_eq!(db.volumes[0].name, "shop-orders-db");
         assert_eq!(db.volumes[0].size, 20 << 30);
         assert_eq!(db.volumes[0].mode, "rwo");
         assert_eq!(db.image, "library/postgres:16.3");
@@ -210,7 +211,7 @@ fn deploy_places_and_prepares_with_env_volumes_and_hypervisor() {
         assert_eq!(seen[1].0, 1);
         assert!(seen.iter().all(|s| s.1));
         assert!(
-            seen[0].2.ends_with("/data-0") && seen[1].2.ends_with("/data-1"),
+            seen[0].2.ends_with("/pg-data-0") && seen[1].2.ends_with("/pg-data-1"),
             "{seen:?}"
         );
 

@@ -70,8 +70,9 @@ struct Inventory {
 
 struct VolumeRequest {
   # A volume an instance mounts.
-  name @0 :Text;          # The stack's volume name; for a per-instance template the host
-                          # attaches NAME-ORDINAL, creating it if missing.
+  name @0 :Text;          # The host volume's name: STACK-VOLUME, or STACK--VARIANT-VOLUME
+                          # for a variant's own RWO volume; for a per-instance template
+                          # the host attaches NAME-ORDINAL, creating it if missing.
   size @1 :UInt64;        # Created with this size if missing.
   mode @2 :Text;          # "rwo", "rwx" or "rox".
   perInstance @3 :Bool;
