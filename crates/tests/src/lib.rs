@@ -1,6 +1,6 @@
 //! Support library for Tidedge's end-to-end tests and benchmarks.
 //!
-//! The tests in this crate drive the real binaries (`tide`, `volumed`) against
+//! The tests in this crate drive the real binaries (`tide`, `volumed`, `sched`) against
 //! real data: Debian bookworm root filesystems built with `debootstrap` by
 //! `scripts/make-roots.sh` (see [`roots`]). The helpers here locate those inputs and
 //! binaries, and fail loudly with an explanation when something is missing: a test that
@@ -12,6 +12,7 @@ pub mod fstree;
 pub mod nbd;
 pub mod pjdfs;
 pub mod roots;
+pub mod sched;
 pub mod tide;
 pub mod volumed;
 
@@ -48,6 +49,15 @@ pub const VOLUMED_BIN_NAME: &str = "volumed";
 /// panics with an explanation of how to build it.
 pub fn volumed_bin() -> PathBuf {
     find_bin(VOLUMED_BIN_NAME, "volumed").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Name of the scheduler daemon binary built by the `schedd` crate.
+pub const SCHED_BIN_NAME: &str = "sched";
+
+/// Returns the path of the `sched` binary (looked for as [`find_tide_bin`] does), or
+/// panics with an explanation of how to build it.
+pub fn sched_bin() -> PathBuf {
+    find_bin(SCHED_BIN_NAME, "schedd").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Locates binary `name` of workspace package `package` (see [`find_tide_bin`]).

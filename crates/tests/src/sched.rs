@@ -1,0 +1,112 @@
+//! Running the real scheduler daemon (`sched`) for a test: started on a Unix socket and
+//! a data directory, waited for until it serves, killed with SIGKILL and started again
+//! on the same data, killed when the handle is dropped.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `sched --listen unix:SOCKET --data DATA`; dropping it kills the process.
+#[derive(Debug)]
+pub struct Sched {
+    /// The data directory (`--data`): the state database is `data/state`.
+    pub data: PathBuf,
+    /// The Unix socket it serves on.
+    pub socket: PathBuf,
+    /// Where the daemon's stderr goes (appended to across restarts).
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Sched {
+    /// Starts `sched` with `args` added (e.g. `--host-timeout 2s`) and waits (up to
+    /// 30 s) until its socket accepts connections; panics with its log otherwise.
+    pub fn start(data: impl AsRef<Path>, socket: impl AsRef<Path>, args: &[&str]) -> Sched {
+        let mut s = Sched {
+            data: data.as_ref().to_path_buf(),
+            socket: socket.as_ref().to_path_buf(),
+            log: data.as_ref().with_extension("log"),
+            args: args.iter().map(|a| (*a).to_string()).collect(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// The address clients and hosts use: `unix:SOCKET`.
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("create sched log");
+        // A killed daemon leaves its socket behind: only a fresh one means "serving".
+        let _ = std::fs::remove_file(&self.socket);
+        let child = Command::new(crate::sched_bin())
+            .arg("--listen")
+            .arg(self.addr())
+            .arg("--data")
+            .arg(&self.data)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sched");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child_mut().try_wait().expect("wait sched") {
+                panic!("sched exited ({st}) before serving:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sched did not serve {} within 30 s:\n{}",
+                self.socket.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("sched running")
+    }
+
+    /// Kills the daemon with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("sched running");
+        c.kill().expect("kill -9 sched");
+        let st = c.wait().expect("wait sched");
+        assert!(!st.success(), "sched exited cleanly when killed: {st}");
+    }
+
+    /// Starts the daemon again on the same data directory and socket.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "sched is still running");
+        self.spawn();
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sched {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

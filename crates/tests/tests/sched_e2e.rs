@@ -1,0 +1,752 @@
+//! The scheduler end to end, every process real, on loopback: one `sched`, three
+//! `volumed` hosts joined with `--scheduler` (own data directories and sockets), images
+//! built from real Debian roots and imported with `tide`, the stack deployed with
+//! `tide --scheduler ... deploy`, and a second client in Python (pycapnp, loading only
+//! `sched.capnp`).
+//!
+//! Images are OCI layouts of plain tar layers: the distribution (debootstrap minbase),
+//! the framework (what the python3 root adds to minbase) and small app layers on top.
+//! host-a holds every image; host-b and host-c lack the `pr-42` preview's image, whose
+//! app layer is large, so its placement shows locality. One cluster serves every step
+//! in turn: deploy, variant, warm pool, a host killed with -9, the scheduler killed with
+//! -9 and restarted, the Python client.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::roots::debian_root;
+use tests::sched::Sched;
+use tests::tide::sh;
+use tests::volumed::Volumed;
+
+const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
+
+/// The stack: an RWO database volume, a shared RWX cache, a read-only model, three
+/// services, and a preview variant overriding only `web`.
+const SHOP: &str = r#"
+[stack]
+name = "shop"
+entrypoint = "web"
+
+[volumes.orders-db]
+size = "64M"
+mode = "rwo"
+
+[volumes.cache]
+size = "32M"
+mode = "rwx"
+
+[volumes.model]
+size = "16M"
+mode = "rox"
+
+[services.web]
+image = "shop/web:1"
+depends_on = ["api"]
+volumes = { cache = "/var/cache/shop" }
+
+[services.web.instances]
+min = 2
+max = 4
+
+[services.api]
+image = "shop/api:1"
+depends_on = ["db"]
+volumes = { cache = "/var/cache/shop", model = "/models" }
+
+[services.db]
+image = "shop/db:1"
+volumes = { orders-db = "/var/lib/db" }
+
+[services.db.instances]
+min = 1
+max = 1
+
+[variants.pr-42.services.web]
+image = "shop/web:pr-42"
+
+[variants.pr-42.services.web.instances]
+min = 1
+max = 1
+"#;
+
+/// A one-service stack on the framework: its instance converts the pool's warm VM.
+const JOBS: &str = r#"
+[stack]
+name = "jobs"
+
+[services.worker]
+image = "jobs/worker:1"
+"#;
+
+/// Deployed by the Python client.
+const PY_STACK: &str = r#"
+[stack]
+name = "pystack"
+
+[services.kv]
+image = "shop/db:1"
+"#;
+
+const PY_CLIENT: &str = r#"
+import asyncio, sys
+import capnp
+
+schema = capnp.load(sys.argv[1])
+
+async def main():
+    conn = await capnp.AsyncIoStream.create_unix_connection(sys.argv[2])
+    s = capnp.TwoPartyClient(conn).bootstrap().cast_as(schema.Scheduler)
+    v = await s.version()
+    print("version", v.version, schema.version)
+    r = await s.deploy("py.toml", open(sys.argv[3]).read(), "", False, "")
+    for p in r.report.placed:
+        print("placed", p.instance.id, p.instance.host, p.instance.state)
+    for i in (await s.instances()).instances:
+        print("instance", i.id, i.host, i.state, i.root)
+
+asyncio.run(capnp.run(main()))
+"#;
+
+// ---- Images ----
+
+/// Writes the tar of `root` (everything, or only `list` when given) to `out`.
+fn tar(root: &Path, list: Option<&Path>, out: &Path) {
+    let files = match list {
+        Some(l) => format!("--null --no-recursion -T {}", l.display()),
+        None => ".".to_string(),
+    };
+    sh(&format!(
+        "tar --numeric-owner --xattrs -C {} -cf {} {files}",
+        root.display(),
+        out.display()
+    ));
+}
+
+/// What `upper` adds to or changes in `lower`, as a NUL-separated list of `./PATH`
+/// (every directory, so parents exist; files and links that are new or differ).
+fn diff_list(lower: &Path, upper: &Path, out: &Path) -> usize {
+    fn walk(lower: &Path, upper: &Path, rel: &Path, out: &mut Vec<u8>, n: &mut usize) {
+        let mut entries: Vec<_> = std::fs::read_dir(upper.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        entries.sort();
+        for name in entries {
+            let r = rel.join(&name);
+            let u = std::fs::symlink_metadata(upper.join(&r)).unwrap();
+            let l = std::fs::symlink_metadata(lower.join(&r)).ok();
+            let changed = match &l {
+                None => true,
+                Some(l) => {
+                    l.mode() != u.mode()
+                        || l.size() != u.size()
+                        || l.mtime() != u.mtime()
+                        || (u.file_type().is_symlink()
+                            && std::fs::read_link(lower.join(&r)).ok()
+                                != std::fs::read_link(upper.join(&r)).ok())
+                }
+            };
+            if u.is_dir() || changed {
+                out.extend_from_slice(b"./");
+                out.extend_from_slice(r.as_os_str().as_encoded_bytes());
+                out.push(0);
+                if !u.is_dir() {
+                    *n += 1;
+                }
+            }
+            if u.is_dir() {
+                walk(lower, upper, &r, out, n);
+            }
+        }
+    }
+    let mut list = Vec::new();
+    let mut n = 0;
+    walk(lower, upper, Path::new(""), &mut list, &mut n);
+    std::fs::write(out, list).unwrap();
+    n
+}
+
+/// Shared OCI blobs; each image is a layout directory hard-linking them.
+struct Blobs {
+    dir: PathBuf,
+}
+
+impl Blobs {
+    fn put(&self, bytes: &[u8]) -> (castore::Digest, usize) {
+        let d = castore::Digest::of(bytes);
+        std::fs::write(self.dir.join(d.to_hex()), bytes).unwrap();
+        (d, bytes.len())
+    }
+
+    /// A layer blob from a tar file: (digest, size); the diff id is the same digest.
+    fn layer(&self, tar: &Path) -> (castore::Digest, usize) {
+        self.put(&std::fs::read(tar).unwrap())
+    }
+
+    /// An OCI layout at `dir` of image `name` with `layers` (bottom first).
+    fn image(&self, dir: &Path, name: &str, layers: &[(castore::Digest, usize)]) {
+        let cfg = serde_json::to_vec(&serde_json::json!({
+            "architecture": castore::host_arch(), "os": "linux",
+            "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers",
+                       "diff_ids": layers.iter().map(|l| l.0.to_string()).collect::<Vec<_>>()}
+        }))
+        .unwrap();
+        let c = self.put(&cfg);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": c.0.to_string(), "size": c.1},
+            "layers": layers.iter().map(|(d, n)| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": d.to_string(), "size": n})).collect::<Vec<_>>()
+        });
+        let m = self.put(&serde_json::to_vec(&manifest).unwrap());
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": m.0.to_string(), "size": m.1,
+            "annotations": {"org.opencontainers.image.ref.name": name}}]});
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for d in layers.iter().map(|l| l.0).chain([c.0, m.0]) {
+            let hex = d.to_hex();
+            std::fs::hard_link(self.dir.join(&hex), blobs.join(&hex)).unwrap();
+        }
+        std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    }
+}
+
+/// A small app layer: `/srv/app/NAME.txt` saying `text`, plus `extra` bytes of random
+/// data in `/srv/app/blob.bin` when non-zero.
+fn app_layer(tmp: &Path, name: &str, text: &str, extra_mib: u32) -> PathBuf {
+    let root = tmp.join(format!("app-{name}"));
+    std::fs::create_dir_all(root.join("srv/app")).unwrap();
+    std::fs::write(root.join(format!("srv/app/{name}.txt")), text).unwrap();
+    if extra_mib > 0 {
+        sh(&format!(
+            "head -c {extra_mib}M /dev/urandom > {}",
+            root.join("srv/app/blob.bin").display()
+        ));
+    }
+    let out = tmp.join(format!("app-{name}.tar"));
+    tar(&root, None, &out);
+    out
+}
+
+/// Builds the images; returns their (OCI layout directory, name) pairs.
+fn build_images(tmp: &Path) -> Vec<(PathBuf, &'static str)> {
+    let minbase = debian_root("minbase");
+    let python3 = debian_root("python3");
+    let blobs = Blobs {
+        dir: tmp.join("blobs"),
+    };
+    std::fs::create_dir_all(&blobs.dir).unwrap();
+    let dist_tar = tmp.join("dist.tar");
+    tar(&minbase, None, &dist_tar);
+    let list = tmp.join("fw.list");
+    let changed = diff_list(&minbase, &python3, &list);
+    assert!(changed > 100, "python3 adds only {changed} files to minbase?");
+    let fw_tar = tmp.join("fw.tar");
+    tar(&python3, Some(&list), &fw_tar);
+    let dist = blobs.layer(&dist_tar);
+    let fw = blobs.layer(&fw_tar);
+    let app = |name, text, mib| blobs.layer(&app_layer(tmp, name, text, mib));
+    let (web, pr42, api, db, worker) = (
+        app("web", "web v1\n", 0),
+        app("web", "web pr-42\n", 48),
+        app("api", "api v1\n", 0),
+        app("db", "db v1\n", 0),
+        app("worker", "worker v1\n", 0),
+    );
+    let images: [(&str, Vec<(castore::Digest, usize)>); 6] = [
+        ("framework:1", vec![dist, fw]),
+        ("shop/web:1", vec![dist, fw, web]),
+        ("shop/api:1", vec![dist, fw, api]),
+        ("shop/db:1", vec![dist, db]),
+        ("jobs/worker:1", vec![dist, fw, worker]),
+        ("shop/web:pr-42", vec![dist, fw, pr42]),
+    ];
+    images
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, layers))| {
+            let dir = tmp.join(format!("oci-{i}"));
+            blobs.image(&dir, name, &layers);
+            (dir, name)
+        })
+        .collect()
+}
+
+// ---- Running tide against the scheduler ----
+
+fn tide(addr: &str, args: &[&str]) -> std::process::Output {
+    Command::new(tests::tide_bin())
+        .arg("--scheduler")
+        .arg(addr)
+        .args(args)
+        .output()
+        .expect("spawn tide")
+}
+
+/// `tide --scheduler ADDR --json ARGS`, which must succeed.
+fn json(addr: &str, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let o = tide(addr, &a);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "tide {args:?} failed: {}{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("tide {args:?}: not JSON ({e}): {out}"))
+}
+
+/// Waits (up to `secs`) until `f` returns Some; panics with `what` and the last value.
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "timed out after {secs} s waiting for {what}; last: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn hosts_up(addr: &str) -> BTreeSet<String> {
+    json(addr, &["host", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["up"] == true)
+        .map(|h| h["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn instances(addr: &str) -> Vec<Value> {
+    json(addr, &["instance", "ls"]).as_array().unwrap().clone()
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a string: {v}"))
+}
+
+/// Checks an instance is really there: its root (on its host) shows the image's files,
+/// the volumes' NBD URIs answer `nbdinfo`.
+fn check_instance(i: &Value, want_file: &str, want_text: &str, python: bool) {
+    let root = Path::new(s(&i["root"]));
+    // On its host: under that volumed's data directory (named after the host id).
+    assert!(
+        root.to_string_lossy()
+            .contains(&format!("/{}/", s(&i["host"]))),
+        "{i}"
+    );
+    let got = std::fs::read_to_string(root.join(want_file))
+        .unwrap_or_else(|e| panic!("{}: {e} ({i})", root.join(want_file).display()));
+    assert_eq!(got, want_text, "{i}");
+    // The distribution layer is under it.
+    let osr = std::fs::read_to_string(root.join("etc/os-release")).unwrap();
+    assert!(osr.contains("bookworm"), "{osr}");
+    assert_eq!(
+        root.join("usr/bin/python3").exists(),
+        python,
+        "framework layer in {}",
+        root.display()
+    );
+    for uri in i["volumes"].as_array().unwrap() {
+        let o = Command::new("nbdinfo")
+            .arg("--size")
+            .arg(s(uri))
+            .output()
+            .expect("run nbdinfo");
+        assert!(
+            o.status.success(),
+            "nbdinfo {uri}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let size: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+        assert!(size >= 16 << 20, "{uri}: {size}");
+    }
+}
+
+fn python() -> PathBuf {
+    let py = std::env::var_os("TIDEDGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/tidedge-pyenv/bin/python"));
+    let ok = Command::new(&py)
+        .args(["-c", "import capnp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import pycapnp: run .ci/run, or `python3 -m venv /var/tmp/tidedge-pyenv && \
+         /var/tmp/tidedge-pyenv/bin/pip install pycapnp`, or set TIDEDGE_PYTHON",
+        py.display()
+    );
+    py
+}
+
+fn host_args(id: &str, addr: &str) -> Vec<String> {
+    [
+        "--scheduler",
+        addr,
+        "--host-id",
+        id,
+        "--vcpus",
+        "16",
+        "--memory",
+        "32G",
+        "--hypervisors",
+        "firecracker,qemu",
+        "--label",
+        "zone=e2e",
+        "--heartbeat-ms",
+        "200",
+    ]
+    .iter()
+    .map(|a| (*a).to_string())
+    .collect()
+}
+
+#[test]
+fn scheduler_with_real_hosts_end_to_end() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: instance roots are FUSE mounts (needs root)"
+    );
+    let py = python();
+    let tmp = tests::tmpdir("tide-sched-e2e");
+    let t = tmp.path();
+    let images = build_images(t);
+
+    // ---- The cluster ----
+    let mut sched = Sched::start(t.join("sched"), t.join("sched.sock"), &["--host-timeout", "2s"]);
+    let addr = sched.addr();
+    let mut hosts: Vec<Option<Volumed>> = HOSTS
+        .iter()
+        .map(|id| {
+            let v = Volumed::start_with(
+                t.join(id),
+                t.join(format!("{id}.sock")),
+                &host_args(id, &addr),
+            );
+            Some(v)
+        })
+        .collect();
+    // host-a holds every image, host-b and host-c all but the preview's.
+    std::thread::scope(|sc| {
+        for (n, h) in hosts.iter().enumerate() {
+            let images = &images;
+            sc.spawn(move || {
+                let tide = h.as_ref().unwrap().tide();
+                for (dir, name) in images {
+                    if n > 0 && name.ends_with("pr-42") {
+                        continue;
+                    }
+                    let r = tide.json(&["image", "import", dir.to_str().unwrap()]);
+                    assert_eq!(r["name"], *name, "{r}");
+                }
+            });
+        }
+    });
+    let all: BTreeSet<String> = HOSTS.iter().map(|h| h.to_string()).collect();
+    wait_for(30, "three hosts up", || {
+        let up = hosts_up(&addr);
+        if up == all { Ok(()) } else { Err(format!("{up:?}")) }
+    });
+    // The inventories after the imports reach the scheduler with the heartbeats.
+    wait_for(30, "the hosts' layers", || {
+        let h = json(&addr, &["host", "ls"]);
+        let bytes: Vec<u64> = h
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["layer_bytes"].as_u64().unwrap())
+            .collect();
+        if bytes.len() == 3 && bytes[0] > bytes[1] + (40 << 20) && bytes[1] > 50 << 20 {
+            Ok(())
+        } else {
+            Err(format!("{h}"))
+        }
+    });
+
+    // ---- Deploy: four instances with roots mounted and volumes attached ----
+    let shop = t.join("shop.toml");
+    std::fs::write(&shop, SHOP).unwrap();
+    let shop = shop.to_str().unwrap();
+    let d = json(&addr, &["deploy", shop]);
+    assert_eq!(d["stack"], "shop");
+    let placed = d["placed"].as_array().unwrap();
+    assert_eq!(placed.len(), 4, "{d}");
+    let inst = instances(&addr);
+    assert_eq!(inst.len(), 4);
+    for i in &inst {
+        assert_eq!(i["state"], "ready", "{i}");
+        match s(&i["service"]) {
+            "web" => {
+                assert_eq!(i["volumes"].as_array().unwrap().len(), 1);
+                check_instance(i, "srv/app/web.txt", "web v1\n", true);
+            }
+            "api" => {
+                assert_eq!(i["volumes"].as_array().unwrap().len(), 2);
+                check_instance(i, "srv/app/api.txt", "api v1\n", true);
+            }
+            "db" => {
+                assert_eq!(i["volumes"].as_array().unwrap().len(), 1);
+                check_instance(i, "srv/app/db.txt", "db v1\n", false);
+            }
+            other => panic!("unexpected service {other}: {i}"),
+        }
+    }
+    let web_hosts: BTreeSet<&str> = inst
+        .iter()
+        .filter(|i| i["service"] == "web")
+        .map(|i| s(&i["host"]))
+        .collect();
+    assert_eq!(web_hosts.len(), 2, "web's replicas spread: {inst:?}");
+    // A root written through an instance's scratch is that instance's alone.
+    let web0 = inst.iter().find(|i| i["service"] == "web").unwrap();
+    std::fs::write(Path::new(s(&web0["root"])).join("srv/app/written"), "x").unwrap();
+    let web1 = inst
+        .iter()
+        .filter(|i| i["service"] == "web")
+        .nth(1)
+        .unwrap();
+    assert!(!Path::new(s(&web1["root"])).join("srv/app/written").exists());
+
+    // ---- The preview variant: one new instance, on the host with its layers ----
+    let v = json(&addr, &["deploy", shop, "--variant", "pr-42", "--explain"]);
+    let placed = v["placed"].as_array().unwrap();
+    assert_eq!(placed.len(), 1, "exactly one new instance: {v}");
+    let p = &placed[0];
+    assert_eq!(p["instance"]["service"], "web");
+    assert_eq!(p["instance"]["host"], "host-a", "{p}");
+    assert_eq!(p["fetch_bytes"], 0, "{p}");
+    let reasons = p["reasons"].to_string();
+    assert!(reasons.contains("already on host-a"), "{reasons}");
+    let verdicts = p["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 3, "{p}");
+    let score = |h: &str| {
+        verdicts.iter().find(|v| v["host"] == h).unwrap()["score"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        score("host-a") > score("host-b") && score("host-a") > score("host-c"),
+        "{verdicts:?}"
+    );
+    for v in verdicts {
+        assert!(s(&v["reason"]).contains("locality"), "{v}");
+    }
+    check_instance(&p["instance"], "srv/app/web.txt", "web pr-42\n", true);
+    assert_eq!(instances(&addr).len(), 5);
+    for svc in &v["services"].as_array().unwrap()[..] {
+        let want = if svc["service"] == "web" {
+            "unique"
+        } else {
+            "shared"
+        };
+        assert_eq!(svc["sharing"], want, "{svc}");
+    }
+    let r = json(&addr, &["resolve", "web.shop--pr-42.tidedge.local"]);
+    assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
+    assert_eq!(r["shared_from_parent"], false);
+    let r = json(&addr, &["resolve", "api.shop--pr-42.tidedge.local"]);
+    assert_eq!(r["shared_from_parent"], true, "{r}");
+    let api = instances(&addr)
+        .into_iter()
+        .find(|i| i["service"] == "api")
+        .unwrap();
+    assert_eq!(r["instance"]["id"], api["id"], "{r}");
+    assert_eq!(r["instance"]["variant"], "");
+    json(
+        &addr,
+        &["alias", "add", "preview.shop.example.com", "web.shop--pr-42"],
+    );
+    let r = json(&addr, &["resolve", "preview.shop.example.com"]);
+    assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
+
+    // ---- A warm pool on distribution + framework, converted by a deploy ----
+    let fw = hosts[0]
+        .as_ref()
+        .unwrap()
+        .tide()
+        .json(&["image", "inspect", "framework:1"]);
+    let layers: Vec<&str> = fw["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| s(&l["digest"]))
+        .collect();
+    assert_eq!(layers.len(), 2);
+    let pool = json(
+        &addr,
+        &[
+            "pool",
+            "create",
+            "py-fw",
+            "--layers",
+            &layers.join(","),
+            "--min",
+            "1",
+            "--max",
+            "2",
+        ],
+    );
+    assert_eq!(pool["layers"].as_array().unwrap().len(), 2, "{pool}");
+    let warm_count = |addr: &str| -> u64 {
+        json(addr, &["pool", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "py-fw")
+            .map_or(0, |p| p["warm"].as_u64().unwrap())
+    };
+    wait_for(30, "a warm VM", || match warm_count(&addr) {
+        1 => Ok(()),
+        n => Err(format!("{n} warm")),
+    });
+    let warm_host = wait_for(30, "the warm VM's host", || {
+        let h = json(&addr, &["host", "ls"]);
+        h.as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["warm_vms"] == 1)
+            .map(|h| s(&h["id"]).to_string())
+            .ok_or_else(|| h.to_string())
+    });
+    let warm_dir = t.join(&warm_host).join("warm");
+    let warm_roots: Vec<_> = std::fs::read_dir(&warm_dir).unwrap().collect();
+    assert_eq!(warm_roots.len(), 1, "{}", warm_dir.display());
+    let jobs = t.join("jobs.toml");
+    std::fs::write(&jobs, JOBS).unwrap();
+    let j = json(&addr, &["deploy", jobs.to_str().unwrap()]);
+    let w = &j["placed"][0]["instance"];
+    assert!(!s(&w["warm_vm"]).is_empty(), "not converted: {j}");
+    assert_eq!(w["host"], warm_host.as_str(), "{j}");
+    check_instance(w, "srv/app/worker.txt", "worker v1\n", true);
+    let listed = instances(&addr)
+        .into_iter()
+        .find(|i| i["id"] == w["id"])
+        .unwrap();
+    assert_eq!(listed["warm_vm"], w["warm_vm"]);
+    wait_for(30, "the pool refilled", || match warm_count(&addr) {
+        1 => Ok(()),
+        n => Err(format!("{n} warm")),
+    });
+
+    // ---- kill -9 a host: its instances move ----
+    let before = instances(&addr);
+    let victim = ["host-b", "host-c"]
+        .into_iter()
+        .max_by_key(|h| before.iter().filter(|i| i["host"] == *h).count())
+        .unwrap();
+    let moved: BTreeSet<String> = before
+        .iter()
+        .filter(|i| i["host"] == victim)
+        .map(|i| s(&i["id"]).to_string())
+        .collect();
+    assert!(!moved.is_empty(), "{before:?}");
+    let n = HOSTS.iter().position(|h| *h == victim).unwrap();
+    hosts[n].take().unwrap().signal_and_wait(libc::SIGKILL);
+    let after = wait_for(60, "the dead host's instances moved", || {
+        let now = instances(&addr);
+        let ok = now.iter().all(|i| i["host"] != victim)
+            && moved.iter().all(|id| {
+                now.iter()
+                    .any(|i| i["id"] == id.as_str() && i["state"] == "moved")
+            });
+        if ok { Ok(now) } else { Err(format!("{now:?}")) }
+    });
+    assert_eq!(after.len(), before.len());
+    for i in after.iter().filter(|i| moved.contains(s(&i["id"]))) {
+        let (file, text, py) = match s(&i["service"]) {
+            "web" => ("srv/app/web.txt", "web v1\n", true),
+            "api" => ("srv/app/api.txt", "api v1\n", true),
+            "db" => ("srv/app/db.txt", "db v1\n", false),
+            "worker" => ("srv/app/worker.txt", "worker v1\n", true),
+            other => panic!("unexpected service {other} moved: {i}"),
+        };
+        check_instance(i, file, text, py);
+    }
+    assert!(!hosts_up(&addr).contains(victim));
+
+    // ---- kill -9 the scheduler, restart it on the same data ----
+    let stacks = json(&addr, &["stack", "ls"]);
+    let aliases = json(&addr, &["alias", "ls"]);
+    let pools = json(&addr, &["pool", "ls"]);
+    sched.kill9();
+    sched.restart();
+    let live: BTreeSet<String> = all.iter().filter(|h| *h != victim).cloned().collect();
+    wait_for(30, "the live hosts re-registered", || {
+        let up = hosts_up(&addr);
+        if up == live { Ok(()) } else { Err(format!("{up:?}")) }
+    });
+    assert_eq!(json(&addr, &["stack", "ls"]), stacks);
+    assert_eq!(json(&addr, &["alias", "ls"]), aliases);
+    let pools_after = json(&addr, &["pool", "ls"]);
+    assert_eq!(pools_after[0]["name"], pools[0]["name"], "{pools_after}");
+    assert_eq!(pools_after[0]["layers"], pools[0]["layers"]);
+    let ids = |v: &[Value]| -> BTreeSet<(String, String)> {
+        v.iter()
+            .map(|i| (s(&i["id"]).to_string(), s(&i["host"]).to_string()))
+            .collect()
+    };
+    let restarted = instances(&addr);
+    assert_eq!(ids(&restarted), ids(&after));
+    let r = json(&addr, &["resolve", "preview.shop.example.com"]);
+    assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
+
+    // ---- A second client: Python, from sched.capnp alone ----
+    let py_stack = t.join("py.toml");
+    std::fs::write(&py_stack, PY_STACK).unwrap();
+    let capnp_file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schema/capnp/sched.capnp");
+    let o = Command::new(py)
+        .args(["-c", PY_CLIENT])
+        .arg(&capnp_file)
+        .arg(&sched.socket)
+        .arg(&py_stack)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "python client failed: {}\n{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("version 1 1"), "{out}");
+    let py_inst: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("placed "))
+        .collect();
+    assert_eq!(py_inst.len(), 1, "{out}");
+    let id = py_inst[0].split(' ').next().unwrap();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("instance {id} ")) && l.contains(" ready ")),
+        "{out}"
+    );
+    // Everything tide lists, Python listed too.
+    for i in instances(&addr) {
+        assert!(
+            out.contains(&format!("instance {} {}", s(&i["id"]), s(&i["host"]))),
+            "{i} missing from:\n{out}"
+        );
+    }
+    let kv = instances(&addr)
+        .into_iter()
+        .find(|i| i["id"] == id)
+        .unwrap();
+    check_instance(&kv, "srv/app/db.txt", "db v1\n", false);
+}
