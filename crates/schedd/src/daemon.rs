@@ -743,10 +743,12 @@ impl Daemon {
         })
     }
 
+    /// Every stack, by name: the same order before and after a restart (the catalog
+    /// keeps deploy order, which a restart, loading the files by name, does not).
     pub fn stack_views(&self) -> Vec<StackView> {
-        self.catalog
-            .stacks()
-            .filter_map(|s| self.stack_view(s.name.as_str()))
+        self.files
+            .keys()
+            .filter_map(|name| self.stack_view(name))
             .collect()
     }
 

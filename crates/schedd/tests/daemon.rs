@@ -533,6 +533,12 @@ fn state_survives_kill_9_and_hosts_are_reconciled() {
         testing::deploy(&s, "shop.toml", SHOP, "", false, "")
             .await
             .unwrap();
+        // Deployed after shop, listed before it: by name, before and after the restart.
+        let app = "[stack]\nname = \"app\"\n[services.x]\nimage = \"app/x:1\"\n";
+        testing::deploy(&s, "app.toml", app, "", false, "")
+            .await
+            .unwrap();
+        assert_eq!(testing::stacks(&s).await.unwrap(), ["app", "shop"]);
         testing::create_pool(&s, "extra", &[&digest(7)], "", 0, 2)
             .await
             .unwrap();
@@ -545,7 +551,7 @@ fn state_survives_kill_9_and_hosts_are_reconciled() {
     sched.kill9_and_restart();
     local(async {
         let s = schedd::net::connect(&addr).await.unwrap();
-        assert_eq!(testing::stacks(&s).await.unwrap(), vec!["shop".to_string()]);
+        assert_eq!(testing::stacks(&s).await.unwrap(), ["app", "shop"]);
         let after = testing::instances(&s).await.unwrap();
         let ids = |v: &[testing::InstanceOut]| v.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&after), ids(&before.borrow()));
@@ -578,7 +584,7 @@ fn state_survives_kill_9_and_hosts_are_reconciled() {
         // prepares again what it placed there.
         let a = FakeHost::start(&addr, eu_host("host-a")).await.unwrap();
         wait_for("the host to be reconciled", async || {
-            a.prepared().len() == 4
+            a.prepared().len() == 5
         })
         .await;
         wait_for("instances to be ready", async || {
