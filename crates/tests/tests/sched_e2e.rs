@@ -660,12 +660,13 @@ fn scheduler_with_real_hosts_end_to_end() {
     assert!(!moved.is_empty(), "{before:?}");
     let n = HOSTS.iter().position(|h| *h == victim).unwrap();
     hosts[n].take().unwrap().signal_and_wait(libc::SIGKILL);
-    let after = wait_for(60, "the dead host's instances moved", || {
+    // "moved" as soon as placed again; the root is reported once the new host prepared it.
+    let after = wait_for(60, "the dead host's instances moved and prepared", || {
         let now = instances(&addr);
         let ok = now.iter().all(|i| i["host"] != victim)
             && moved.iter().all(|id| {
                 now.iter()
-                    .any(|i| i["id"] == id.as_str() && i["state"] == "moved")
+                    .any(|i| i["id"] == id.as_str() && i["state"] == "moved" && i["root"] != "")
             });
         if ok { Ok(now) } else { Err(format!("{now:?}")) }
     });
