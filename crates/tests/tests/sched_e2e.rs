@@ -380,6 +380,26 @@ fn check_instance(i: &Value, want_file: &str, want_text: &str, python: bool) {
     }
 }
 
+/// Whether `path` is a mount point (in this process's mount namespace).
+fn is_mount(path: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(path))
+}
+
+/// The service's file, its text and whether it runs on the framework.
+fn expect_of(i: &Value) -> (&'static str, &'static str, bool) {
+    match s(&i["service"]) {
+        "web" if i["variant"] == "pr-42" => ("srv/app/web.txt", "web pr-42\n", true),
+        "web" => ("srv/app/web.txt", "web v1\n", true),
+        "api" => ("srv/app/api.txt", "api v1\n", true),
+        "db" | "kv" => ("srv/app/db.txt", "db v1\n", false),
+        "worker" => ("srv/app/worker.txt", "worker v1\n", true),
+        other => panic!("unexpected service {other}: {i}"),
+    }
+}
+
 fn python() -> PathBuf {
     let py = std::env::var_os("TIDEDGE_PYTHON")
         .map(PathBuf::from)
@@ -672,13 +692,7 @@ fn scheduler_with_real_hosts_end_to_end() {
     });
     assert_eq!(after.len(), before.len());
     for i in after.iter().filter(|i| moved.contains(s(&i["id"]))) {
-        let (file, text, py) = match s(&i["service"]) {
-            "web" => ("srv/app/web.txt", "web v1\n", true),
-            "api" => ("srv/app/api.txt", "api v1\n", true),
-            "db" => ("srv/app/db.txt", "db v1\n", false),
-            "worker" => ("srv/app/worker.txt", "worker v1\n", true),
-            other => panic!("unexpected service {other} moved: {i}"),
-        };
+        let (file, text, py) = expect_of(i);
         check_instance(i, file, text, py);
     }
     assert!(!hosts_up(&addr).contains(victim));
@@ -706,8 +720,52 @@ fn scheduler_with_real_hosts_end_to_end() {
     };
     let restarted = instances(&addr);
     assert_eq!(ids(&restarted), ids(&after));
+    // Reconciled with the hosts: every instance is served with its root and volumes.
+    let restarted = wait_for(30, "instances ready after the restart", || {
+        let now = instances(&addr);
+        if now
+            .iter()
+            .all(|i| (i["state"] == "ready" || i["state"] == "moved") && i["root"] != "")
+        {
+            Ok(now)
+        } else {
+            Err(format!("{now:?}"))
+        }
+    });
+    for i in &restarted {
+        let (file, text, py) = expect_of(i);
+        check_instance(i, file, text, py);
+    }
     let r = json(&addr, &["resolve", "preview.shop.example.com"]);
     assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
+
+    // ---- The killed host comes back: it gives up what moved away ----
+    let victim_data = t.join(victim);
+    let old_roots: Vec<String> = before
+        .iter()
+        .filter(|i| moved.contains(s(&i["id"])))
+        .map(|i| s(&i["root"]).to_string())
+        .collect();
+    hosts[n] = Some(Volumed::start_with(
+        &victim_data,
+        t.join(format!("{victim}.sock")),
+        &host_args(victim, &addr),
+    ));
+    wait_for(30, "the killed host back", || {
+        let up = hosts_up(&addr);
+        if up == all { Ok(()) } else { Err(format!("{up:?}")) }
+    });
+    wait_for(30, "the killed host to release what moved", || {
+        let rec = std::fs::read_to_string(victim_data.join("instances.json")).unwrap_or_default();
+        let left: Vec<&String> = moved.iter().filter(|id| rec.contains(id.as_str())).collect();
+        let mounted: Vec<&String> = old_roots.iter().filter(|r| is_mount(r)).collect();
+        if left.is_empty() && mounted.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still recorded {left:?}, mounted {mounted:?}"))
+        }
+    });
+    assert_eq!(ids(&instances(&addr)), ids(&after));
 
     // ---- A second client: Python, from sched.capnp alone ----
     let py_stack = t.join("py.toml");
@@ -750,4 +808,22 @@ fn scheduler_with_real_hosts_end_to_end() {
         .find(|i| i["id"] == id)
         .unwrap();
     check_instance(&kv, "srv/app/db.txt", "db v1\n", false);
+
+    // ---- Removing the stack releases its instances on their hosts ----
+    let roots: Vec<String> = instances(&addr)
+        .iter()
+        .filter(|i| i["stack"] == "shop")
+        .map(|i| s(&i["root"]).to_string())
+        .collect();
+    assert_eq!(roots.len(), 5);
+    assert!(roots.iter().all(|r| is_mount(r)), "{roots:?}");
+    let o = tide(&addr, &["stack", "rm", "shop"]);
+    assert!(!o.status.success(), "removed while an alias points into it");
+    json(&addr, &["alias", "rm", "preview.shop.example.com"]);
+    json(&addr, &["stack", "rm", "shop"]);
+    let left: Vec<Value> = instances(&addr);
+    assert!(left.iter().all(|i| i["stack"] != "shop"), "{left:?}");
+    for r in &roots {
+        assert!(!is_mount(r), "{r} still mounted");
+    }
 }
