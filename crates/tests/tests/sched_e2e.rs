@@ -364,9 +364,10 @@ fn check_instance(i: &Value, want_file: &str, want_text: &str, python: bool) {
         "framework layer in {}",
         root.display()
     );
+    assert!(is_mount(s(&i["root"])), "root not mounted: {i}");
     for uri in i["volumes"].as_array().unwrap() {
         let o = Command::new("nbdinfo")
-            .arg("--size")
+            .arg("--json")
             .arg(s(uri))
             .output()
             .expect("run nbdinfo");
@@ -375,8 +376,24 @@ fn check_instance(i: &Value, want_file: &str, want_text: &str, python: bool) {
             "nbdinfo {uri}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let size: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
-        assert!(size >= 16 << 20, "{uri}: {size}");
+        let info: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let export = &info["exports"][0];
+        let size = export["export-size"].as_u64().unwrap();
+        assert!(size >= 16 << 20, "{uri}: {info}");
+        // The model is ROX: attached read-only; the cache (RWX) and database (RWO)
+        // are writable.
+        let name = s(&export["export-name"]);
+        let mode = match name.split('/').next().unwrap() {
+            "model" => "rox",
+            "cache" => "rwx",
+            "orders-db" => "rwo",
+            other => panic!("unexpected volume {other}: {info}"),
+        };
+        assert!(
+            s(&export["description"]).starts_with(&format!("{mode} volume")),
+            "{info}"
+        );
+        assert_eq!(export["is_read_only"], mode == "rox", "{uri}: {info}");
     }
 }
 
@@ -713,6 +730,10 @@ fn scheduler_with_real_hosts_end_to_end() {
     let pools_after = json(&addr, &["pool", "ls"]);
     assert_eq!(pools_after[0]["name"], pools[0]["name"], "{pools_after}");
     assert_eq!(pools_after[0]["layers"], pools[0]["layers"]);
+    wait_for(30, "the pool warm after the restart", || match warm_count(&addr) {
+        1 => Ok(()),
+        n => Err(format!("{n} warm")),
+    });
     let ids = |v: &[Value]| -> BTreeSet<(String, String)> {
         v.iter()
             .map(|i| (s(&i["id"]).to_string(), s(&i["host"]).to_string()))
