@@ -16,7 +16,10 @@ pub mod sched;
 pub mod tide;
 pub mod volumed;
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// Name of the command-line binary built by the `cli` crate.
 pub const TIDE_BIN_NAME: &str = "tide";
@@ -58,6 +61,48 @@ pub const SCHED_BIN_NAME: &str = "sched";
 /// panics with an explanation of how to build it.
 pub fn sched_bin() -> PathBuf {
     find_bin(SCHED_BIN_NAME, "schedd").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits (up to 30 s) until the daemon `name` (process `child`, logging to `log`)
+/// accepts connections on `socket`; panics with its log if it exits or never serves.
+pub fn wait_serving(name: &str, child: &mut Child, socket: &Path, log: &Path) {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if UnixStream::connect(socket).is_ok() {
+            return;
+        }
+        if let Some(st) = child.try_wait().expect("wait for the daemon") {
+            panic!("{name} exited ({st}) before serving:\n{}", log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not serve {} within 30 s:\n{}",
+            socket.display(),
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The Python interpreter with pycapnp for the tests that drive the daemons from Python:
+/// `$TIDEDGE_PYTHON`, else the virtualenv `.ci/run` creates (`/var/tmp/tidedge-pyenv`).
+/// Panics, saying how to install it, when it cannot import `capnp`.
+pub fn python() -> PathBuf {
+    let py = std::env::var_os("TIDEDGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/tidedge-pyenv/bin/python"));
+    let ok = Command::new(&py)
+        .args(["-c", "import capnp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import pycapnp: run .ci/run, or `python3 -m venv /var/tmp/tidedge-pyenv && \
+         /var/tmp/tidedge-pyenv/bin/pip install pycapnp`, or set TIDEDGE_PYTHON",
+        py.display()
+    );
+    py
 }
 
 /// Locates binary `name` of workspace package `package` (see [`find_tide_bin`]).

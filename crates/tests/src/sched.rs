@@ -2,10 +2,8 @@
 //! a data directory, waited for until it serves, killed with SIGKILL and started again
 //! on the same data, killed when the handle is dropped.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A running `sched --listen unix:SOCKET --data DATA`; dropping it kills the process.
 #[derive(Debug)]
@@ -59,27 +57,8 @@ impl Sched {
             .stderr(log)
             .spawn()
             .expect("spawn sched");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if let Some(st) = self.child_mut().try_wait().expect("wait sched") {
-                panic!("sched exited ({st}) before serving:\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sched did not serve {} within 30 s:\n{}",
-                self.socket.display(),
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("sched running")
+        let child = self.child.insert(child);
+        crate::wait_serving("sched", child, &self.socket, &self.log);
     }
 
     /// Kills the daemon with SIGKILL and reaps it.

@@ -1,7 +1,6 @@
 //! Running the real `volumed` daemon for a test: started on a data directory and a
 //! socket, waited for until it serves, killed (SIGKILL) when the handle is dropped.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -67,22 +66,9 @@ impl Volumed {
             log,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if UnixStream::connect(&v.socket).is_ok() {
-                return v;
-            }
-            if let Some(st) = v.child_mut().try_wait().expect("wait volumed") {
-                panic!("volumed exited ({st}) before serving:\n{}", v.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "volumed did not serve {} within 30 s:\n{}",
-                v.socket.display(),
-                v.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = v.child.as_mut().expect("just spawned");
+        crate::wait_serving("volumed", child, &v.socket, &v.log);
+        v
     }
 
     fn child_mut(&mut self) -> &mut Child {

@@ -1,7 +1,7 @@
 //! A client someone else wrote speaks our schema: pycapnp loads `store.capnp` as it is
 //! in the repository and calls `Daemon.store().images()` on a real daemon.
 //!
-//! The Python interpreter with pycapnp is `$TIDEDGE_PYTHON`, else the virtualenv
+//! The Python interpreter with pycapnp is [`tests::python`]: `$TIDEDGE_PYTHON`, else the virtualenv
 //! `.ci/run` creates (`/var/tmp/tidedge-pyenv`); without it the test fails and says how
 //! to install it.
 
@@ -34,26 +34,9 @@ async def main():
 asyncio.run(capnp.run(main()))
 "#;
 
-fn python() -> PathBuf {
-    let py = std::env::var_os("TIDEDGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/tidedge-pyenv/bin/python"));
-    let ok = Command::new(&py)
-        .args(["-c", "import capnp"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{} cannot import pycapnp: run .ci/run, or `python3 -m venv /var/tmp/tidedge-pyenv && \
-         /var/tmp/tidedge-pyenv/bin/pip install pycapnp`, or set TIDEDGE_PYTHON",
-        py.display()
-    );
-    py
-}
-
 #[test]
 fn pycapnp_lists_images_from_the_schema_file_alone() {
-    let py = python();
+    let py = tests::python();
     let tmp = tests::tmpdir("tide-pycapnp");
     let src = tmp.path().join("src");
     fixture::build(&src);

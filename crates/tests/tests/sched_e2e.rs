@@ -251,7 +251,10 @@ fn build_images(tmp: &Path) -> Vec<(PathBuf, &'static str)> {
     tar(&minbase, None, &dist_tar);
     let list = tmp.join("fw.list");
     let changed = diff_list(&minbase, &python3, &list);
-    assert!(changed > 100, "python3 adds only {changed} files to minbase?");
+    assert!(
+        changed > 100,
+        "python3 adds only {changed} files to minbase?"
+    );
     let fw_tar = tmp.join("fw.tar");
     tar(&python3, Some(&list), &fw_tar);
     let dist = blobs.layer(&dist_tar);
@@ -338,8 +341,7 @@ fn instances(addr: &str) -> Vec<Value> {
 }
 
 fn s(v: &Value) -> &str {
-    v.as_str()
-        .unwrap_or_else(|| panic!("not a string: {v}"))
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
 
 /// Checks an instance is really there: its root (on its host) shows the image's files,
@@ -417,23 +419,6 @@ fn expect_of(i: &Value) -> (&'static str, &'static str, bool) {
     }
 }
 
-fn python() -> PathBuf {
-    let py = std::env::var_os("TIDEDGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/tidedge-pyenv/bin/python"));
-    let ok = Command::new(&py)
-        .args(["-c", "import capnp"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{} cannot import pycapnp: run .ci/run, or `python3 -m venv /var/tmp/tidedge-pyenv && \
-         /var/tmp/tidedge-pyenv/bin/pip install pycapnp`, or set TIDEDGE_PYTHON",
-        py.display()
-    );
-    py
-}
-
 fn host_args(id: &str, addr: &str) -> Vec<String> {
     [
         "--scheduler",
@@ -462,13 +447,17 @@ fn scheduler_with_real_hosts_end_to_end() {
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is missing: instance roots are FUSE mounts (needs root)"
     );
-    let py = python();
+    let py = tests::python();
     let tmp = tests::tmpdir("tide-sched-e2e");
     let t = tmp.path();
     let images = build_images(t);
 
     // ---- The cluster ----
-    let mut sched = Sched::start(t.join("sched"), t.join("sched.sock"), &["--host-timeout", "2s"]);
+    let mut sched = Sched::start(
+        t.join("sched"),
+        t.join("sched.sock"),
+        &["--host-timeout", "2s"],
+    );
     let addr = sched.addr();
     let mut hosts: Vec<Option<Volumed>> = HOSTS
         .iter()
@@ -500,7 +489,11 @@ fn scheduler_with_real_hosts_end_to_end() {
     let all: BTreeSet<String> = HOSTS.iter().map(|h| h.to_string()).collect();
     wait_for(30, "three hosts up", || {
         let up = hosts_up(&addr);
-        if up == all { Ok(()) } else { Err(format!("{up:?}")) }
+        if up == all {
+            Ok(())
+        } else {
+            Err(format!("{up:?}"))
+        }
     });
     // The inventories after the imports reach the scheduler with the heartbeats.
     wait_for(30, "the hosts' layers", || {
@@ -609,7 +602,12 @@ fn scheduler_with_real_hosts_end_to_end() {
     assert_eq!(r["instance"]["variant"], "");
     json(
         &addr,
-        &["alias", "add", "preview.shop.example.com", "web.shop--pr-42"],
+        &[
+            "alias",
+            "add",
+            "preview.shop.example.com",
+            "web.shop--pr-42",
+        ],
     );
     let r = json(&addr, &["resolve", "preview.shop.example.com"]);
     assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
@@ -723,16 +721,22 @@ fn scheduler_with_real_hosts_end_to_end() {
     let live: BTreeSet<String> = all.iter().filter(|h| *h != victim).cloned().collect();
     wait_for(30, "the live hosts re-registered", || {
         let up = hosts_up(&addr);
-        if up == live { Ok(()) } else { Err(format!("{up:?}")) }
+        if up == live {
+            Ok(())
+        } else {
+            Err(format!("{up:?}"))
+        }
     });
     assert_eq!(json(&addr, &["stack", "ls"]), stacks);
     assert_eq!(json(&addr, &["alias", "ls"]), aliases);
     let pools_after = json(&addr, &["pool", "ls"]);
     assert_eq!(pools_after[0]["name"], pools[0]["name"], "{pools_after}");
     assert_eq!(pools_after[0]["layers"], pools[0]["layers"]);
-    wait_for(30, "the pool warm after the restart", || match warm_count(&addr) {
-        1 => Ok(()),
-        n => Err(format!("{n} warm")),
+    wait_for(30, "the pool warm after the restart", || {
+        match warm_count(&addr) {
+            1 => Ok(()),
+            n => Err(format!("{n} warm")),
+        }
     });
     let ids = |v: &[Value]| -> BTreeSet<(String, String)> {
         v.iter()
@@ -774,11 +778,18 @@ fn scheduler_with_real_hosts_end_to_end() {
     ));
     wait_for(30, "the killed host back", || {
         let up = hosts_up(&addr);
-        if up == all { Ok(()) } else { Err(format!("{up:?}")) }
+        if up == all {
+            Ok(())
+        } else {
+            Err(format!("{up:?}"))
+        }
     });
     wait_for(30, "the killed host to release what moved", || {
         let rec = std::fs::read_to_string(victim_data.join("instances.json")).unwrap_or_default();
-        let left: Vec<&String> = moved.iter().filter(|id| rec.contains(id.as_str())).collect();
+        let left: Vec<&String> = moved
+            .iter()
+            .filter(|id| rec.contains(id.as_str()))
+            .collect();
         let mounted: Vec<&String> = old_roots.iter().filter(|r| is_mount(r)).collect();
         if left.is_empty() && mounted.is_empty() {
             Ok(())
