@@ -407,6 +407,44 @@ fn is_mount(path: &str) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(path))
 }
 
+/// What each live host's volumed has recorded (`DATA/instances.json`: instance ids and
+/// warm VM count) agrees with what the scheduler lists for it; waits for it (moves and
+/// pool refills finish in the background).
+fn check_hosts_agree(addr: &str, t: &Path) {
+    wait_for(30, "hosts and scheduler to agree", || {
+        let insts = instances(addr);
+        let hosts = json(addr, &["host", "ls"]);
+        let mut diffs = Vec::new();
+        for h in hosts.as_array().unwrap().iter().filter(|h| h["up"] == true) {
+            let id = s(&h["id"]);
+            let rec: Value = serde_json::from_str(
+                &std::fs::read_to_string(t.join(id).join("instances.json")).unwrap_or_default(),
+            )
+            .unwrap_or(Value::Null);
+            let on_host: BTreeSet<&str> = rec["instances"]
+                .as_object()
+                .map(|m| m.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            let placed: BTreeSet<&str> = insts
+                .iter()
+                .filter(|i| i["host"] == id)
+                .map(|i| s(&i["id"]))
+                .collect();
+            let warm = rec["warm"].as_object().map_or(0, |m| m.len() as u64);
+            if on_host != placed || h["warm_vms"] != warm || h["instances"] != placed.len() {
+                diffs.push(format!(
+                    "{id}: volumed has {on_host:?} and {warm} warm, sched {placed:?} and {h}"
+                ));
+            }
+        }
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(diffs.join("; "))
+        }
+    });
+}
+
 /// The service's file, its text and whether it runs on the framework.
 fn expect_of(i: &Value) -> (&'static str, &'static str, bool) {
     match s(&i["service"]) {
@@ -555,6 +593,8 @@ fn scheduler_with_real_hosts_end_to_end() {
         .unwrap();
     assert!(!Path::new(s(&web1["root"])).join("srv/app/written").exists());
 
+    check_hosts_agree(&addr, t);
+
     // ---- The preview variant: one new instance, on the host with its layers ----
     let v = json(&addr, &["deploy", shop, "--variant", "pr-42", "--explain"]);
     let placed = v["placed"].as_array().unwrap();
@@ -611,6 +651,8 @@ fn scheduler_with_real_hosts_end_to_end() {
     );
     let r = json(&addr, &["resolve", "preview.shop.example.com"]);
     assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
+
+    check_hosts_agree(&addr, t);
 
     // ---- A warm pool on distribution + framework, converted by a deploy ----
     let fw = hosts[0]
@@ -681,6 +723,8 @@ fn scheduler_with_real_hosts_end_to_end() {
         n => Err(format!("{n} warm")),
     });
 
+    check_hosts_agree(&addr, t);
+
     // ---- kill -9 a host: its instances move ----
     let before = instances(&addr);
     let victim = ["host-b", "host-c"]
@@ -711,6 +755,8 @@ fn scheduler_with_real_hosts_end_to_end() {
         check_instance(i, file, text, py);
     }
     assert!(!hosts_up(&addr).contains(victim));
+
+    check_hosts_agree(&addr, t);
 
     // ---- kill -9 the scheduler, restart it on the same data ----
     let stacks = json(&addr, &["stack", "ls"]);
@@ -764,6 +810,8 @@ fn scheduler_with_real_hosts_end_to_end() {
     let r = json(&addr, &["resolve", "preview.shop.example.com"]);
     assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
 
+    check_hosts_agree(&addr, t);
+
     // ---- The killed host comes back: it gives up what moved away ----
     let victim_data = t.join(victim);
     let old_roots: Vec<String> = before
@@ -798,6 +846,8 @@ fn scheduler_with_real_hosts_end_to_end() {
         }
     });
     assert_eq!(ids(&instances(&addr)), ids(&after));
+
+    check_hosts_agree(&addr, t);
 
     // ---- A second client: Python, from sched.capnp alone ----
     let py_stack = t.join("py.toml");
@@ -841,6 +891,8 @@ fn scheduler_with_real_hosts_end_to_end() {
         .unwrap();
     check_instance(&kv, "srv/app/db.txt", "db v1\n", false);
 
+    check_hosts_agree(&addr, t);
+
     // ---- Removing the stack releases its instances on their hosts ----
     let roots: Vec<String> = instances(&addr)
         .iter()
@@ -858,4 +910,13 @@ fn scheduler_with_real_hosts_end_to_end() {
     for r in &roots {
         assert!(!is_mount(r), "{r} still mounted");
     }
+    check_hosts_agree(&addr, t);
+    // Capacity reserved is what is left: the two instances and the warm VM (1 vCPU each).
+    let used: u64 = json(&addr, &["host", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["used_vcpus"].as_u64().unwrap())
+        .sum();
+    assert_eq!(used, left.len() as u64 + warm_count(&addr), "{left:?}");
 }
