@@ -847,6 +847,39 @@ fn scheduler_with_real_hosts_end_to_end() {
     });
     assert_eq!(ids(&instances(&addr)), ids(&after));
 
+    // ---- host-a's volumed killed and started again at once: whether or not the
+    // scheduler noticed, every instance ends up served, roots and volumes in place ----
+    hosts[0].take().unwrap().signal_and_wait(libc::SIGKILL);
+    hosts[0] = Some(Volumed::start_with(
+        t.join("host-a"),
+        t.join("host-a.sock"),
+        &host_args("host-a", &addr),
+    ));
+    wait_for(30, "host-a back", || {
+        let up = hosts_up(&addr);
+        if up == all {
+            Ok(())
+        } else {
+            Err(format!("{up:?}"))
+        }
+    });
+    let served = wait_for(60, "every instance served again", || {
+        let now = instances(&addr);
+        if now.iter().all(|i| {
+            (i["state"] == "ready" || i["state"] == "moved")
+                && i["root"] != ""
+                && is_mount(s(&i["root"]))
+        }) {
+            Ok(now)
+        } else {
+            Err(format!("{now:?}"))
+        }
+    });
+    assert_eq!(served.len(), after.len());
+    for i in &served {
+        let (file, text, py) = expect_of(i);
+        check_instance(i, file, text, py);
+    }
     check_hosts_agree(&addr, t);
 
     // ---- A second client: Python, from sched.capnp alone ----
@@ -901,8 +934,14 @@ fn scheduler_with_real_hosts_end_to_end() {
         .collect();
     assert_eq!(roots.len(), 5);
     assert!(roots.iter().all(|r| is_mount(r)), "{roots:?}");
-    let o = tide(&addr, &["stack", "rm", "shop"]);
-    assert!(!o.status.success(), "removed while an alias points into it");
+    for args in [
+        &["stack", "rm", "shop"][..],
+        &["variant", "rm", "shop", "pr-42"],
+    ] {
+        let o = tide(&addr, args);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("alias"), "{args:?}: {e}");
+    }
     json(&addr, &["alias", "rm", "preview.shop.example.com"]);
     json(&addr, &["stack", "rm", "shop"]);
     let left: Vec<Value> = instances(&addr);
