@@ -847,9 +847,27 @@ fn scheduler_with_real_hosts_end_to_end() {
     });
     assert_eq!(ids(&instances(&addr)), ids(&after));
 
-    // ---- host-a's volumed killed and started again at once: whether or not the
-    // scheduler noticed, every instance ends up served, roots and volumes in place ----
+    // ---- host-a down long enough to be noticed: what it ran moves, except the preview,
+    // whose image no other host holds (hosts do not fetch layers from each other yet):
+    // lost until host-a returns with it ----
+    let pr42 = s(&p["instance"]["id"]).to_string();
     hosts[0].take().unwrap().signal_and_wait(libc::SIGKILL);
+    wait_for(30, "host-a marked down, the preview lost", || {
+        let now = instances(&addr);
+        let lost = now.iter().find(|i| i["id"] == pr42.as_str()).unwrap();
+        if !hosts_up(&addr).contains("host-a") && lost["state"] == "lost" {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
+    });
+    assert!(
+        sched.log_text().contains(&format!(
+            "prepare {pr42}: image shop/web:pr-42 is not in this host's store"
+        )),
+        "{}",
+        sched.log_text()
+    );
     hosts[0] = Some(Volumed::start_with(
         t.join("host-a"),
         t.join("host-a.sock"),
@@ -876,6 +894,8 @@ fn scheduler_with_real_hosts_end_to_end() {
         }
     });
     assert_eq!(served.len(), after.len());
+    let back = served.iter().find(|i| i["id"] == pr42.as_str()).unwrap();
+    assert_eq!(back["host"], "host-a", "{back}");
     for i in &served {
         let (file, text, py) = expect_of(i);
         check_instance(i, file, text, py);
