@@ -336,6 +336,36 @@ fn hosts_up(addr: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Waits until exactly `want` are the hosts up.
+fn wait_hosts_up(addr: &str, want: &BTreeSet<String>, what: &str) {
+    wait_for(30, what, || {
+        let up = hosts_up(addr);
+        if &up == want {
+            Ok(())
+        } else {
+            Err(format!("{up:?}"))
+        }
+    });
+}
+
+/// Warm VMs of pool `py-fw` now.
+fn warm_count(addr: &str) -> u64 {
+    json(addr, &["pool", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "py-fw")
+        .map_or(0, |p| p["warm"].as_u64().unwrap())
+}
+
+/// Waits until pool `py-fw` has one warm VM.
+fn wait_one_warm(addr: &str, what: &str) {
+    wait_for(30, what, || match warm_count(addr) {
+        1 => Ok(()),
+        n => Err(format!("{n} warm")),
+    });
+}
+
 fn instances(addr: &str) -> Vec<Value> {
     json(addr, &["instance", "ls"]).as_array().unwrap().clone()
 }
@@ -525,14 +555,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         }
     });
     let all: BTreeSet<String> = HOSTS.iter().map(|h| h.to_string()).collect();
-    wait_for(30, "three hosts up", || {
-        let up = hosts_up(&addr);
-        if up == all {
-            Ok(())
-        } else {
-            Err(format!("{up:?}"))
-        }
-    });
+    wait_hosts_up(&addr, &all, "three hosts up");
     // The inventories after the imports reach the scheduler with the heartbeats.
     wait_for(30, "the hosts' layers", || {
         let h = json(&addr, &["host", "ls"]);
@@ -542,11 +565,11 @@ fn scheduler_with_real_hosts_end_to_end() {
             .iter()
             .map(|h| h["layer_bytes"].as_u64().unwrap())
             .collect();
-        if bytes.len() == 3 && bytes[0] > bytes[1] + (40 << 20) && bytes[1] > 50 << 20 {
-            Ok(())
-        } else {
-            Err(format!("{h}"))
-        }
+        let ok = bytes.len() == 3
+            && bytes[0] > bytes[1] + (40 << 20)
+            && bytes[1] > 50 << 20
+            && bytes[1] == bytes[2];
+        if ok { Ok(()) } else { Err(format!("{h}")) }
     });
 
     // ---- Deploy: four instances with roots mounted and volumes attached ----
@@ -682,18 +705,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         ],
     );
     assert_eq!(pool["layers"].as_array().unwrap().len(), 2, "{pool}");
-    let warm_count = |addr: &str| -> u64 {
-        json(addr, &["pool", "ls"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == "py-fw")
-            .map_or(0, |p| p["warm"].as_u64().unwrap())
-    };
-    wait_for(30, "a warm VM", || match warm_count(&addr) {
-        1 => Ok(()),
-        n => Err(format!("{n} warm")),
-    });
+    wait_one_warm(&addr, "a warm VM");
     let warm_host = wait_for(30, "the warm VM's host", || {
         let h = json(&addr, &["host", "ls"]);
         h.as_array()
@@ -712,16 +724,16 @@ fn scheduler_with_real_hosts_end_to_end() {
     let w = &j["placed"][0]["instance"];
     assert!(!s(&w["warm_vm"]).is_empty(), "not converted: {j}");
     assert_eq!(w["host"], warm_host.as_str(), "{j}");
+    // The instance took over the warm VM's root.
+    let warm_root = warm_roots[0].as_ref().unwrap().path().join("root");
+    assert_eq!(s(&w["root"]), warm_root.to_str().unwrap(), "{j}");
     check_instance(w, "srv/app/worker.txt", "worker v1\n", true);
     let listed = instances(&addr)
         .into_iter()
         .find(|i| i["id"] == w["id"])
         .unwrap();
     assert_eq!(listed["warm_vm"], w["warm_vm"]);
-    wait_for(30, "the pool refilled", || match warm_count(&addr) {
-        1 => Ok(()),
-        n => Err(format!("{n} warm")),
-    });
+    wait_one_warm(&addr, "the pool refilled");
 
     check_hosts_agree(&addr, t);
 
@@ -765,25 +777,13 @@ fn scheduler_with_real_hosts_end_to_end() {
     sched.kill9();
     sched.restart();
     let live: BTreeSet<String> = all.iter().filter(|h| *h != victim).cloned().collect();
-    wait_for(30, "the live hosts re-registered", || {
-        let up = hosts_up(&addr);
-        if up == live {
-            Ok(())
-        } else {
-            Err(format!("{up:?}"))
-        }
-    });
+    wait_hosts_up(&addr, &live, "the live hosts re-registered");
     assert_eq!(json(&addr, &["stack", "ls"]), stacks);
     assert_eq!(json(&addr, &["alias", "ls"]), aliases);
     let pools_after = json(&addr, &["pool", "ls"]);
     assert_eq!(pools_after[0]["name"], pools[0]["name"], "{pools_after}");
     assert_eq!(pools_after[0]["layers"], pools[0]["layers"]);
-    wait_for(30, "the pool warm after the restart", || {
-        match warm_count(&addr) {
-            1 => Ok(()),
-            n => Err(format!("{n} warm")),
-        }
-    });
+    wait_one_warm(&addr, "the pool warm after the restart");
     let ids = |v: &[Value]| -> BTreeSet<(String, String)> {
         v.iter()
             .map(|i| (s(&i["id"]).to_string(), s(&i["host"]).to_string()))
@@ -824,14 +824,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         t.join(format!("{victim}.sock")),
         &host_args(victim, &addr),
     ));
-    wait_for(30, "the killed host back", || {
-        let up = hosts_up(&addr);
-        if up == all {
-            Ok(())
-        } else {
-            Err(format!("{up:?}"))
-        }
-    });
+    wait_hosts_up(&addr, &all, "the killed host back");
     wait_for(30, "the killed host to release what moved", || {
         let rec = std::fs::read_to_string(victim_data.join("instances.json")).unwrap_or_default();
         let left: Vec<&String> = moved
@@ -873,14 +866,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         t.join("host-a.sock"),
         &host_args("host-a", &addr),
     ));
-    wait_for(30, "host-a back", || {
-        let up = hosts_up(&addr);
-        if up == all {
-            Ok(())
-        } else {
-            Err(format!("{up:?}"))
-        }
-    });
+    wait_hosts_up(&addr, &all, "host-a back");
     let served = wait_for(60, "every instance served again", || {
         let now = instances(&addr);
         if now.iter().all(|i| {
