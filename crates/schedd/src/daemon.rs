@@ -215,6 +215,20 @@ fn where_it_is(rec: &InstanceRec) -> Placement {
     }
 }
 
+/// Where a lost instance that `host` reports running (`p`) is: there, on the hypervisor
+/// the host recorded for it.
+fn running_here(rec: &InstanceRec, host: &str, p: &Prepared) -> Placement {
+    let mut at = where_it_is(rec);
+    at.host = host.to_owned();
+    if let Some(h) = Hypervisor::ALL
+        .into_iter()
+        .find(|h| h.as_str() == p.hypervisor)
+    {
+        at.hypervisor = h;
+    }
+    at
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1535,14 +1549,19 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
                     r.prepared = p;
                     state::put(&mut batch, &state::instance_key(&r.id), r);
                 }
-                // Given up on while its host was away (no other host could take it),
-                // and still running there: it is taken back as it is.
+                // Given up on while its host was away (no other host could take it,
+                // or the move to one failed, which leaves that host in the record),
+                // and still running here: it is taken back as it is.
                 Some(r)
-                    if r.host == id
+                    if r.state == InstState::Lost
                         && d.cluster
-                            .commit(&r.id, &r.workload, &where_it_is(r))
+                            .commit(&r.id, &r.workload, &running_here(r, &id, &p))
                             .is_ok() =>
                 {
+                    let here = running_here(r, &id, &p);
+                    r.host = here.host;
+                    r.spec.hypervisor = here.hypervisor;
+                    r.spec.warm_vm = p.warm_vm.clone();
                     r.state = InstState::Ready;
                     r.prepared = p;
                     state::put(&mut batch, &state::instance_key(&r.id), r);

@@ -522,6 +522,46 @@ fn an_instance_lost_with_its_host_is_taken_back_when_the_host_returns_holding_it
 }
 
 #[test]
+fn an_instance_whose_move_failed_is_taken_back_when_its_host_returns_holding_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Sched::start(dir.path(), "1s");
+    local(async {
+        let a = FakeHost::start(&sched.addr, HostConfig::new("host-a"))
+            .await
+            .unwrap();
+        let s = schedd::net::connect(&sched.addr).await.unwrap();
+        let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
+        testing::deploy(&s, "x.toml", file, "", false, "")
+            .await
+            .unwrap();
+        // host-b cannot run it (in real life: the image is not in its store).
+        let b = FakeHost::start(&sched.addr, HostConfig::new("host-b"))
+            .await
+            .unwrap();
+        b.rec.borrow_mut().fail_prepare = Some("image app/x:1 is not in this host's store".into());
+        a.stop_heartbeats();
+        wait_for("the move to host-b to fail", async || {
+            let i = testing::instances(&s).await.unwrap();
+            i[0].state == "lost" && i[0].host == "host-b"
+        })
+        .await;
+        // host-a was only cut off: it returns still running the instance, which is
+        // taken back there rather than released and started again.
+        let back = FakeHost::start_with(&sched.addr, HostConfig::new("host-a"), a.rec.clone())
+            .await
+            .unwrap();
+        wait_for("the instance to be ready on host-a", async || {
+            let i = testing::instances(&s).await.unwrap();
+            i[0].state == "ready" && i[0].host == "host-a"
+        })
+        .await;
+        assert_eq!(back.prepared(), ["app.x-0"]);
+        assert!(back.rec.borrow().releases.is_empty(), "not restarted");
+        assert_eq!(back.rec.borrow().prepares.len(), 1, "not prepared again");
+    });
+}
+
+#[test]
 fn state_survives_kill_9_and_hosts_are_reconciled() {
     let dir = tempfile::tempdir().unwrap();
     let mut sched = Sched::start(dir.path(), "10s");
