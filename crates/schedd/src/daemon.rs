@@ -975,7 +975,34 @@ async fn release_all(sh: &Rc<Shared>, items: Vec<(String, String)>) {
 /// restart) and records the hosts' answers; one that fails is marked lost.
 async fn prepare_existing(sh: &Rc<Shared>, items: Vec<(host::Client, String, Spec)>, what: &str) {
     let ids: Vec<String> = items.iter().map(|(_, _, s)| s.instance.clone()).collect();
+    let specs: Vec<(String, Spec)> = items
+        .iter()
+        .map(|(_, h, s)| (h.clone(), s.clone()))
+        .collect();
     let results = prepare_all(items).await;
+    let stale = failed_conversions(specs.iter().map(|(h, s)| (h, s)), &results);
+    prepare_recorded(sh, &ids, results, what);
+    if !stale.is_empty() {
+        release_all(sh, stale).await;
+        replenish(sh).await;
+    }
+}
+
+/// The warm VMs that failed prepares were to convert, as (host, VM id): the scheduler
+/// has given them up, but a host that refused the conversion still runs the VM.
+fn failed_conversions<'a, T>(
+    specs: impl Iterator<Item = (&'a String, &'a Spec)>,
+    results: &[Result<T>],
+) -> Vec<(String, String)> {
+    specs
+        .zip(results)
+        .filter(|((_, s), r)| r.is_err() && !s.warm_vm.is_empty())
+        .map(|((h, s), _)| (h.clone(), s.warm_vm.clone()))
+        .collect()
+}
+
+/// Records the answers of `prepare_existing`'s prepares.
+fn prepare_recorded(sh: &Rc<Shared>, ids: &[String], results: Vec<Result<Prepared>>, what: &str) {
     let mut d = sh.state.borrow_mut();
     let mut batch = KvBatch::new();
     for (iid, r) in ids.iter().zip(results) {
@@ -987,6 +1014,7 @@ async fn prepare_existing(sh: &Rc<Shared>, items: Vec<(host::Client, String, Spe
             Err(e) => {
                 log!("{what}: {e}");
                 rec.state = InstState::Lost;
+                rec.spec.warm_vm.clear();
             }
         }
         let rec = rec.clone();
@@ -1048,13 +1076,19 @@ pub async fn deploy(
     let results = prepare_all(items).await;
     let failed = results.iter().position(Result::is_err);
     if let Some(i) = failed {
-        let done: Vec<(String, String)> = plan
+        let mut done: Vec<(String, String)> = plan
             .planned
             .iter()
             .zip(&results)
             .filter(|(_, r)| r.is_ok())
             .map(|(p, _)| (p.rec.host.clone(), p.rec.id.clone()))
             .collect();
+        // Converted warm VMs are given up (their pools refill below), also where the
+        // conversion failed and the host kept the VM.
+        done.extend(failed_conversions(
+            plan.planned.iter().map(|p| (&p.rec.host, &p.rec.spec)),
+            &results,
+        ));
         release_all(sh, done).await;
         let mut d = sh.state.borrow_mut();
         d.undo(&plan.planned);
@@ -1064,6 +1098,8 @@ pub async fn deploy(
             batch.delete(state::warm_key(w));
         }
         write(&d.kv, batch);
+        drop(d);
+        replenish(sh).await;
         let err = results
             .into_iter()
             .nth(i)

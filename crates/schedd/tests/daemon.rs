@@ -422,6 +422,43 @@ fn a_warm_vm_is_converted_and_the_pool_refilled() {
 }
 
 #[test]
+fn a_warm_vm_whose_conversion_failed_is_not_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Sched::start(dir.path(), "10s");
+    local(async {
+        let base = (digest(10), 200 << 20);
+        let app = (digest(11), 10 << 20);
+        let mut c = HostConfig::new("host-a");
+        c.images = vec![
+            ("base/node:20".into(), digest(20), vec![base.clone()]),
+            ("app/api:1".into(), digest(21), vec![base, app]),
+        ];
+        let a = FakeHost::start(&sched.addr, c).await.unwrap();
+        let s = schedd::net::connect(&sched.addr).await.unwrap();
+        testing::create_pool(&s, "node", &[], "base/node:20", 1, 3)
+            .await
+            .unwrap();
+        let first_vm = a.rec.borrow().warm.keys().next().cloned().unwrap();
+        // The host refuses the conversion (and so keeps its warm VM, as volumed does).
+        a.rec.borrow_mut().fail_prepare = Some("disk full".into());
+        let file = "[stack]\nname = \"api\"\n[services.api]\nimage = \"app/api:1\"\n";
+        let e = testing::deploy(&s, "api.toml", file, "", false, "")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("rolled back"), "{e}");
+        // The scheduler gave that VM up: the host no longer runs it, and the pool is
+        // back to its minimum with a VM both sides know.
+        assert!(a.rec.borrow().releases.contains(&first_vm));
+        assert_eq!(a.rec.borrow().warm.len(), 1);
+        assert!(!a.rec.borrow().warm.contains_key(&first_vm));
+        assert_eq!(
+            testing::pools(&s).await.unwrap(),
+            vec![("node".into(), 1, 1, 3)]
+        );
+    });
+}
+
+#[test]
 fn a_host_that_stops_heartbeating_is_marked_down_and_its_instances_move() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "1s");
