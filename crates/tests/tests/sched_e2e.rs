@@ -72,6 +72,11 @@ image = "shop/web:pr-42"
 [variants.pr-42.services.web.instances]
 min = 1
 max = 1
+
+[variants.pr-7.services.web.instances]
+min = 0
+max = 1
+scale_to_zero = true
 "#;
 
 /// A one-service stack on the framework: its instance converts the pool's warm VM.
@@ -487,6 +492,26 @@ fn expect_of(i: &Value) -> (&'static str, &'static str, bool) {
     }
 }
 
+/// Lazily unmounts every mount below a directory when dropped: the daemons are killed
+/// with SIGKILL when their handles drop (also when the test fails), which leaves their
+/// FUSE roots mounted, and the temporary directory could not be removed.
+struct UnmountBelow(PathBuf);
+
+impl Drop for UnmountBelow {
+    fn drop(&mut self) {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut below: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(m).starts_with(&self.0))
+            .collect();
+        below.sort_unstable_by(|a, b| b.cmp(a));
+        for m in below {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
 fn host_args(id: &str, addr: &str) -> Vec<String> {
     [
         "--scheduler",
@@ -518,6 +543,7 @@ fn scheduler_with_real_hosts_end_to_end() {
     let py = tests::python();
     let tmp = tests::tmpdir("tide-sched-e2e");
     let t = tmp.path();
+    let _unmount = UnmountBelow(t.to_path_buf());
     let images = build_images(t);
 
     // ---- The cluster ----
@@ -674,6 +700,19 @@ fn scheduler_with_real_hosts_end_to_end() {
     );
     let r = json(&addr, &["resolve", "preview.shop.example.com"]);
     assert_eq!(r["instance"]["id"], p["instance"]["id"], "{r}");
+
+    // A scaled-to-zero variant costs nothing until its name is resolved.
+    let v = json(&addr, &["deploy", shop, "--variant", "pr-7"]);
+    assert_eq!(v["placed"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(instances(&addr).len(), 5);
+    let r = json(&addr, &["resolve", "web.shop--pr-7.tidedge.local"]);
+    assert_eq!(r["started"], true, "{r}");
+    assert_eq!(r["instance"]["variant"], "pr-7", "{r}");
+    check_instance(&r["instance"], "srv/app/web.txt", "web v1\n", true);
+    let again = json(&addr, &["resolve", "web.shop--pr-7.tidedge.local"]);
+    assert_eq!(again["started"], false, "{again}");
+    assert_eq!(again["instance"]["id"], r["instance"]["id"]);
+    assert_eq!(instances(&addr).len(), 6);
 
     check_hosts_agree(&addr, t);
 
@@ -938,7 +977,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         .filter(|i| i["stack"] == "shop")
         .map(|i| s(&i["root"]).to_string())
         .collect();
-    assert_eq!(roots.len(), 5);
+    assert_eq!(roots.len(), 6);
     assert!(roots.iter().all(|r| is_mount(r)), "{roots:?}");
     for args in [
         &["stack", "rm", "shop"][..],
