@@ -1090,15 +1090,16 @@ pub async fn deploy(
             &results,
         ));
         release_all(sh, done).await;
-        let mut d = sh.state.borrow_mut();
-        d.undo(&plan.planned);
-        d.catalog = saved;
-        let mut batch = KvBatch::new();
-        for w in &plan.converted {
-            batch.delete(state::warm_key(w));
+        {
+            let mut d = sh.state.borrow_mut();
+            d.undo(&plan.planned);
+            d.catalog = saved;
+            let mut batch = KvBatch::new();
+            for w in &plan.converted {
+                batch.delete(state::warm_key(w));
+            }
+            write(&d.kv, batch);
         }
-        write(&d.kv, batch);
-        drop(d);
         replenish(sh).await;
         let err = results
             .into_iter()

@@ -366,27 +366,30 @@ fn placement_prefers_the_host_holding_the_image_bytes_and_explains() {
     });
 }
 
+/// host-a holding `base/node:20` and `app/api:1` (base plus an app layer), and pool
+/// `node` on the base (min 1, max 3), whose warm VM it runs.
+async fn host_with_a_pool(addr: &str) -> (FakeHost, schema::sched_capnp::scheduler::Client) {
+    let base = (digest(10), 200 << 20);
+    let app = (digest(11), 10 << 20);
+    let mut c = HostConfig::new("host-a");
+    c.images = vec![
+        ("base/node:20".into(), digest(20), vec![base.clone()]),
+        ("app/api:1".into(), digest(21), vec![base, app]),
+    ];
+    let a = FakeHost::start(addr, c).await.unwrap();
+    let s = schedd::net::connect(addr).await.unwrap();
+    testing::create_pool(&s, "node", &[], "base/node:20", 1, 3)
+        .await
+        .unwrap();
+    (a, s)
+}
+
 #[test]
 fn a_warm_vm_is_converted_and_the_pool_refilled() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "10s");
     local(async {
-        let base = (digest(10), 200 << 20);
-        let app = (digest(11), 10 << 20);
-        let mut c = HostConfig::new("host-a");
-        c.images = vec![
-            ("base/node:20".into(), digest(20), vec![base.clone()]),
-            (
-                "app/api:1".into(),
-                digest(21),
-                vec![base.clone(), app.clone()],
-            ),
-        ];
-        let a = FakeHost::start(&sched.addr, c).await.unwrap();
-        let s = schedd::net::connect(&sched.addr).await.unwrap();
-        testing::create_pool(&s, "node", &[], "base/node:20", 1, 3)
-            .await
-            .unwrap();
+        let (a, s) = host_with_a_pool(&sched.addr).await;
         assert_eq!(
             a.rec.borrow().boots,
             vec![("node".to_string(), "base/node:20".to_string())]
@@ -426,18 +429,7 @@ fn a_warm_vm_whose_conversion_failed_is_not_left_behind() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "10s");
     local(async {
-        let base = (digest(10), 200 << 20);
-        let app = (digest(11), 10 << 20);
-        let mut c = HostConfig::new("host-a");
-        c.images = vec![
-            ("base/node:20".into(), digest(20), vec![base.clone()]),
-            ("app/api:1".into(), digest(21), vec![base, app]),
-        ];
-        let a = FakeHost::start(&sched.addr, c).await.unwrap();
-        let s = schedd::net::connect(&sched.addr).await.unwrap();
-        testing::create_pool(&s, "node", &[], "base/node:20", 1, 3)
-            .await
-            .unwrap();
+        let (a, s) = host_with_a_pool(&sched.addr).await;
         let first_vm = a.rec.borrow().warm.keys().next().cloned().unwrap();
         // The host refuses the conversion (and so keeps its warm VM, as volumed does).
         a.rec.borrow_mut().fail_prepare = Some("disk full".into());
@@ -498,9 +490,8 @@ fn a_host_that_stops_heartbeating_is_marked_down_and_its_instances_move() {
     });
 }
 
-/// One host, one instance of stack x on it; the host stops heartbeating and, no other
-/// host being there, the instance is lost.
-async fn lose_the_only_host(addr: &str) -> (FakeHost, schema::sched_capnp::scheduler::Client) {
+/// host-a running the one instance of stack x (`app.x-0`).
+async fn one_instance_on_host_a(addr: &str) -> (FakeHost, schema::sched_capnp::scheduler::Client) {
     let a = FakeHost::start(addr, HostConfig::new("host-a"))
         .await
         .unwrap();
@@ -509,6 +500,21 @@ async fn lose_the_only_host(addr: &str) -> (FakeHost, schema::sched_capnp::sched
     testing::deploy(&s, "x.toml", file, "", false, "")
         .await
         .unwrap();
+    (a, s)
+}
+
+/// The host came back still running `app.x-0`, which was taken back as it is: neither
+/// released nor prepared again.
+fn assert_taken_back(back: &FakeHost) {
+    assert_eq!(back.prepared(), ["app.x-0"]);
+    assert!(back.rec.borrow().releases.is_empty(), "not restarted");
+    assert_eq!(back.rec.borrow().prepares.len(), 1, "not prepared again");
+}
+
+/// One host, one instance of stack x on it; the host stops heartbeating and, no other
+/// host being there, the instance is lost.
+async fn lose_the_only_host(addr: &str) -> (FakeHost, schema::sched_capnp::scheduler::Client) {
+    let (a, s) = one_instance_on_host_a(addr).await;
     a.stop_heartbeats();
     wait_for("the instance to be lost", async || {
         testing::instances(&s).await.unwrap()[0].state == "lost"
@@ -552,9 +558,7 @@ fn an_instance_lost_with_its_host_is_taken_back_when_the_host_returns_holding_it
             testing::instances(&s).await.unwrap()[0].state == "ready"
         })
         .await;
-        assert_eq!(back.prepared(), ["app.x-0"]);
-        assert!(back.rec.borrow().releases.is_empty(), "not restarted");
-        assert_eq!(back.rec.borrow().prepares.len(), 1, "not prepared again");
+        assert_taken_back(&back);
     });
 }
 
@@ -563,14 +567,7 @@ fn an_instance_whose_move_failed_is_taken_back_when_its_host_returns_holding_it(
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "1s");
     local(async {
-        let a = FakeHost::start(&sched.addr, HostConfig::new("host-a"))
-            .await
-            .unwrap();
-        let s = schedd::net::connect(&sched.addr).await.unwrap();
-        let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
-        testing::deploy(&s, "x.toml", file, "", false, "")
-            .await
-            .unwrap();
+        let (a, s) = one_instance_on_host_a(&sched.addr).await;
         // host-b cannot run it (in real life: the image is not in its store).
         let b = FakeHost::start(&sched.addr, HostConfig::new("host-b"))
             .await
@@ -592,9 +589,7 @@ fn an_instance_whose_move_failed_is_taken_back_when_its_host_returns_holding_it(
             i[0].state == "ready" && i[0].host == "host-a"
         })
         .await;
-        assert_eq!(back.prepared(), ["app.x-0"]);
-        assert!(back.rec.borrow().releases.is_empty(), "not restarted");
-        assert_eq!(back.rec.borrow().prepares.len(), 1, "not prepared again");
+        assert_taken_back(&back);
     });
 }
 
