@@ -434,12 +434,22 @@ fn check_instance(i: &Value, want_file: &str, want_text: &str, python: bool) {
     }
 }
 
-/// Whether `path` is a mount point (in this process's mount namespace).
-fn is_mount(path: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
+/// Mount points (in this process's mount namespace) at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut below: Vec<String> = info
         .lines()
-        .any(|l| l.split(' ').nth(4) == Some(path))
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .map(str::to_owned)
+        .collect();
+    below.sort_unstable_by(|a, b| b.cmp(a));
+    below
+}
+
+/// Whether `path` is a mount point.
+fn is_mount(path: &str) -> bool {
+    mounts_below(Path::new(path)).iter().any(|m| m == path)
 }
 
 /// What each live host's volumed has recorded (`DATA/instances.json`: instance ids and
@@ -499,14 +509,7 @@ struct UnmountBelow(PathBuf);
 
 impl Drop for UnmountBelow {
     fn drop(&mut self) {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut below: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| Path::new(m).starts_with(&self.0))
-            .collect();
-        below.sort_unstable_by(|a, b| b.cmp(a));
-        for m in below {
+        for m in mounts_below(&self.0) {
             let _ = Command::new("umount").arg("-l").arg(m).status();
         }
     }
@@ -1003,4 +1006,13 @@ fn scheduler_with_real_hosts_end_to_end() {
         .map(|h| h["used_vcpus"].as_u64().unwrap())
         .sum();
     assert_eq!(used, left.len() as u64 + warm_count(&addr), "{left:?}");
+
+    // ---- Everything removed: the hosts hold nothing mounted ----
+    json(&addr, &["pool", "rm", "py-fw"]);
+    json(&addr, &["stack", "rm", "jobs"]);
+    json(&addr, &["stack", "rm", "pystack"]);
+    assert!(instances(&addr).is_empty());
+    check_hosts_agree(&addr, t);
+    let mounted = mounts_below(t);
+    assert!(mounted.is_empty(), "still mounted: {mounted:?}");
 }
