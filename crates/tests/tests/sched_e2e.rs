@@ -8,8 +8,15 @@
 //! the framework (what the python3 root adds to minbase) and small app layers on top.
 //! host-a holds every image; host-b and host-c lack the `pr-42` preview's image, whose
 //! app layer is large, so its placement shows locality. One cluster serves every step
-//! in turn: deploy, variant, warm pool, a host killed with -9, the scheduler killed with
-//! -9 and restarted, the Python client.
+//! in turn: deploy (roots read on their hosts, volumes through `nbdinfo`), the `pr-42`
+//! variant and a scale-to-zero one, an alias, a warm pool converted and refilled, a host
+//! killed with -9 (its instances move; back, it releases them), the scheduler killed
+//! with -9 and restarted, host-a down (the preview, whose image no other host holds, is
+//! lost, then taken back), the Python client, and removal down to nothing mounted. At
+//! every step each host's `instances.json` must agree with what the scheduler lists.
+//!
+//! Needs root, FUSE, `nbdinfo`, the Debian roots (built on first use) and pycapnp
+//! (see [`tests::python`]). About 20 s once the roots exist.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
