@@ -612,7 +612,10 @@ fn scheduler_with_real_hosts_end_to_end() {
     let shop = t.join("shop.toml");
     std::fs::write(&shop, SHOP).unwrap();
     let shop = shop.to_str().unwrap();
-    let d = json(&addr, &["deploy", shop]);
+    // As the issue writes it: `tide --scheduler ADDR deploy FILE --json`.
+    let o = tide(&addr, &["deploy", shop, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(d["stack"], "shop");
     let placed = d["placed"].as_array().unwrap();
     assert_eq!(placed.len(), 4, "{d}");
