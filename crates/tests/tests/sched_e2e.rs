@@ -427,10 +427,12 @@ fn check_instance(i: &Value, want_file: &str, want_text: &str, python: bool) {
         // The model is ROX: attached read-only; the cache (RWX) and database (RWO)
         // are writable.
         let name = s(&export["export-name"]);
+        // Host volumes are named STACK-VOLUME; the variants' own web instances share
+        // the parent's RWX cache.
         let mode = match name.split('/').next().unwrap() {
-            "model" => "rox",
-            "cache" => "rwx",
-            "orders-db" => "rwo",
+            "shop-model" => "rox",
+            "shop-cache" => "rwx",
+            "shop-orders-db" => "rwo",
             other => panic!("unexpected volume {other}: {info}"),
         };
         assert!(
