@@ -360,6 +360,8 @@ impl Daemon {
         let state = match rec.state {
             InstState::Lost => "lost",
             _ if !connected => "pending",
+            // Placed on a new host that has not answered its `prepare` yet.
+            InstState::Moved if rec.prepared.root.is_empty() => "moving",
             s => s.as_str(),
         };
         InstanceView {
@@ -934,7 +936,7 @@ impl Daemon {
             .filter(|r| r.key == key && r.state != InstState::Lost)
             .map(|r| self.view(r))
             .collect();
-        candidates.sort_by_key(|v| v.state == "pending");
+        candidates.sort_by_key(|v| matches!(v.state, "pending" | "moving"));
         candidates.into_iter().next()
     }
 }

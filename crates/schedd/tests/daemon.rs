@@ -450,24 +450,56 @@ fn a_warm_vm_whose_conversion_failed_is_not_left_behind() {
     });
 }
 
+/// Two fake hosts, host-a holding the image of one-service stack `x` (so it runs its
+/// instance) and host-b empty; the scheduler client and the deploy's report.
+async fn app_on_host_a(
+    addr: &str,
+) -> (
+    FakeHost,
+    FakeHost,
+    schema::sched_capnp::scheduler::Client,
+    testing::DeployOut,
+) {
+    let mut ca = HostConfig::new("host-a");
+    ca.layers = vec![(digest(1), 100 << 20)];
+    ca.images = vec![("app/x:1".into(), digest(50), vec![(digest(1), 100 << 20)])];
+    let a = FakeHost::start(addr, ca).await.unwrap();
+    let b = FakeHost::start(addr, HostConfig::new("host-b"))
+        .await
+        .unwrap();
+    let s = schedd::net::connect(addr).await.unwrap();
+    let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
+    let r = testing::deploy(&s, "x.toml", file, "", false, "")
+        .await
+        .unwrap();
+    (a, b, s, r)
+}
+
+#[test]
+fn a_moved_instance_is_moving_until_its_new_host_has_prepared_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Sched::start(dir.path(), "1s");
+    local(async {
+        let (a, b, s, _) = app_on_host_a(&sched.addr).await;
+        // host-b takes the instance but does not answer its prepare.
+        b.rec.borrow_mut().hang_after_prepare = true;
+        a.stop_heartbeats();
+        wait_for("the instance to be moving to host-b", async || {
+            let i = testing::instances(&s).await.unwrap();
+            i[0].state == "moving" && i[0].host == "host-b"
+        })
+        .await;
+        let i = testing::instances(&s).await.unwrap();
+        assert_eq!(i[0].root, "", "no root until host-b answers");
+    });
+}
+
 #[test]
 fn a_host_that_stops_heartbeating_is_marked_down_and_its_instances_move() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Sched::start(dir.path(), "1s");
     local(async {
-        let mut ca = HostConfig::new("host-a");
-        // host-a holds the image: it gets the instance.
-        ca.layers = vec![(digest(1), 100 << 20)];
-        ca.images = vec![("app/x:1".into(), digest(50), vec![(digest(1), 100 << 20)])];
-        let a = FakeHost::start(&sched.addr, ca).await.unwrap();
-        let b = FakeHost::start(&sched.addr, HostConfig::new("host-b"))
-            .await
-            .unwrap();
-        let s = schedd::net::connect(&sched.addr).await.unwrap();
-        let file = "[stack]\nname = \"x\"\n[services.app]\nimage = \"app/x:1\"\n";
-        let r = testing::deploy(&s, "x.toml", file, "", false, "")
-            .await
-            .unwrap();
+        let (a, b, s, r) = app_on_host_a(&sched.addr).await;
         assert_eq!(r.placed[0].instance.host, "host-a");
         a.stop_heartbeats();
         wait_for("the instance to move", async || {

@@ -158,7 +158,9 @@ struct InstanceInfo {
   host @5 :Text;                # Host id.
   address @6 :Text;             # The host's address.
   hypervisor @7 :Text;
-  state @8 :Text;               # "ready", "pending" (host not reachable yet), "moved", "lost".
+  state @8 :Text;               # "ready", "pending" (host not reachable yet), "moving" (placed
+                                # on a new host after its first went down, being prepared
+                                # there), "moved" (prepared there), "lost" (no host could).
   root @9 :Text;                # Root mountpoint on the host.
   volumes @10 :List(Text);      # NBD URIs.
   warmVm @11 :Text;             # The warm VM it was converted from, or "".

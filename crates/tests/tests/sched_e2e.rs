@@ -805,7 +805,7 @@ fn scheduler_with_real_hosts_end_to_end() {
     assert!(!moved.is_empty(), "{before:?}");
     let n = HOSTS.iter().position(|h| *h == victim).unwrap();
     hosts[n].take().unwrap().signal_and_wait(libc::SIGKILL);
-    // "moved" as soon as placed again; the root is reported once the new host prepared it.
+    // "moving" once placed again, "moved" (with its root) once the new host prepared it.
     let after = wait_for(60, "the dead host's instances moved and prepared", || {
         let now = instances(&addr);
         let ok = now.iter().all(|i| i["host"] != victim)
