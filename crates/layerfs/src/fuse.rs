@@ -336,6 +336,14 @@ impl Filesystem for Fuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        // Copy up first, without holding the backing table: that may read a large file.
+        if write && let Err(e) = self.overlay.copy_up_for_write(ino.0) {
+            return reply.error(errno(&e));
+        }
+        // Counting this open and deciding on passthrough happen under the backing table's
+        // lock: otherwise a racing open could count this one, find no backing id yet and
+        // open without passthrough, a mix the kernel answers with EIO.
+        let mut backing = self.backing.lock().unwrap_or_else(|e| e.into_inner());
         let opened = match self.overlay.open(ino.0, write) {
             Ok(o) => o,
             Err(e) => return reply.error(errno(&e)),
@@ -349,7 +357,7 @@ impl Filesystem for Fuse {
             );
         }
         if let Some(file) = opened.scratch
-            && let Some(id) = self.backing(ino.0, &file, opened.others, &reply)
+            && let Some(id) = self.backing(&mut backing, ino.0, &file, opened.others, &reply)
         {
             return reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), &id);
         }
@@ -672,6 +680,7 @@ impl Fuse {
     /// through already.
     fn backing(
         &self,
+        backing: &mut HashMap<u64, (Arc<BackingId>, u32)>,
         ino: u64,
         file: &std::fs::File,
         others: u32,
@@ -680,7 +689,6 @@ impl Fuse {
         if !self.passthrough {
             return None;
         }
-        let mut backing = self.backing.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((id, n)) = backing.get_mut(&ino) {
             *n += 1;
             return Some(id.clone());

@@ -1163,6 +1163,18 @@ impl Overlay {
         }
     }
 
+    /// Gives a file its scratch copy, as opening it for writing would (a no-op for a
+    /// file already in scratch).
+    pub(crate) fn copy_up_for_write(&self, ino: u64) -> Result<()> {
+        self.writable()?;
+        let st = self.lock();
+        let node = st.nodes.get(&ino).ok_or(FsError::Stale(ino))?;
+        if node.kind == FileKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        self.copy_up(st, ino).map(drop)
+    }
+
     /// Opens a file; writers get a scratch copy first.
     pub(crate) fn open(&self, ino: u64, write: bool) -> Result<Opened> {
         let mut st = self.lock();
