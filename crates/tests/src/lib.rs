@@ -156,3 +156,37 @@ fn display_paths(paths: &[PathBuf]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// Mount points at or below `dir` (from /proc/self/mountinfo), deepest first.
+pub fn mounts_below(dir: &std::path::Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut below: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| std::path::Path::new(m).starts_with(dir))
+        .map(str::to_owned)
+        .collect();
+    below.sort_unstable_by(|a, b| b.cmp(a));
+    below
+}
+
+/// Lazily unmounts every mount at or below `dir`: a daemon killed with SIGKILL leaves
+/// its FUSE roots mounted, and its temporary directory could not be removed.
+pub fn unmount_below(dir: &std::path::Path) {
+    for m in mounts_below(dir) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(m)
+            .status();
+    }
+}
+
+/// Calls [`unmount_below`] on its directory when dropped (also when a test fails).
+#[derive(Debug)]
+pub struct UnmountBelow(pub std::path::PathBuf);
+
+impl Drop for UnmountBelow {
+    fn drop(&mut self) {
+        unmount_below(&self.0);
+    }
+}

@@ -125,10 +125,14 @@ impl Volumed {
 }
 
 impl Drop for Volumed {
+    /// Kills the daemon and lazily unmounts what it left mounted below its data
+    /// directory (roots of instances and warm VMs). A daemon stopped by
+    /// [`Volumed::signal_and_wait`] keeps its mounts, for a restart to find.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            crate::unmount_below(&self.data);
         }
     }
 }

@@ -29,6 +29,7 @@ use tests::roots::debian_root;
 use tests::sched::Sched;
 use tests::tide::sh;
 use tests::volumed::Volumed;
+use tests::{UnmountBelow, mounts_below};
 
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 
@@ -444,18 +445,6 @@ fn check_instance(i: &Value, want_file: &str, want_text: &str, python: bool) {
 }
 
 /// Mount points (in this process's mount namespace) at or below `dir`, deepest first.
-fn mounts_below(dir: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut below: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .map(str::to_owned)
-        .collect();
-    below.sort_unstable_by(|a, b| b.cmp(a));
-    below
-}
-
 /// Whether `path` is a mount point.
 fn is_mount(path: &str) -> bool {
     mounts_below(Path::new(path)).iter().any(|m| m == path)
@@ -508,19 +497,6 @@ fn expect_of(i: &Value) -> (&'static str, &'static str, bool) {
         "db" | "kv" => ("srv/app/db.txt", "db v1\n", false),
         "worker" => ("srv/app/worker.txt", "worker v1\n", true),
         other => panic!("unexpected service {other}: {i}"),
-    }
-}
-
-/// Lazily unmounts every mount below a directory when dropped: the daemons are killed
-/// with SIGKILL when their handles drop (also when the test fails), which leaves their
-/// FUSE roots mounted, and the temporary directory could not be removed.
-struct UnmountBelow(PathBuf);
-
-impl Drop for UnmountBelow {
-    fn drop(&mut self) {
-        for m in mounts_below(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
     }
 }
 
