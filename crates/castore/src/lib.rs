@@ -58,5 +58,5 @@ pub use views::{ImageDetail, ImageSummary, LayerSummary};
 pub use volume::{
     AccessMode, BLOCK_STATUS_MAX_EXTENTS, BlockStatus, DEFAULT_EXTENT_SIZE, DEFAULT_JOURNAL_BUDGET,
     MAX_EXTENT_SIZE, MIN_EXTENT_SIZE, SECTOR_SIZE, SnapshotInfo, Volume, VolumeError, VolumeInfo,
-    VolumeOrigin, VolumeSpec, VolumeSummary, validate_volume_name,
+    VolumeOrigin, VolumeSpec, VolumeSummary, parse_size, validate_volume_name,
 };

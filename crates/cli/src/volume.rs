@@ -18,7 +18,7 @@ pub(crate) enum VolumeCmd {
         /// Name: a-z 0-9 . _ - (1 to 128 characters).
         name: String,
         /// Size: bytes or with a unit (512M, 10G, 1T; powers of 1024), a multiple of 512.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = castore::parse_size)]
         size: u64,
         /// rwo (one attachment at a time), rwx (many read-write), rox (many read-only).
         #[arg(long, default_value = "rwo", value_parser = parse_mode)]
@@ -27,7 +27,7 @@ pub(crate) enum VolumeCmd {
         #[arg(long)]
         instances: Option<u32>,
         /// Extent size (a power of two, 4K to 256K; default 64K).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = castore::parse_size)]
         extent_size: Option<u64>,
     },
     /// List volumes.
@@ -61,7 +61,7 @@ pub(crate) enum VolumeCmd {
         /// The volume.
         name: String,
         /// New size (bytes or with a unit: 20G).
-        #[arg(value_parser = parse_size)]
+        #[arg(value_parser = castore::parse_size)]
         size: u64,
         /// Allow shrinking.
         #[arg(long)]
@@ -105,41 +105,6 @@ pub(crate) enum VolumeCmd {
         #[arg(long)]
         tcp: bool,
     },
-}
-
-/// Bytes from `10G`, `512M`, `1.5T`, `4096`, `64K`, `64KiB`: powers of 1024.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                _ => return Err(format!("size {s:?}: unknown unit {c:?} (K, M, G, T, P)")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let bad = || format!("size {s:?}: expected a number of bytes, optionally with K, M, G, T or P");
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(1u64 << shift)
-            .ok_or_else(|| format!("size {s:?} is too large"));
-    }
-    let f: f64 = num.parse().map_err(|_| bad())?;
-    let v = f * (1u64 << shift) as f64;
-    if !(v.is_finite() && v >= 0.0 && v < u64::MAX as f64) || v.fract() != 0.0 {
-        return Err(format!("size {s:?} is not a whole number of bytes"));
-    }
-    Ok(v as u64)
 }
 
 fn parse_mode(s: &str) -> Result<store_capnp::AccessMode, String> {
@@ -688,24 +653,4 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_with_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("2t"), Ok(2 << 40));
-        assert!(parse_size("10Q").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("0.3K").unwrap_err().contains("whole number"));
-        assert!(parse_size("99999999P").unwrap_err().contains("too large"));
-        assert!(parse_size("-1G").is_err());
-    }
 }

@@ -49,32 +49,6 @@ pub(crate) struct HostConfig {
     pub(crate) labels: Vec<(String, String)>,
 }
 
-/// Parses a size: bytes, or a number with K, M, G, T (powers of 1024; `KiB`, `GB` and
-/// the like are read the same way), e.g. `8G`, `512M`, `1.5T`.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        u => return Err(format!("{s:?}: unknown unit {u:?} (use K, M, G or T)")),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (like 8G or 512M)"))?;
-    let bytes = n * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(bytes as u64)
-}
-
 /// Parses `KEY=VALUE`.
 pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -695,14 +669,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_labels() {
-        assert_eq!(parse_size("8G"), Ok(8 << 30));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("1.5T"), Ok(3 << 39));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("8X").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("G").is_err());
+    fn labels() {
         assert_eq!(parse_label("zone=a"), Ok(("zone".into(), "a".into())));
         assert!(parse_label("zone").is_err());
         assert!(parse_label("=a").is_err());

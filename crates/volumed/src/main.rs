@@ -125,7 +125,7 @@ struct Args {
     vcpus: Option<u32>,
     /// Memory offered to instances, in bytes or with a unit: 512M, 8G, 1.5T (default: all
     /// of this machine's RAM).
-    #[arg(long, env = "VOLUMED_MEMORY", value_name = "SIZE", value_parser = host::parse_size)]
+    #[arg(long, env = "VOLUMED_MEMORY", value_name = "SIZE", value_parser = castore::parse_size)]
     memory: Option<u64>,
     /// GPUs offered to instances.
     #[arg(long, env = "VOLUMED_GPUS", value_name = "N", default_value_t = 0)]

@@ -437,6 +437,47 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Bytes from a size as people write it: `4096`, `64K`, `64KiB`, `10G`, `1.5T`, `2gb`
+/// (K, M, G, T, P are powers of 1024, in any case, with an optional `B` or `iB`). For
+/// command-line sizes (volumes, a host's memory); fractions must come to whole bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let t = if lower.ends_with("ib") {
+        &t[..t.len() - 2]
+    } else if lower.ends_with('b') {
+        &t[..t.len() - 1]
+    } else {
+        t
+    };
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => return Err(format!("size {s:?}: unknown unit {c:?} (K, M, G, T, P)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let bad = || format!("size {s:?}: expected a number of bytes, optionally with K, M, G, T or P");
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(1u64 << shift)
+            .ok_or_else(|| format!("size {s:?} is too large"));
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    let v = f * (1u64 << shift) as f64;
+    if !(v.is_finite() && v >= 0.0 && v < u64::MAX as f64) || v.fract() != 0.0 {
+        return Err(format!("size {s:?} is not a whole number of bytes"));
+    }
+    Ok(v as u64)
+}
+
 fn check_size(volume: &str, size: u64) -> Result<()> {
     if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
         return Err(VolumeError::BadSize {
@@ -1125,4 +1166,31 @@ fn descendants(all: &HashMap<u64, Record>, id: u64, generation: Option<u64>) -> 
     }
     walk(all, id, generation, &mut out, &mut seen);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("1.5T"), Ok(3 << 39));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert!(parse_size("10Q").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("8X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("0.3K").unwrap_err().contains("whole number"));
+        assert!(parse_size("99999999P").unwrap_err().contains("too large"));
+        assert!(parse_size("-1G").is_err());
+    }
 }
