@@ -64,17 +64,9 @@ pub(crate) fn for_each_window<E>(
 mod tests {
     use super::*;
 
-    /// A deterministic pseudo-random buffer (xorshift), so fixtures never change.
+    /// A deterministic pseudo-random buffer, so fixtures never change.
     fn fixture(len: usize) -> Vec<u8> {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
+        crate::testing::noise(len, 0x9E37_79B9_7F4A_7C15)
     }
 
     #[test]

@@ -194,17 +194,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::ImportOptions;
-
-    fn noise(n: usize, mut x: u64) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
+    use crate::testing::noise;
 
     fn tree(dir: &std::path::Path, files: &[(&str, Vec<u8>)]) {
         for (name, bytes) in files {

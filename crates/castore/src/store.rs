@@ -514,17 +514,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(n: usize, mut x: u64) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testing::noise;
 
     #[test]
     fn probed_encoding_skips_only_incompressible_chunks() {

@@ -1,10 +1,25 @@
 //! Fault injection for tests: damage the store the way a bad disk would, through the
-//! same RocksDB seam everything else uses. Not for production use.
+//! same RocksDB seam everything else uses; and deterministic test data. Not for
+//! production use.
 
 use crate::Digest;
 use crate::db::{Batch, Cf};
 use crate::error::{Error, ObjectKind, Result};
 use crate::store::Store;
+
+/// `len` pseudo-random bytes (xorshift64 from `seed`, which must not be 0): the same for
+/// a seed on every run, and incompressible.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
 
 /// Flips one bit of a stored chunk's bytes (the compressed payload, after the codec byte).
 pub fn corrupt_chunk(store: &Store, d: &Digest) -> Result<()> {
