@@ -17,7 +17,6 @@
 //! a daemon restart; connection attachments end with their connection.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -164,19 +163,8 @@ impl Volumes {
                 .map(|(k, a)| (*k, a.clone()))
                 .collect(),
         };
-        let tmp = self.path.with_extension("json.tmp");
-        let io = |e| Error::Io(format!("writing {}", self.path.display()), e);
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(&persistent).expect("serializable"))
-            .map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
-        Ok(())
+        crate::mounts::write_atomic(&self.path, &persistent)
+            .map_err(|e| Error::Io(format!("writing {}", self.path.display()), e))
     }
 
     /// The template whose stamp `name` is (`data` for `data-3` when `data` is a template
