@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use castore::{Digest, Store};
 
+pub mod block;
+pub mod erofs;
 mod fuse;
 pub mod nbd;
 mod overlay;

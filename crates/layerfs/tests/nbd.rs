@@ -10,10 +10,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use layerfs::nbd::{
-    BlockDevice, BlockSizes, DeviceError, Export, ExportError, Exports, Extent, Intent,
-    MemoryDevice, Server, ServerConfig, ZeroFlags,
-};
+use layerfs::block::{BlockDevice, BlockSizes, DeviceError, Extent, ZeroFlags};
+use layerfs::nbd::{Export, ExportError, Exports, Intent, MemoryDevice, Server, ServerConfig};
 use tests::nbd::{
     Fuzz, Rng, connect, expect_closed, fuzz, hello, map_runs, ok, opt, opt_reply, qemu_img_compare,
     random_file, reply, request, run,

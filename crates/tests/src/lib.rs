@@ -10,6 +10,7 @@ pub mod bench;
 pub mod fixture;
 pub mod fstree;
 pub mod nbd;
+pub mod oci;
 pub mod pjdfs;
 pub mod roots;
 pub mod sched;

@@ -19,12 +19,12 @@
 //! (see [`tests::python`]). About 20 s once the roots exist.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tests::oci::{Blobs, Changes, diff_list, tar};
 use tests::roots::debian_root;
 use tests::sched::Sched;
 use tests::tide::sh;
@@ -127,114 +127,6 @@ asyncio.run(capnp.run(main()))
 
 // ---- Images ----
 
-/// Writes the tar of `root` (everything, or only `list` when given) to `out`.
-fn tar(root: &Path, list: Option<&Path>, out: &Path) {
-    let files = match list {
-        Some(l) => format!("--null --no-recursion -T {}", l.display()),
-        None => ".".to_string(),
-    };
-    sh(&format!(
-        "tar --numeric-owner --xattrs -C {} -cf {} {files}",
-        root.display(),
-        out.display()
-    ));
-}
-
-/// What `upper` adds to or changes in `lower`, as a NUL-separated list of `./PATH`
-/// (every directory, so parents exist; files and links that are new or differ).
-fn diff_list(lower: &Path, upper: &Path, out: &Path) -> usize {
-    fn walk(lower: &Path, upper: &Path, rel: &Path, out: &mut Vec<u8>, n: &mut usize) {
-        let mut entries: Vec<_> = std::fs::read_dir(upper.join(rel))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        entries.sort();
-        for name in entries {
-            let r = rel.join(&name);
-            let u = std::fs::symlink_metadata(upper.join(&r)).unwrap();
-            let l = std::fs::symlink_metadata(lower.join(&r)).ok();
-            let changed = match &l {
-                None => true,
-                Some(l) => {
-                    l.mode() != u.mode()
-                        || l.size() != u.size()
-                        || l.mtime() != u.mtime()
-                        || (u.file_type().is_symlink()
-                            && std::fs::read_link(lower.join(&r)).ok()
-                                != std::fs::read_link(upper.join(&r)).ok())
-                }
-            };
-            if u.is_dir() || changed {
-                out.extend_from_slice(b"./");
-                out.extend_from_slice(r.as_os_str().as_encoded_bytes());
-                out.push(0);
-                if !u.is_dir() {
-                    *n += 1;
-                }
-            }
-            if u.is_dir() {
-                walk(lower, upper, &r, out, n);
-            }
-        }
-    }
-    let mut list = Vec::new();
-    let mut n = 0;
-    walk(lower, upper, Path::new(""), &mut list, &mut n);
-    std::fs::write(out, list).unwrap();
-    n
-}
-
-/// Shared OCI blobs; each image is a layout directory hard-linking them.
-struct Blobs {
-    dir: PathBuf,
-}
-
-impl Blobs {
-    fn put(&self, bytes: &[u8]) -> (castore::Digest, usize) {
-        let d = castore::Digest::of(bytes);
-        std::fs::write(self.dir.join(d.to_hex()), bytes).unwrap();
-        (d, bytes.len())
-    }
-
-    /// A layer blob from a tar file: (digest, size); the diff id is the same digest.
-    fn layer(&self, tar: &Path) -> (castore::Digest, usize) {
-        self.put(&std::fs::read(tar).unwrap())
-    }
-
-    /// An OCI layout at `dir` of image `name` with `layers` (bottom first).
-    fn image(&self, dir: &Path, name: &str, layers: &[(castore::Digest, usize)]) {
-        let cfg = serde_json::to_vec(&serde_json::json!({
-            "architecture": castore::host_arch(), "os": "linux",
-            "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers",
-                       "diff_ids": layers.iter().map(|l| l.0.to_string()).collect::<Vec<_>>()}
-        }))
-        .unwrap();
-        let c = self.put(&cfg);
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": c.0.to_string(), "size": c.1},
-            "layers": layers.iter().map(|(d, n)| serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": d.to_string(), "size": n})).collect::<Vec<_>>()
-        });
-        let m = self.put(&serde_json::to_vec(&manifest).unwrap());
-        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": m.0.to_string(), "size": m.1,
-            "annotations": {"org.opencontainers.image.ref.name": name}}]});
-        let blobs = dir.join("blobs/sha256");
-        std::fs::create_dir_all(&blobs).unwrap();
-        for d in layers.iter().map(|l| l.0).chain([c.0, m.0]) {
-            let hex = d.to_hex();
-            std::fs::hard_link(self.dir.join(&hex), blobs.join(&hex)).unwrap();
-        }
-        std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    }
-}
-
 /// A small app layer: `/srv/app/NAME.txt` saying `text`, plus `extra` bytes of random
 /// data in `/srv/app/blob.bin` when non-zero.
 fn app_layer(tmp: &Path, name: &str, text: &str, extra_mib: u32) -> PathBuf {
@@ -256,14 +148,11 @@ fn app_layer(tmp: &Path, name: &str, text: &str, extra_mib: u32) -> PathBuf {
 fn build_images(tmp: &Path) -> Vec<(PathBuf, &'static str)> {
     let minbase = debian_root("minbase");
     let python3 = debian_root("python3");
-    let blobs = Blobs {
-        dir: tmp.join("blobs"),
-    };
-    std::fs::create_dir_all(&blobs.dir).unwrap();
+    let blobs = Blobs::new(&tmp.join("blobs"));
     let dist_tar = tmp.join("dist.tar");
     tar(&minbase, None, &dist_tar);
     let list = tmp.join("fw.list");
-    let changed = diff_list(&minbase, &python3, &list);
+    let changed = diff_list(&minbase, &python3, &Changes::default(), &list);
     assert!(
         changed > 100,
         "python3 adds only {changed} files to minbase?"

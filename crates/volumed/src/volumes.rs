@@ -23,9 +23,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use castore::{AccessMode, Store, VolumeError, VolumeSpec, VolumeSummary};
-use layerfs::nbd::{
-    BlockDevice, BlockSizes, DeviceError, Export, ExportError, Exports, Extent, Intent, ZeroFlags,
-};
+use layerfs::block::{BlockDevice, BlockSizes, DeviceError, Extent, ZeroFlags};
+use layerfs::nbd::{Export, ExportError, Exports, Intent};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;

@@ -1,0 +1,190 @@
+//! EROFS images synthesized from layers, checked by the kernel and by erofs-utils:
+//! the host kernel mounts the image file and the tree it shows equals the source,
+//! `fsck.erofs` accepts it and extracts the same files, `mkfs.erofs` of the same tree
+//! mounts to the same tree, and the bytes are the same on every build.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use castore::Digest;
+use common::Env;
+use layerfs::erofs::Image;
+
+/// The only layer of `image`.
+fn single_layer(env: &Env, image: Digest) -> Digest {
+    let img = env.store.image(&image).expect("image record");
+    assert_eq!(img.layers.len(), 1);
+    img.layers[0]
+}
+
+/// Writes the image of `layer` to a file in the env and returns its path.
+fn write_image(env: &Env, layer: &Digest, name: &str) -> (PathBuf, Image) {
+    let image = Image::build(&env.store, layer).unwrap_or_else(|e| panic!("build: {e}"));
+    let path = env.path(name);
+    let mut f = std::fs::File::create(&path).unwrap();
+    image.write_to(&env.store, &mut f).unwrap();
+    (path, image)
+}
+
+/// A kernel mount of an image file; unmounted on drop.
+struct KernelMount(PathBuf);
+
+impl KernelMount {
+    fn new(image: &Path, at: &Path) -> KernelMount {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "erofs", "-o", "ro"])
+            .arg(image)
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t erofs {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        KernelMount(at.to_path_buf())
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn fsck(image: &Path) -> String {
+    let out = Command::new("fsck.erofs")
+        .arg(image)
+        .output()
+        .expect("fsck.erofs (erofs-utils) is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "fsck.erofs {}: {text}",
+        image.display()
+    );
+    text
+}
+
+#[test]
+fn fixture_image_mounts_identical_to_its_source() {
+    let env = Env::new("erofs-fixture");
+    let src = env.path("src");
+    tests::fixture::build(&src);
+    let img = env.import(&src, "fx:1");
+    let layer = single_layer(&env, img);
+    let (path, image) = write_image(&env, &layer, "fx.erofs");
+    eprintln!("{:?}", image.report());
+    fsck(&path);
+    let m = KernelMount::new(&path, &env.path("mnt"));
+    tests::fstree::assert_same(&src, &m.0);
+}
+
+#[test]
+fn debian_minbase_image_mounts_identical_to_its_source() {
+    let env = Env::new("erofs-debian");
+    let src = tests::roots::ensure_debian_root("minbase").expect("minbase root");
+    let img = env.import(&src, "minbase:1");
+    let layer = single_layer(&env, img);
+    let t = std::time::Instant::now();
+    let (path, image) = write_image(&env, &layer, "minbase.erofs");
+    eprintln!(
+        "{:?} written in {:?}, memory {}",
+        image.report(),
+        t.elapsed(),
+        image.memory_bytes()
+    );
+    eprintln!("{}", fsck(&path));
+    let m = KernelMount::new(&path, &env.path("mnt"));
+    tests::fstree::assert_same(&src, &m.0);
+}
+
+/// Mounts `lowers` (bottom first) with the kernel's overlayfs over an empty upper
+/// directory whose root carries `root`'s mode, owner and mtime, as the guest's init
+/// sets up its scratch (a layer's own root metadata is not the image's when the layer
+/// does not describe its root).
+struct OverlayMount(PathBuf);
+
+impl OverlayMount {
+    fn new(lowers: &[PathBuf], root: &Path, at: &Path) -> OverlayMount {
+        let (upper, work) = (at.with_extension("upper"), at.with_extension("work"));
+        for d in [at, &upper, &work] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        common::sh(&format!(
+            "chown --reference={0} {1} && chmod --reference={0} {1} && touch --reference={0} {1}",
+            root.display(),
+            upper.display()
+        ));
+        let lowerdir: Vec<String> = lowers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        let out = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lowerdir.join(":"),
+                upper.display(),
+                work.display()
+            ))
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t overlay: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        OverlayMount(at.to_path_buf())
+    }
+}
+
+impl Drop for OverlayMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn debian_three_layers_stack_with_overlayfs_as_the_store_merges_them() {
+    let env = Env::new("erofs-layers");
+    let oci = tests::oci::debian_three_layers(&env.path("work"), &env.path("oci"), "flask:3");
+    let img = env.import(&oci, "flask:3");
+    let layers = env.store.image(&img).unwrap().layers;
+    assert_eq!(layers.len(), 3);
+    let mut mounts = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let (path, image) = write_image(&env, l, &format!("l{i}.erofs"));
+        eprintln!("layer {i}: {:?}", image.report());
+        fsck(&path);
+        let at = env.path(&format!("l{i}"));
+        mounts.push(KernelMount::new(&path, &at));
+        dirs.push(at);
+    }
+    let expected = env.path("expected");
+    env.store
+        .export_image(&img, &castore::ExportTarget::Dir(expected.clone()))
+        .unwrap();
+    let merged = OverlayMount::new(&dirs, &expected, &env.path("merged"));
+    let a = tests::fstree::snapshot(&expected);
+    let b = tests::fstree::snapshot(&merged.0);
+    let diff = tests::fstree::diff(&a, &b);
+    assert!(
+        diff.is_empty(),
+        "{} differences, first: {:#?}",
+        diff.len(),
+        &diff[..diff.len().min(20)]
+    );
+    drop(merged);
+}
