@@ -133,24 +133,30 @@ impl Store {
         })
     }
 
-    /// A layer named by its full digest, or by a unique prefix (6+ hex digits) of a lone
-    /// layer's digest.
+    /// A layer named by its full digest, or by a unique prefix (6+ hex digits) of the
+    /// digest of a lone layer or of a layer of a named image.
     pub fn resolve_layer(&self, spec: &str) -> Result<Digest> {
         if let Some(d) = Digest::parse(spec) {
             return Ok(d);
         }
         let hex = spec.strip_prefix("sha256:").unwrap_or(spec);
-        let found: Vec<Digest> = self
-            .layer_refs()?
-            .into_iter()
-            .filter(|d| hex.len() >= 6 && d.to_hex().starts_with(hex))
-            .collect();
+        let not_found = || Error::NotFound {
+            what: "layer",
+            name: spec.to_string(),
+        };
+        if hex.len() < 6 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(not_found());
+        }
+        let mut found: Vec<Digest> = self.layer_refs()?;
+        for (_, image) in self.refs()? {
+            found.extend(self.image(&image)?.layers);
+        }
+        found.retain(|d| d.to_hex().starts_with(hex));
+        found.sort();
+        found.dedup();
         match found[..] {
             [d] => Ok(d),
-            [] => Err(Error::NotFound {
-                what: "layer",
-                name: spec.to_string(),
-            }),
+            [] => Err(not_found()),
             _ => Err(Error::Refused(format!("layer prefix {spec} is ambiguous"))),
         }
     }

@@ -154,6 +154,19 @@ struct InstanceRow {
     volumes: Vec<String>,
     warm_vm: String,
     image: String,
+    disks: Vec<DiskRow>,
+}
+
+/// One block device an instance boots from.
+#[derive(Debug, Serialize)]
+struct DiskRow {
+    role: String,
+    export: String,
+    uri: String,
+    read_only: bool,
+    size: u64,
+    layer: String,
+    mount_path: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -301,6 +314,22 @@ fn instance_row(r: instance_info::Reader<'_>) -> Result<InstanceRow> {
         volumes: ts(r.get_volumes())?,
         warm_vm: t(r.get_warm_vm())?,
         image: t(r.get_image())?,
+        disks: r
+            .get_disks()
+            .w()?
+            .iter()
+            .map(|d| {
+                Ok(DiskRow {
+                    role: t(d.get_role())?,
+                    export: t(d.get_export())?,
+                    uri: t(d.get_uri())?,
+                    read_only: d.get_read_only(),
+                    size: d.get_size(),
+                    layer: t(d.get_layer())?,
+                    mount_path: t(d.get_mount_path())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
     })
 }
 

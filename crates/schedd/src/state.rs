@@ -66,6 +66,22 @@ pub struct Prepared {
     pub volumes: Vec<String>,
     pub hypervisor: String,
     pub warm_vm: String,
+    /// The block devices its host serves it to boot from (the wire's `BootSpec.disks`;
+    /// records of an earlier version have none).
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+}
+
+/// One of an instance's block devices (the wire's `BootDisk`), kept to show.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Disk {
+    pub role: String,
+    pub export: String,
+    pub uri: String,
+    pub read_only: bool,
+    pub size: u64,
+    pub layer: String,
+    pub mount_path: String,
 }
 
 /// Where an instance stands. "pending" (its host has not reconnected) is not stored: it

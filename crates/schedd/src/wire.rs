@@ -15,7 +15,7 @@ use schema::sched_capnp::{
 use crate::daemon::{DeployReport, HostView, InstanceView, PoolView, RouteView, StackView};
 use crate::error::{Error, Result};
 use crate::hostcall::WarmReport;
-use crate::state::{ImageRec, Prepared, Spec};
+use crate::state::{Disk, ImageRec, Prepared, Spec};
 
 /// A text field as an owned string.
 pub fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
@@ -172,6 +172,25 @@ pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared
         volumes: texts(r.get_volumes())?,
         hypervisor: text(r.get_hypervisor())?,
         warm_vm: text(r.get_warm_vm())?,
+        disks: if r.has_boot() {
+            r.get_boot()?
+                .get_disks()?
+                .iter()
+                .map(|d| {
+                    Ok(Disk {
+                        role: text(d.get_role())?,
+                        export: text(d.get_export())?,
+                        uri: text(d.get_uri())?,
+                        read_only: d.get_read_only(),
+                        size: d.get_size(),
+                        layer: text(d.get_layer())?,
+                        mount_path: text(d.get_mount_path())?,
+                    })
+                })
+                .collect::<capnp::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -203,6 +222,17 @@ pub fn set_instance_info(mut b: instance_info::Builder<'_>, v: &InstanceView) {
     );
     b.set_warm_vm(&r.spec.warm_vm);
     b.set_image(&r.spec.image);
+    let mut dl = b.init_disks(r.prepared.disks.len() as u32);
+    for (i, d) in r.prepared.disks.iter().enumerate() {
+        let mut e = dl.reborrow().get(i as u32);
+        e.set_role(&d.role);
+        e.set_export(&d.export);
+        e.set_uri(&d.uri);
+        e.set_read_only(d.read_only);
+        e.set_size(d.size);
+        e.set_layer(&d.layer);
+        e.set_mount_path(&d.mount_path);
+    }
 }
 
 pub fn set_deploy_report(mut b: schema::sched_capnp::deploy_report::Builder<'_>, r: &DeployReport) {

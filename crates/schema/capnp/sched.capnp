@@ -92,6 +92,36 @@ struct InstanceSpec {
   warmVm @8 :Text;              # A warm VM of this host to convert, or "" to boot cold.
 }
 
+struct BootDisk {
+  # One block device of an instance, as its guest sees it: served by the host over NBD.
+  role @0 :Text;                # "layer" (a read-only EROFS image of one image layer),
+                                # "scratch" (the writable upper layer: an empty ext4
+                                # filesystem, fresh for every start) or "volume".
+  export @1 :Text;              # The NBD export name on the host: "layer/sha256:HEX",
+                                # "scratch.INSTANCE/ATTACHMENT", "VOLUME/ATTACHMENT".
+  uri @2 :Text;                 # nbd+unix:///EXPORT?socket=PATH on the host.
+  readOnly @3 :Bool;
+  size @4 :UInt64;              # Bytes.
+  layer @5 :Text;               # For "layer": the layer digest.
+  mountPath @6 :Text;           # For "volume": where the guest mounts it (from the stack file).
+}
+
+struct BootSpec {
+  # What a launcher needs to turn an instance into hypervisor arguments: its disks in
+  # order (the image's layers bottom first, then the scratch device, then the volumes in
+  # request order) and the merged root's own metadata, which the guest gives the upper
+  # directory of its overlay (a layer's root is not the image's when the layer does not
+  # describe it).
+  disks @0 :List(BootDisk);
+  rootMode @1 :UInt32;          # Permission bits of the root directory.
+  rootUid @2 :UInt32;
+  rootGid @3 :UInt32;
+  rootMtime @4 :Int64;          # Unix seconds.
+  rootMtimeNsec @5 :UInt32;
+  vcpus @6 :UInt32;             # From the instance's resources (0: not given).
+  memory @7 :UInt64;            # Bytes (0: not given).
+}
+
 struct PreparedInstance {
   # What a host made ready for an instance.
   instance @0 :Text;
@@ -100,6 +130,7 @@ struct PreparedInstance {
   volumes @3 :List(Text);       # NBD URIs of the attached volumes, in request order.
   hypervisor @4 :Text;          # Recorded for the launcher (not started by this version).
   warmVm @5 :Text;              # The warm VM converted, or "".
+  boot @6 :BootSpec;            # Its block devices, for the guest to boot from.
 }
 
 struct WarmVm {
@@ -165,6 +196,7 @@ struct InstanceInfo {
   volumes @10 :List(Text);      # NBD URIs.
   warmVm @11 :Text;             # The warm VM it was converted from, or "".
   image @12 :Text;
+  disks @13 :List(BootDisk);    # What its host serves it to boot from (empty if unknown).
 }
 
 struct HostVerdict {

@@ -2,10 +2,15 @@
 //! store's inventory) and the instances and warm VMs it prepares for the scheduler.
 //!
 //! **Instances.** `prepare` attaches an instance's volumes (persistent attachments held
-//! by the instance id, so access modes apply across instances), then mounts its root
-//! (its image plus a fresh scratch layer) at `DATA/instances/ID/root`. A warm VM
-//! (`DATA/warm/ID/root`) is converted by handing its root to the instance. Nothing is
-//! launched: the hypervisor is recorded for a launcher of a later version.
+//! by the instance id, so access modes apply across instances), makes its scratch
+//! device (a clone of a formatted ext4 template, attached the same way: see
+//! [`crate::scratch`]), checks that every layer of its image has an EROFS image (see
+//! [`crate::layers`]), and mounts its root (its image plus a fresh scratch layer, for
+//! the host's own view) at `DATA/instances/ID/root`. Its [`BootSpec`] lists the block
+//! devices a guest boots from: the layer exports bottom first, the scratch device, the
+//! volumes. A warm VM (`DATA/warm/ID/root`) is converted by handing its root to the
+//! instance. Nothing is launched: the hypervisor is recorded for a launcher of a later
+//! version.
 //!
 //! **Records.** Prepared instances and warm VMs are recorded in `DATA/instances.json`
 //! (temporary file, fsync, rename, directory fsync). A restarted volumed mounts their
@@ -23,8 +28,11 @@ use castore::{AccessMode, Digest, Store, VolumeError, VolumeSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::exports::layer_export;
+use crate::layers::Layers;
 use crate::log;
 use crate::mounts::MountTable;
+use crate::scratch::Scratch;
 use crate::server::{mount_image, unmount_now};
 use crate::volumes::Volumes;
 
@@ -127,6 +135,7 @@ pub(crate) struct VolumeRequest {
     pub(crate) size: u64,
     pub(crate) mode: AccessMode,
     pub(crate) per_instance: bool,
+    pub(crate) mount_path: String,
 }
 
 /// What the scheduler asks a host to prepare (a validated `InstanceSpec`).
@@ -137,6 +146,8 @@ pub(crate) struct InstanceSpec {
     pub(crate) ordinal: u32,
     pub(crate) image: String,
     pub(crate) hypervisor: String,
+    pub(crate) vcpus: u32,
+    pub(crate) memory: u64,
     pub(crate) gpus: u32,
     pub(crate) volumes: Vec<VolumeRequest>,
     pub(crate) warm_vm: String,
@@ -150,6 +161,54 @@ pub(crate) struct AttachedVolume {
     pub(crate) read_only: bool,
 }
 
+/// What a block device of an instance is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum DiskRole {
+    Layer,
+    Scratch,
+    Volume,
+}
+
+impl DiskRole {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            DiskRole::Layer => "layer",
+            DiskRole::Scratch => "scratch",
+            DiskRole::Volume => "volume",
+        }
+    }
+}
+
+/// One block device of an instance: an NBD export of this host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct BootDisk {
+    pub(crate) role: DiskRole,
+    pub(crate) export: String,
+    pub(crate) read_only: bool,
+    pub(crate) size: u64,
+    /// For layers: the layer digest.
+    #[serde(default)]
+    pub(crate) layer: String,
+    /// For volumes: where the guest mounts it.
+    #[serde(default)]
+    pub(crate) mount_path: String,
+}
+
+/// What a launcher boots an instance from (`sched.capnp`'s `BootSpec`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct BootSpec {
+    /// Layers bottom first, then the scratch device, then the volumes in request order.
+    pub(crate) disks: Vec<BootDisk>,
+    pub(crate) root_mode: u32,
+    pub(crate) root_uid: u32,
+    pub(crate) root_gid: u32,
+    pub(crate) root_mtime: i64,
+    pub(crate) root_mtime_nsec: u32,
+    pub(crate) vcpus: u32,
+    pub(crate) memory: u64,
+}
+
 /// A prepared instance, as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct InstanceRecord {
@@ -160,8 +219,13 @@ pub(crate) struct InstanceRecord {
     pub(crate) image: String,
     pub(crate) root: PathBuf,
     pub(crate) volumes: Vec<AttachedVolume>,
+    /// Its scratch device (records of an earlier version have none).
+    #[serde(default)]
+    pub(crate) scratch: Option<AttachedVolume>,
     pub(crate) hypervisor: String,
     pub(crate) warm_vm: String,
+    #[serde(default)]
+    pub(crate) boot: BootSpec,
     /// The live mount of the root (this run's mount table id; 0 when not mounted).
     #[serde(skip)]
     mount: u64,
@@ -194,6 +258,8 @@ pub(crate) struct Host {
     store: Arc<Store>,
     mounts: Arc<MountTable>,
     volumes: Arc<Volumes>,
+    layers: Arc<Layers>,
+    scratch: Scratch,
     data: PathBuf,
     records: Mutex<Records>,
 }
@@ -244,6 +310,8 @@ impl Host {
         store: Arc<Store>,
         mounts: Arc<MountTable>,
         volumes: Arc<Volumes>,
+        layers: Arc<Layers>,
+        scratch: Scratch,
         data: &Path,
     ) -> Result<Arc<Host>, Error> {
         let path = data.join("instances.json");
@@ -288,6 +356,8 @@ impl Host {
             store,
             mounts,
             volumes,
+            layers,
+            scratch,
             data: data.to_path_buf(),
             records: Mutex::new(records),
         });
@@ -389,6 +459,8 @@ impl Host {
         for v in &spec.volumes {
             attached.push(self.attach(spec, v, &mut undo)?);
         }
+        let scratch = self.make_scratch(spec, &mut undo)?;
+        let boot = self.boot_spec(spec, &image, &attached, &scratch)?;
         let (root, mount) = match warm {
             Some(w) => {
                 records.warm.remove(&w.id);
@@ -426,8 +498,10 @@ impl Host {
             image: image.to_string(),
             root,
             volumes: attached,
+            scratch: Some(scratch),
             hypervisor: self.hypervisor(spec),
             warm_vm: spec.warm_vm.clone(),
+            boot,
             mount,
         };
         records
@@ -450,6 +524,76 @@ impl Host {
             record.volumes.len()
         );
         Ok(record)
+    }
+
+    /// A fresh scratch device for `spec.instance`, attached with the instance as holder.
+    fn make_scratch(
+        &self,
+        spec: &InstanceSpec,
+        undo: &mut Undo<'_>,
+    ) -> Result<AttachedVolume, Error> {
+        let name = self.scratch.create(&spec.instance)?;
+        undo.scratch = Some(spec.instance.clone());
+        let a = self.volumes.attach(&name, &spec.instance, false)?;
+        undo.attached.push((name.clone(), a.id));
+        Ok(AttachedVolume {
+            volume: name,
+            attachment: a.id,
+            read_only: false,
+        })
+    }
+
+    /// The boot spec of an instance of `image` with these volumes and scratch. Every
+    /// layer's EROFS image is synthesized here, so a layer that has none fails the
+    /// prepare with its reason rather than the guest's boot.
+    fn boot_spec(
+        &self,
+        spec: &InstanceSpec,
+        image: &Digest,
+        volumes: &[AttachedVolume],
+        scratch: &AttachedVolume,
+    ) -> Result<BootSpec, Error> {
+        let mut disks = Vec::new();
+        for l in self.store.image(image)?.layers {
+            let erofs = self.layers.image(&l)?;
+            disks.push(BootDisk {
+                role: DiskRole::Layer,
+                export: layer_export(&l),
+                read_only: true,
+                size: erofs.size(),
+                layer: l.to_string(),
+                mount_path: String::new(),
+            });
+        }
+        disks.push(BootDisk {
+            role: DiskRole::Scratch,
+            export: format!("{}/{}", scratch.volume, scratch.attachment),
+            read_only: false,
+            size: self.scratch.size(),
+            layer: String::new(),
+            mount_path: String::new(),
+        });
+        for (a, req) in volumes.iter().zip(&spec.volumes) {
+            disks.push(BootDisk {
+                role: DiskRole::Volume,
+                export: format!("{}/{}", a.volume, a.attachment),
+                read_only: a.read_only,
+                size: self.volumes.listed(&a.volume)?.summary.size,
+                layer: String::new(),
+                mount_path: req.mount_path.clone(),
+            });
+        }
+        let (root, _) = castore::merge::image_root(&self.store, image)?;
+        Ok(BootSpec {
+            disks,
+            root_mode: root.mode,
+            root_uid: root.uid,
+            root_gid: root.gid,
+            root_mtime: root.mtime.sec,
+            root_mtime_nsec: root.mtime.nsec,
+            vcpus: spec.vcpus,
+            memory: spec.memory,
+        })
     }
 
     /// Attaches one requested volume for `spec.instance`, creating it if missing.
@@ -539,10 +683,13 @@ impl Host {
         if let Some(r) = records.instances.remove(id) {
             self.save(&records)?;
             log!("release instance {id}");
-            for v in &r.volumes {
+            for v in r.volumes.iter().chain(&r.scratch) {
                 if let Err(e) = self.volumes.detach(&v.volume, v.attachment) {
                     log!("release {id}: detach {}: {e}", v.volume);
                 }
+            }
+            if let Err(e) = self.scratch.remove(id) {
+                log!("release {id}: remove its scratch device: {e}");
             }
             if r.mount != 0 {
                 unmount_now(&self.mounts, r.mount, true)?;
@@ -605,6 +752,8 @@ struct Undo<'a> {
     host: &'a Host,
     created: Vec<String>,
     attached: Vec<(String, u64)>,
+    /// The instance whose scratch device was made.
+    scratch: Option<String>,
     mount: u64,
     dir: Option<PathBuf>,
     /// A warm VM taken for conversion: given back on failure.
@@ -617,6 +766,7 @@ impl<'a> Undo<'a> {
             host,
             created: Vec::new(),
             attached: Vec::new(),
+            scratch: None,
             mount: 0,
             dir: None,
             warm: None,
@@ -626,6 +776,7 @@ impl<'a> Undo<'a> {
     fn done(mut self) {
         self.created.clear();
         self.attached.clear();
+        self.scratch = None;
         self.mount = 0;
         self.dir = None;
         self.warm = None;
@@ -638,6 +789,11 @@ impl Drop for Undo<'_> {
             if let Err(e) = self.host.volumes.detach(&v, id) {
                 log!("undo: detach {v}: {e}");
             }
+        }
+        if let Some(i) = self.scratch.take()
+            && let Err(e) = self.host.scratch.remove(&i)
+        {
+            log!("undo: remove the scratch device of {i}: {e}");
         }
         for v in self.created.drain(..).rev() {
             match self.host.volumes.remove(&v, false) {

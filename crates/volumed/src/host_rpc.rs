@@ -85,15 +85,32 @@ fn set_prepared(
     b.set_image(&r.image);
     b.set_hypervisor(&r.hypervisor);
     b.set_warm_vm(&r.warm_vm);
-    let mut v = b.init_volumes(r.volumes.len() as u32);
+    let mut v = b.reborrow().init_volumes(r.volumes.len() as u32);
     for (i, a) in r.volumes.iter().enumerate() {
         v.set(
             i as u32,
-            format!(
-                "nbd+unix:///{}/{}?socket={}",
-                a.volume, a.attachment, endpoints.unix_socket
-            ),
+            endpoints.uri(&format!("{}/{}", a.volume, a.attachment)),
         );
+    }
+    let spec = &r.boot;
+    let mut boot = b.init_boot();
+    boot.set_root_mode(spec.root_mode);
+    boot.set_root_uid(spec.root_uid);
+    boot.set_root_gid(spec.root_gid);
+    boot.set_root_mtime(spec.root_mtime);
+    boot.set_root_mtime_nsec(spec.root_mtime_nsec);
+    boot.set_vcpus(spec.vcpus);
+    boot.set_memory(spec.memory);
+    let mut disks = boot.init_disks(spec.disks.len() as u32);
+    for (i, d) in spec.disks.iter().enumerate() {
+        let mut b = disks.reborrow().get(i as u32);
+        b.set_role(d.role.as_str());
+        b.set_export(&d.export);
+        b.set_uri(endpoints.uri(&d.export));
+        b.set_read_only(d.read_only);
+        b.set_size(d.size);
+        b.set_layer(&d.layer);
+        b.set_mount_path(&d.mount_path);
     }
 }
 
@@ -128,6 +145,7 @@ fn instance_spec(s: sched_capnp::instance_spec::Reader<'_>) -> Result<InstanceSp
             size: v.get_size(),
             mode,
             per_instance: v.get_per_instance(),
+            mount_path: text(v.get_mount_path())?,
         });
     }
     Ok(InstanceSpec {
@@ -135,6 +153,16 @@ fn instance_spec(s: sched_capnp::instance_spec::Reader<'_>) -> Result<InstanceSp
         ordinal: s.get_ordinal(),
         image: text(s.get_image())?,
         hypervisor: text(s.get_hypervisor())?,
+        vcpus: if s.has_resources() {
+            s.get_resources()?.get_vcpus()
+        } else {
+            0
+        },
+        memory: if s.has_resources() {
+            s.get_resources()?.get_memory()
+        } else {
+            0
+        },
         gpus: if s.has_resources() {
             s.get_resources()?.get_gpus()
         } else {

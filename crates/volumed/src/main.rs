@@ -11,10 +11,13 @@
 //! and warm VMs it is asked for (`host`), but it decides nothing about where they run.
 
 mod error;
+mod exports;
 mod host;
 mod host_rpc;
+mod layers;
 mod link;
 mod mounts;
+mod scratch;
 mod server;
 mod volume_rpc;
 mod volumes;
@@ -94,6 +97,18 @@ struct Args {
     /// decompression of a whole extent.
     #[arg(long, env = "VOLUMED_VOLUME_CACHE_MIB", default_value_t = 1024)]
     volume_cache_mib: usize,
+    /// MiB of decompressed, verified chunks kept for reads of layer devices (the EROFS
+    /// images VMs boot from), shared by all of them.
+    #[arg(long, env = "VOLUMED_LAYER_CACHE_MIB", default_value_t = 256)]
+    layer_cache_mib: usize,
+    /// MiB of synthesized EROFS metadata kept for layers no device serves right now
+    /// (served ones are always kept; an evicted one is rebuilt in milliseconds).
+    #[arg(long, env = "VOLUMED_EROFS_CACHE_MIB", default_value_t = 256)]
+    erofs_cache_mib: usize,
+    /// Size of each instance's scratch device (its writable upper layer, an ext4
+    /// filesystem; sparse: only what the guest writes is stored).
+    #[arg(long, env = "VOLUMED_SCRATCH_SIZE", value_name = "SIZE", default_value = "10G", value_parser = castore::parse_size)]
+    scratch_size: u64,
     /// MiB of small volume writes held in memory (and in the journal) before they are
     /// folded into extents.
     #[arg(long, env = "VOLUMED_JOURNAL_MIB", default_value_t = 1024)]
@@ -190,6 +205,11 @@ fn run(args: &Args) -> Result<()> {
         .with_context(|| format!("cleaning up after the last run in {}", args.data.display()))?;
     let volumes = volumes::Volumes::open(store.clone(), &args.data)
         .with_context(|| format!("loading volume attachments in {}", args.data.display()))?;
+    let layers = layers::Layers::new(
+        store.clone(),
+        args.layer_cache_mib << 20,
+        args.erofs_cache_mib << 20,
+    );
     let scheduler = args
         .scheduler
         .as_deref()
@@ -198,11 +218,14 @@ fn run(args: &Args) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let config = host_config(args)?;
     // Prepared instances' roots are mounted again before anything is served.
+    let scratch = scratch::Scratch::new(volumes.clone(), &args.data, args.scratch_size);
     let host = host::Host::open(
         config,
         store.clone(),
         mounts.clone(),
         volumes.clone(),
+        layers.clone(),
+        scratch,
         &args.data,
     )
     .with_context(|| format!("loading prepared instances in {}", args.data.display()))?;
@@ -212,7 +235,11 @@ fn run(args: &Args) -> Result<()> {
         .enable_all()
         .thread_name("nbd")
         .build()?;
-    let endpoints = nbd_rt.block_on(start_nbd(args, volumes.clone()))?;
+    let exports = exports::HostExports {
+        volumes: volumes::VolumeExports(volumes.clone()),
+        layers: layers.clone(),
+    };
+    let endpoints = nbd_rt.block_on(start_nbd(args, exports))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -221,6 +248,7 @@ fn run(args: &Args) -> Result<()> {
         store: store.clone(),
         mounts: mounts.clone(),
         volumes,
+        layers,
         endpoints: endpoints.clone(),
     });
     if let Some(addr) = scheduler {
@@ -300,11 +328,9 @@ fn host_config(args: &Args) -> Result<host::HostConfig> {
 
 /// Binds the NBD listeners (before the RPC socket, so a daemon that serves RPC serves
 /// NBD) and spawns their accept loops on the current (NBD) runtime.
-async fn start_nbd(args: &Args, volumes: Arc<volumes::Volumes>) -> Result<Endpoints> {
-    let server = layerfs::nbd::Server::new(
-        Arc::new(volumes::VolumeExports(volumes)),
-        layerfs::nbd::ServerConfig::default(),
-    );
+async fn start_nbd(args: &Args, exports: exports::HostExports) -> Result<Endpoints> {
+    let server =
+        layerfs::nbd::Server::new(Arc::new(exports), layerfs::nbd::ServerConfig::default());
     let path = args
         .nbd_socket
         .clone()
@@ -423,10 +449,12 @@ mod tests {
         let mounts = Arc::new(MountTable::new(&data));
         mounts.recover().unwrap();
         let volumes = volumes::Volumes::open(store.clone(), &data).unwrap();
+        let layers = layers::Layers::new(store.clone(), 16 << 20, 16 << 20);
         let shared = Rc::new(Shared {
             store,
             mounts,
             volumes,
+            layers,
             endpoints: Endpoints::default(),
         });
         let rt = tokio::runtime::Builder::new_current_thread()

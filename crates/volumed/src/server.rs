@@ -25,6 +25,7 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
     pub(crate) mounts: Arc<MountTable>,
     pub(crate) volumes: Arc<Volumes>,
+    pub(crate) layers: Arc<crate::layers::Layers>,
     pub(crate) endpoints: Endpoints,
 }
 
@@ -358,12 +359,14 @@ impl store::Server for StoreImpl {
     ) -> Result<(), capnp::Error> {
         let store = self.0.store.clone();
         let mounts = self.0.mounts.clone();
+        let layers = self.0.layers.clone();
         log!("gc");
         let r = blocking(move || {
             // Live mounts' images, and those of mounts in progress, are roots; read after
             // the store's names (gc_with's contract).
             let roots = || GcRoots {
                 images: mounts.images(),
+                layers: layers.gc_roots(),
                 ..GcRoots::default()
             };
             Ok(store.gc_with(roots, &GcProgress::default())?)

@@ -19,6 +19,13 @@ pub(crate) struct Endpoints {
     pub(crate) tcp: String,
 }
 
+impl Endpoints {
+    /// The `nbd+unix://` URI of `export` on the Unix socket.
+    pub(crate) fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.unix_socket)
+    }
+}
+
 /// The `Volumes` capability.
 #[derive(Debug)]
 pub(crate) struct VolumesImpl {

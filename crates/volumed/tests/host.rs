@@ -301,6 +301,9 @@ struct Prepared {
     volumes: Vec<String>,
     hypervisor: String,
     warm_vm: String,
+    /// (role, uri, read-only, size, layer, mount path)
+    disks: Vec<(String, String, bool, u64, String, String)>,
+    root_mode: u32,
 }
 
 fn read_prepared(p: schema::sched_capnp::prepared_instance::Reader<'_>) -> Prepared {
@@ -316,6 +319,24 @@ fn read_prepared(p: schema::sched_capnp::prepared_instance::Reader<'_>) -> Prepa
             .collect(),
         hypervisor: s(p.get_hypervisor()),
         warm_vm: s(p.get_warm_vm()),
+        disks: p
+            .get_boot()
+            .unwrap()
+            .get_disks()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    s(d.get_role()),
+                    s(d.get_uri()),
+                    d.get_read_only(),
+                    d.get_size(),
+                    s(d.get_layer()),
+                    s(d.get_mount_path()),
+                )
+            })
+            .collect(),
+        root_mode: p.get_boot().unwrap().get_root_mode(),
     }
 }
 
@@ -636,6 +657,31 @@ fn prepare_attach_and_release() {
         let out = tests::nbd::run("nbdcopy", &[src.to_str().unwrap(), p0.volumes[2].as_str()]);
         assert!(!out.status.success(), "a write to a rox volume must fail");
 
+        // The boot spec: the image's layer as an EROFS device (fsck.erofs reads it as
+        // nbdcopy copies it), the scratch device (an ext4 filesystem), the volumes in
+        // request order with their mount paths.
+        let roles: Vec<&str> = p0.disks.iter().map(|d| d.0.as_str()).collect();
+        assert_eq!(roles, ["layer", "scratch", "volume", "volume", "volume"]);
+        let (_, layer_uri, ro, size, layer, _) = &p0.disks[0];
+        assert!(*ro && layer_uri.contains("/layer/sha256:") && layer.starts_with("sha256:"));
+        assert_eq!(nbd_size(layer_uri), *size);
+        let info = ok("nbdinfo", &[layer_uri.as_str()]);
+        assert!(info.contains("EROFS filesystem"), "{info}");
+        let img = tmp.path().join("layer.erofs");
+        ok("nbdcopy", &[layer_uri.as_str(), img.to_str().unwrap()]);
+        ok("fsck.erofs", &[img.to_str().unwrap()]);
+        let (_, scratch_uri, ro, size, _, _) = &p0.disks[1];
+        assert!(!ro && *size == 10 << 30, "{:?}", p0.disks[1]);
+        assert!(
+            scratch_uri.contains("/scratch.web.shop-0/"),
+            "{scratch_uri}"
+        );
+        let info = ok("nbdinfo", &[scratch_uri.as_str()]);
+        assert!(info.contains("ext4 filesystem"), "{info}");
+        assert_eq!(p0.disks[2].1, p0.volumes[0]);
+        assert_eq!(p0.disks[3].5, "/data");
+        assert_eq!(p0.root_mode, 0o755);
+
         // Idempotent: the same instance again is returned as it is.
         let again = prepare(&h, "web.shop-0", 0, "shop/web:1", vols, "")
             .await
@@ -718,10 +764,16 @@ fn prepare_attach_and_release() {
         );
         assert!(e.contains("volume new does not exist"), "{e}");
 
-        // Release: the root is unmounted and removed, db is free for someone else.
+        // Release: the root is unmounted and removed, db is free for someone else, the
+        // scratch device is gone.
         release(&h, "web.shop-0").await;
         assert!(!is_mounted(&p0.root));
         assert!(!data.join("instances/web.shop-0").exists());
+        let out = tests::nbd::run("nbdinfo", &[p0.disks[1].1.as_str()]);
+        assert!(
+            !out.status.success(),
+            "the scratch device of a released instance is gone"
+        );
         release(&h, "web.shop-0").await; // idempotent
         let p2 = prepare(&h, "web.shop-2", 2, "shop/web:1", &vols[..1], "")
             .await

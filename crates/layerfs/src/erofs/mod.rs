@@ -219,6 +219,8 @@ pub struct LayerDevice {
     store: Arc<Store>,
     cache: Arc<ChunkCache>,
     prefetch: Option<Arc<Prefetcher>>,
+    /// Dropped with the device: whatever the owner ties to its lifetime.
+    _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl std::fmt::Debug for LayerDevice {
@@ -243,7 +245,15 @@ impl LayerDevice {
             store,
             cache,
             prefetch,
+            _guard: None,
         }
+    }
+
+    /// Keeps `guard` alive as long as the device (a server drops the device when its
+    /// last connection using it ends): e.g. a pin that keeps the layer from GC.
+    pub fn with_guard(mut self, guard: impl Send + Sync + 'static) -> LayerDevice {
+        self._guard = Some(Box::new(guard));
+        self
     }
 
     /// The image served.
