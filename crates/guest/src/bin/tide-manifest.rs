@@ -2,6 +2,8 @@
 //! `tide-manifest --as-user UID CMD [ARGS...]`: drops to UID (and GID UID, no
 //! supplementary groups) and execs CMD, so a guest test can show what a file
 //! capability grants to an unprivileged user.
+//! `tide-manifest --set-meta PATH MODE UID GID SECONDS NANOSECONDS`: gives PATH that
+//! mode (octal), owner and mtime (the guest's overlay upper root takes the image's).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -11,6 +13,12 @@ fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     match args.first().map(|a| a.as_bytes()) {
         Some(b"--as-user") if args.len() >= 3 => as_user(&args[1..]),
+        Some(b"--set-meta") if args.len() == 7 => {
+            if let Err(e) = set_meta(&args[1..]) {
+                eprintln!("tide-manifest: --set-meta: {e}");
+                std::process::exit(1);
+            }
+        }
         Some(dir) if args.len() == 1 && !dir.starts_with(b"-") => {
             if let Err(e) =
                 guest::manifest::write(Path::new(&args[0]), &mut std::io::stdout().lock())
@@ -20,7 +28,9 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: tide-manifest DIR | tide-manifest --as-user UID CMD [ARGS...]");
+            eprintln!(
+                "usage: tide-manifest DIR | --as-user UID CMD [ARGS...] | --set-meta PATH MODE UID GID SECONDS NANOSECONDS"
+            );
             std::process::exit(2);
         }
     }
@@ -61,4 +71,36 @@ fn as_user(args: &[std::ffi::OsString]) -> ! {
         std::io::Error::last_os_error()
     );
     std::process::exit(127)
+}
+
+fn set_meta(args: &[std::ffi::OsString]) -> std::io::Result<()> {
+    let num = |i: usize, radix: u32| -> std::io::Result<i64> {
+        args[i]
+            .to_str()
+            .and_then(|s| i64::from_str_radix(s, radix).ok())
+            .ok_or_else(|| std::io::Error::other(format!("{:?} is not a number", args[i])))
+    };
+    let path = CString::new(args[0].as_bytes())?;
+    let (mode, uid, gid, sec, nsec) = (num(1, 8)?, num(2, 10)?, num(3, 10)?, num(4, 10)?, num(5, 10)?);
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+    ];
+    // SAFETY: `path` is a valid C string and `times` a two-element array, for the calls.
+    let rc = unsafe {
+        if libc::lchown(path.as_ptr(), uid as libc::uid_t, gid as libc::gid_t) != 0
+            || libc::chmod(path.as_ptr(), mode as libc::mode_t) != 0
+        {
+            -1
+        } else {
+            libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        }
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
