@@ -65,12 +65,21 @@ pub fn sched_bin() -> PathBuf {
 }
 
 /// Waits (up to 30 s) until the daemon `name` (process `child`, logging to `log`)
-/// accepts connections on `socket`; panics with its log if it exits or never serves.
+/// accepts connections on `socket` itself; panics with its log if it exits or never
+/// serves.
+///
+/// A connection is not enough: it must reach a listener the daemon created (the
+/// listener's pid, `SO_PEERCRED`, is the child's). A socket this test process bound and
+/// dropped can stay connectable after its drop: a child that another test thread is
+/// spawning holds a copy of every descriptor between its fork and its exec, and the
+/// listener lives on in it until then. A probe that takes such a listener for the
+/// daemon returns early, and the next client's connection waits in a backlog nobody
+/// accepts from, reset when the child execs ("Connection reset by peer").
 pub fn wait_serving(name: &str, child: &mut Child, socket: &Path, log: &Path) {
     let log_text = || std::fs::read_to_string(log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if UnixStream::connect(socket).is_ok() {
+        if served_by(socket, child.id()) {
             return;
         }
         if let Some(st) = child.try_wait().expect("wait for the daemon") {
@@ -84,6 +93,75 @@ pub fn wait_serving(name: &str, child: &mut Child, socket: &Path, log: &Path) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether a connection to `socket` reaches a listener that process `pid` created.
+pub fn served_by(socket: &Path, pid: u32) -> bool {
+    UnixStream::connect(socket)
+        .ok()
+        .and_then(|s| peer_pid(&s))
+        .is_some_and(|p| p == pid)
+}
+
+/// The pid of the process that made the listener `stream` is connected to (the peer's
+/// credentials as of its `listen(2)`), if the kernel says.
+pub fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes passed, and the
+    // descriptor belongs to `stream`, which outlives the call.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+/// Leaves a Unix socket file at `path` that nothing listens on, as a daemon killed with
+/// SIGKILL leaves its socket. The socket is bound but never listened on, so no client
+/// can ever connect to it: a listener bound and dropped here instead could stay
+/// connectable for a moment in a child another thread is spawning (see
+/// [`wait_serving`]), and a daemon's stale-socket check would then find it "served".
+pub fn stale_socket(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < addr.sun_path.len(), "socket path too long");
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un and the length passed is its size.
+    let r = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "bind {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// The Python interpreter with pycapnp for the tests that drive the daemons from Python:
@@ -189,5 +267,35 @@ pub struct UnmountBelow(pub std::path::PathBuf);
 impl Drop for UnmountBelow {
     fn drop(&mut self) {
         unmount_below(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_listeners_own_process_counts_as_serving() {
+        let dir = tmpdir("tide-probe");
+        let sock = dir.path().join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(served_by(&sock, std::process::id()));
+        // A listener of ours is not a daemon's, whatever the daemon's pid.
+        assert!(!served_by(&sock, std::process::id() + 1));
+        assert!(!served_by(
+            &dir.path().join("none.sock"),
+            std::process::id()
+        ));
+    }
+
+    #[test]
+    fn a_stale_socket_file_refuses_every_connection() {
+        let dir = tmpdir("tide-stale");
+        let sock = dir.path().join("s.sock");
+        stale_socket(&sock);
+        let md = std::fs::symlink_metadata(&sock).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&md.file_type()));
+        let e = UnixStream::connect(&sock).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     }
 }

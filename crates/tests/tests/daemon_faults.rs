@@ -150,8 +150,9 @@ fn a_stale_socket_file_is_replaced() {
     let tmp = tmpdir("tide-daemon-stale-sock");
     let sock = tmp.path().join("v.sock");
     // A socket file nobody listens on, as a killed daemon leaves it.
-    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    tests::stale_socket(&sock);
     assert!(sock.exists());
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
     let daemon = Volumed::start(tmp.path().join("data"), &sock);
     daemon.tide().ok(&["image", "ls"]);
 }
