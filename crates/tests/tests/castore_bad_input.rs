@@ -251,10 +251,55 @@ fn truncated_and_corrupt_gzip_and_zstd() {
     let full = std::fs::read(e.path("base.tar")).unwrap();
     let cut = e.path("cut.tar");
     std::fs::write(&cut, &full[..full.len() / 3]).unwrap();
-    e.rejects(&cut, &["truncated"]);
+    e.rejects(&cut, &["truncated", cut.to_str().unwrap()]);
     let garbage = e.path("garbage.tar");
     std::fs::write(&garbage, vec![0x42u8; 4096]).unwrap();
     e.rejects(&garbage, &["checksum"]);
+}
+
+#[test]
+fn big_members_cut_or_corrupted_name_the_archive_and_the_entry() {
+    // A member above 16 MiB is read as a stream (not into memory), which had its own
+    // error path: it named the entry, not the archive.
+    let e = Env::new();
+    let src = e.path("bigsrc");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big"), castore::testing::noise(24 << 20, 3)).unwrap();
+    sh(&format!(
+        "cd {} && tar -cf {1}/big.tar . && gzip -k {1}/big.tar",
+        src.display(),
+        e.tmp.path().display()
+    ));
+    for ext in ["tar", "tar.gz"] {
+        let full = std::fs::read(e.path(&format!("big.{ext}"))).unwrap();
+        let cut = e.path(&format!("cut-big.{ext}"));
+        std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+        e.rejects(&cut, &[cut.to_str().unwrap(), "./big"]);
+    }
+    // Damage in the middle of the member's compressed data: deflate decodes it without
+    // noticing, and only the checksum at the end finds it. The message must not place
+    // it after the archive's end.
+    let mut bad = std::fs::read(e.path("big.tar.gz")).unwrap();
+    let mid = bad.len() / 2;
+    for b in &mut bad[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    let corrupt = e.path("corrupt-big.tar.gz");
+    std::fs::write(&corrupt, &bad).unwrap();
+    let err = e.tide.fails(&[
+        "image",
+        "import",
+        corrupt.to_str().unwrap(),
+        "--name",
+        "bad:1",
+    ]);
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(corrupt.to_str().unwrap()) && err.contains("corrupt compressed data"),
+        "{err}"
+    );
+    assert!(!err.contains("after the archive's end"), "{err}");
+    e.unchanged();
 }
 
 /// Writes a one-layer OCI layout whose layer is `layer_tar` (gzip), optionally breaking it.

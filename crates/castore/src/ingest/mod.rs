@@ -158,10 +158,13 @@ pub(crate) fn decompress<'a>(
 }
 
 /// Reads the rest of a stream so its trailer (gzip CRC, zstd checksum) is verified.
+/// That checksum covers the whole stream: a mismatch found here may be damage anywhere
+/// in it (deflate often decodes damaged data without noticing), so the message does not
+/// place it.
 fn drain(r: &mut dyn Read, source_name: &str) -> Result<()> {
     std::io::copy(r, &mut std::io::sink()).map_err(|e| Error::BadInput {
         source_name: source_name.to_string(),
-        reason: format!("corrupt compressed stream after the archive's end: {e}"),
+        reason: format!("corrupt compressed data: {e}"),
     })?;
     Ok(())
 }

@@ -174,12 +174,22 @@ impl Producer<'_, '_> {
         Ok(slot)
     }
 
-    /// Stores a large stream right here (bounded memory), e.g. a big archive member.
-    pub(crate) fn stream(&self, name: &str, reader: &mut dyn Read) -> Result<usize> {
+    /// Stores a large stream right here (bounded memory), e.g. a big archive member:
+    /// entry `name` of the input `source_name`, which read errors name.
+    pub(crate) fn stream(
+        &self,
+        source_name: &str,
+        name: &str,
+        reader: &mut dyn Read,
+    ) -> Result<usize> {
         let slot = self.slot();
+        let read_error = |e: std::io::Error| Error::BadInput {
+            source_name: source_name.to_string(),
+            reason: e.to_string(),
+        };
         let (data, size) = self
             .ingest
-            .stream(reader, &self.w_tx)
+            .stream(reader, &read_error, &self.w_tx)
             .map_err(|e| e.context(format!("reading {name}")))?;
         self.files.borrow_mut()[slot] = Some((data, size));
         self.ingest.done_file(size);
@@ -346,9 +356,7 @@ impl<'s> Ingest<'s> {
                     return self.sparse(&mut f, path, len, buf, w_tx);
                 }
                 if len > STREAM_THRESHOLD {
-                    return self
-                        .stream(&mut f, w_tx)
-                        .map_err(|e| e.context(path.display().to_string()));
+                    return self.stream(&mut f, &|e| Error::io("read", path, e), w_tx);
                 }
                 buf.clear();
                 f.read_to_end(buf).map_err(|e| Error::io("read", path, e))?;
@@ -457,13 +465,18 @@ impl<'s> Ingest<'s> {
         Ok((self.blob(blob, w_tx)?, size))
     }
 
-    /// Content read as a stream, a window at a time.
-    fn stream(&self, reader: &mut dyn Read, w_tx: &Sender<WriteMsg>) -> Result<(FileData, u64)> {
+    /// Content read as a stream, a window at a time; `read_error` says what a failed
+    /// read was reading.
+    fn stream(
+        &self,
+        reader: &mut dyn Read,
+        read_error: &dyn Fn(std::io::Error) -> Error,
+        w_tx: &Sender<WriteMsg>,
+    ) -> Result<(FileData, u64)> {
         let mut segments = Vec::new();
         let mut hasher = Hasher::new();
         let mut size = 0u64;
         let mut small: Option<Vec<u8>> = None;
-        let read_error = |e| Error::io("read", "<stream>", e);
         chunker::for_each_window(reader, WINDOW, read_error, |bytes, cuts| -> Result<()> {
             if size == 0 && bytes.len() as u64 <= INLINE_MAX {
                 small = Some(bytes.to_vec());

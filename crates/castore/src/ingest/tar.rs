@@ -123,9 +123,9 @@ pub(crate) fn read<R: Read>(
             TarKind::File => {
                 let slot = if let Some(map) = e.sparse.clone() {
                     let mut r = SparseExpand::new(t.data(), map, e.size);
-                    producer.stream(&entry_name, &mut r)?
+                    producer.stream(source_name, &entry_name, &mut r)?
                 } else if e.size > IN_MEMORY_MAX {
-                    producer.stream(&entry_name, &mut t.data())?
+                    producer.stream(source_name, &entry_name, &mut t.data())?
                 } else {
                     t.read_data(&mut buf).map_err(|e| {
                         tar_error(source_name, e).context(format!("reading {entry_name}"))
