@@ -385,12 +385,13 @@ fn run(cli: &Cli) -> Result<i32> {
                 print_json(&r);
             } else {
                 println!(
-                    "imported {} as {} ({} layer{}): {} files, {} in {:.2}s; {} new chunks, {} stored",
+                    "imported {} as {} ({} layer{}): {} file{}, {} in {:.2}s; {} new chunks, {} stored",
                     path.display(),
                     r.name.as_deref().unwrap_or("?"),
                     r.layers.len(),
                     if r.layers.len() == 1 { "" } else { "s" },
                     r.files,
+                    if r.files == 1 { "" } else { "s" },
                     human_bytes(r.logical_bytes),
                     r.seconds,
                     r.new_chunks,
@@ -500,10 +501,11 @@ fn run(cli: &Cli) -> Result<i32> {
                 print_json(&r);
             } else {
                 println!(
-                    "imported layer {} from {}: {} files, {} in {:.2}s; {} new chunks, {} stored",
+                    "imported layer {} from {}: {} file{}, {} in {:.2}s; {} new chunks, {} stored",
                     r.layers[0],
                     path.display(),
                     r.files,
+                    if r.files == 1 { "" } else { "s" },
                     human_bytes(r.logical_bytes),
                     r.seconds,
                     r.new_chunks,

@@ -52,9 +52,10 @@ struct ImportReport {
   image @0 :Text;           # Digest of the image created, or "" for a lone layer import.
   name @1 :Text;            # NAME:TAG given to the image, or "" if it has none.
   layers @2 :List(Text);    # Digests of the imported layers, lowest first.
-  files @3 :UInt64;         # Regular files read.
-  logicalBytes @4 :UInt64;  # Bytes of file content read.
-  chunks @5 :UInt64;        # Chunks cut from that content.
+  files @3 :UInt64;         # Regular files the imported layers hold (a hardlinked file
+                            # once; one a later archive entry replaced, not at all).
+  logicalBytes @4 :UInt64;  # Content bytes of those files.
+  chunks @5 :UInt64;        # Chunks cut from everything read.
   newChunks @6 :UInt64;     # Chunks the store did not hold before.
   newChunkBytes @7 :UInt64; # Raw bytes of the new chunks.
   newStoredBytes @8 :UInt64;# Bytes the new chunks take once compressed.

@@ -302,6 +302,43 @@ fn big_members_cut_or_corrupted_name_the_archive_and_the_entry() {
     e.unchanged();
 }
 
+#[test]
+fn the_summary_counts_what_the_layer_holds() {
+    // `x` is a file, then a directory holding `y`; `h2` is a hardlink to `h`. The layer
+    // holds two regular files (y and h, once), 9 bytes.
+    let e = Env::new();
+    let t = e.py_tar(
+        "replaced.tar",
+        "data('x', b'abcd')\ninfo('x', type=tarfile.DIRTYPE, mode=0o755)\ndata('x/y', b'efgh')\n\
+         data('h', b'12345')\ninfo('h2', type=tarfile.LNKTYPE, linkname='h')",
+    );
+    let r = e
+        .tide
+        .json(&["image", "import", t.to_str().unwrap(), "--name", "r:1"]);
+    assert_eq!(
+        (r["files"].as_u64(), r["logical_bytes"].as_u64()),
+        (Some(2), Some(9)),
+        "{r}"
+    );
+    let ls = e.tide.json(&["image", "ls"]);
+    let img = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "r:1")
+        .unwrap();
+    assert_eq!(img["size"], 9, "{ls}");
+    e.tide.ok(&["image", "rm", "r:1"]);
+    // A one-file layer says "1 file".
+    let t = e.py_tar("one.tar", "data('only', b'abcd')");
+    let out = e
+        .tide
+        .ok(&["image", "import", t.to_str().unwrap(), "--name", "one:1"]);
+    assert!(out.contains(": 1 file, 4 B in "), "{out}");
+    e.tide.ok(&["image", "rm", "one:1"]);
+    e.unchanged();
+}
+
 /// Writes a one-layer OCI layout whose layer is `layer_tar` (gzip), optionally breaking it.
 fn oci_layout(dir: &Path, layer_tar: &Path, break_it: &str) {
     let gz = dir.join("layer.tar.gz");

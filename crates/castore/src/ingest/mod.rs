@@ -91,11 +91,12 @@ pub struct ImportReport {
     pub name: Option<String>,
     /// Its layers, lowest first.
     pub layers: Vec<Digest>,
-    /// Regular files read.
+    /// Regular files the imported layers hold: a hardlinked file once, and a file that
+    /// a later entry of the same archive replaced (by a directory, say) not at all.
     pub files: u64,
-    /// Bytes of file content read.
+    /// Content bytes of those files.
     pub logical_bytes: u64,
-    /// Chunks cut.
+    /// Chunks cut from everything read (replaced entries' content too).
     pub chunks: u64,
     /// Chunks that were not stored before.
     pub new_chunks: u64,
@@ -356,6 +357,9 @@ impl Store {
     ) -> Result<Digest> {
         let (root, trees, counts) = tree.encode(files);
         debug_assert!(matches!(root.kind, Kind::Dir { .. }));
+        use std::sync::atomic::Ordering::Relaxed;
+        ingest.stats.files.fetch_add(counts.files, Relaxed);
+        ingest.stats.bytes.fetch_add(counts.content_bytes, Relaxed);
         for (d, bytes) in trees {
             if ingest.claims.claim(d) && !self.db.contains(Cf::Trees, &d.0)? {
                 batch.put(&self.db, Cf::Trees, &d.0, &bytes);

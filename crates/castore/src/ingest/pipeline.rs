@@ -61,7 +61,10 @@ pub(crate) type FileTable = Vec<Option<(FileData, u64)>>;
 /// Counters an import reports at the end.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
+    /// Regular files the imported layers hold (counted as each layer is encoded, so a
+    /// file that a later entry replaced is not one of them).
     pub(crate) files: AtomicU64,
+    /// Their content bytes.
     pub(crate) bytes: AtomicU64,
     pub(crate) chunks: AtomicU64,
     pub(crate) new_chunks: AtomicU64,
@@ -224,8 +227,6 @@ impl<'s> Ingest<'s> {
     }
 
     fn done_file(&self, size: u64) {
-        self.stats.files.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(size, Ordering::Relaxed);
         self.progress.files.fetch_add(1, Ordering::Relaxed);
         self.progress.bytes.fetch_add(size, Ordering::Relaxed);
     }

@@ -254,6 +254,7 @@ impl BuildTree {
                     .and_then(|f| f.clone())
                     .expect("every file slot is filled before encoding");
                 if seen_inodes.insert(node.ino) {
+                    counts.files += 1;
                     counts.content_bytes += size;
                 }
                 debug_assert!(size > INLINE_MAX || matches!(data, FileData::Inline(_)));
@@ -282,9 +283,13 @@ impl BuildTree {
     }
 }
 
-/// Sizes of a layer, for its record.
+/// Sizes of a layer as its tree holds it (entries a later tar entry replaced are gone),
+/// for its record and the import's report.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct LayerCounts {
     pub(crate) entries: u64,
+    /// Regular files, a hardlinked one once.
+    pub(crate) files: u64,
+    /// Their content bytes.
     pub(crate) content_bytes: u64,
 }
