@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod fixture;
 pub mod fstree;
+pub mod guest;
 pub mod nbd;
 pub mod oci;
 pub mod pjdfs;

@@ -89,3 +89,42 @@ impl Drop for Sched {
         }
     }
 }
+
+/// `tide --scheduler ADDR ARGS`.
+pub fn tide(addr: &str, args: &[&str]) -> std::process::Output {
+    Command::new(crate::tide_bin())
+        .arg("--scheduler")
+        .arg(addr)
+        .args(args)
+        .output()
+        .expect("spawn tide")
+}
+
+/// `tide --scheduler ADDR --json ARGS`, which must succeed.
+pub fn json(addr: &str, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let o = tide(addr, &a);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "tide {args:?} failed: {}{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("tide {args:?}: not JSON ({e}): {out}"))
+}
+
+/// Waits (up to `secs`) until `f` returns Ok; panics with `what` and the last error.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {secs} s waiting for {what}; last: {last}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

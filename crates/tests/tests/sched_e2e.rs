@@ -21,12 +21,11 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::oci::{Blobs, Changes, diff_list, tar};
 use tests::roots::debian_root;
-use tests::sched::Sched;
+use tests::sched::{Sched, json, tide, wait_for};
 use tests::tide::sh;
 use tests::volumed::Volumed;
 use tests::{UnmountBelow, mounts_below};
@@ -189,44 +188,6 @@ fn build_images(tmp: &Path) -> Vec<(PathBuf, &'static str)> {
 }
 
 // ---- Running tide against the scheduler ----
-
-fn tide(addr: &str, args: &[&str]) -> std::process::Output {
-    Command::new(tests::tide_bin())
-        .arg("--scheduler")
-        .arg(addr)
-        .args(args)
-        .output()
-        .expect("spawn tide")
-}
-
-/// `tide --scheduler ADDR --json ARGS`, which must succeed.
-fn json(addr: &str, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let o = tide(addr, &a);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "tide {args:?} failed: {}{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("tide {args:?}: not JSON ({e}): {out}"))
-}
-
-/// Waits (up to `secs`) until `f` returns Some; panics with `what` and the last value.
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                Instant::now() < deadline,
-                "timed out after {secs} s waiting for {what}; last: {last}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn hosts_up(addr: &str) -> BTreeSet<String> {
     json(addr, &["host", "ls"])

@@ -81,7 +81,13 @@ fn set_meta(args: &[std::ffi::OsString]) -> std::io::Result<()> {
             .ok_or_else(|| std::io::Error::other(format!("{:?} is not a number", args[i])))
     };
     let path = CString::new(args[0].as_bytes())?;
-    let (mode, uid, gid, sec, nsec) = (num(1, 8)?, num(2, 10)?, num(3, 10)?, num(4, 10)?, num(5, 10)?);
+    let (mode, uid, gid, sec, nsec) = (
+        num(1, 8)?,
+        num(2, 10)?,
+        num(3, 10)?,
+        num(4, 10)?,
+        num(5, 10)?,
+    );
     let times = [
         libc::timespec {
             tv_sec: 0,
@@ -99,8 +105,17 @@ fn set_meta(args: &[std::ffi::OsString]) -> std::io::Result<()> {
         {
             -1
         } else {
-            libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            libc::utimensat(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
         }
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

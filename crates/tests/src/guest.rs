@@ -1,0 +1,473 @@
+//! Real guests for the tests and benchmarks: Debian's cloud kernel (fetched into a cache
+//! by `scripts/fetch-kernel`, never installed on this host), an initramfs built here
+//! (busybox-static, the static `tide-manifest` from `scripts/build-guest`, the kernel
+//! modules in dependency order, and an init script), and QEMU booting it with block
+//! devices served over NBD.
+//!
+//! The init ([`INIT`]) mounts the disks it is given the way a Tidedge guest mounts its
+//! root: every disk whose virtio serial is `layerN` is an EROFS layer (N counts from
+//! the bottom), `scratch` is the ext4 scratch device; the layers are stacked with the
+//! kernel's overlayfs under an upper directory on the scratch that carries the image
+//! root's mode, owner and mtime (`tide.root=MODE,UID,GID,SEC,NSEC`). It then runs the
+//! test's script (`/test.sh`, with the merged root at `/merged`) and powers off. What the
+//! script prints goes to a virtio console that QEMU writes to a file; [`Run::section`]
+//! reads the parts a script marks with [`begin`]/[`end`] lines.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The modules a guest loads (with their dependencies): virtio over PCI, block and
+/// console devices, EROFS, overlayfs. ext4 is built in.
+pub const MODULES: [&str; 5] = [
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "erofs",
+    "overlay",
+];
+
+/// The QEMU machine. `q35`, not `microvm`: a microvm has no HPET or ACPI PM timer, and
+/// under TCG on a loaded host the kernel then fails to calibrate the TSC against the
+/// PIT now and then and hangs before init (1 boot in 3 here); q35 boots every time,
+/// about 0.3 s slower.
+pub const MACHINE: &str = "q35";
+
+/// The guest's PID 1 (busybox sh). See the module documentation.
+pub const INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "tide-init: insmod $m failed"; done
+root=""; disks=0
+for p in $(cat /proc/cmdline); do
+  case "$p" in
+    tide.root=*) root="${p#tide.root=}" ;;
+    tide.disks=*) disks="${p#tide.disks=}" ;;
+  esac
+done
+n=0; tries=0
+while [ "$n" -lt "$disks" ] && [ "$tries" -lt 200 ]; do
+  n=0; for b in /sys/block/vd*; do [ -e "$b/serial" ] && n=$((n+1)); done
+  [ -e /dev/hvc0 ] || n=0
+  tries=$((tries+1)); sleep 0.05
+done
+out=/dev/hvc0
+[ -e $out ] || out=/dev/console
+exec >$out 2>&1
+echo "tide-init: $n of $disks disks"
+layers=0
+for b in /sys/block/vd*; do
+  s=$(cat $b/serial); d=/dev/${b##*/}
+  case "$s" in
+    layer*) mkdir -p /layers/${s#layer}; mount -t erofs -o ro $d /layers/${s#layer} || echo "tide-init: mount $s failed"; layers=$((layers+1)) ;;
+    scratch) mkdir -p /scratch; mount -t ext4 $d /scratch || echo "tide-init: mount scratch failed" ;;
+  esac
+done
+lower=""; i=0
+while [ $i -lt $layers ]; do
+  if [ -z "$lower" ]; then lower=/layers/$i; else lower=/layers/$i:$lower; fi
+  i=$((i+1))
+done
+mkdir -p /scratch/upper /scratch/work /merged
+if [ -n "$root" ]; then
+  IFS=, read mode uid gid sec nsec <<EOF
+$root
+EOF
+  tide-manifest --set-meta /scratch/upper $mode $uid $gid $sec $nsec
+fi
+if [ "$layers" -gt 0 ]; then
+  mount -t overlay overlay -o lowerdir=$lower,upperdir=/scratch/upper,workdir=/scratch/work /merged || echo "tide-init: overlay failed"
+fi
+echo "tide-init: root mounted"
+. /test.sh
+echo "tide-init: done"
+sync
+poweroff -f
+"#;
+
+/// The line a script prints before section `name`.
+pub fn begin(name: &str) -> String {
+    format!("echo '==begin {name}'")
+}
+
+/// The line a script prints after section `name`.
+pub fn end(name: &str) -> String {
+    format!("echo '==end {name}'")
+}
+
+/// The workspace's root directory.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/tests is two levels down")
+        .to_path_buf()
+}
+
+/// The cargo target directory this test binary was built in (`TARGET/debug/deps/x`).
+fn target_dir() -> PathBuf {
+    if let Ok(t) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(t);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n == "debug" || n == "release")
+        })
+        .and_then(|p| p.parent())
+        .expect("test binary under a target directory")
+        .to_path_buf()
+}
+
+/// Runs a script of `scripts/` and returns the last line it printed (a directory).
+fn script(name: &str) -> PathBuf {
+    let out = Command::new(workspace().join("scripts").join(name))
+        .env("CARGO_TARGET_DIR", target_dir())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("scripts/{name}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{name} failed: {}",
+        out.status
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8 output");
+    PathBuf::from(text.lines().last().expect("a directory").trim())
+}
+
+/// The directory of the static guest binaries (`scripts/build-guest`, up to date).
+pub fn guest_bins() -> PathBuf {
+    script("build-guest")
+}
+
+/// The guest kernel and its modules, unpacked in the cache.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// `uname -r` of the kernel.
+    pub version: String,
+    /// The unpacked package's root (`lib/modules/VERSION`, `boot/vmlinuz-VERSION`).
+    pub root: PathBuf,
+}
+
+impl Kernel {
+    /// Fetches the kernel (`scripts/fetch-kernel`) unless the cache has it.
+    pub fn get() -> Kernel {
+        let cache = script("fetch-kernel");
+        let version = std::fs::read_to_string(cache.join("done"))
+            .expect("kernel cache marker")
+            .trim()
+            .to_string();
+        Kernel {
+            version,
+            root: cache.join("root"),
+        }
+    }
+
+    /// The kernel image QEMU boots.
+    pub fn vmlinuz(&self) -> PathBuf {
+        self.root.join(format!("boot/vmlinuz-{}", self.version))
+    }
+
+    fn modules_dir(&self) -> PathBuf {
+        self.root.join("lib/modules").join(&self.version)
+    }
+
+    /// The module files for `names` and every module they depend on, in an order that
+    /// loads each after its dependencies (modules.dep lists a module's dependencies
+    /// so that the last is loaded first).
+    pub fn modules(&self, names: &[&str]) -> Vec<PathBuf> {
+        let dep = std::fs::read_to_string(self.modules_dir().join("modules.dep"))
+            .expect("modules.dep (depmod ran in scripts/fetch-kernel)");
+        let table: Vec<(String, Vec<String>)> = dep
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(m, d)| {
+                (
+                    m.to_string(),
+                    d.split_whitespace().map(str::to_string).collect(),
+                )
+            })
+            .collect();
+        let by_name = |name: &str| -> String {
+            table
+                .iter()
+                .find(|(m, _)| {
+                    Path::new(m)
+                        .file_name()
+                        .and_then(|f| f.to_str())
+                        .and_then(|f| f.strip_suffix(".ko"))
+                        .is_some_and(|f| f.replace('-', "_") == name.replace('-', "_"))
+                })
+                .map(|(m, _)| m.clone())
+                .unwrap_or_else(|| panic!("module {name} is not in modules.dep"))
+        };
+        let mut order = Vec::new();
+        let mut seen = HashSet::new();
+        for name in names {
+            let m = by_name(name);
+            let deps = &table.iter().find(|(x, _)| *x == m).expect("listed").1;
+            for d in deps.iter().rev().chain(std::iter::once(&m)) {
+                if seen.insert(d.clone()) {
+                    order.push(self.modules_dir().join(d));
+                }
+            }
+        }
+        order
+    }
+}
+
+/// Builds an initramfs: busybox with the applets the init and scripts use, the guest
+/// binaries, the [`MODULES`], [`INIT`] and `script` as `/test.sh`. Returns its path.
+pub fn initramfs(kernel: &Kernel, script: &str, out: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    let bytes = std::fs::read(busybox).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (busybox-static is installed by .ci/run)",
+            busybox.display()
+        )
+    });
+    let mut fs = guest::initramfs::Initramfs::new();
+    fs.file("bin/busybox", 0o755, bytes);
+    for applet in [
+        "sh", "mount", "umount", "mkdir", "insmod", "cat", "ls", "echo", "sleep", "poweroff",
+        "chroot", "cp", "tar", "wc", "sync", "head", "dd", "id", "date", "true", "false",
+    ] {
+        fs.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let bins = guest_bins();
+    fs.file(
+        "bin/tide-manifest",
+        0o755,
+        std::fs::read(bins.join("tide-manifest")).expect("tide-manifest built"),
+    );
+    let mut order = String::new();
+    for m in kernel.modules(&MODULES) {
+        let name = m.file_name().unwrap().to_str().unwrap().to_string();
+        fs.file(
+            &format!("lib/modules/{name}"),
+            0o644,
+            std::fs::read(&m).unwrap_or_else(|e| panic!("{}: {e}", m.display())),
+        );
+        order.push_str(&name);
+        order.push('\n');
+    }
+    fs.file("modules.order", 0o644, order.into_bytes());
+    fs.file("init", 0o755, INIT.as_bytes().to_vec());
+    fs.file("test.sh", 0o644, script.as_bytes().to_vec());
+    for d in ["proc", "sys", "dev", "tmp"] {
+        fs.dir(d, 0o755);
+    }
+    fs.char_dev("dev/console", 0o600, 5, 1);
+    std::fs::write(out, fs.to_bytes()).unwrap();
+    out.to_path_buf()
+}
+
+/// One block device given to the guest.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// The virtio serial the init identifies it by (`layer0`, `scratch`, ...).
+    pub serial: String,
+    /// Where QEMU reads it.
+    pub source: Source,
+    /// Attached read-only.
+    pub read_only: bool,
+}
+
+/// Where a disk's bytes come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// An NBD export on a Unix socket.
+    Nbd {
+        /// The server's socket.
+        socket: PathBuf,
+        /// The export name.
+        export: String,
+    },
+    /// A raw image file QEMU opens itself.
+    File(PathBuf),
+}
+
+impl Source {
+    /// Parses `nbd+unix:///EXPORT?socket=PATH`, the URIs volumed hands out.
+    pub fn from_uri(uri: &str) -> Source {
+        let rest = uri
+            .strip_prefix("nbd+unix:///")
+            .unwrap_or_else(|| panic!("not an nbd+unix URI: {uri}"));
+        let (export, socket) = rest
+            .split_once("?socket=")
+            .unwrap_or_else(|| panic!("no socket in {uri}"));
+        Source::Nbd {
+            socket: PathBuf::from(socket),
+            export: export.to_string(),
+        }
+    }
+}
+
+/// What a guest run printed.
+#[derive(Debug)]
+pub struct Run {
+    /// The virtio console: the init's and the script's output.
+    pub output: String,
+    /// The serial console: the kernel's messages.
+    pub console: String,
+    /// From QEMU's start to its exit.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// The lines between `==begin NAME` and `==end NAME`; panics, showing the output,
+    /// when the section is missing or unterminated.
+    pub fn section(&self, name: &str) -> String {
+        let (b, e) = (format!("==begin {name}\n"), format!("==end {name}\n"));
+        let start = self.output.find(&b).unwrap_or_else(|| {
+            panic!(
+                "no section {name} in the guest's output:\n{}\nconsole:\n{}",
+                self.tail(),
+                self.console
+            )
+        }) + b.len();
+        let len = self.output[start..]
+            .find(&e)
+            .unwrap_or_else(|| panic!("section {name} never ended:\n{}", self.tail()));
+        self.output[start..start + len].to_string()
+    }
+
+    /// The last 60 lines of the output (for failure messages).
+    pub fn tail(&self) -> String {
+        let lines: Vec<&str> = self.output.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+/// A guest to boot.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// The initramfs (see [`initramfs`]).
+    pub initrd: PathBuf,
+    /// The disks, in the order they are attached.
+    pub disks: Vec<Disk>,
+    /// Extra kernel command line (e.g. `tide.root=...`).
+    pub append: String,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Where QEMU writes the consoles (`DIR/console`, `DIR/output`).
+    pub dir: PathBuf,
+}
+
+impl Guest {
+    /// The `tide.root=` parameter for a root of this mode, owner and mtime.
+    pub fn root_param(mode: u32, uid: u32, gid: u32, sec: i64, nsec: i64) -> String {
+        format!("tide.root={:o},{uid},{gid},{sec},{nsec}", mode & 0o7777)
+    }
+
+    /// Boots the guest under QEMU ([`MACHINE`], TCG) and waits for it to power off; panics
+    /// (after killing QEMU) if it runs longer than `timeout`.
+    pub fn boot(&self, timeout: Duration) -> Run {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let (console, output) = (self.dir.join("console"), self.dir.join("output"));
+        let _ = std::fs::remove_file(&output);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", MACHINE])
+            .args(["-accel", "tcg", "-m"])
+            .arg(self.memory_mib.to_string())
+            .args([
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-no-reboot",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(self.kernel.vmlinuz())
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 {}panic=-1 tide.disks={} {}",
+                if std::env::var_os("TIDE_GUEST_VERBOSE").is_some() {
+                    ""
+                } else {
+                    "quiet "
+                },
+                self.disks.len(),
+                self.append
+            ))
+            .args(["-device", "virtio-serial-pci", "-chardev"])
+            .arg(format!("file,id=out,path={}", output.display()))
+            .args(["-device", "virtconsole,chardev=out"]);
+        for (i, d) in self.disks.iter().enumerate() {
+            let ro = if d.read_only { "on" } else { "off" };
+            let spec = match &d.source {
+                Source::Nbd { socket, export } => format!(
+                    "driver=nbd,server.type=unix,server.path={},export={export},read-only={ro},node-name=d{i}",
+                    socket.display()
+                ),
+                Source::File(path) => format!(
+                    "driver=raw,file.driver=file,file.filename={},read-only={ro},node-name=d{i}",
+                    path.display()
+                ),
+            };
+            cmd.arg("-blockdev")
+                .arg(spec)
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=d{i},serial={}", d.serial));
+        }
+        // TIDE_GUEST_TIMEOUT (seconds) shortens the wait, for debugging a guest.
+        let timeout = std::env::var("TIDE_GUEST_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(timeout, Duration::from_secs);
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 (qemu-system-x86, installed by .ci/run)");
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait for qemu") {
+                break st;
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+                }
+                panic!(
+                    "the guest ran longer than {timeout:?}; qemu: {stderr}\noutput:\n{}\nconsole:\n{}",
+                    std::fs::read_to_string(&output).unwrap_or_default(),
+                    std::fs::read_to_string(&console).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let elapsed = started.elapsed();
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        let run = Run {
+            output: String::from_utf8_lossy(&std::fs::read(&output).unwrap_or_default())
+                .replace('\r', ""),
+            console: std::fs::read_to_string(&console).unwrap_or_default(),
+            elapsed,
+        };
+        assert!(
+            status.success(),
+            "qemu exited with {status}: {stderr}\noutput:\n{}",
+            run.tail()
+        );
+        run
+    }
+}
