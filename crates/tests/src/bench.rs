@@ -34,6 +34,29 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(output)
 }
 
+/// CPU time (user + system, all threads) a running process has used so far, in seconds,
+/// from `/proc/PID/stat`: what a benchmark charges to a server between two samples.
+pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("{path}: no command name"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime field 14 and stime field 15.
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<f64>().ok())
+            .with_context(|| format!("{path}: field {i} missing"))
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok((ticks(14)? + ticks(15)?) / hz.max(1) as f64)
+}
+
 /// Renders rows as a plain-text table: first column left-aligned, the others
 /// right-aligned, two spaces apart.
 pub fn render_table<S: AsRef<str>>(header: &[S], rows: &[Vec<String>]) -> String {
@@ -75,6 +98,20 @@ mod unit_tests {
             table,
             "tool    ingest s\nrestic       9.5\nborg       11.25\n"
         );
+    }
+
+    #[test]
+    fn own_cpu_time_is_read_and_grows() {
+        let before = process_cpu_seconds(std::process::id()).unwrap();
+        let mut x = 0u64;
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(100) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        std::hint::black_box(x);
+        let after = process_cpu_seconds(std::process::id()).unwrap();
+        assert!(after >= before && after > 0.0, "{before} -> {after}");
+        assert!(process_cpu_seconds(u32::MAX).is_err());
     }
 
     #[test]

@@ -14,6 +14,11 @@
 //! `tide`, timed as the whole command (process start and RPC included), with the store's
 //! chunk count before and after.
 //!
+//! Beside each throughput: the server's CPU seconds (user + system, all its threads, from
+//! `/proc/PID/stat`) per GiB moved by that workload, and ours as a multiple of `nbdkit
+//! file`'s figure. Work the kernel does later on a server's behalf (writeback of its
+//! page cache by kernel threads) is not charged to it.
+//!
 //! Usage: `bench-volume [--runtime SECONDS] [--json] [--keep]`. Needs `fio`, `nbdcopy`,
 //! `qemu-nbd`, `nbdkit`, and `tide` and `volumed` built next to this binary.
 
@@ -23,9 +28,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use tests::bench::{render_table, run};
+use tests::bench::{process_cpu_seconds, render_table, run};
 
 const SIZE: u64 = 1 << 30;
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
 
 struct Args {
     runtime: u64,
@@ -59,6 +66,12 @@ fn parse_args() -> Result<Args> {
 /// A server process killed on drop.
 struct Server(Child);
 
+impl Server {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -89,8 +102,15 @@ fn spawn(cmd: &mut Command, socket: &Path, what: &str) -> Result<Server> {
     Ok(s)
 }
 
-/// One fio run; returns (IOPS, bytes/s).
-fn fio(uri: &str, rw: &str, bs: &str, jobs: u32, depth: u32, runtime: u64) -> Result<(f64, f64)> {
+/// One fio run; returns (IOPS, bytes/s, bytes moved).
+fn fio(
+    uri: &str,
+    rw: &str,
+    bs: &str,
+    jobs: u32,
+    depth: u32,
+    runtime: u64,
+) -> Result<(f64, f64, f64)> {
     let mut c = Command::new("fio");
     c.args([
         "--name=bench",
@@ -123,6 +143,7 @@ fn fio(uri: &str, rw: &str, bs: &str, jobs: u32, depth: u32, runtime: u64) -> Re
     Ok((
         j[side]["iops"].as_f64().unwrap_or(0.0),
         j[side]["bw_bytes"].as_f64().unwrap_or(0.0),
+        j[side]["io_bytes"].as_f64().unwrap_or(0.0),
     ))
 }
 
@@ -132,22 +153,49 @@ fn timed(c: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Every workload against `uri`; `src` is the random file to copy in.
-fn measure(uri: &str, src: &Path, runtime: u64) -> Result<Value> {
-    let (_, seq_read) = fio(uri, "read", "1M", 1, 8, runtime)?;
-    let (_, seq_write) = fio(uri, "write", "1M", 1, 8, runtime)?;
-    let (rand_read, _) = fio(uri, "randread", "4k", 2, 16, runtime)?;
-    let (rand_write, _) = fio(uri, "randwrite", "4k", 2, 16, runtime)?;
-    let copy_in = timed(Command::new("nbdcopy").arg(src).arg(uri))?;
-    let copy_out = timed(Command::new("nbdcopy").arg(uri).arg("null:"))?;
-    Ok(json!({
-        "seq_read_mib_s": seq_read / (1 << 20) as f64,
-        "seq_write_mib_s": seq_write / (1 << 20) as f64,
-        "rand_read_iops": rand_read,
-        "rand_write_iops": rand_write,
-        "nbdcopy_in_mib_s": SIZE as f64 / (1 << 20) as f64 / copy_in,
-        "nbdcopy_out_mib_s": SIZE as f64 / (1 << 20) as f64 / copy_out,
-    }))
+/// Every workload against `uri` served by process `pid`; `src` is the random file to
+/// copy in. Each figure comes with `KEY_cpu`: the server's CPU seconds per GiB moved.
+fn measure(uri: &str, src: &Path, runtime: u64, pid: u32) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    let mut record = |key: &str, value: f64, bytes: f64, cpu: f64| {
+        out.insert(key.into(), json!(value));
+        out.insert(format!("{key}_cpu"), json!(cpu / (bytes / GIB)));
+    };
+    let fio_runs = [
+        ("seq_read_mib_s", "read", "1M", 1, 8),
+        ("seq_write_mib_s", "write", "1M", 1, 8),
+        ("rand_read_iops", "randread", "4k", 2, 16),
+        ("rand_write_iops", "randwrite", "4k", 2, 16),
+    ];
+    for (key, rw, bs, jobs, depth) in fio_runs {
+        let cpu = process_cpu_seconds(pid)?;
+        let (iops, bw, bytes) = fio(uri, rw, bs, jobs, depth, runtime)?;
+        let cpu = process_cpu_seconds(pid)? - cpu;
+        let value = if key.ends_with("iops") {
+            iops
+        } else {
+            bw / MIB
+        };
+        record(key, value, bytes, cpu);
+    }
+    for (key, from, to) in [
+        (
+            "nbdcopy_in_mib_s",
+            src.as_os_str(),
+            std::ffi::OsStr::new(uri),
+        ),
+        (
+            "nbdcopy_out_mib_s",
+            std::ffi::OsStr::new(uri),
+            "null:".as_ref(),
+        ),
+    ] {
+        let cpu = process_cpu_seconds(pid)?;
+        let secs = timed(Command::new("nbdcopy").arg(from).arg(to))?;
+        let cpu = process_cpu_seconds(pid)? - cpu;
+        record(key, SIZE as f64 / MIB / secs, SIZE as f64, cpu);
+    }
+    Ok(Value::Object(out))
 }
 
 fn tide(data: &Path) -> Command {
@@ -179,7 +227,7 @@ fn bench(work: &Path, a: &Args) -> Result<Value> {
     let data = work.join("data");
     let sock = data.join("volumed.sock");
     std::fs::create_dir_all(&data)?;
-    let _volumed = spawn(
+    let volumed = spawn(
         Command::new(tests::volumed_bin())
             .arg("--data")
             .arg(&data)
@@ -196,7 +244,10 @@ fn bench(work: &Path, a: &Args) -> Result<Value> {
     );
     run(Command::new("nbdcopy").arg(&src).arg(&ours))?;
     eprintln!("measuring ours");
-    results.insert("ours".into(), measure(&ours, &src, a.runtime)?);
+    results.insert(
+        "ours".into(),
+        measure(&ours, &src, a.runtime, volumed.pid())?,
+    );
     let before = chunks(&data)?;
     let snap = timed(tide(&data).args(["volume", "snapshot", "bench", "s1"]))?;
     let after_snap = chunks(&data)?;
@@ -227,10 +278,10 @@ fn bench(work: &Path, a: &Args) -> Result<Value> {
                 .arg(format!("file={}", file.display()));
             c
         };
-        let _server = spawn(&mut cmd, &sock, name)?;
+        let server = spawn(&mut cmd, &sock, name)?;
         let uri = format!("nbd+unix:///bench?socket={}", sock.display());
         eprintln!("measuring {name}");
-        results.insert(name.into(), measure(&uri, &src, a.runtime)?);
+        results.insert(name.into(), measure(&uri, &src, a.runtime, server.pid())?);
     }
     Ok(Value::Object(results))
 }
@@ -245,17 +296,26 @@ fn table(r: &Value) -> String {
         ("nbdcopy 1 GiB in, MiB/s", "nbdcopy_in_mib_s"),
         ("nbdcopy 1 GiB out, MiB/s", "nbdcopy_out_mib_s"),
     ];
-    let mut out: Vec<Vec<String>> = rows
-        .iter()
-        .map(|(label, key)| {
-            let mut row = vec![label.to_string()];
-            row.extend(
-                cols.iter()
-                    .map(|c| format!("{:.0}", r[c][key].as_f64().unwrap_or(0.0))),
-            );
-            row
-        })
-        .collect();
+    let num = |c: &str, key: &str| r[c][key].as_f64().unwrap_or(0.0);
+    let ratio = |key: &str| {
+        let peer = num("nbdkit file", key);
+        match peer > 0.0 {
+            true => format!("{:.2}x", num("ours", key) / peer),
+            false => "-".into(),
+        }
+    };
+    let mut out: Vec<Vec<String>> = Vec::new();
+    for (label, key) in rows {
+        let mut row = vec![label.to_string()];
+        row.extend(cols.iter().map(|c| format!("{:.0}", num(c, key))));
+        row.push(ratio(key));
+        out.push(row);
+        let cpu = format!("{key}_cpu");
+        let mut row = vec!["  server CPU s per GiB".to_string()];
+        row.extend(cols.iter().map(|c| format!("{:.2}", num(c, &cpu))));
+        row.push(ratio(&cpu));
+        out.push(row);
+    }
     for (label, ms, new) in [
         (
             "snapshot of the written 1 GiB volume",
@@ -273,10 +333,12 @@ fn table(r: &Value) -> String {
             ),
             "-".into(),
             "-".into(),
+            "-".into(),
         ]);
     }
     let mut header = vec!["workload"];
     header.extend(cols);
+    header.push("ours/nbdkit");
     render_table(&header, &out)
 }
 
