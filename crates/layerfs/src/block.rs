@@ -59,6 +59,15 @@ pub trait BlockDevice: Send + Sync {
         None
     }
 
+    /// Whether a write of `len` bytes at `offset` without FUA returns without waiting
+    /// for I/O (a memory update and an unsynced log append), so a transport may serve it
+    /// on the connection's own task rather than hand it to a blocking thread. The
+    /// default says yes.
+    fn write_is_quick(&self, offset: u64, len: u32) -> bool {
+        let _ = (offset, len);
+        true
+    }
+
     /// Writes `data` at `offset`. When `fua` is set the data must be durable (as after
     /// [`BlockDevice::flush`]) before this returns; otherwise it must be durable after
     /// the next successful flush.

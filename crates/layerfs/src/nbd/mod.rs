@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::block::{BlockDevice, BlockSizes, DeviceError, Extent, ZeroFlags};
 
 mod memory;
+mod payload;
 mod proto;
 mod server;
 

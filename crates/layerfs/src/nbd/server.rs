@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
+use super::payload::{Payload, Pool};
 use super::proto::*;
 use super::{BlockDevice, DeviceError, Export, ExportError, Exports, Intent, ZeroFlags};
 
@@ -731,6 +732,9 @@ impl Server {
             max_payload: cfg.max_payload,
         });
         let mut tasks = JoinSet::new();
+        // Write buffers are recycled: a fresh large allocation per request faults in and
+        // zeroes every page. Idle ones are bounded like the bytes in flight.
+        let payloads = Pool::new(cfg.max_in_flight_bytes);
         // Requests that arrived together run together on one blocking thread: handing
         // each small request to its own thread costs more in wake-ups than serving it.
         let mut batch: Vec<Job> = Vec::new();
@@ -796,9 +800,9 @@ impl Server {
                 None
             };
             let permits = (p1, p2);
-            let mut payload = Vec::new();
+            let mut payload = Payload::empty();
             if req.typ == CMD_WRITE {
-                payload = vec![0; req.len as usize];
+                payload = payloads.take(req.len as usize);
                 if let Err(e) = r.read_exact(&mut payload).await {
                     break Err(e.into());
                 }
@@ -826,6 +830,7 @@ impl Server {
                 && req.flags & CMD_FLAG_FUA == 0
                 && req.len <= cfg.inline_write_max
                 && batch.is_empty()
+                && ctx.dev.write_is_quick(req.offset, req.len)
             {
                 // A small write without FUA is a memory update and an unsynced WAL
                 // append: serving it here costs half the CPU of a thread hand-off and its
@@ -872,7 +877,7 @@ async fn send(
 /// A checked request, its write payload and the permits it holds.
 type Job = (
     Request,
-    Vec<u8>,
+    Payload,
     (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 );
 
