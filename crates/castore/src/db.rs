@@ -239,7 +239,9 @@ impl Db {
                     // blob files so compactions move only the small keys.
                     o.set_compression_type(DBCompressionType::None);
                     o.set_enable_blob_files(true);
-                    o.set_min_blob_size(0);
+                    // Chunk log pointers (22 bytes) stay in the SST files with their keys:
+                    // a blob file would cost a second read per lookup.
+                    o.set_min_blob_size(64);
                     o.set_blob_file_size(256 << 20);
                     o.set_blob_compression_type(DBCompressionType::None);
                     // The store only appends between collections; blob GC during ordinary

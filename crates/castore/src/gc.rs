@@ -7,7 +7,7 @@
 //! then chunks), each step a synced batch, so a crash at any point leaves no surviving
 //! object pointing at a deleted one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Digest;
@@ -187,7 +187,8 @@ impl Store {
             }
         }
         self.bump_changes();
-        if report.chunks > 0 {
+        let moved = self.reclaim_log()?;
+        if report.chunks > 0 || moved > 0 {
             // Give the space of deleted chunk values back now rather than at some later
             // compaction.
             self.db.reclaim(Cf::Chunks)?;
@@ -254,6 +255,60 @@ impl Store {
         Ok(deleted)
     }
 }
+
+impl Store {
+    /// Gives back the chunk log's dead space: removes sealed segments no chunk lives in,
+    /// and moves the live chunks of segments less than half live into RocksDB (verified,
+    /// in synced batches) before removing those too. Returns the bytes moved.
+    fn reclaim_log(&self) -> Result<u64> {
+        // From here on no pointer into a sealed segment can appear: the index says all.
+        let first_open = self.log.seal();
+        let sealed: Vec<(u64, u64)> = self
+            .log
+            .segments()?
+            .into_iter()
+            .filter(|&(s, _)| s < first_open)
+            .collect();
+        if sealed.is_empty() {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        let mut live: HashMap<u64, (u64, Vec<Digest>)> = HashMap::new();
+        for kv in self.db.entries(Cf::ChunkIndex) {
+            let (k, v) = kv?;
+            if let (Some(d), Some((_, stored, Some(seg)))) =
+                (Digest::from_slice(&k), Store::chunk_entry(&v))
+            {
+                let e = live.entry(seg).or_default();
+                e.0 += crate::chunklog::padded(stored);
+                e.1.push(d);
+            }
+        }
+        for (seg, len) in sealed {
+            let (bytes, digests) = live.remove(&seg).unwrap_or_default();
+            if bytes > 0 && bytes * 2 >= len {
+                continue;
+            }
+            let mut batch = Batch::new();
+            for d in digests {
+                let (raw_len, stored) = self.chunk_stored(&d)?;
+                moved += stored.len() as u64 - 1;
+                Store::put_chunk(&mut batch, &self.db, &d, raw_len, &stored);
+                if batch.size_in_bytes() >= MOVE_BATCH_BYTES {
+                    self.db.write(std::mem::take(&mut batch), true)?;
+                }
+            }
+            if !batch.is_empty() {
+                self.db.write(batch, true)?;
+            }
+            self.log.remove(seg)?;
+        }
+        Ok(moved)
+    }
+}
+
+/// Moved chunks are written in synced batches of about this size.
+const MOVE_BATCH_BYTES: usize = 32 << 20;
 
 /// Marks a GC as running for the duration of a collection.
 struct GcGuard<'s> {

@@ -14,6 +14,7 @@
 //! on it, and a test checks that it pulls none of them in. RocksDB is named only in the private `db` module.
 
 mod chunker;
+mod chunklog;
 mod codec;
 mod db;
 mod digest;
@@ -37,6 +38,7 @@ mod volume;
 pub mod testing;
 
 pub use chunker::{AVG_SIZE, MAX_SIZE, MIN_SIZE};
+pub use chunklog::{ALIGN as CHUNK_LOG_ALIGN, ChunkFiles, DiskFiles, SEGMENT_BYTES};
 pub use digest::{Digest, Hasher};
 pub use error::{Error, ObjectKind, Result, ResultExt};
 pub use export::{ExportReport, ExportTarget};

@@ -1,31 +1,37 @@
 //! The store: one directory, one process. Reads verify digests; writes go through
 //! [`crate::db`] batches; imports in flight protect what they use from GC with claims.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::Digest;
 
 thread_local! {
-    /// The compressor of [`Store::encode_chunk_probed`]'s samples.
+    /// The compressor of [`Store::encode_probed`]'s samples.
     static PROBE: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
         std::cell::RefCell::new(zstd::bulk::Compressor::new(1).expect("zstd level 1 is valid"));
 }
+use crate::chunklog::{ChunkFiles, ChunkLog, DiskFiles, POINTER, Pointer};
 use crate::codec::{Reader, Writer};
 use crate::db::{Batch, Cf, Db};
 use crate::error::{Error, ObjectKind, Result};
 use crate::model::{Blob, FileData, Image, Layer, Tree};
 
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT_VERSION: &[u8] = b"tidedge-castore-1";
+/// Version 2 added chunk log pointers (`chunks` values starting with
+/// [`crate::chunklog::POINTER`]), which version 1 builds would take for corruption; a
+/// version 1 store is upgraded when opened.
+const FORMAT_VERSION: &[u8] = b"tidedge-castore-2";
+const FORMAT_VERSION_1: &[u8] = b"tidedge-castore-1";
 
-const CODEC_RAW: u8 = 0;
-const CODEC_ZSTD: u8 = 1;
+pub(crate) const CODEC_RAW: u8 = 0;
+pub(crate) const CODEC_ZSTD: u8 = 1;
 
 /// zstd level for chunks: level 3 is zstd's default balance of speed and size.
 pub(crate) const ZSTD_LEVEL: i32 = 3;
@@ -35,6 +41,14 @@ thread_local! {
     /// about as much as decompressing a small chunk.
     static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd decompressor"));
+}
+
+/// A zstd frame of at most one chunk's bytes (256 KiB raw, FastCDC's maximum; a bigger
+/// claim is corruption), decompressed with this thread's context.
+fn decompress(frame: &[u8]) -> Option<Vec<u8>> {
+    DECOMPRESSOR
+        .with_borrow_mut(|z| z.decompress(frame, crate::chunker::MAX_SIZE as usize))
+        .ok()
 }
 
 /// A content-addressed store in one directory.
@@ -54,6 +68,8 @@ pub struct Store {
     pub(crate) changes: AtomicU64,
     /// The last inventory and each layer's chunk list (inventory.rs).
     pub(crate) inventory: crate::inventory::InventoryCache,
+    /// Chunk bytes that volume writes store outside RocksDB (chunklog.rs).
+    pub(crate) log: ChunkLog,
 }
 
 /// Digests in use by work that has not committed a reference yet.
@@ -134,9 +150,21 @@ fn lock_dir(dir: &Path) -> Result<File> {
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        Store::open_with_files(dir, |files| files)
+    }
+
+    /// Opens the store in `dir` with its chunk log's files wrapped by `wrap`: the seam
+    /// through which tests inject I/O faults ([`crate::testing::FaultyFiles`]).
+    pub fn open_with_files(
+        dir: impl AsRef<Path>,
+        wrap: impl FnOnce(Arc<dyn ChunkFiles>) -> Arc<dyn ChunkFiles>,
+    ) -> Result<Store> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
         let lock = lock_dir(dir)?;
+        let log_dir = dir.join("chunks");
+        let files = DiskFiles::open(&log_dir).map_err(|e| Error::io("open", &log_dir, e))?;
+        let log = ChunkLog::open(wrap(Arc::new(files)))?;
         let db_path = dir.join("db");
         let db = Db::open(&db_path).map_err(|e| {
             let msg = e.into_string();
@@ -156,6 +184,13 @@ impl Store {
                 db.write(b, true)?;
             }
             Some(v) if v == FORMAT_VERSION => {}
+            Some(v) if v == FORMAT_VERSION_1 => {
+                // Everything version 1 wrote reads the same; only new writes may hold
+                // pointers, so the mark goes first.
+                let mut b = Batch::new();
+                b.put(&db, Cf::Meta, FORMAT_KEY, FORMAT_VERSION);
+                db.write(b, true)?;
+            }
             Some(v) => {
                 return Err(Error::Refused(format!(
                     "store {} has format {:?}, this build reads {:?}",
@@ -174,6 +209,7 @@ impl Store {
             volumes: crate::volume::Registry::default(),
             changes: AtomicU64::new(0),
             inventory: crate::inventory::InventoryCache::default(),
+            log,
         })
     }
 
@@ -199,24 +235,21 @@ impl Store {
 
     /// Reads a chunk, verifying its digest: corrupt bytes are an error, never data.
     pub fn chunk(&self, d: &Digest) -> Result<Vec<u8>> {
-        let stored = self
-            .db
-            .get_verified_by_caller(Cf::Chunks, &d.0)?
-            .ok_or(Error::Missing {
-                kind: ObjectKind::Chunk,
-                digest: *d,
-            })?;
         let corrupt = || Error::Corrupt {
             kind: ObjectKind::Chunk,
             digest: *d,
         };
+        let stored = self.stored_value(d)?;
         let raw = match stored.split_first() {
             Some((&CODEC_RAW, rest)) => rest.to_vec(),
-            Some((&CODEC_ZSTD, rest)) => {
-                // A chunk is at most 256 KiB raw (fastcdc max); a bigger claim is corruption.
-                DECOMPRESSOR
-                    .with_borrow_mut(|z| z.decompress(rest, crate::chunker::MAX_SIZE as usize))
-                    .map_err(|_| corrupt())?
+            Some((&CODEC_ZSTD, rest)) => decompress(rest).ok_or_else(corrupt)?,
+            Some((&POINTER, _)) => {
+                let (codec, bytes) = self.log_bytes(d, &stored)?;
+                match codec {
+                    CODEC_RAW => bytes,
+                    CODEC_ZSTD => decompress(&bytes).ok_or_else(corrupt)?,
+                    _ => return Err(corrupt()),
+                }
             }
             _ => return Err(corrupt()),
         };
@@ -224,6 +257,59 @@ impl Store {
             return Err(corrupt());
         }
         Ok(raw)
+    }
+
+    /// The `chunks` value of `d`.
+    fn stored_value(&self, d: &Digest) -> Result<Vec<u8>> {
+        self.db
+            .get_verified_by_caller(Cf::Chunks, &d.0)?
+            .ok_or(Error::Missing {
+                kind: ObjectKind::Chunk,
+                digest: *d,
+            })
+    }
+
+    /// The codec and stored bytes a chunk log pointer (the `chunks` value of `d`) names.
+    fn log_bytes(&self, d: &Digest, value: &[u8]) -> Result<(u8, Vec<u8>)> {
+        let corrupt = || Error::Corrupt {
+            kind: ObjectKind::Chunk,
+            digest: *d,
+        };
+        let mut p = Pointer::decode(value).ok_or_else(corrupt)?;
+        let mut retried = false;
+        loop {
+            match self.log.read(&p) {
+                Ok(bytes) => return Ok((p.codec, bytes)),
+                // GC moved the chunk out of its segment and removed the segment after
+                // this lookup: look again.
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && !retried =>
+                {
+                    retried = true;
+                    let again = self.stored_value(d)?;
+                    match Pointer::decode(&again) {
+                        Some(q) => p = q,
+                        None => return Ok((again[0], again[1..].to_vec())),
+                    }
+                }
+                Err(e) => return Err(e.context(format!("reading chunk {d}"))),
+            }
+        }
+    }
+
+    /// A chunk's raw length and its value as RocksDB holds one in place (codec byte +
+    /// payload), read from wherever it is and verified: for moving it out of the log.
+    pub(crate) fn chunk_stored(&self, d: &Digest) -> Result<(usize, Vec<u8>)> {
+        let raw = self.chunk(d)?;
+        let stored = self.stored_value(d)?;
+        let (codec, bytes) = match stored.first() {
+            Some(&POINTER) => self.log_bytes(d, &stored)?,
+            _ => return Ok((raw.len(), stored)),
+        };
+        let mut v = Vec::with_capacity(bytes.len() + 1);
+        v.push(codec);
+        v.extend_from_slice(&bytes);
+        Ok((raw.len(), v))
     }
 
     /// The stored value of a chunk (codec byte + payload): zstd when that saves space,
@@ -250,12 +336,17 @@ impl Store {
 
     /// As [`Store::encode_chunk`], but first compresses two 4 KiB samples (the start and
     /// the middle, at zstd level 1: it keeps Huffman-coded literals, so skewed bytes
-    /// still shrink, at about twice level 3's speed) and stores the chunk raw, without compressing the rest, when neither
-    /// shrinks by 3%: random or already-compressed data (a guest's encrypted or
-    /// compressed blocks, fio's buffers) then costs a few microseconds instead of a
-    /// full zstd pass. Used for volume extents, written at I/O time; data that is
-    /// incompressible only at those two places is stored raw (more space, never wrong).
-    pub(crate) fn encode_chunk_probed(zc: &mut zstd::bulk::Compressor<'_>, raw: &[u8]) -> Vec<u8> {
+    /// still shrink, at about twice level 3's speed) and stores the chunk raw, without
+    /// compressing the rest, when neither shrinks by 3%: random or already-compressed
+    /// data (a guest's encrypted or compressed blocks, fio's buffers) then costs a few
+    /// microseconds instead of a full zstd pass. Used for volume extents, written at I/O
+    /// time; data that is incompressible only at those two places is stored raw (more
+    /// space, never wrong). Returns the codec and the stored bytes without a codec byte
+    /// (`raw` itself, not copied, when they are raw).
+    pub(crate) fn encode_probed<'a>(
+        zc: &mut zstd::bulk::Compressor<'_>,
+        raw: &'a [u8],
+    ) -> (u8, Cow<'a, [u8]>) {
         const SAMPLE: usize = 4096;
         if raw.len() >= 4 * SAMPLE {
             let mut buf = [0u8; SAMPLE + 128];
@@ -266,13 +357,18 @@ impl Store {
                 })
             };
             if !shrinks(0, &mut buf) && !shrinks(raw.len() / 2, &mut buf) {
-                let mut out = Vec::with_capacity(raw.len() + 1);
-                out.push(CODEC_RAW);
-                out.extend_from_slice(raw);
-                return out;
+                return (CODEC_RAW, Cow::Borrowed(raw));
             }
         }
-        Store::encode_chunk(zc, raw)
+        let bound = zstd::zstd_safe::compress_bound(raw.len());
+        let mut out = vec![0u8; bound];
+        match zc.compress_to_buffer(raw, &mut out[..]) {
+            Ok(n) if n < raw.len() => {
+                out.truncate(n);
+                (CODEC_ZSTD, Cow::Owned(out))
+            }
+            _ => (CODEC_RAW, Cow::Borrowed(raw)),
+        }
     }
 
     /// A compressor at the store's level, for [`Store::encode_chunk`].
@@ -286,6 +382,23 @@ impl Store {
         let mut w = Writer::new();
         w.varint(raw_len as u64);
         w.varint(stored.len() as u64);
+        batch.put(db, Cf::ChunkIndex, &d.0, &w.finish());
+    }
+
+    /// Adds a chunk whose stored bytes are in the chunk log at `p` (made durable before
+    /// this batch is written) and its index entry, which names the segment.
+    pub(crate) fn put_chunk_pointer(
+        batch: &mut Batch,
+        db: &Db,
+        d: &Digest,
+        raw_len: usize,
+        p: &Pointer,
+    ) {
+        batch.put(db, Cf::Chunks, &d.0, &p.encode());
+        let mut w = Writer::new();
+        w.varint(raw_len as u64);
+        w.varint(u64::from(p.len));
+        w.varint(p.segment + 1);
         batch.put(db, Cf::ChunkIndex, &d.0, &w.finish());
     }
 
@@ -503,11 +616,24 @@ impl Store {
 
     /// Size facts about a chunk from the index: (raw length, stored length).
     pub(crate) fn chunk_sizes(v: &[u8]) -> Option<(u64, u64)> {
+        Store::chunk_entry(v).map(|(raw, stored, _)| (raw, stored))
+    }
+
+    /// An index entry: raw length, stored length, and the chunk log segment holding the
+    /// stored bytes (None: they are in RocksDB).
+    pub(crate) fn chunk_entry(v: &[u8]) -> Option<(u64, u64, Option<u64>)> {
         let mut r = Reader::new(v);
         let raw = r.varint().ok()?;
         let stored = r.varint().ok()?;
-        r.end().ok()?;
-        Some((raw, stored))
+        let segment = match r.end() {
+            Ok(()) => None,
+            Err(_) => {
+                let s = r.varint().ok()?.checked_sub(1)?;
+                r.end().ok()?;
+                Some(s)
+            }
+        };
+        Some((raw, stored, segment))
     }
 }
 
@@ -520,9 +646,9 @@ mod tests {
     fn probed_encoding_skips_only_incompressible_chunks() {
         let mut zc = Store::compressor();
         let random = noise(64 << 10, 7);
-        let e = Store::encode_chunk_probed(&mut zc, &random);
-        assert_eq!(e[0], CODEC_RAW);
-        assert_eq!(&e[1..], &random[..]);
+        let (codec, e) = Store::encode_probed(&mut zc, &random);
+        assert_eq!(codec, CODEC_RAW);
+        assert!(matches!(e, Cow::Borrowed(b) if b == &random[..]));
         // Text compresses; so does a chunk random at its start but not in its middle.
         let text: Vec<u8> = b"volume extent "
             .iter()
@@ -530,11 +656,11 @@ mod tests {
             .cycle()
             .take(64 << 10)
             .collect();
-        assert_eq!(Store::encode_chunk_probed(&mut zc, &text)[0], CODEC_ZSTD);
+        assert_eq!(Store::encode_probed(&mut zc, &text).0, CODEC_ZSTD);
         let mut mixed = noise(64 << 10, 9);
         mixed[32 << 10..].fill(0);
-        let e = Store::encode_chunk_probed(&mut zc, &mixed);
-        assert_eq!(e[0], CODEC_ZSTD);
+        let (codec, e) = Store::encode_probed(&mut zc, &mixed);
+        assert_eq!(codec, CODEC_ZSTD);
         assert!(e.len() < 40 << 10);
     }
 }

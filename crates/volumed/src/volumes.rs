@@ -614,6 +614,12 @@ struct VolumeDevice {
 /// The one mapping from store errors to device errors.
 fn device_err(e: castore::Error) -> DeviceError {
     match e {
+        // The disk refused or failed the chunk log's write or sync: its errno (ENOSPC
+        // becomes NBD's ENOSPC, the rest EIO).
+        castore::Error::Io { source, op, path } => {
+            crate::log!("nbd: {op} {}: {source}", path.display());
+            DeviceError::Io(source)
+        }
         castore::Error::Volume(VolumeError::ReadOnly { .. }) => DeviceError::ReadOnly,
         // A shrink since this connection opened: the range is gone.
         castore::Error::Volume(VolumeError::OutOfRange { .. }) => DeviceError::NoSpace,
@@ -675,6 +681,13 @@ impl BlockDevice for VolumeDevice {
             return Some(Err(e));
         }
         self.vol.read_in_memory(offset, buf).map(Ok)
+    }
+
+    /// Writes smaller than an extent are journal appends (memory and an unsynced log
+    /// write); a write covering a whole extent stores its chunk in the chunk log and
+    /// waits for it to be durable.
+    fn write_is_quick(&self, _offset: u64, len: u32) -> bool {
+        u64::from(len) < self.extent
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {

@@ -23,6 +23,7 @@ use super::journal::{self, Dirty, Patch, Stripe};
 use super::record::{Extent, ZERO_MARKER, ZEROED_MARKER, key};
 use super::{Level, Shared, State, VolumeError, extents};
 use crate::Digest;
+use crate::chunklog::Pointer;
 use crate::db::{Batch, Cf, Cursor};
 use crate::error::{Error, ObjectKind, Result};
 use crate::store::{ClaimSet, Store};
@@ -205,17 +206,30 @@ fn is_zero(b: &[u8]) -> bool {
     head.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&x| x == 0)
 }
 
+/// A chunk a batch names that the store lacks durably, to be stored with the batch: in
+/// the chunk log for whole-extent writes ([`write_chunks`]), or in the batch itself
+/// ([`put_inline`]).
+struct NewChunk<'a> {
+    d: Digest,
+    raw_len: usize,
+    codec: u8,
+    /// The stored bytes (the caller's own when they are raw).
+    bytes: Cow<'a, [u8]>,
+}
+
 /// Stages extent `e`'s new content at `generation` into `b`: a zero marker, or the
-/// chunk (written only if the store lacks it durably) and its digest. `claims` keeps the
-/// chunk from a concurrent GC until the batch is written.
-fn stage(
+/// chunk's digest, adding the chunk to `new` if the store lacks it durably. `claims`
+/// keeps the chunk from a concurrent GC until the batch is written.
+#[allow(clippy::too_many_arguments)]
+fn stage<'a>(
     store: &Store,
     claims: &ClaimSet<'_>,
     b: &mut Batch,
     id: u64,
     e: u64,
     generation: u64,
-    content: &Content<'_>,
+    content: &'a Content<'a>,
+    new: &mut Vec<NewChunk<'a>>,
 ) -> Result<()> {
     let db = &store.db;
     let k = key(id, e, generation);
@@ -226,8 +240,13 @@ fn stage(
             // from an unlogged import batch) is written again, logged, so this batch never
             // names a chunk a crash could lose.
             if claims.claim(d) && !db.contains_durable(&[Cf::ChunkIndex, Cf::Chunks], &d.0)? {
-                let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk_probed(zc, buf));
-                Store::put_chunk(b, db, &d, buf.len(), &stored);
+                let (codec, bytes) = COMPRESSOR.with_borrow_mut(|zc| Store::encode_probed(zc, buf));
+                new.push(NewChunk {
+                    d,
+                    raw_len: buf.len(),
+                    codec,
+                    bytes,
+                });
             }
             // Reads after writes (a guest reading what it wrote, a copy checked back)
             // find it here. Harmless if the batch then fails: the digest names these bytes.
@@ -238,6 +257,42 @@ fn stage(
         _ => b.put(db, Cf::BlockMap, &k, ZERO_MARKER),
     }
     Ok(())
+}
+
+/// Puts `new` chunks into `b` itself (the bytes go through RocksDB's log and a blob file).
+fn put_inline(store: &Store, b: &mut Batch, new: Vec<NewChunk<'_>>) {
+    for c in new {
+        let mut stored = Vec::with_capacity(c.bytes.len() + 1);
+        stored.push(c.codec);
+        stored.extend_from_slice(&c.bytes);
+        Store::put_chunk(b, &store.db, &c.d, c.raw_len, &stored);
+    }
+}
+
+/// Appends `new` chunks to the chunk log, makes them durable, and puts their pointers
+/// into `b`. The returned pin keeps their segment from GC's reclaim until `b` is written.
+fn write_chunks<'s>(
+    store: &'s Store,
+    b: &mut Batch,
+    new: &[NewChunk<'_>],
+) -> Result<Option<crate::chunklog::Appended<'s>>> {
+    if new.is_empty() {
+        return Ok(None);
+    }
+    let parts: Vec<&[u8]> = new.iter().map(|c| &*c.bytes).collect();
+    let appended = store.log.append(&parts)?;
+    for (c, &(segment, offset)) in new.iter().zip(&appended.places) {
+        let p = Pointer {
+            codec: c.codec,
+            segment,
+            offset,
+            len: c.bytes.len() as u32,
+        };
+        Store::put_chunk_pointer(b, &store.db, &c.d, c.raw_len, &p);
+    }
+    // The durability invariant of the chunk log: bytes first, then what points at them.
+    appended.sync()?;
+    Ok(Some(appended))
 }
 
 /// Stages a shrink of the volume in `st` to `new_size` into `b`: every extent past the
@@ -285,15 +340,10 @@ pub(crate) fn discard_tail<'s>(
             let mut buf = store.volumes.cache.chunk(store, &d)?.as_ref().clone();
             let keep = (new_size - (e << shift)) as usize;
             buf[keep..].fill(0);
-            stage(
-                store,
-                &claims,
-                b,
-                id,
-                e,
-                cur,
-                &Content::Bytes(Cow::Owned(buf)),
-            )?;
+            let content = Content::Bytes(Cow::Owned(buf));
+            let mut new = Vec::new();
+            stage(store, &claims, b, id, e, cur, &content, &mut new)?;
+            put_inline(store, b, new);
         }
     }
     Ok(claims)
@@ -616,12 +666,15 @@ impl Volume {
         let mut locks = self.lock_stripes(e0, e1);
         let mut cursor = db.cursor(Cf::BlockMap, None, None);
         let claims = store.claims();
+        // Keys, digests, pointers and index entries for each extent (journal records
+        // hold their bytes).
         let mut b = match fill {
-            // The data, and keys, digests and index entries for each extent.
-            Fill::Data(_) => Batch::with_capacity(len as usize + 256 * (e1 - e0 + 1) as usize),
+            Fill::Data(_) if len < es => Batch::with_capacity(len as usize + 256),
+            Fill::Data(_) => Batch::with_capacity(256 * (e1 - e0 + 1) as usize),
             _ => Batch::new(),
         };
         let mut changes: Vec<(u64, Change)> = Vec::new();
+        let mut contents: Vec<(u64, Content<'_>)> = Vec::new();
         for e in e0..=e1 {
             let stripe = stripe_mut(&mut locks, self.shared.stripe_of(e));
             let dirty = stripe.dirty.get(&e);
@@ -663,8 +716,8 @@ impl Volume {
             match action {
                 None => {}
                 Some(Err(content)) => {
-                    stage(store, &claims, &mut b, id, e, generation, &content)?;
                     drop_records(&mut b, store, id, e, dirty);
+                    contents.push((e, content));
                     changes.push((e, Change::Replace));
                 }
                 Some(Ok(patch)) => {
@@ -675,6 +728,17 @@ impl Volume {
                 }
             }
         }
+        // Whole extents replace the extent and its journal records; their new chunks go
+        // to the chunk log, durable before the batch that names them.
+        let mut new = Vec::new();
+        for (e, content) in &contents {
+            stage(
+                store, &claims, &mut b, id, *e, generation, content, &mut new,
+            )?;
+        }
+        let pinned = write_chunks(store, &mut b, &new)?;
+        drop(new);
+        drop(contents);
         if b.is_empty() {
             if fua {
                 db.sync_wal()?;
@@ -682,6 +746,7 @@ impl Volume {
             return Ok(());
         }
         db.write(b, fua)?;
+        drop(pinned);
         drop(claims);
         // The batch is in: now the memory state follows it, under the same locks.
         let reg = &store.volumes;
@@ -819,16 +884,15 @@ impl Store {
             }
             false => None,
         };
-        let content = d.content(base.as_deref().map(Vec::as_slice), 1 << shift);
+        let content = Content::Bytes(Cow::Owned(
+            d.content(base.as_deref().map(Vec::as_slice), 1 << shift),
+        ));
+        let mut new = Vec::new();
+        let generation = st.rec.generation;
         stage(
-            self,
-            claims,
-            b,
-            shared.id,
-            e,
-            st.rec.generation,
-            &Content::Bytes(Cow::Owned(content)),
+            self, claims, b, shared.id, e, generation, &content, &mut new,
         )?;
+        put_inline(self, b, new);
         drop_records(b, self, shared.id, e, Some(d));
         Ok(())
     }
@@ -1086,7 +1150,7 @@ mod tests {
         let d = Digest::of(&raw);
         let put = |unlogged: bool| {
             let mut b = Batch::new();
-            let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk_probed(zc, &raw));
+            let stored = COMPRESSOR.with_borrow_mut(|zc| Store::encode_chunk(zc, &raw));
             Store::put_chunk(&mut b, db, &d, raw.len(), &stored);
             if unlogged {
                 db.write_unlogged(b).unwrap();
