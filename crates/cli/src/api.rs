@@ -35,9 +35,24 @@ pub(crate) trait StoreApi {
     fn layers(&self) -> Result<Vec<LayerSummary>>;
     fn export_layer(&self, digest: &str, target: &ExportTarget) -> Result<ExportReport>;
     fn remove_layer(&self, digest: &str) -> Result<()>;
+    /// Writes `layer`'s EROFS image (the bytes its `layer/DIGEST` export serves) to `to`.
+    fn layer_erofs(&self, layer: &str, to: &Path) -> Result<ErofsReport>;
     fn gc(&self, progress: &GcProgress) -> Result<GcReport>;
     fn fsck(&self) -> Result<FsckReport>;
     fn stats(&self) -> Result<Stats>;
+}
+
+/// An EROFS image written out by `tide layer erofs`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ErofsReport {
+    pub(crate) layer: String,
+    pub(crate) path: String,
+    pub(crate) bytes: u64,
+    pub(crate) metadata_bytes: u64,
+    pub(crate) data_bytes: u64,
+    pub(crate) inodes: u64,
+    pub(crate) build_ms: f64,
+    pub(crate) dropped_xattrs: Vec<String>,
 }
 
 /// The store opened in this process.
@@ -97,6 +112,26 @@ impl StoreApi for Local {
     fn remove_layer(&self, digest: &str) -> Result<()> {
         let d = self.0.resolve_layer(digest)?;
         Ok(self.0.remove_layer_ref(&d)?)
+    }
+
+    fn layer_erofs(&self, layer: &str, to: &Path) -> Result<ErofsReport> {
+        let d = self.0.resolve_layer(layer)?;
+        let image = layerfs::erofs::Image::build(&self.0, &d)
+            .map_err(|e| anyhow::anyhow!("layer {d}: {e}"))?;
+        let bytes = image
+            .write_file(&self.0, to)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", to.display()))?;
+        let r = image.report();
+        Ok(ErofsReport {
+            layer: d.to_string(),
+            path: to.display().to_string(),
+            bytes,
+            metadata_bytes: r.metadata_bytes,
+            data_bytes: r.data_bytes,
+            inodes: r.inodes,
+            build_ms: r.build_time.as_secs_f64() * 1e3,
+            dropped_xattrs: r.dropped_xattrs.clone(),
+        })
     }
 
     fn gc(&self, progress: &GcProgress) -> Result<GcReport> {

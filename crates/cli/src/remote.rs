@@ -455,6 +455,36 @@ impl StoreApi for Remote {
         })
     }
 
+    fn layer_erofs(&self, layer: &str, to: &Path) -> Result<crate::api::ErofsReport> {
+        let path = abs(to)?;
+        self.run(async {
+            let mut req = self.store.layer_erofs_request();
+            req.get().set_layer(layer);
+            req.get().set_path(&path);
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            let r = reply
+                .get()
+                .map_err(wire_err)?
+                .get_report()
+                .map_err(wire_err)?;
+            Ok(crate::api::ErofsReport {
+                layer: text(r.get_layer())?,
+                path: path.clone(),
+                bytes: r.get_bytes(),
+                metadata_bytes: r.get_metadata_bytes(),
+                data_bytes: r.get_data_bytes(),
+                inodes: r.get_inodes(),
+                build_ms: r.get_build_ms(),
+                dropped_xattrs: r
+                    .get_dropped_xattrs()
+                    .map_err(wire_err)?
+                    .iter()
+                    .map(text)
+                    .collect::<Result<_>>()?,
+            })
+        })
+    }
+
     fn remove_layer(&self, digest: &str) -> Result<()> {
         self.run(async {
             let mut req = self.store.remove_layer_request();

@@ -194,6 +194,23 @@ interface Store {
 
   stats @11 () -> (stats :Stats);
   # Size and deduplication figures.
+
+  layerErofs @12 (layer :Text, path :Text) -> (report :ErofsReport);
+  # Writes the EROFS image volumed serves for `layer` (export `layer/DIGEST`) to the file
+  # `path` (replaced whole; never left partial). `layer`: a digest, or a unique prefix
+  # of a layer of a named image or of a lone layer. The image is the one the daemon
+  # synthesized (cached), so the file holds exactly the bytes guests read.
+}
+
+struct ErofsReport {
+  # The EROFS image of one layer.
+  layer @0 :Text;           # Its full digest.
+  bytes @1 :UInt64;         # Image size.
+  metadataBytes @2 :UInt64; # Superblock, inodes, xattrs, directories, inline tails.
+  dataBytes @3 :UInt64;     # Whole blocks of file content (addressed into the store).
+  inodes @4 :UInt64;        # Inodes (a hardlink group is one).
+  buildMs @5 :Float64;      # How long its synthesis took.
+  droppedXattrs @6 :List(Text); # "PATH: NAME" of xattrs EROFS images do not carry.
 }
 
 struct MountInfo {

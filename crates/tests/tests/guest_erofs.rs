@@ -270,6 +270,49 @@ fn layers_boot_a_real_guest_kernel_identical_to_the_store() {
         .count();
     assert_eq!(in_guest + 1, after, "the guest's /usr/share/man");
 
+    // `tide layer erofs` writes the bytes the exports serve: fsck.erofs accepts each
+    // layer's image, and a second write (from the daemon's cache) is the same file.
+    for (i, d) in inst["disks"].as_array().unwrap().iter().enumerate() {
+        if d["role"] != "layer" {
+            continue;
+        }
+        let layer = d["layer"].as_str().unwrap();
+        let (a, b) = (
+            t.join(format!("l{i}.erofs")),
+            t.join(format!("l{i}-again.erofs")),
+        );
+        for f in [&a, &b] {
+            let r = tide.json(&["layer", "erofs", &layer[..19], "--to", f.to_str().unwrap()]);
+            assert_eq!(r["layer"], layer, "{r}");
+            assert_eq!(r["bytes"].as_u64(), d["size"].as_u64(), "{r}");
+        }
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "layer {i} differs between writes"
+        );
+        let fsck = std::process::Command::new("fsck.erofs")
+            .arg(&a)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "fsck.erofs {}: {}",
+            a.display(),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+        std::fs::remove_file(&a).unwrap();
+        std::fs::remove_file(&b).unwrap();
+    }
+    let bad = tide.fails(&[
+        "layer",
+        "erofs",
+        "sha256:ffff",
+        "--to",
+        t.join("x.erofs").to_str().unwrap(),
+    ]);
+    assert!(bad.contains("ffff"), "{bad}");
+    assert!(!t.join("x.erofs").exists());
+
     // An opaque directory and a whiteout, small enough to name every entry.
     let inst = deploy(&addr, t, "opaque", "opaque:1");
     let run = boot_and_compare(&kernel, t, "opaque", &inst, &script(""));

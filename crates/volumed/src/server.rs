@@ -337,6 +337,49 @@ impl store::Server for StoreImpl {
         Ok(())
     }
 
+    async fn layer_erofs(
+        self: CapRc<Self>,
+        params: store::LayerErofsParams,
+        mut results: store::LayerErofsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let layer = text(p.get_layer())?;
+        let path = PathBuf::from(text(p.get_path())?);
+        if !path.is_absolute() {
+            return Err(Error::BadRequest(format!(
+                "layer erofs: {} is not an absolute path",
+                path.display()
+            ))
+            .into());
+        }
+        let layers = self.0.layers.clone();
+        let store = self.0.store.clone();
+        log!("layer erofs {layer} to {}", path.display());
+        let (image, bytes) = blocking(move || {
+            let d = layers.resolve(&layer)?;
+            let image = layers.image(&d)?;
+            let bytes = image.write_file(&store, &path).map_err(|e| match e {
+                layerfs::erofs::Error::Store(e) => Error::Store(e),
+                e => Error::BadRequest(format!("{}: {e}", path.display())),
+            })?;
+            Ok((image, bytes))
+        })
+        .await?;
+        let r = image.report();
+        let mut b = results.get().init_report();
+        b.set_layer(image.layer().to_string());
+        b.set_bytes(bytes);
+        b.set_metadata_bytes(r.metadata_bytes);
+        b.set_data_bytes(r.data_bytes);
+        b.set_inodes(r.inodes);
+        b.set_build_ms(r.build_time.as_secs_f64() * 1e3);
+        set_texts(
+            b.init_dropped_xattrs(r.dropped_xattrs.len() as u32),
+            &r.dropped_xattrs,
+        );
+        Ok(())
+    }
+
     async fn remove_layer(
         self: CapRc<Self>,
         params: store::RemoveLayerParams,

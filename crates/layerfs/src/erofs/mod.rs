@@ -17,6 +17,7 @@
 //! What is written is what Linux 6.1 (Debian bookworm's kernel) mounts: see `format.rs`.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,6 +194,16 @@ impl Image {
     /// Writes the whole image to `out` (for `tide layer erofs`, and peers such as
     /// `fsck.erofs` that read image files). Returns the bytes written.
     pub fn write_to(&self, store: &Store, out: &mut dyn Write) -> Result<u64, Error> {
+        self.each_piece(store, |_, piece| out.write_all(piece).map_err(Error::Write))
+    }
+
+    /// Reads the whole image in 1 MiB pieces, in order, handing each to `f` with its
+    /// offset. Returns the image's size.
+    fn each_piece(
+        &self,
+        store: &Store,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
         let cache = ChunkCache::new(16 << 20);
         let src = Source {
             store,
@@ -205,10 +216,41 @@ impl Image {
         while off < size {
             let n = buf.len().min((size - off) as usize);
             self.read(src, off, &mut buf[..n])?;
-            out.write_all(&buf[..n]).map_err(Error::Write)?;
+            f(off, &buf[..n])?;
             off += n as u64;
         }
         Ok(size)
+    }
+
+    /// Writes the image to the file `path` (`tide layer erofs --to`): to a temporary
+    /// file beside it, sparse where the image is zero, synced, then renamed over `path`,
+    /// so `path` is never a partial image. Returns the image's size.
+    pub fn write_file(&self, store: &Store, path: &Path) -> Result<u64, Error> {
+        use std::os::unix::fs::FileExt;
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::Write(std::io::Error::other("the path names no file")))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let result = (|| {
+            let f = std::fs::File::create(&tmp).map_err(Error::Write)?;
+            f.set_len(self.size()).map_err(Error::Write)?;
+            let size = self.each_piece(store, |off, piece| {
+                if piece.iter().any(|&b| b != 0) {
+                    f.write_all_at(piece, off).map_err(Error::Write)?;
+                }
+                Ok(())
+            })?;
+            f.sync_all().map_err(Error::Write)?;
+            std::fs::rename(&tmp, path).map_err(Error::Write)?;
+            Ok(size)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 }
 
