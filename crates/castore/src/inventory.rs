@@ -120,6 +120,33 @@ impl Store {
         Ok(out)
     }
 
+    /// A layer's chunk list from `known`, else walked now; None for a layer record
+    /// that cannot be read (it has nothing to offer).
+    fn known_layer_chunks(
+        &self,
+        known: &HashMap<Digest, Arc<Vec<(Digest, u64)>>>,
+        layer: &Digest,
+    ) -> Option<Arc<Vec<(Digest, u64)>>> {
+        match known.get(layer) {
+            Some(c) => Some(c.clone()),
+            None => self.layer_chunks(layer).ok().map(Arc::new),
+        }
+    }
+
+    /// The distinct chunks of `layers`' files (through the same per-layer cache as the
+    /// inventory: layers are immutable), for `stats`.
+    pub(crate) fn chunks_of_layers(&self, layers: &HashSet<Digest>) -> HashSet<Digest> {
+        let mut cache = self.inventory.inner.lock().expect("inventory cache lock");
+        let mut out = HashSet::new();
+        for d in layers {
+            if let Some(c) = self.known_layer_chunks(&cache.chunks, d) {
+                out.extend(c.iter().map(|(c, _)| *c));
+                cache.chunks.insert(*d, c);
+            }
+        }
+        out
+    }
+
     /// Every layer with how many of its chunk bytes are here, and every named image with
     /// its layers' sizes. Cheap while nothing changed: the last answer is returned as it
     /// is (same `Arc`) until [`Store::change_count`] moves.
@@ -139,13 +166,8 @@ impl Store {
             let Some(d) = Digest::from_slice(&k?) else {
                 continue;
             };
-            let chunks = match cache.chunks.get(&d) {
-                Some(c) => c.clone(),
-                None => match self.layer_chunks(&d) {
-                    Ok(c) => Arc::new(c),
-                    // A layer record that cannot be read has nothing to offer.
-                    Err(_) => continue,
-                },
+            let Some(chunks) = self.known_layer_chunks(&cache.chunks, &d) else {
+                continue;
             };
             let mut present = 0;
             for (c, len) in chunks.iter() {

@@ -54,7 +54,7 @@ pub use model::{
 };
 pub use read::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, FileLayout, Prefetcher};
 pub use refname::validate as validate_ref;
-pub use stats::Stats;
+pub use stats::{DataStats, Stats};
 pub use store::Store;
 pub use views::{ImageDetail, ImageSummary, LayerSummary};
 pub use volume::{

@@ -1,13 +1,50 @@
-//! `stats`: how much is stored and how well it deduplicates.
+//! `stats`: how much is stored and how well it deduplicates, for images and volumes
+//! apart and for the store as a whole, each side counted the same way.
+
+use std::collections::HashSet;
 
 use crate::db::Cf;
 use crate::error::Result;
 use crate::store::Store;
 
+/// Sizes of one kind of data, images' files or volumes' extents, counted alike: logical
+/// bytes as if every image (every volume and every snapshot) were stored alone, unique
+/// and stored bytes of the distinct chunks that data names.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DataStats {
+    /// Distinct chunks the data names (and the store holds).
+    pub chunks: u64,
+    /// Images: the file bytes of every named image and lone layer. Volumes: the bytes of
+    /// extents holding a chunk, in every volume and every snapshot (a clone's inherited
+    /// extents included).
+    pub logical_bytes: u64,
+    /// Raw bytes of those chunks.
+    pub unique_bytes: u64,
+    /// Bytes those chunks take compressed.
+    pub stored_bytes: u64,
+    /// logical / unique: what deduplication saves (0 when nothing is stored).
+    pub dedup_ratio: f64,
+    /// logical / stored: deduplication and compression together.
+    pub total_ratio: f64,
+}
+
+impl DataStats {
+    fn add_chunk(&mut self, raw: u64, stored: u64) {
+        self.chunks += 1;
+        self.unique_bytes += raw;
+        self.stored_bytes += stored;
+    }
+
+    fn finish(&mut self) {
+        self.dedup_ratio = ratio(self.logical_bytes, self.unique_bytes);
+        self.total_ratio = ratio(self.logical_bytes, self.stored_bytes);
+    }
+}
+
 /// Store-wide sizes.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Stats {
-    /// Named images.
+    /// Named images (names: two names of one image count twice).
     pub images: u64,
     /// Layer records.
     pub layers: u64,
@@ -15,20 +52,21 @@ pub struct Stats {
     pub trees: u64,
     /// Multi-chunk file records.
     pub blobs: u64,
-    /// Distinct chunks.
-    pub chunks: u64,
-    /// File bytes of every named image (and lone layer) as if each were stored alone.
-    pub logical_bytes: u64,
-    /// Raw bytes of the distinct chunks.
-    pub unique_bytes: u64,
-    /// Bytes the chunks take after compression.
-    pub stored_bytes: u64,
-    /// logical / unique: what deduplication saves.
-    pub dedup_ratio: f64,
-    /// logical / stored: deduplication and compression together.
-    pub total_ratio: f64,
+    /// Volumes (per-instance templates and clones included).
+    pub volumes: u64,
+    /// Snapshots of all volumes.
+    pub snapshots: u64,
+    /// The whole store, both sides added up: every chunk it holds, whoever names it
+    /// (a chunk both sides name once, also those only gc would remove), and both
+    /// sides' logical bytes. Flattened: `--json` has its fields at the top level.
+    #[serde(flatten)]
+    pub store: DataStats,
     /// Bytes of the store directory on disk (database, logs, blob files).
     pub disk_bytes: u64,
+    /// Images and lone layers alone.
+    pub image_data: DataStats,
+    /// Volumes and their snapshots alone.
+    pub volume_data: DataStats,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -53,17 +91,10 @@ fn du(path: &std::path::Path) -> u64 {
 }
 
 impl Store {
-    /// Computes the store's sizes (reads the chunk index, not the chunks).
+    /// Computes the store's sizes. Reads the chunk index (not the chunks), walks the
+    /// trees of every referenced layer (cached per layer) and the volumes' block maps.
     pub fn stats(&self) -> Result<Stats> {
         let mut s = Stats::default();
-        for kv in self.db.entries(Cf::ChunkIndex) {
-            let (_, v) = kv?;
-            if let Some((raw, stored)) = Store::chunk_sizes(&v) {
-                s.chunks += 1;
-                s.unique_bytes += raw;
-                s.stored_bytes += stored;
-            }
-        }
         for k in self.db.keys(Cf::Layers) {
             k?;
             s.layers += 1;
@@ -76,24 +107,100 @@ impl Store {
             k?;
             s.blobs += 1;
         }
+        // Image side: what names and lone layers keep.
+        let mut layers = HashSet::new();
+        let mut add_layer = |s: &mut Stats, d| {
+            if let Ok(layer) = self.layer(&d) {
+                s.image_data.logical_bytes += layer.content_bytes;
+                layers.insert(d);
+            }
+        };
         for (_, d) in self.refs()? {
             s.images += 1;
             if let Ok(img) = self.image(&d) {
                 for l in img.layers {
-                    if let Ok(layer) = self.layer(&l) {
-                        s.logical_bytes += layer.content_bytes;
-                    }
+                    add_layer(&mut s, l);
                 }
             }
         }
         for d in self.layer_refs()? {
-            if let Ok(layer) = self.layer(&d) {
-                s.logical_bytes += layer.content_bytes;
+            add_layer(&mut s, d);
+        }
+        let image_chunks = self.chunks_of_layers(&layers);
+        // Volume side.
+        let v = self.volume_totals()?;
+        s.volumes = v.volumes;
+        s.snapshots = v.snapshots;
+        s.volume_data.logical_bytes = v.logical_bytes;
+        for kv in self.db.entries(Cf::ChunkIndex) {
+            let (k, v_bytes) = kv?;
+            let Some((raw, stored)) = Store::chunk_sizes(&v_bytes) else {
+                continue;
+            };
+            s.store.add_chunk(raw, stored);
+            let Some(d) = crate::Digest::from_slice(&k) else {
+                continue;
+            };
+            if image_chunks.contains(&d) {
+                s.image_data.add_chunk(raw, stored);
+            }
+            if v.chunks.contains(&d) {
+                s.volume_data.add_chunk(raw, stored);
             }
         }
-        s.dedup_ratio = ratio(s.logical_bytes, s.unique_bytes);
-        s.total_ratio = ratio(s.logical_bytes, s.stored_bytes);
+        s.image_data.finish();
+        s.volume_data.finish();
+        s.store.logical_bytes = s.image_data.logical_bytes + s.volume_data.logical_bytes;
+        s.store.finish();
         s.disk_bytes = du(self.path());
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::noise;
+    use crate::{ImportOptions, Store, VolumeSpec};
+
+    #[test]
+    fn images_and_volumes_are_counted_apart_and_alike() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(tmp.path().join("store")).unwrap());
+        // An image holding one 1 MiB file twice: 2 MiB logical, 1 MiB of chunks.
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let file = noise(1 << 20, 7);
+        std::fs::write(src.join("a"), &file).unwrap();
+        std::fs::write(src.join("b"), &file).unwrap();
+        store
+            .import_image(&src, Some("two:1"), &ImportOptions::default())
+            .unwrap();
+        let before = store.stats().unwrap();
+        assert_eq!(before.image_data.logical_bytes, 2 << 20);
+        assert_eq!(before.image_data.unique_bytes, 1 << 20);
+        assert_eq!(before.volume_data, super::DataStats::default());
+        assert_eq!(before.store.logical_bytes, 2 << 20);
+        assert!((before.store.dedup_ratio - 2.0).abs() < 1e-9, "{before:?}");
+
+        // A volume with four 64 KiB extents written, a snapshot of it and a clone of
+        // that: each counts its four extents, 768 KiB logical over 256 KiB of chunks.
+        store.create_volume(&VolumeSpec::new("v", 1 << 20)).unwrap();
+        let v = store.open_volume("v").unwrap();
+        v.write(0, &noise(256 << 10, 8), true).unwrap();
+        store.snapshot_volume("v", "s1").unwrap();
+        store.clone_volume("v", "s1", "c").unwrap();
+        let s = store.stats().unwrap();
+        assert_eq!((s.volumes, s.snapshots), (2, 1));
+        assert_eq!(s.volume_data.chunks, 4);
+        assert_eq!(s.volume_data.logical_bytes, 3 * (256 << 10));
+        assert_eq!(s.volume_data.unique_bytes, 256 << 10);
+        assert!((s.volume_data.dedup_ratio - 3.0).abs() < 1e-9, "{s:?}");
+        // The image side did not move, and the totals are both sides added up.
+        assert_eq!(s.image_data, before.image_data);
+        assert_eq!(s.store.chunks, before.store.chunks + 4);
+        assert_eq!(s.store.logical_bytes, (2 << 20) + 3 * (256 << 10));
+        assert_eq!(s.store.unique_bytes, (1 << 20) + (256 << 10));
+        let want = s.store.logical_bytes as f64 / s.store.unique_bytes as f64;
+        assert!((s.store.dedup_ratio - want).abs() < 1e-9, "{s:?}");
     }
 }

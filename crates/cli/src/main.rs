@@ -61,7 +61,8 @@ enum Cmd {
     Gc,
     /// Verify every chunk digest and every reference.
     Fsck,
-    /// Logical and stored bytes, chunks, dedup ratio.
+    /// Counts, chunks, logical / unique / stored bytes and dedup ratios: images, volumes,
+    /// and the whole store.
     Stats,
     /// Mount an image (layers plus a writable scratch layer) through volumed, or list
     /// mounts with `tide mount ls`.
@@ -326,6 +327,20 @@ fn with_progress<T>(
     });
     bar.finish_and_clear();
     r
+}
+
+/// One section of `tide stats`.
+fn print_data_stats(d: &castore::DataStats) {
+    let bytes = |n: u64| format!("{n} ({})", human_bytes(n));
+    println!("  chunks:        {}", d.chunks);
+    println!("  logical bytes: {}", bytes(d.logical_bytes));
+    println!("  unique bytes:  {}", bytes(d.unique_bytes));
+    println!("  stored bytes:  {}", bytes(d.stored_bytes));
+    println!("  dedup ratio:   {:.2}x", d.dedup_ratio);
+    println!(
+        "  total ratio:   {:.2}x (dedup and compression)",
+        d.total_ratio
+    );
 }
 
 fn import_progress(p: &Progress) -> (u64, u64, String) {
@@ -636,30 +651,26 @@ fn run(cli: &Cli) -> Result<i32> {
             if cli.json {
                 print_json(&s);
             } else {
-                println!("images:        {}", s.images);
-                println!("layers:        {}", s.layers);
-                println!("chunks:        {}", s.chunks);
+                let plural = |n: u64, one: &str, many: &str| {
+                    format!("{n} {}", if n == 1 { one } else { many })
+                };
                 println!(
-                    "logical bytes: {} ({})",
-                    s.logical_bytes,
-                    human_bytes(s.logical_bytes)
+                    "images:          {} ({}, {}, {})",
+                    s.images,
+                    plural(s.layers, "layer", "layers"),
+                    plural(s.trees, "tree", "trees"),
+                    plural(s.blobs, "blob", "blobs")
                 );
+                print_data_stats(&s.image_data);
                 println!(
-                    "unique bytes:  {} ({})",
-                    s.unique_bytes,
-                    human_bytes(s.unique_bytes)
+                    "volumes:         {} ({})",
+                    s.volumes,
+                    plural(s.snapshots, "snapshot", "snapshots")
                 );
-                println!(
-                    "stored bytes:  {} ({})",
-                    s.stored_bytes,
-                    human_bytes(s.stored_bytes)
-                );
-                println!("on disk:       {}", human_bytes(s.disk_bytes));
-                println!("dedup ratio:   {:.2}x", s.dedup_ratio);
-                println!(
-                    "total ratio:   {:.2}x (dedup and compression)",
-                    s.total_ratio
-                );
+                print_data_stats(&s.volume_data);
+                println!("store:           images and volumes together (a chunk both name, once)");
+                print_data_stats(&s.store);
+                println!("  on disk:       {}", human_bytes(s.disk_bytes));
             }
         }
         Cmd::Mount(_) | Cmd::Umount { .. } | Cmd::Volume(_) => {

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
 use castore::{
-    Digest, ExportReport, ExportTarget, FsckReport, GcProgress, GcReport, ImportReport, Problem,
-    Progress, SourceFormat, Stats,
+    DataStats, Digest, ExportReport, ExportTarget, FsckReport, GcProgress, GcReport, ImportReport,
+    Problem, Progress, SourceFormat, Stats,
 };
 use futures::AsyncReadExt;
 use schema::store_capnp::{
-    Format, daemon, import_report, layer_summary, mount_info, mounts, store, volumes,
+    Format, daemon, data_stats, import_report, layer_summary, mount_info, mounts, store, volumes,
 };
 use serde::Serialize;
 
@@ -157,6 +157,17 @@ fn import_report(r: import_report::Reader<'_>) -> Result<ImportReport> {
         new_stored_bytes: r.get_new_stored_bytes(),
         seconds: r.get_seconds(),
     })
+}
+
+fn data_stats(r: data_stats::Reader<'_>) -> DataStats {
+    DataStats {
+        chunks: r.get_chunks(),
+        logical_bytes: r.get_logical_bytes(),
+        unique_bytes: r.get_unique_bytes(),
+        stored_bytes: r.get_stored_bytes(),
+        dedup_ratio: r.get_dedup_ratio(),
+        total_ratio: r.get_total_ratio(),
+    }
 }
 
 fn layer(r: layer_summary::Reader<'_>) -> Result<LayerSummary> {
@@ -579,13 +590,21 @@ impl StoreApi for Remote {
                 layers: s.get_layers(),
                 trees: s.get_trees(),
                 blobs: s.get_blobs(),
-                chunks: s.get_chunks(),
-                logical_bytes: s.get_logical_bytes(),
-                unique_bytes: s.get_unique_bytes(),
-                stored_bytes: s.get_stored_bytes(),
-                dedup_ratio: s.get_dedup_ratio(),
-                total_ratio: s.get_total_ratio(),
+                volumes: s.get_volumes(),
+                snapshots: s.get_snapshots(),
+                // The wire keeps the store's figures flat (their ordinals predate the
+                // two sides').
+                store: DataStats {
+                    chunks: s.get_chunks(),
+                    logical_bytes: s.get_logical_bytes(),
+                    unique_bytes: s.get_unique_bytes(),
+                    stored_bytes: s.get_stored_bytes(),
+                    dedup_ratio: s.get_dedup_ratio(),
+                    total_ratio: s.get_total_ratio(),
+                },
                 disk_bytes: s.get_disk_bytes(),
+                image_data: data_stats(s.get_image_data().map_err(wire_err)?),
+                volume_data: data_stats(s.get_volume_data().map_err(wire_err)?),
             })
         })
     }

@@ -135,19 +135,37 @@ struct FsckReport {
   problems @6 :List(Problem);
 }
 
+struct DataStats {
+  # Sizes of one kind of data, images' files or volumes' extents, counted alike.
+  chunks @0 :UInt64;        # Distinct chunks that data names.
+  logicalBytes @1 :UInt64;  # As if each were stored alone. Images: file bytes of every
+                            # named image and lone layer. Volumes: bytes of extents
+                            # holding a chunk in every volume and every snapshot (a
+                            # clone's inherited extents included).
+  uniqueBytes @2 :UInt64;   # Raw bytes of those chunks.
+  storedBytes @3 :UInt64;   # Compressed bytes of those chunks.
+  dedupRatio @4 :Float64;   # logicalBytes / uniqueBytes (0 when nothing is stored).
+  totalRatio @5 :Float64;   # logicalBytes / storedBytes.
+}
+
 struct Stats {
-  # Size and deduplication figures of the store.
-  images @0 :UInt64;        # Images.
+  # Size and deduplication figures of the store: images and volumes apart, and the
+  # whole store (both sides added up; a chunk both name counts once there).
+  images @0 :UInt64;        # Image names.
   layers @1 :UInt64;        # Layers.
   trees @2 :UInt64;         # Trees.
   blobs @3 :UInt64;         # Blobs.
-  chunks @4 :UInt64;        # Chunks.
-  logicalBytes @5 :UInt64;  # Content bytes of all layers, as files.
-  uniqueBytes @6 :UInt64;   # Raw bytes of the distinct chunks.
-  storedBytes @7 :UInt64;   # Compressed bytes of the distinct chunks.
+  chunks @4 :UInt64;        # Every chunk in the store (also those only gc would remove).
+  logicalBytes @5 :UInt64;  # imageData.logicalBytes + volumeData.logicalBytes.
+  uniqueBytes @6 :UInt64;   # Raw bytes of every chunk.
+  storedBytes @7 :UInt64;   # Compressed bytes of every chunk.
   dedupRatio @8 :Float64;   # logicalBytes / uniqueBytes.
   totalRatio @9 :Float64;   # logicalBytes / storedBytes.
   diskBytes @10 :UInt64;    # Bytes the store directory takes on disk.
+  volumes @11 :UInt64;      # Volumes (per-instance templates and clones included).
+  snapshots @12 :UInt64;    # Snapshots of all volumes.
+  imageData @13 :DataStats; # Images and lone layers alone.
+  volumeData @14 :DataStats;# Volumes and their snapshots alone.
 }
 
 interface Store {

@@ -120,7 +120,7 @@ fn store_commands_through_the_daemon_match_the_local_store() {
     // Removal, gc, fsck, stats.
     same_text(&local, &remote, &["image", "rm", "fixture:2"], &[]);
     same_json(&local, &remote, &["stats"], &["disk_bytes"]);
-    same_text(&local, &remote, &["stats"], &["on disk:"]);
+    same_text(&local, &remote, &["stats"], &["  on disk:"]);
     same_json(&local, &remote, &["gc"], &[]);
     same_text(&local, &remote, &["image", "rm", "fixture:1"], &[]);
     same_text(&local, &remote, &["gc"], &[]);

@@ -611,3 +611,79 @@ fn fuzzed_handshakes_against_volumed_change_nothing() {
     assert_eq!(t.json(&["volume", "ls"]).as_array().unwrap().len(), 2);
     assert!(t.ok(&["fsck"]).contains("store is consistent"));
 }
+
+/// `tide stats` with an image and volumes: images and volumes in sections of their own,
+/// each counted as if every image, volume and snapshot were stored alone, the store's
+/// totals both added up; the same figures through the daemon and in-process.
+#[test]
+fn stats_count_images_and_volumes_apart_and_alike() {
+    let dir = tmpdir("vol-stats");
+    let src = dir.path().join("src");
+    tests::fixture::build(&src);
+    let d = start(dir.path());
+    let t = d.tide();
+    t.ok(&["image", "import", src.to_str().unwrap(), "--name", "f:1"]);
+    let images_only = t.json(&["stats"]);
+    assert_eq!(images_only["volumes"], 0);
+    assert_eq!(images_only["volume_data"]["logical_bytes"], 0);
+    let image_data = images_only["image_data"].clone();
+    assert!(
+        image_data["unique_bytes"].as_u64().unwrap() > 0,
+        "{images_only}"
+    );
+
+    // 8 MiB of random bytes (128 distinct extents), a snapshot and a clone of it: three
+    // views of the same 8 MiB, 24 MiB logical over 8 MiB of chunks.
+    t.ok(&["volume", "create", "data", "--size", "64M"]);
+    let noise = dir.path().join("noise");
+    random_file(&noise, 8 * MIB as usize, 18);
+    ok(
+        "nbdcopy",
+        &[noise.to_str().unwrap(), &d.nbd_uri("data"), "--flush"],
+    );
+    t.ok(&["volume", "snapshot", "data", "s1"]);
+    t.ok(&["volume", "clone", "data@s1", "copy"]);
+    let s = t.json(&["stats"]);
+    assert_eq!(
+        (s["volumes"].as_u64(), s["snapshots"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let v = &s["volume_data"];
+    assert_eq!(v["chunks"], 128, "{s}");
+    assert_eq!(v["logical_bytes"], 24 * MIB, "{s}");
+    assert_eq!(v["unique_bytes"], 8 * MIB, "{s}");
+    assert_eq!(v["dedup_ratio"], 3.0, "{s}");
+    // Volumes leave the image side as it was; the totals are both sides.
+    assert_eq!(s["image_data"], image_data, "{s}");
+    let u = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(
+        u(&s["logical_bytes"]),
+        u(&image_data["logical_bytes"]) + 24 * MIB
+    );
+    assert_eq!(u(&s["chunks"]), u(&images_only["chunks"]) + 128);
+    let ratio = u(&s["logical_bytes"]) as f64 / u(&s["unique_bytes"]) as f64;
+    assert!(
+        (s["dedup_ratio"].as_f64().unwrap() - ratio).abs() < 1e-9,
+        "{s}"
+    );
+    let human = t.ok(&["stats"]);
+    for line in [
+        "images:          1 (",
+        "volumes:         2 (1 snapshot)",
+        "  logical bytes: 25165824 (24.0 MiB)",
+        "  dedup ratio:   3.00x",
+        "store:           images and volumes together",
+    ] {
+        assert!(human.contains(line), "{line:?} not in:\n{human}");
+    }
+    // In-process, the store reports the same (but for its size on disk).
+    let store = d.data.join("store");
+    let st = d.signal_and_wait(libc::SIGTERM);
+    assert!(st.success());
+    let mut local = Tide::new(&store).json(&["stats"]);
+    let mut remote = s.clone();
+    for v in [&mut local, &mut remote] {
+        v.as_object_mut().unwrap().remove("disk_bytes");
+    }
+    assert_eq!(local, remote);
+}

@@ -159,6 +159,15 @@ fn set_layer(mut b: schema::store_capnp::layer_summary::Builder<'_>, l: &castore
     b.set_size(l.size);
 }
 
+fn set_data_stats(mut b: schema::store_capnp::data_stats::Builder<'_>, d: &castore::DataStats) {
+    b.set_chunks(d.chunks);
+    b.set_logical_bytes(d.logical_bytes);
+    b.set_unique_bytes(d.unique_bytes);
+    b.set_stored_bytes(d.stored_bytes);
+    b.set_dedup_ratio(d.dedup_ratio);
+    b.set_total_ratio(d.total_ratio);
+}
+
 fn set_texts(mut b: capnp::text_list::Builder<'_>, v: &[String]) {
     for (i, s) in v.iter().enumerate() {
         b.set(i as u32, s);
@@ -464,13 +473,17 @@ impl store::Server for StoreImpl {
         b.set_layers(s.layers);
         b.set_trees(s.trees);
         b.set_blobs(s.blobs);
-        b.set_chunks(s.chunks);
-        b.set_logical_bytes(s.logical_bytes);
-        b.set_unique_bytes(s.unique_bytes);
-        b.set_stored_bytes(s.stored_bytes);
-        b.set_dedup_ratio(s.dedup_ratio);
-        b.set_total_ratio(s.total_ratio);
+        b.set_chunks(s.store.chunks);
+        b.set_logical_bytes(s.store.logical_bytes);
+        b.set_unique_bytes(s.store.unique_bytes);
+        b.set_stored_bytes(s.store.stored_bytes);
+        b.set_dedup_ratio(s.store.dedup_ratio);
+        b.set_total_ratio(s.store.total_ratio);
         b.set_disk_bytes(s.disk_bytes);
+        b.set_volumes(s.volumes);
+        b.set_snapshots(s.snapshots);
+        set_data_stats(b.reborrow().init_image_data(), &s.image_data);
+        set_data_stats(b.init_volume_data(), &s.volume_data);
         Ok(())
     }
 }

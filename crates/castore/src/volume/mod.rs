@@ -315,6 +315,17 @@ pub struct VolumeInfo {
     pub unique_bytes: u64,
 }
 
+/// What [`Store::volume_totals`] counts.
+#[derive(Debug, Default)]
+pub(crate) struct VolumeTotals {
+    pub(crate) volumes: u64,
+    pub(crate) snapshots: u64,
+    /// Allocated bytes of every volume and every snapshot, each as if stored alone.
+    pub(crate) logical_bytes: u64,
+    /// The distinct chunks block maps name.
+    pub(crate) chunks: HashSet<Digest>,
+}
+
 /// Per-process state of one volume, shared by all its handles.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -720,21 +731,7 @@ impl Store {
         self.fold_volume(&shared)?;
         let allocated = {
             let st = shared.state.read().expect("volume state lock");
-            let mut levels = vec![Level {
-                id,
-                generation: st.rec.generation,
-                size: st.rec.size,
-            }];
-            levels.extend(st.ancestors.iter().copied());
-            let mut n = 0u64;
-            let mut cursor = self.db.cursor(Cf::BlockMap, None, None);
-            for e in self.chain_extents(&levels, 0, extents(st.rec.size, st.rec.extent_shift))? {
-                if let Extent::Chunk(_) = io::lookup(&mut cursor, &levels, e, st.rec.extent_shift)?
-                {
-                    n += 1;
-                }
-            }
-            n * st.rec.extent_size()
+            self.allocated_bytes(id, &st, st.rec.generation, st.rec.size)?
         };
         // Unique bytes: own chunks, minus those another volume names or a clone reads.
         let clone_bases: BTreeSet<u64> = all
@@ -800,6 +797,56 @@ impl Store {
             allocated_bytes: allocated,
             unique_bytes: unique,
         })
+    }
+
+    /// Bytes of extents holding a chunk (inherited ones too) in volume `id` (whose state
+    /// `st` is) as it reads at `generation`, when it was `size` bytes long: its current
+    /// data, or a snapshot. The caller holds the volume's state lock; pending journal
+    /// records are not counted (fold first).
+    fn allocated_bytes(&self, id: u64, st: &State, generation: u64, size: u64) -> Result<u64> {
+        let mut levels = vec![Level {
+            id,
+            generation,
+            size,
+        }];
+        levels.extend(st.ancestors.iter().copied());
+        let shift = st.rec.extent_shift;
+        let mut n = 0u64;
+        let mut cursor = self.db.cursor(Cf::BlockMap, None, None);
+        for e in self.chain_extents(&levels, 0, extents(size, shift))? {
+            if let Extent::Chunk(_) = io::lookup(&mut cursor, &levels, e, shift)? {
+                n += 1;
+            }
+        }
+        Ok(n * st.rec.extent_size())
+    }
+
+    /// What the volumes hold, for `stats`, counted as `stats` counts images: every
+    /// volume's current data and every snapshot as if each were stored alone (the bytes
+    /// of its extents that hold a chunk, inherited ones included), and the distinct
+    /// chunks any block map names. Folds pending small writes first, as
+    /// [`Store::volume_info`] does.
+    pub(crate) fn volume_totals(&self) -> Result<VolumeTotals> {
+        let mut t = VolumeTotals::default();
+        for (id, rec) in self.volume_records()? {
+            let shared = self.volume_shared(id)?;
+            self.fold_volume(&shared)?;
+            let st = shared.state.read().expect("volume state lock");
+            // Deleted since its record was read: it holds nothing any more.
+            if st.deleted {
+                continue;
+            }
+            t.volumes += 1;
+            t.snapshots += rec.snapshots.len() as u64;
+            t.logical_bytes += self.allocated_bytes(id, &st, st.rec.generation, st.rec.size)?;
+            for snap in &st.rec.snapshots {
+                t.logical_bytes += self.allocated_bytes(id, &st, snap.generation, snap.size)?;
+            }
+        }
+        self.volume_chunks(|d| {
+            t.chunks.insert(d);
+        })?;
+        Ok(t)
     }
 
     /// Extents in `[from, to)` that any level of a chain has an entry for (at or below
