@@ -40,7 +40,7 @@ impl Exports for TestExports {
         let dev = self
             .0
             .get(if name == "busy" { "rw" } else { name })
-            .ok_or_else(|| ExportError::NotFound(name.into()))?;
+            .ok_or_else(|| ExportError::NotFound(format!("no export named {name:?}")))?;
         Ok(Export {
             device: dev.clone(),
             description: Some(format!("test export {name}")),

@@ -687,3 +687,138 @@ fn stats_count_images_and_volumes_apart_and_alike() {
     }
     assert_eq!(local, remote);
 }
+
+/// The lines of `d`'s log that contain every one of `parts`.
+fn log_lines(d: &Volumed, parts: &[&str]) -> Vec<String> {
+    d.log_text()
+        .lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until `d`'s log has a line with every one of `parts` (NBD lines come from the
+/// connection's task, after the client may already have gone on).
+fn wait_log_line(d: &Volumed, parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(l) = log_lines(d, parts).pop() {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {parts:?} in:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every request is one line of the log: who sent it (pid and program), what it asked,
+/// and the outcome or the error the client was told. NBD connections log the export
+/// they are served and their end, and a refusal with the reason the client was sent.
+#[test]
+fn the_log_has_a_line_per_request_with_who_what_and_outcome() {
+    let dir = tmpdir("vol-log");
+    let src = dir.path().join("src");
+    tests::fixture::build(&src);
+    let d = start(dir.path());
+    let t = d.tide();
+    t.ok(&["volume", "create", "db", "--size", "16M"]);
+    t.ok(&["volume", "snapshot", "db", "s1"]);
+    t.ok(&["image", "import", src.to_str().unwrap(), "--name", "f:1"]);
+    let out = dir.path().join("out");
+    t.ok(&["image", "export", "f:1", "--to", out.to_str().unwrap()]);
+    let missing = dir.path().join("missing");
+    let e = t.fails(&[
+        "image",
+        "import",
+        missing.to_str().unwrap(),
+        "--name",
+        "m:1",
+    ]);
+
+    let line = |parts: &[&str]| -> String {
+        let found = log_lines(&d, parts);
+        assert_eq!(found.len(), 1, "{parts:?}: {found:?} in:\n{}", d.log_text());
+        found[0].clone()
+    };
+    line(&["(tide): create volume db (16777216 bytes): created db (rwo)"]);
+    line(&["(tide): snapshot volume db as s1: generation "]);
+    line(&[
+        "(tide): import image ",
+        " as f:1: image sha256:",
+        " files, ",
+    ]);
+    // An export names its target as given, not as a Rust debug form.
+    line(&[
+        &format!("(tide): export image f:1 to {}: ", out.display()),
+        " entries, ",
+    ]);
+    assert!(!d.log_text().contains("Dir("), "{}", d.log_text());
+    // A failed request: one line, with the error text the client printed.
+    let failed = line(&["import image ", "missing", " as m:1: failed: "]);
+    let told = e.trim().trim_start_matches("tide: error: ");
+    assert!(failed.ends_with(told), "{failed:?} vs {e:?}");
+    assert_eq!(log_lines(&d, &["missing"]).len(), 1, "{}", d.log_text());
+    // Who: the pid is a real process's, its program named.
+    let pid: u32 = line(&["snapshot volume db"])
+        .split("volumed: pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .expect("a pid");
+    assert!(pid > 1 && pid != d.pid());
+
+    // NBD: a holder is served, a second client refused with the holder's name.
+    let db = d.nbd_uri("db");
+    let mut first = holder(&db);
+    let hp = first.id();
+    wait_log_line(
+        &d,
+        &[&format!(
+            "nbd client pid {hp} (qemu-io): serving export \"db\" (read-write)"
+        )],
+    );
+    let held = format!("export \"db\" is in use by nbd client pid {hp} (qemu-io)");
+    let info = Command::new("nbdinfo")
+        .arg(&db)
+        .env("LIBNBD_DEBUG", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdinfo must be installed (apt: libnbd-bin)");
+    let ip = info.id();
+    let info = info.wait_with_output().unwrap();
+    assert!(!info.status.success());
+    // The refusal is NBD_REP_ERR_POLICY with the holder in its message, which libnbd
+    // reads (and shows only in its debug output; qemu shows it as "server reported").
+    let err = String::from_utf8_lossy(&info.stderr);
+    assert!(
+        err.contains(&format!("server error message: {held}")),
+        "{err}"
+    );
+    wait_log_line(
+        &d,
+        &[&format!(
+            "nbd client pid {ip} (nbdinfo): refused export \"db\": {held}"
+        )],
+    );
+    // Described without being served, the export says who holds it.
+    let list = ok("nbdinfo", &["--list", &db]);
+    assert!(
+        list.contains(&format!(
+            "description: rwo volume, 16777216 bytes, in use by nbd client pid {hp} (qemu-io)"
+        )),
+        "{list}"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_log_line(
+        &d,
+        &[&format!(
+            "nbd client pid {hp} (qemu-io): disconnected from export \"db\""
+        )],
+    );
+}

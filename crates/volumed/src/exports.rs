@@ -28,6 +28,16 @@ pub(crate) struct HostExports {
     pub(crate) layers: Arc<Layers>,
 }
 
+impl HostExports {
+    /// The exports of `volumes` and `layers`.
+    pub(crate) fn new(volumes: &Arc<crate::volumes::Volumes>, layers: &Arc<Layers>) -> Self {
+        HostExports {
+            volumes: VolumeExports(volumes.clone()),
+            layers: layers.clone(),
+        }
+    }
+}
+
 impl Exports for HostExports {
     /// Volumes and snapshots; layers are many and named by digest, so they are not
     /// listed (`tide layer ls` and `tide image inspect` name them).

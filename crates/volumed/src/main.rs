@@ -235,10 +235,7 @@ fn run(args: &Args) -> Result<()> {
         .enable_all()
         .thread_name("nbd")
         .build()?;
-    let exports = exports::HostExports {
-        volumes: volumes::VolumeExports(volumes.clone()),
-        layers: layers.clone(),
-    };
+    let exports = exports::HostExports::new(&volumes, &layers);
     let endpoints = nbd_rt.block_on(start_nbd(args, exports))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -329,8 +326,10 @@ fn host_config(args: &Args) -> Result<host::HostConfig> {
 /// Binds the NBD listeners (before the RPC socket, so a daemon that serves RPC serves
 /// NBD) and spawns their accept loops on the current (NBD) runtime.
 async fn start_nbd(args: &Args, exports: exports::HostExports) -> Result<Endpoints> {
+    // One line per connection served and per export refused, and one when it ends.
     let server =
-        layerfs::nbd::Server::new(Arc::new(exports), layerfs::nbd::ServerConfig::default());
+        layerfs::nbd::Server::new(Arc::new(exports), layerfs::nbd::ServerConfig::default())
+            .on_event(|e| log!("{e}"));
     let path = args
         .nbd_socket
         .clone()
@@ -390,8 +389,6 @@ fn connection(
 
 async fn serve(args: &Args, shared: Rc<Shared>) -> Result<()> {
     let listener = bind(&args.socket)?;
-    let bootstrap: schema::store_capnp::daemon::Client =
-        capnp_rpc::new_client(DaemonImpl(shared.clone()));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     log!(
@@ -409,11 +406,18 @@ async fn serve(args: &Args, shared: Rc<Shared>) -> Result<()> {
                     Ok((s, _)) => s,
                     Err(e) => { log!("accept: {e}"); continue; }
                 };
+                // One bootstrap per connection, so its requests are logged with its
+                // client.
+                let client: server::Client = layerfs::nbd::unix_peer_process(&stream)
+                    .unwrap_or_else(|| "a client".to_string())
+                    .into();
+                let bootstrap: schema::store_capnp::daemon::Client =
+                    capnp_rpc::new_client(DaemonImpl(shared.clone(), client.clone()));
                 let rpc = connection(stream, &bootstrap);
                 tokio::task::spawn_local(async move {
                     // A bad message or a vanished client ends this connection only.
                     if let Err(e) = rpc.await {
-                        log!("connection closed: {e}");
+                        log!("{client}: connection closed: {e}");
                     }
                 });
             }
@@ -462,7 +466,8 @@ mod tests {
             .build()
             .unwrap();
         tokio::task::LocalSet::new().block_on(&rt, async move {
-            let bootstrap: daemon::Client = capnp_rpc::new_client(DaemonImpl(shared));
+            let bootstrap: daemon::Client =
+                capnp_rpc::new_client(DaemonImpl(shared, "the test".into()));
             let (server_end, client_end) = tokio::io::duplex(1 << 16);
             tokio::task::spawn_local(connection(server_end, &bootstrap));
             let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(client_end).split();

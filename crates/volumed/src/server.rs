@@ -29,6 +29,48 @@ pub(crate) struct Shared {
     pub(crate) endpoints: Endpoints,
 }
 
+/// Logs request `what` of `client` once it is answered, as one line: `ok`, or what
+/// `outcome` says of the result, or `failed: ` and the error's text (what the client is
+/// told). Returns `r` as it is.
+pub(crate) fn logged<T>(
+    client: &str,
+    what: &str,
+    r: Result<T, capnp::Error>,
+    outcome: impl FnOnce(&T) -> String,
+) -> Result<T, capnp::Error> {
+    match &r {
+        Ok(v) => {
+            let o = outcome(v);
+            log!("{client}: {what}: {}", if o.is_empty() { "ok" } else { &o });
+        }
+        Err(e) => log!("{client}: {what}: failed: {}", e.extra),
+    }
+    r
+}
+
+/// No more to say of a result than `ok`.
+pub(crate) fn ok<T>(_: &T) -> String {
+    String::new()
+}
+
+/// An import's result, in short.
+fn import_outcome(r: &ImportReport) -> String {
+    let made = match (r.image, r.layers.last()) {
+        (Some(d), _) => format!("image {d}"),
+        (None, Some(l)) => format!("layer {l}"),
+        (None, None) => "nothing".to_string(),
+    };
+    format!(
+        "{made}, {} files, {} bytes, {} new chunks",
+        r.files, r.logical_bytes, r.new_chunks
+    )
+}
+
+/// An export's result, in short.
+fn export_outcome(r: &ExportReport) -> String {
+    format!("{} entries, {} bytes", r.entries, r.bytes)
+}
+
 /// Runs `f` on tokio's blocking pool so the event loop keeps serving other clients.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -67,9 +109,13 @@ fn source_format(f: Result<Format, capnp::NotInSchema>) -> Result<Option<SourceF
     }
 }
 
-/// The bootstrap capability.
+/// Who sent one connection's requests, for the log: `pid 4242 (tide)`.
+pub(crate) type Client = Rc<str>;
+
+/// The bootstrap capability, one per connection: the capabilities it hands out log their
+/// requests with the connection's client.
 #[derive(Debug)]
-pub(crate) struct DaemonImpl(pub(crate) Rc<Shared>);
+pub(crate) struct DaemonImpl(pub(crate) Rc<Shared>, pub(crate) Client);
 
 impl daemon::Server for DaemonImpl {
     async fn version(
@@ -88,9 +134,10 @@ impl daemon::Server for DaemonImpl {
         _: daemon::StoreParams,
         mut results: daemon::StoreResults,
     ) -> Result<(), capnp::Error> {
-        results
-            .get()
-            .set_store(capnp_rpc::new_client(StoreImpl(self.0.clone())));
+        results.get().set_store(capnp_rpc::new_client(StoreImpl(
+            self.0.clone(),
+            self.1.clone(),
+        )));
         Ok(())
     }
 
@@ -99,9 +146,10 @@ impl daemon::Server for DaemonImpl {
         _: daemon::MountsParams,
         mut results: daemon::MountsResults,
     ) -> Result<(), capnp::Error> {
-        results
-            .get()
-            .set_mounts(capnp_rpc::new_client(MountsImpl(self.0.clone())));
+        results.get().set_mounts(capnp_rpc::new_client(MountsImpl(
+            self.0.clone(),
+            self.1.clone(),
+        )));
         Ok(())
     }
 
@@ -115,6 +163,7 @@ impl daemon::Server for DaemonImpl {
             .set_volumes(capnp_rpc::new_client(VolumesImpl {
                 volumes: self.0.volumes.clone(),
                 endpoints: self.0.endpoints.clone(),
+                client: self.1.clone(),
             }));
         Ok(())
     }
@@ -174,9 +223,28 @@ fn set_texts(mut b: capnp::text_list::Builder<'_>, v: &[String]) {
     }
 }
 
-/// The `Store` capability.
+/// The `Store` capability (and the client whose requests it logs).
 #[derive(Debug)]
-pub(crate) struct StoreImpl(Rc<Shared>);
+pub(crate) struct StoreImpl(Rc<Shared>, Client);
+
+impl StoreImpl {
+    /// An export request (`what`, logged) to `path`: `export` writes it there on a
+    /// blocking thread.
+    async fn export(
+        &self,
+        what: &str,
+        path: &str,
+        export: impl FnOnce(&Store, &ExportTarget) -> castore::Result<ExportReport> + Send + 'static,
+    ) -> Result<ExportReport, capnp::Error> {
+        let store = self.0.store.clone();
+        let r = async {
+            let target = export_target(path)?;
+            blocking(move || Ok(export(&store, &target)?)).await
+        }
+        .await;
+        logged(&self.1, what, r, export_outcome)
+    }
+}
 
 impl store::Server for StoreImpl {
     async fn import_image(
@@ -185,20 +253,27 @@ impl store::Server for StoreImpl {
         mut results: store::ImportImageResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let path = abs_path(&text(p.get_path())?, "import source")?;
-        let name = text(p.get_name())?;
-        let format = source_format(p.get_format())?;
+        let (path, name) = (text(p.get_path())?, text(p.get_name())?);
+        let what = match name.as_str() {
+            "" => format!("import image {path}"),
+            n => format!("import image {path} as {n}"),
+        };
         let store = self.0.store.clone();
-        log!("import image {} as {name:?}", path.display());
-        let r = blocking(move || {
-            let name = (!name.is_empty()).then_some(name.as_str());
-            let opts = ImportOptions {
-                format,
-                ..ImportOptions::default()
-            };
-            Ok(store.import_image(&path, name, &opts)?)
-        })
-        .await?;
+        let r = async {
+            let path = abs_path(&path, "import source")?;
+            let format = source_format(p.get_format())?;
+            blocking(move || {
+                let name = (!name.is_empty()).then_some(name.as_str());
+                let opts = ImportOptions {
+                    format,
+                    ..ImportOptions::default()
+                };
+                Ok(store.import_image(&path, name, &opts)?)
+            })
+            .await
+        }
+        .await;
+        let r = logged(&self.1, &what, r, import_outcome)?;
         set_import_report(results.get().init_report(), &r);
         Ok(())
     }
@@ -209,18 +284,23 @@ impl store::Server for StoreImpl {
         mut results: store::ImportLayerResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let path = abs_path(&text(p.get_path())?, "import source")?;
-        let format = source_format(p.get_format())?;
+        let path = text(p.get_path())?;
+        let what = format!("import layer {path}");
         let store = self.0.store.clone();
-        log!("import layer {}", path.display());
-        let r = blocking(move || {
-            let opts = ImportOptions {
-                format,
-                ..ImportOptions::default()
-            };
-            Ok(store.import_layer(&path, &opts)?)
-        })
-        .await?;
+        let r = async {
+            let path = abs_path(&path, "import source")?;
+            let format = source_format(p.get_format())?;
+            blocking(move || {
+                let opts = ImportOptions {
+                    format,
+                    ..ImportOptions::default()
+                };
+                Ok(store.import_layer(&path, &opts)?)
+            })
+            .await
+        }
+        .await;
+        let r = logged(&self.1, &what, r, import_outcome)?;
         set_import_report(results.get().init_report(), &r);
         Ok(())
     }
@@ -231,7 +311,8 @@ impl store::Server for StoreImpl {
         mut results: store::ImagesResults,
     ) -> Result<(), capnp::Error> {
         let store = self.0.store.clone();
-        let images = blocking(move || Ok(store.image_summaries()?)).await?;
+        let r = blocking(move || Ok(store.image_summaries()?)).await;
+        let images = logged(&self.1, "list images", r, |v| format!("{} images", v.len()))?;
         let mut list = results.get().init_images(images.len() as u32);
         for (i, s) in images.iter().enumerate() {
             let mut b = list.reborrow().get(i as u32);
@@ -249,8 +330,10 @@ impl store::Server for StoreImpl {
         mut results: store::InspectResults,
     ) -> Result<(), capnp::Error> {
         let spec = text(params.get()?.get_image())?;
+        let what = format!("inspect image {spec}");
         let store = self.0.store.clone();
-        let detail = blocking(move || Ok(store.image_detail(&spec)?)).await?;
+        let r = blocking(move || Ok(store.image_detail(&spec)?)).await;
+        let detail = logged(&self.1, &what, r, ok)?;
         let mut b = results.get().init_detail();
         b.set_digest(detail.digest.to_string());
         set_texts(
@@ -287,15 +370,14 @@ impl store::Server for StoreImpl {
         mut results: store::ExportImageResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let spec = text(p.get_image())?;
-        let target = export_target(&text(p.get_path())?)?;
-        let store = self.0.store.clone();
-        log!("export image {spec} to {target:?}");
-        let r = blocking(move || {
-            let d = store.resolve_image(&spec)?;
-            Ok(store.export_image(&d, &target)?)
-        })
-        .await?;
+        let (spec, path) = (text(p.get_image())?, text(p.get_path())?);
+        let what = format!("export image {spec} to {path}");
+        let r = self
+            .export(&what, &path, move |store, target| {
+                let d = store.resolve_image(&spec)?;
+                store.export_image(&d, target)
+            })
+            .await?;
         set_export_report(results.get().init_report(), &r);
         Ok(())
     }
@@ -306,9 +388,10 @@ impl store::Server for StoreImpl {
         mut results: store::RemoveImageResults,
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name())?;
+        let what = format!("remove image {name}");
         let store = self.0.store.clone();
-        log!("remove image {name}");
-        let d = blocking(move || Ok(store.remove_image_name(&name)?)).await?;
+        let r = blocking(move || Ok(store.remove_image_name(&name)?)).await;
+        let d = logged(&self.1, &what, r, |d| format!("was {d}"))?;
         results.get().set_digest(d.to_string());
         Ok(())
     }
@@ -319,7 +402,8 @@ impl store::Server for StoreImpl {
         mut results: store::LayersResults,
     ) -> Result<(), capnp::Error> {
         let store = self.0.store.clone();
-        let layers = blocking(move || Ok(store.lone_layers()?)).await?;
+        let r = blocking(move || Ok(store.lone_layers()?)).await;
+        let layers = logged(&self.1, "list layers", r, |v| format!("{} layers", v.len()))?;
         let mut list = results.get().init_layers(layers.len() as u32);
         for (i, l) in layers.iter().enumerate() {
             set_layer(list.reborrow().get(i as u32), l);
@@ -333,15 +417,14 @@ impl store::Server for StoreImpl {
         mut results: store::ExportLayerResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let layer = text(p.get_layer())?;
-        let target = export_target(&text(p.get_path())?)?;
-        let store = self.0.store.clone();
-        log!("export layer {layer} to {target:?}");
-        let r = blocking(move || {
-            let d = store.resolve_layer(&layer)?;
-            Ok(store.export_layer(&d, &target)?)
-        })
-        .await?;
+        let (layer, path) = (text(p.get_layer())?, text(p.get_path())?);
+        let what = format!("export layer {layer} to {path}");
+        let r = self
+            .export(&what, &path, move |store, target| {
+                let d = store.resolve_layer(&layer)?;
+                store.export_layer(&d, target)
+            })
+            .await?;
         set_export_report(results.get().init_report(), &r);
         Ok(())
     }
@@ -395,13 +478,14 @@ impl store::Server for StoreImpl {
         _: store::RemoveLayerResults,
     ) -> Result<(), capnp::Error> {
         let layer = text(params.get()?.get_layer())?;
+        let what = format!("remove layer {layer}");
         let store = self.0.store.clone();
-        log!("remove layer {layer}");
-        blocking(move || {
+        let r = blocking(move || {
             let d = store.resolve_layer(&layer)?;
             Ok(store.remove_layer_ref(&d)?)
         })
-        .await
+        .await;
+        logged(&self.1, &what, r, ok)
     }
 
     async fn gc(
@@ -412,7 +496,6 @@ impl store::Server for StoreImpl {
         let store = self.0.store.clone();
         let mounts = self.0.mounts.clone();
         let layers = self.0.layers.clone();
-        log!("gc");
         let r = blocking(move || {
             // Live mounts' images, and those of mounts in progress, are roots; read after
             // the store's names (gc_with's contract).
@@ -423,8 +506,13 @@ impl store::Server for StoreImpl {
             };
             Ok(store.gc_with(roots, &GcProgress::default())?)
         })
-        .await?;
-        log!("gc done: {} kept, {} chunks freed", r.kept, r.chunks);
+        .await;
+        let r = logged(&self.1, "gc", r, |r| {
+            format!(
+                "{} kept, {} chunks ({} bytes) freed",
+                r.kept, r.chunks, r.freed_bytes
+            )
+        })?;
         let mut b = results.get().init_report();
         b.set_kept(r.kept);
         b.set_images(r.images);
@@ -442,8 +530,11 @@ impl store::Server for StoreImpl {
         mut results: store::FsckResults,
     ) -> Result<(), capnp::Error> {
         let store = self.0.store.clone();
-        log!("fsck");
-        let r = blocking(move || Ok(store.fsck()?)).await?;
+        let r = blocking(move || Ok(store.fsck()?)).await;
+        let r = logged(&self.1, "fsck", r, |r| match r.problems.len() {
+            0 => "consistent".to_string(),
+            n => format!("{n} problems"),
+        })?;
         let mut b = results.get().init_report();
         b.set_chunks(r.chunks);
         b.set_blobs(r.blobs);
@@ -467,7 +558,8 @@ impl store::Server for StoreImpl {
         mut results: store::StatsResults,
     ) -> Result<(), capnp::Error> {
         let store = self.0.store.clone();
-        let s = blocking(move || Ok(store.stats()?)).await?;
+        let r = blocking(move || Ok(store.stats()?)).await;
+        let s = logged(&self.1, "stats", r, ok)?;
         let mut b = results.get().init_stats();
         b.set_images(s.images);
         b.set_layers(s.layers);
@@ -523,7 +615,6 @@ pub(crate) fn unmount_now(
         return Ok(());
     };
     let scratch = mounts.scratch_dir(id);
-    log!("unmount {}", record.mountpoint.display());
     if detach_if_busy {
         // Dropping a busy mount detaches it lazily (and layerfs then drops scratch).
         return mount.unmount().map_err(Error::from);
@@ -535,7 +626,6 @@ pub(crate) fn unmount_now(
             Ok(())
         }
         Err(e) => {
-            log!("unmount {} failed: {e}", record.mountpoint.display());
             mounts.insert(record, image, mount);
             Err(e.into())
         }
@@ -555,7 +645,6 @@ pub(crate) fn mount_image(
 ) -> Result<(u64, Digest), Error> {
     let id = table.reserve(mountpoint)?;
     let scratch_dir = table.scratch_dir(id);
-    log!("mount {spec} at {} (id {id})", mountpoint.display());
     let r = (|| -> Result<Digest, Error> {
         check_mountpoint(mountpoint)?;
         // A GC root from here on (see `MountTable::resolve_and_pin` for why this is
@@ -597,15 +686,14 @@ pub(crate) fn mount_image(
         Ok(image) => Ok((id, image)),
         Err(e) => {
             table.release(id, mountpoint);
-            log!("mount at {} failed: {e}", mountpoint.display());
             Err(e)
         }
     }
 }
 
-/// The `Mounts` capability.
+/// The `Mounts` capability (and the client whose requests it logs).
 #[derive(Debug)]
-pub(crate) struct MountsImpl(Rc<Shared>);
+pub(crate) struct MountsImpl(Rc<Shared>, Client);
 
 impl mounts::Server for MountsImpl {
     async fn mount(
@@ -614,15 +702,25 @@ impl mounts::Server for MountsImpl {
         mut results: mounts::MountResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let spec = text(p.get_image())?;
-        let mountpoint = abs_path(&text(p.get_mountpoint())?, "mountpoint")?;
+        let (spec, mp) = (text(p.get_image())?, text(p.get_mountpoint())?);
         let read_only = p.get_read_only();
+        let what = format!(
+            "mount {spec} at {mp}{}",
+            if read_only { " read-only" } else { "" }
+        );
         let table = self.0.mounts.clone();
         let store = self.0.store.clone();
-        let (id, _) =
-            blocking(move || mount_image(&table, &store, &spec, &mountpoint, read_only)).await?;
+        let r = async {
+            let mountpoint = abs_path(&mp, "mountpoint")?;
+            blocking(move || mount_image(&table, &store, &spec, &mountpoint, read_only)).await
+        }
+        .await;
+        let (id, _) = logged(&self.1, &what, r, |(id, image)| {
+            format!("mount {id}, image {image}")
+        })?;
         results.get().set_mount(capnp_rpc::new_client(MountImpl {
             shared: self.0.clone(),
+            client: self.1.clone(),
             id,
         }));
         Ok(())
@@ -634,7 +732,8 @@ impl mounts::Server for MountsImpl {
         mut results: mounts::ListResults,
     ) -> Result<(), capnp::Error> {
         let table = self.0.mounts.clone();
-        let list = blocking(move || Ok(table.list())).await?;
+        let r = blocking(move || Ok(table.list())).await;
+        let list = logged(&self.1, "list mounts", r, |v| format!("{} mounts", v.len()))?;
         let mut b = results.get().init_mounts(list.len() as u32);
         for (i, m) in list.iter().enumerate() {
             set_mount_info(b.reborrow().get(i as u32), m);
@@ -647,11 +746,17 @@ impl mounts::Server for MountsImpl {
         params: mounts::UmountParams,
         _: mounts::UmountResults,
     ) -> Result<(), capnp::Error> {
-        let mp = abs_path(&text(params.get()?.get_mountpoint())?, "mountpoint")?;
-        let Some(id) = self.0.mounts.id_at(&mp) else {
-            return Err(Error::NotMounted(mp).into());
-        };
-        Ok(unmount(self.0.mounts.clone(), id, false).await?)
+        let mp = text(params.get()?.get_mountpoint())?;
+        let what = format!("umount {mp}");
+        let r = async {
+            let mp = abs_path(&mp, "mountpoint")?;
+            let Some(id) = self.0.mounts.id_at(&mp) else {
+                return Err(Error::NotMounted(mp).into());
+            };
+            Ok(unmount(self.0.mounts.clone(), id, false).await?)
+        }
+        .await;
+        logged(&self.1, &what, r, ok)
     }
 }
 
@@ -673,6 +778,7 @@ fn check_mountpoint(mp: &Path) -> Result<(), Error> {
 #[derive(Debug)]
 pub(crate) struct MountImpl {
     shared: Rc<Shared>,
+    client: Client,
     id: u64,
 }
 
@@ -684,9 +790,12 @@ impl mount::Server for MountImpl {
     ) -> Result<(), capnp::Error> {
         let table = self.shared.mounts.clone();
         let id = self.id;
-        let Some(info) = blocking(move || Ok(table.info(id))).await? else {
-            return Err(Error::BadRequest(format!("mount {id} is no longer mounted")).into());
+        let r = match blocking(move || Ok(table.info(id))).await {
+            Ok(Some(info)) => Ok(info),
+            Ok(None) => Err(Error::BadRequest(format!("mount {id} is no longer mounted")).into()),
+            Err(e) => Err(e),
         };
+        let info = logged(&self.client, &format!("info of mount {id}"), r, ok)?;
         set_mount_info(results.get().init_info(), &info);
         Ok(())
     }
@@ -696,6 +805,8 @@ impl mount::Server for MountImpl {
         _: mount::UmountParams,
         _: mount::UmountResults,
     ) -> Result<(), capnp::Error> {
-        Ok(unmount(self.shared.mounts.clone(), self.id, false).await?)
+        let r = unmount(self.shared.mounts.clone(), self.id, false).await;
+        let what = format!("umount mount {}", self.id);
+        logged(&self.client, &what, r.map_err(Into::into), ok)
     }
 }

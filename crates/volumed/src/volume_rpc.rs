@@ -8,8 +8,7 @@ use castore::{AccessMode, SnapshotInfo, VolumeSpec};
 use schema::store_capnp::{self, attachment, volumes};
 
 use crate::error::Error;
-use crate::log;
-use crate::server::{blocking, text};
+use crate::server::{Client, blocking, logged, ok, text};
 use crate::volumes::{Attachment, Listed, Volumes, split_snapshot};
 
 /// Where NBD is served, for `Volumes.endpoints` (and `tide volume url`).
@@ -31,6 +30,8 @@ impl Endpoints {
 pub(crate) struct VolumesImpl {
     pub(crate) volumes: Arc<Volumes>,
     pub(crate) endpoints: Endpoints,
+    /// Whose requests these are, for the log.
+    pub(crate) client: Client,
 }
 
 fn wire_mode(m: AccessMode) -> store_capnp::AccessMode {
@@ -97,33 +98,39 @@ impl volumes::Server for VolumesImpl {
         mut results: volumes::CreateResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let mode = match p.get_mode() {
-            Ok(store_capnp::AccessMode::Rwo) => AccessMode::Rwo,
-            Ok(store_capnp::AccessMode::Rwx) => AccessMode::Rwx,
-            Ok(store_capnp::AccessMode::Rox) => AccessMode::Rox,
-            Err(capnp::NotInSchema(n)) => {
-                return Err(Error::BadRequest(format!("unknown access mode {n}")).into());
-            }
-        };
-        let mut spec = VolumeSpec::new(text(p.get_name())?, p.get_size());
-        spec.mode = mode;
-        spec.instances = Some(p.get_instances()).filter(|&n| n > 0);
-        if p.get_extent_size() != 0 {
-            spec.extent_size = p.get_extent_size();
-        }
+        let name = text(p.get_name())?;
+        let what = format!("create volume {name} ({} bytes)", p.get_size());
         let vols = self.volumes.clone();
-        let made = blocking(move || {
-            let made = vols.create(&spec)?;
-            made.iter().map(|v| vols.listed(&v.name)).collect()
-        })
-        .await?;
-        let made: Vec<Listed> = made;
-        log!(
-            "created volume {} ({} bytes, {})",
-            made[0].summary.name,
-            made[0].summary.size,
-            made[0].summary.mode.as_str()
-        );
+        let r = async {
+            let mode = match p.get_mode() {
+                Ok(store_capnp::AccessMode::Rwo) => AccessMode::Rwo,
+                Ok(store_capnp::AccessMode::Rwx) => AccessMode::Rwx,
+                Ok(store_capnp::AccessMode::Rox) => AccessMode::Rox,
+                Err(capnp::NotInSchema(n)) => {
+                    return Err(Error::BadRequest(format!("unknown access mode {n}")).into());
+                }
+            };
+            let mut spec = VolumeSpec::new(name, p.get_size());
+            spec.mode = mode;
+            spec.instances = Some(p.get_instances()).filter(|&n| n > 0);
+            if p.get_extent_size() != 0 {
+                spec.extent_size = p.get_extent_size();
+            }
+            blocking(move || {
+                let made = vols.create(&spec)?;
+                made.iter().map(|v| vols.listed(&v.name)).collect()
+            })
+            .await
+        }
+        .await;
+        let made: Vec<Listed> = logged(&self.client, &what, r, |made: &Vec<Listed>| {
+            let names: Vec<&str> = made.iter().map(|v| v.summary.name.as_str()).collect();
+            format!(
+                "created {} ({})",
+                names.join(", "),
+                made[0].summary.mode.as_str()
+            )
+        })?;
         let mut l = results.get().init_volumes(made.len() as u32);
         for (i, v) in made.iter().enumerate() {
             set_summary(l.reborrow().get(i as u32), v);
@@ -137,7 +144,10 @@ impl volumes::Server for VolumesImpl {
         mut results: volumes::ListResults,
     ) -> Result<(), capnp::Error> {
         let vols = self.volumes.clone();
-        let all = blocking(move || vols.list()).await?;
+        let r = blocking(move || vols.list()).await;
+        let all = logged(&self.client, "list volumes", r, |v| {
+            format!("{} volumes", v.len())
+        })?;
         let mut l = results.get().init_volumes(all.len() as u32);
         for (i, v) in all.iter().enumerate() {
             set_summary(l.reborrow().get(i as u32), v);
@@ -151,12 +161,14 @@ impl volumes::Server for VolumesImpl {
         mut results: volumes::InspectResults,
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name())?;
+        let what = format!("inspect volume {name}");
         let vols = self.volumes.clone();
-        let (listed, info, atts) = blocking(move || {
+        let r = blocking(move || {
             let info = vols.store().volume_info(&name)?;
             Ok((vols.listed(&name)?, info, vols.attachments(&name)))
         })
-        .await?;
+        .await;
+        let (listed, info, atts) = logged(&self.client, &what, r, ok)?;
         let mut d = results.get().init_detail();
         set_summary(d.reborrow().init_summary(), &listed);
         let mut s = d.reborrow().init_snapshots(info.snapshot_list.len() as u32);
@@ -179,8 +191,12 @@ impl volumes::Server for VolumesImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let (volume, snapshot) = (text(p.get_volume())?, text(p.get_snapshot())?);
+        let what = format!("snapshot volume {volume} as {snapshot}");
         let vols = self.volumes.clone();
-        let s = blocking(move || Ok(vols.store().snapshot_volume(&volume, &snapshot)?)).await?;
+        let r = blocking(move || Ok(vols.store().snapshot_volume(&volume, &snapshot)?)).await;
+        let s = logged(&self.client, &what, r, |s| {
+            format!("generation {}, {} bytes", s.generation, s.size)
+        })?;
         set_snapshot(results.get().init_snapshot(), &s);
         Ok(())
     }
@@ -191,8 +207,10 @@ impl volumes::Server for VolumesImpl {
         mut results: volumes::SnapshotsResults,
     ) -> Result<(), capnp::Error> {
         let volume = text(params.get()?.get_volume())?;
+        let what = format!("list snapshots of {volume}");
         let vols = self.volumes.clone();
-        let all = blocking(move || Ok(vols.store().volume_snapshots(&volume)?)).await?;
+        let r = blocking(move || Ok(vols.store().volume_snapshots(&volume)?)).await;
+        let all = logged(&self.client, &what, r, |v| format!("{} snapshots", v.len()))?;
         let mut l = results.get().init_snapshots(all.len() as u32);
         for (i, s) in all.iter().enumerate() {
             set_snapshot(l.reborrow().get(i as u32), s);
@@ -207,14 +225,18 @@ impl volumes::Server for VolumesImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let (source, name) = (text(p.get_source())?, text(p.get_name())?);
-        let (volume, snapshot) = split_source(&source)?;
+        let what = format!("clone {source} as {name}");
         let vols = self.volumes.clone();
-        let v = blocking(move || {
-            vols.store().clone_volume(&volume, &snapshot, &name)?;
-            vols.listed(&name)
-        })
-        .await?;
-        log!("cloned {source} as {}", v.summary.name);
+        let r = async {
+            let (volume, snapshot) = split_source(&source)?;
+            blocking(move || {
+                vols.store().clone_volume(&volume, &snapshot, &name)?;
+                vols.listed(&name)
+            })
+            .await
+        }
+        .await;
+        let v = logged(&self.client, &what, r, ok)?;
         set_summary(results.get().init_volume(), &v);
         Ok(())
     }
@@ -226,13 +248,17 @@ impl volumes::Server for VolumesImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let (name, size, shrink) = (text(p.get_name())?, p.get_size(), p.get_shrink());
+        let what = format!(
+            "resize volume {name} to {size} bytes{}",
+            if shrink { " (shrink allowed)" } else { "" }
+        );
         let vols = self.volumes.clone();
-        let v = blocking(move || {
+        let r = blocking(move || {
             vols.store().resize_volume(&name, size, shrink)?;
             vols.listed(&name)
         })
-        .await?;
-        log!("resized volume {} to {size} bytes", v.summary.name);
+        .await;
+        let v = logged(&self.client, &what, r, ok)?;
         set_summary(results.get().init_volume(), &v);
         Ok(())
     }
@@ -244,9 +270,15 @@ impl volumes::Server for VolumesImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let (name, cascade) = (text(p.get_name())?, p.get_cascade());
+        let what = format!(
+            "remove volume {name}{}",
+            if cascade { " (cascade)" } else { "" }
+        );
         let vols = self.volumes.clone();
-        let removed = blocking(move || vols.remove(&name, cascade)).await?;
-        log!("removed {}", removed.join(", "));
+        let r = blocking(move || vols.remove(&name, cascade)).await;
+        let removed = logged(&self.client, &what, r, |v| {
+            format!("removed {}", v.join(", "))
+        })?;
         let mut l = results.get().init_removed(removed.len() as u32);
         for (i, n) in removed.iter().enumerate() {
             l.set(i as u32, n);
@@ -265,18 +297,20 @@ impl volumes::Server for VolumesImpl {
             text(p.get_holder())?,
             p.get_read_only(),
         );
-        let vols = self.volumes.clone();
-        let a = blocking(move || vols.attach(&name, &holder, read_only)).await?;
-        log!(
-            "attached {} for {} (attachment {})",
-            a.volume,
-            a.holder,
-            a.id
+        let what = format!(
+            "attach volume {name} for {holder}{}",
+            if read_only { " read-only" } else { "" }
         );
+        let vols = self.volumes.clone();
+        let r = blocking(move || vols.attach(&name, &holder, read_only)).await;
+        let a = logged(&self.client, &what, r, |a| {
+            format!("attachment {}, export {}", a.id, a.export_name())
+        })?;
         let mut r = results.get();
         set_attachment(r.reborrow().init_info(), &a);
         r.set_attachment(capnp_rpc::new_client(AttachmentImpl {
             volumes: self.volumes.clone(),
+            client: self.client.clone(),
             volume: a.volume,
             id: a.id,
         }));
@@ -290,9 +324,12 @@ impl volumes::Server for VolumesImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let (name, id) = (text(p.get_name())?, p.get_id());
+        let what = format!("detach volume {name} attachment {id}");
         let vols = self.volumes.clone();
-        let a = blocking(move || vols.detach(&name, id)).await?;
-        log!("detached {} attachment {} ({})", a.volume, a.id, a.holder);
+        let r = blocking(move || vols.detach(&name, id)).await;
+        logged(&self.client, &what, r, |a| {
+            format!("was held by {}", a.holder)
+        })?;
         Ok(())
     }
 
@@ -304,7 +341,7 @@ impl volumes::Server for VolumesImpl {
         let mut e = results.get().init_endpoints();
         e.set_unix_socket(&self.endpoints.unix_socket);
         e.set_tcp(&self.endpoints.tcp);
-        Ok(())
+        logged(&self.client, "endpoints", Ok(()), ok)
     }
 }
 
@@ -312,6 +349,7 @@ impl volumes::Server for VolumesImpl {
 #[derive(Debug)]
 struct AttachmentImpl {
     volumes: Arc<Volumes>,
+    client: Client,
     volume: String,
     id: u64,
 }
@@ -322,7 +360,12 @@ impl attachment::Server for AttachmentImpl {
         _: attachment::InfoParams,
         mut results: attachment::InfoResults,
     ) -> Result<(), capnp::Error> {
-        let a = self.volumes.attachment(&self.volume, self.id)?;
+        let what = format!("info of volume {} attachment {}", self.volume, self.id);
+        let r = self
+            .volumes
+            .attachment(&self.volume, self.id)
+            .map_err(Into::into);
+        let a = logged(&self.client, &what, r, ok)?;
         set_attachment(results.get().init_info(), &a);
         Ok(())
     }
@@ -332,9 +375,12 @@ impl attachment::Server for AttachmentImpl {
         _: attachment::DetachParams,
         _: attachment::DetachResults,
     ) -> Result<(), capnp::Error> {
+        let what = format!("detach volume {} attachment {}", self.volume, self.id);
         let (vols, volume, id) = (self.volumes.clone(), self.volume.clone(), self.id);
-        let a = blocking(move || vols.detach(&volume, id)).await?;
-        log!("detached {} attachment {} ({})", a.volume, a.id, a.holder);
+        let r = blocking(move || vols.detach(&volume, id)).await;
+        logged(&self.client, &what, r, |a| {
+            format!("was held by {}", a.holder)
+        })?;
         Ok(())
     }
 }

@@ -460,7 +460,7 @@ impl Exports for VolumeExports {
             .map_err(|e| ExportError::Failed(Box::new(e)))?;
         let mut out = Vec::new();
         for v in vols.iter().filter(|v| v.instances.is_none()) {
-            out.push((v.name.clone(), Some(describe(v))));
+            out.push((v.name.clone(), Some(describe(&self.0, v))));
             let snaps = self
                 .0
                 .store
@@ -523,7 +523,7 @@ impl Exports for VolumeExports {
             .store
             .open_volume(&volume)
             .map_err(|e| export_err(e.into()))?;
-        let description = describe(&summary);
+        let description = describe(vols, &summary);
         // A connection to an RWO volume by name is the one attachment, so a second
         // connection would be refused: multi-conn is not offered there.
         let by_name = Access {
@@ -555,8 +555,14 @@ impl Exports for VolumeExports {
     }
 }
 
-fn describe(v: &VolumeSummary) -> String {
-    format!("{} volume, {} bytes", v.mode.as_str(), v.size)
+/// An export's description: mode and size, and who holds an RWO volume (serving it to
+/// anyone else would be refused; `nbdinfo --list` shows this).
+fn describe(vols: &Volumes, v: &VolumeSummary) -> String {
+    let d = format!("{} volume, {} bytes", v.mode.as_str(), v.size);
+    match vols.attachments(&v.name).first() {
+        Some(a) if v.mode == AccessMode::Rwo => format!("{d}, in use by {}", a.describe()),
+        _ => d,
+    }
 }
 
 /// What a connection may do with a volume.

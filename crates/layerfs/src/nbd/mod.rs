@@ -22,13 +22,14 @@ mod proto;
 mod server;
 
 pub use memory::MemoryDevice;
-pub use server::{Server, ServerConfig};
+pub use server::{ConnectionError, Event, Server, ServerConfig, unix_peer_process};
 
 /// Why an export could not be opened. Mapped to an NBD option error by the server alone.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// No export of that name (`NBD_REP_ERR_UNKNOWN`).
-    #[error("no export named {0:?}")]
+    /// No export of that name (`NBD_REP_ERR_UNKNOWN`); the text says which and why, as
+    /// the client is shown it (e.g. `no such volume: db`).
+    #[error("{0}")]
     NotFound(String),
     /// The export exists but is held by someone else (`NBD_REP_ERR_POLICY`), e.g. a
     /// read-write-once volume attached elsewhere.

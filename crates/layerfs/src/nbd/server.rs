@@ -85,11 +85,89 @@ pub enum ListenError {
     },
 }
 
+/// What a connection did, for the server's owner to log ([`Server::on_event`]). Its
+/// `Display` is one line that starts with the peer.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Negotiation ended with `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`): `export` is
+    /// served until the connection ends.
+    Serving {
+        /// Who the client is (as given to [`Exports::open`]).
+        peer: &'a str,
+        /// The export.
+        export: &'a str,
+        /// Whether the device refuses writes.
+        read_only: bool,
+    },
+    /// An export could not be opened; the client was told why (the option reply's
+    /// message is `error`'s text).
+    Refused {
+        /// Who the client is.
+        peer: &'a str,
+        /// The export asked for.
+        export: &'a str,
+        /// Why.
+        error: &'a ExportError,
+    },
+    /// The connection ended, after serving `export` (None: it only negotiated), cleanly
+    /// or with `error`.
+    Closed {
+        /// Who the client was.
+        peer: &'a str,
+        /// The export it was served, if any.
+        export: Option<&'a str>,
+        /// Why it ended, when not by the client's orderly goodbye.
+        error: Option<&'a ConnectionError>,
+    },
+}
+
+impl std::fmt::Display for Event<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Serving {
+                peer,
+                export,
+                read_only,
+            } => {
+                let mode = if *read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                };
+                write!(f, "{peer}: serving export {export:?} ({mode})")
+            }
+            Event::Refused {
+                peer,
+                export,
+                error,
+            } => write!(f, "{peer}: refused export {export:?}: {error}"),
+            Event::Closed {
+                peer,
+                export,
+                error,
+            } => {
+                match export {
+                    Some(e) => write!(f, "{peer}: disconnected from export {e:?}")?,
+                    None => write!(f, "{peer}: disconnected (no export served)")?,
+                }
+                match error {
+                    Some(e) => write!(f, ": {e}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Where a server reports its [`Event`]s.
+type EventSink = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
+
 /// An NBD server over some [`Exports`]. Cheap to clone; clones serve the same exports.
 #[derive(Clone)]
 pub struct Server {
     exports: Arc<dyn Exports>,
     config: Arc<ServerConfig>,
+    events: Option<EventSink>,
 }
 
 impl std::fmt::Debug for Server {
@@ -100,13 +178,21 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// `nbd client pid 1234 (qemu-io)` for a Unix-socket client, from its credentials.
+/// `pid 1234 (qemu-io)` for the process at the other end of a Unix socket, from its
+/// credentials (None when the kernel gives no pid). Also volumed's name for its RPC
+/// clients.
+pub fn unix_peer_process(stream: &tokio::net::UnixStream) -> Option<String> {
+    let pid = stream.peer_cred().ok().and_then(|c| c.pid())?;
+    Some(match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => format!("pid {pid} ({})", comm.trim_end()),
+        Err(_) => format!("pid {pid}"),
+    })
+}
+
+/// `nbd client pid 1234 (qemu-io)` for a Unix-socket client.
 fn unix_peer(stream: &tokio::net::UnixStream) -> String {
-    match stream.peer_cred().ok().and_then(|c| c.pid()) {
-        Some(pid) => match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-            Ok(comm) => format!("nbd client pid {pid} ({})", comm.trim_end()),
-            Err(_) => format!("nbd client pid {pid}"),
-        },
+    match unix_peer_process(stream) {
+        Some(p) => format!("nbd client {p}"),
         None => "nbd client on the unix socket".to_string(),
     }
 }
@@ -281,6 +367,20 @@ impl Server {
         Server {
             exports,
             config: Arc::new(config),
+            events: None,
+        }
+    }
+
+    /// Reports every connection's [`Event`]s to `f` (called on the connection's task;
+    /// it should be quick, e.g. one log line).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.events = Some(Arc::new(f));
+        self
+    }
+
+    fn event(&self, e: Event<'_>) {
+        if let Some(f) = &self.events {
+            f(&e);
         }
     }
 
@@ -377,15 +477,48 @@ impl Server {
         let mut w = BufWriter::with_capacity(64 << 10, w);
         let session = tokio::time::timeout(
             self.config.handshake_timeout,
-            self.negotiate(peer, &mut r, &mut w),
+            self.negotiate(peer.clone(), &mut r, &mut w),
         )
         .await
-        .map_err(|_| ConnectionError::Timeout)??;
-        match session {
+        .map_err(|_| ConnectionError::Timeout)
+        .and_then(|r| r);
+        let (export, r) = match session {
             // Negotiation flushed its last reply; the reply writer buffers on its own.
-            Some(session) => self.transmit(session, r, w.into_inner()).await,
-            None => Ok(()),
+            Ok(Some((session, name))) => {
+                self.event(Event::Serving {
+                    peer: &peer,
+                    export: &name,
+                    read_only: session.export.device.read_only(),
+                });
+                (Some(name), self.transmit(session, r, w.into_inner()).await)
+            }
+            Ok(None) => (None, Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        self.event(Event::Closed {
+            peer: &peer,
+            export: export.as_deref(),
+            error: r.as_ref().err(),
+        });
+        r
+    }
+
+    /// Opens an export for the client (on a blocking thread), reporting a refusal.
+    async fn open_for(
+        &self,
+        state: &Negotiation,
+        name: &str,
+        intent: Intent,
+    ) -> Result<Export, ExportError> {
+        let r = self.open(name, intent, &state.peer).await;
+        if let Err(error) = &r {
+            self.event(Event::Refused {
+                peer: &state.peer,
+                export: name,
+                error,
+            });
         }
+        r
     }
 
     async fn negotiate<R, W>(
@@ -393,7 +526,7 @@ impl Server {
         peer: String,
         r: &mut R,
         w: &mut W,
-    ) -> Result<Option<Session>, ConnectionError>
+    ) -> Result<Option<(Session, String)>, ConnectionError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -448,11 +581,12 @@ impl Server {
                 OptionOutcome::Serve(export, name) => {
                     let base_allocation =
                         state.structured && matches!(&state.meta, Some((n, true)) if *n == name);
-                    return Ok(Some(Session {
+                    let session = Session {
                         export,
                         structured: state.structured,
                         base_allocation,
-                    }));
+                    };
+                    return Ok(Some((session, name)));
                 }
             }
         }
@@ -507,7 +641,7 @@ impl Server {
                 let name = std::str::from_utf8(data)
                     .map_err(|_| ConnectionError::Protocol("export name not UTF-8"))?;
                 let export = self
-                    .open(name, Intent::Serve, &state.peer)
+                    .open_for(state, name, Intent::Serve)
                     .await
                     .map_err(|_| ConnectionError::Protocol("export refused"))?;
                 let dev = &export.device;
@@ -607,7 +741,7 @@ impl Server {
         } else {
             Intent::Query
         };
-        let export = match self.open(name, intent, &state.peer).await {
+        let export = match self.open_for(state, name, intent).await {
             Ok(e) => e,
             Err(e) => return Ok(Err((rep_err(&e), e.to_string()))),
         };
@@ -687,7 +821,7 @@ impl Server {
         if !set && n == 0 {
             selected = true;
         }
-        if let Err(e) = self.open(name, Intent::Query, &state.peer).await {
+        if let Err(e) = self.open_for(state, name, Intent::Query).await {
             return Ok(Err((rep_err(&e), e.to_string())));
         }
         if selected {
