@@ -1,10 +1,10 @@
-//! The daemon under bad input and faults: a second daemon on the same data, garbage on
-//! the socket, a client killed mid-call, SIGTERM.
+//! The daemon under bad input and faults: a second daemon on the same data or a busy
+//! NBD port, garbage on the socket, a client killed mid-call, SIGTERM.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tests::tide::{Tide, sh};
@@ -155,4 +155,49 @@ fn a_stale_socket_file_is_replaced() {
     assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
     let daemon = Volumed::start(tmp.path().join("data"), &sock);
     daemon.tide().ok(&["image", "ls"]);
+}
+
+/// A second daemon whose NBD TCP port is taken says so once, with the flag to change,
+/// and leaves nothing in its data directory: neither a new one nor files in an empty
+/// one it was given.
+#[test]
+fn a_second_daemon_on_a_busy_nbd_port_says_so_once_and_leaves_nothing() {
+    let tmp = tmpdir("tide-daemon-port");
+    let first = Volumed::start(tmp.path().join("a"), tmp.path().join("a.sock"));
+    let port = first
+        .log_text()
+        .split(" and 127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .map(|p| format!("127.0.0.1:{p}"))
+        .unwrap_or_else(|| panic!("no NBD port in:\n{}", first.log_text()));
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for data in [tmp.path().join("new"), empty.clone()] {
+        let sock = tmp.path().join("b.sock");
+        let o = Command::new(tests::volumed_bin())
+            .arg("--data")
+            .arg(&data)
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--nbd-listen", &port])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert_eq!(e.matches("Address already in use").count(), 1, "{e}");
+        assert!(
+            e.contains(&format!("NBD TCP address {port} is in use")) && e.contains("--nbd-listen"),
+            "{e}"
+        );
+        assert!(!sock.exists());
+        if data == empty {
+            assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+        } else {
+            assert!(!data.exists());
+        }
+    }
+    first.tide().ok(&["image", "ls"]);
 }

@@ -194,6 +194,14 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<()> {
+    // NBD connections run on a runtime of their own, with a worker per core: the RPC
+    // loop below is single-threaded (capnp-rpc is not Send).
+    let nbd_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nbd")
+        .build()?;
+    // The TCP port first: a second daemon that cannot have it leaves nothing behind.
+    let tcp = nbd_rt.block_on(bind_nbd_tcp(args))?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating {}", args.data.display()))?;
     let store = Arc::new(castore::Store::open(args.data.join("store"))?);
@@ -229,14 +237,8 @@ fn run(args: &Args) -> Result<()> {
         &args.data,
     )
     .with_context(|| format!("loading prepared instances in {}", args.data.display()))?;
-    // NBD connections run on a runtime of their own, with a worker per core: the RPC
-    // loop below is single-threaded (capnp-rpc is not Send).
-    let nbd_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("nbd")
-        .build()?;
     let exports = exports::HostExports::new(&volumes, &layers);
-    let endpoints = nbd_rt.block_on(start_nbd(args, exports))?;
+    let endpoints = nbd_rt.block_on(start_nbd(args, exports, tcp))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -323,9 +325,42 @@ fn host_config(args: &Args) -> Result<host::HostConfig> {
     })
 }
 
-/// Binds the NBD listeners (before the RPC socket, so a daemon that serves RPC serves
-/// NBD) and spawns their accept loops on the current (NBD) runtime.
-async fn start_nbd(args: &Args, exports: exports::HostExports) -> Result<Endpoints> {
+/// Binds `--nbd-listen` (None for `none`), saying once what to change if it is taken.
+async fn bind_nbd_tcp(args: &Args) -> Result<Option<tokio::net::TcpListener>> {
+    if args.nbd_listen == "none" {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = args.nbd_listen.parse().with_context(|| {
+        format!(
+            "--nbd-listen {:?}: expected IP:PORT or none",
+            args.nbd_listen
+        )
+    })?;
+    match layerfs::nbd::Server::bind_tcp(addr, args.nbd_allow_remote).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e @ layerfs::nbd::ListenError::Bind { .. })
+            if std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .is_some_and(|s| s.kind() == std::io::ErrorKind::AddrInUse) =>
+        {
+            Err(anyhow::Error::new(e).context(format!(
+                "NBD TCP address {addr} is in use (another volumed?); give another with \
+                 --nbd-listen ADDR (port 0 picks a free one, none serves NBD on the Unix \
+                 socket only)"
+            )))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("--nbd-listen {addr}"))),
+    }
+}
+
+/// Binds the NBD Unix listener (before the RPC socket, so a daemon that serves RPC
+/// serves NBD) and spawns the accept loops on the current (NBD) runtime, also for the
+/// TCP listener bound before.
+async fn start_nbd(
+    args: &Args,
+    exports: exports::HostExports,
+    tcp: Option<tokio::net::TcpListener>,
+) -> Result<Endpoints> {
     // One line per connection served and per export refused, and one when it ends.
     let server =
         layerfs::nbd::Server::new(Arc::new(exports), layerfs::nbd::ServerConfig::default())
@@ -345,14 +380,7 @@ async fn start_nbd(args: &Args, exports: exports::HostExports) -> Result<Endpoin
             log!("nbd unix listener stopped: {e}");
         }
     });
-    if args.nbd_listen != "none" {
-        let addr: std::net::SocketAddr = args.nbd_listen.parse().with_context(|| {
-            format!(
-                "--nbd-listen {:?}: expected IP:PORT or none",
-                args.nbd_listen
-            )
-        })?;
-        let tcp = layerfs::nbd::Server::bind_tcp(addr, args.nbd_allow_remote).await?;
+    if let Some(tcp) = tcp {
         endpoints.tcp = tcp.local_addr()?.to_string();
         tokio::spawn(async move {
             if let Err(e) = server.serve_tcp(tcp).await {

@@ -22,7 +22,7 @@ mod proto;
 mod server;
 
 pub use memory::MemoryDevice;
-pub use server::{ConnectionError, Event, Server, ServerConfig, unix_peer_process};
+pub use server::{ConnectionError, Event, ListenError, Server, ServerConfig, unix_peer_process};
 
 /// Why an export could not be opened. Mapped to an NBD option error by the server alone.
 #[derive(Debug, thiserror::Error)]

@@ -74,8 +74,8 @@ pub enum ListenError {
     /// A non-loopback address was given without allowing remote clients.
     #[error("{0} is not a loopback address; remote clients must be allowed explicitly")]
     NotLoopback(SocketAddr),
-    /// Binding failed.
-    #[error("bind {addr}: {source}")]
+    /// Binding failed. (The OS error is the source, not repeated in the message.)
+    #[error("bind {addr}")]
     Bind {
         /// The address.
         addr: String,
