@@ -279,11 +279,14 @@ impl Remote {
     }
 
     /// (unix socket, tcp address), each possibly empty.
-    fn nbd_endpoints(&self) -> Result<(String, String)> {
+    /// The daemon's NBD URI of `export` (which it checks exists).
+    fn nbd_url(&self, export: &str, tcp: bool) -> Result<String> {
         self.run(async {
-            let reply = self.volumes.endpoints_request().send().promise.await.w()?;
-            let e = reply.get().w()?.get_endpoints().w()?;
-            Ok((text(e.get_unix_socket())?, text(e.get_tcp())?))
+            let mut req = self.volumes.url_request();
+            req.get().set_export(export);
+            req.get().set_tcp(tcp);
+            let reply = req.send().promise.await.w()?;
+            text(reply.get().w()?.get_url())
         })
     }
 }
@@ -329,18 +332,6 @@ fn print_snapshots(rows: &[SnapshotRow]) {
             })
             .collect(),
     );
-}
-
-/// `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST:PORT/EXPORT`.
-fn nbd_url(export: &str, unix: &str, tcp: &str, want_tcp: bool) -> Result<String> {
-    if want_tcp {
-        if tcp.is_empty() {
-            bail!("volumed serves NBD only on its Unix socket (started with --nbd-listen none)");
-        }
-        Ok(format!("nbd://{tcp}/{export}"))
-    } else {
-        Ok(format!("nbd+unix:///{export}?socket={unix}"))
-    }
 }
 
 /// Asks on the terminal for the volume's name before a shrink; `--yes` skips it.
@@ -564,8 +555,7 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
                 let reply = req.send().promise.await.w()?;
                 attachment_row(reply.get().w()?.get_info().w()?)
             })?;
-            let (unix, tcp) = remote.nbd_endpoints()?;
-            let url = nbd_url(&a.export_name, &unix, &tcp, false)?;
+            let url = remote.nbd_url(&a.export_name, false)?;
             if json {
                 let mut v = serde_json::to_value(&a)?;
                 v["url"] = url.into();
@@ -621,30 +611,7 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
             }
         }
         VolumeCmd::Url { name, tcp } => {
-            // Check the export exists, so a typo is an error rather than a dead URI.
-            let (volume, rest) = match name.split_once(['@', '/']) {
-                Some((v, _)) => (v, Some(name.as_str())),
-                None => (name.as_str(), None),
-            };
-            let d = remote.volume_detail(volume)?;
-            if let Some(full) = rest {
-                let known = d
-                    .snapshot_list
-                    .iter()
-                    .map(|s| format!("{volume}@{}", s.name))
-                    .chain(
-                        d.attachment_list
-                            .iter()
-                            .filter(|a| a.persistent)
-                            .map(|a| a.export_name.clone()),
-                    )
-                    .any(|e| e == full);
-                if !known {
-                    bail!("volume {volume} has no snapshot or attachment {full:?}");
-                }
-            }
-            let (unix, tcp_addr) = remote.nbd_endpoints()?;
-            let url = nbd_url(name, &unix, &tcp_addr, *tcp)?;
+            let url = remote.nbd_url(name, *tcp)?;
             if json {
                 print_json(&serde_json::json!({ "export": name, "url": url }));
             } else {

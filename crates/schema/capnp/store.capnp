@@ -10,7 +10,8 @@
 #   * Paths are absolute paths on the daemon's host (the daemon does not know the
 #     client's working directory).
 #   * Failures are Cap'n Proto exceptions of type `failed` whose reason is one line that
-#     names the subject ("image nope:latest not found", "mountpoint /x is not empty").
+#     names the subject ("no such image: nope:latest", "mountpoint /x is not a
+#     directory"); the daemon logs it with the request.
 #
 # Compatibility: fields and methods are only ever added, with new ordinals; a breaking
 # change bumps `version` and the file id.
@@ -21,8 +22,9 @@ const version :UInt32 = 1;
 # Interface version of this file. Clients may compare it with `Daemon.version()`.
 
 interface Daemon {
-  # The bootstrap capability of volumed. A later version adds more sub-objects
-  # (volumes, the scheduler's `Host`).
+  # The bootstrap capability of volumed: the store, FUSE mounts and volumes. (The
+  # scheduler's `Host` capability is not handed out here: volumed gives it to the
+  # scheduler it joins, see sched.capnp.)
 
   version @0 () -> (version :UInt32, daemon :Text);
   # `version`: the schema version the daemon was built with (see the `version` const);
@@ -339,7 +341,9 @@ interface Volumes {
     -> (volumes :List(VolumeSummary));
   # Creates a volume of `size` bytes (a multiple of 512). `instances` > 0 makes a
   # per-instance template (rwo only) and stamps NAME-0 .. NAME-{instances-1}, all
-  # returned after the template. `extentSize`: 0 for the default (64 KiB).
+  # returned after the template. `extentSize`: 0 for the default (64 KiB), else a power
+  # of two from 4 KiB to 256 KiB (so UInt32 here; `VolumeSummary.extentSize` is UInt64
+  # like every byte count it reports, and a field's type never changes).
 
   list @1 () -> (volumes :List(VolumeSummary));
   # Every volume, sorted by name.
@@ -365,10 +369,19 @@ interface Volumes {
 
   attach @8 (name :Text, holder :Text, readOnly :Bool)
     -> (attachment :Attachment, info :AttachmentInfo);
-  # A persistent attachment for `holder` (e.g. an instance id), honouring the access mode.
+  # A persistent attachment for `holder` (e.g. an instance id), honouring the access mode:
+  # a second one of an rwo volume fails naming the holder, and one of an rox volume
+  # without `readOnly` is refused (rox volumes are only ever attached read-only).
 
   detach @9 (name :Text, id :UInt64) -> ();
   # Ends persistent attachment `id`; NBD connections under it fail from then on.
 
   endpoints @10 () -> (endpoints :NbdEndpoints);
+  # Where NBD is served. To hand a client a URI, `url` builds it.
+
+  url @11 (export :Text, tcp :Bool) -> (url :Text);
+  # The NBD URI of `export` (VOLUME, VOLUME@SNAPSHOT, VOLUME/ID, or layer/DIGEST):
+  # "nbd+unix:///EXPORT?socket=PATH", or with `tcp` "nbd://HOST:PORT/EXPORT". Fails if
+  # the export does not exist (so a typo is an error rather than a dead URI) or if
+  # `tcp` is asked of a daemon started with `--nbd-listen none`.
 }

@@ -822,3 +822,38 @@ fn the_log_has_a_line_per_request_with_who_what_and_outcome() {
         )],
     );
 }
+
+/// `Volumes.url` builds an export's URI and checks it exists; an rox volume is attached
+/// read-only or not at all.
+#[test]
+fn urls_come_from_the_daemon_and_rox_attaches_are_read_only() {
+    let dir = tmpdir("vol-url");
+    let d = start(dir.path());
+    let t = d.tide();
+    t.ok(&["volume", "create", "db", "--size", "16M"]);
+    t.ok(&["volume", "snapshot", "db", "s1"]);
+    assert_eq!(t.ok(&["volume", "url", "db@s1"]).trim(), d.nbd_uri("db@s1"));
+    let e = t.fails(&["volume", "url", "db@nope"]);
+    assert!(e.contains("nope"), "{e}");
+    let e = t.fails(&["volume", "url", "nosuch"]);
+    assert!(e.contains("no such volume: nosuch"), "{e}");
+    assert!(log_lines(&d, &["url of export nosuch: failed: no such volume"]).len() == 1);
+
+    t.ok(&[
+        "volume", "create", "model", "--size", "16M", "--mode", "rox",
+    ]);
+    let e = t.fails(&["volume", "attach", "model", "--holder", "vm-1"]);
+    assert!(e.contains("rox") && e.contains("--read-only"), "{e}");
+    let a = t.json(&[
+        "volume",
+        "attach",
+        "model",
+        "--holder",
+        "vm-1",
+        "--read-only",
+    ]);
+    assert_eq!(a["read_only"], true, "{a}");
+    let export = a["export_name"].as_str().unwrap();
+    assert_eq!(a["url"], d.nbd_uri(export));
+    assert_eq!(nbdinfo_json(&d.nbd_uri(export))["is_read_only"], true);
+}

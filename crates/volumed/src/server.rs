@@ -162,6 +162,7 @@ impl daemon::Server for DaemonImpl {
             .get()
             .set_volumes(capnp_rpc::new_client(VolumesImpl {
                 volumes: self.0.volumes.clone(),
+                exports: crate::exports::HostExports::new(&self.0.volumes, &self.0.layers),
                 endpoints: self.0.endpoints.clone(),
                 client: self.1.clone(),
             }));

@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use capnp::capability::Rc as CapRc;
 use castore::{AccessMode, SnapshotInfo, VolumeSpec};
+use layerfs::nbd::{Exports, Intent};
 use schema::store_capnp::{self, attachment, volumes};
 
 use crate::error::Error;
+use crate::exports::HostExports;
 use crate::server::{Client, blocking, logged, ok, text};
 use crate::volumes::{Attachment, Listed, Volumes, split_snapshot};
 
@@ -23,12 +25,25 @@ impl Endpoints {
     pub(crate) fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.unix_socket)
     }
+
+    /// The `nbd://HOST:PORT/EXPORT` URI of `export`, if NBD is served on TCP.
+    fn tcp_uri(&self, export: &str) -> Result<String, Error> {
+        if self.tcp.is_empty() {
+            return Err(Error::BadRequest(
+                "volumed serves NBD only on its Unix socket (started with --nbd-listen none)"
+                    .into(),
+            ));
+        }
+        Ok(format!("nbd://{}/{export}", self.tcp))
+    }
 }
 
 /// The `Volumes` capability.
 #[derive(Debug)]
 pub(crate) struct VolumesImpl {
     pub(crate) volumes: Arc<Volumes>,
+    /// Every export of the host, to check the one `url` names.
+    pub(crate) exports: HostExports,
     pub(crate) endpoints: Endpoints,
     /// Whose requests these are, for the log.
     pub(crate) client: Client,
@@ -342,6 +357,32 @@ impl volumes::Server for VolumesImpl {
         e.set_unix_socket(&self.endpoints.unix_socket);
         e.set_tcp(&self.endpoints.tcp);
         logged(&self.client, "endpoints", Ok(()), ok)
+    }
+
+    async fn url(
+        self: CapRc<Self>,
+        params: volumes::UrlParams,
+        mut results: volumes::UrlResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (export, tcp) = (text(p.get_export())?, p.get_tcp());
+        let what = format!("url of export {export}{}", if tcp { " (tcp)" } else { "" });
+        let exports = self.exports.clone();
+        let endpoints = self.endpoints.clone();
+        let r = blocking(move || {
+            // Opened only to be described: nothing is attached, nothing is held.
+            exports
+                .open(&export, Intent::Query, "url")
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
+            match tcp {
+                true => endpoints.tcp_uri(&export),
+                false => Ok(endpoints.uri(&export)),
+            }
+        })
+        .await;
+        let url = logged(&self.client, &what, r, |u| u.clone())?;
+        results.get().set_url(&url);
+        Ok(())
     }
 }
 

@@ -303,6 +303,11 @@ impl Volumes {
                 n.saturating_sub(1)
             )));
         }
+        if persistent && !read_only && v.mode == AccessMode::Rox {
+            return Err(Error::BadRequest(format!(
+                "volume {volume} is rox (read-only many): attach it read-only (tide volume attach --read-only)"
+            )));
+        }
         let mut t = self.lock();
         let deadline = Instant::now() + HANDOFF_GRACE;
         while v.mode == AccessMode::Rwo
