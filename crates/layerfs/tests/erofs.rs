@@ -1,7 +1,7 @@
 //! EROFS images synthesized from layers, checked by the kernel and by erofs-utils:
 //! the host kernel mounts the image file and the tree it shows equals the source,
-//! `fsck.erofs` accepts it and extracts the same files, `mkfs.erofs` of the same tree
-//! mounts to the same tree, and the bytes are the same on every build.
+//! `fsck.erofs` accepts it, `mkfs.erofs` of the same tree mounts to the same tree, the
+//! bytes are the same in a fresh store, and an entry EROFS cannot hold is refused by path.
 
 mod common;
 
@@ -187,4 +187,114 @@ fn debian_three_layers_stack_with_overlayfs_as_the_store_merges_them() {
         &diff[..diff.len().min(20)]
     );
     drop(merged);
+}
+
+fn assert_no_diff(
+    a: &std::collections::BTreeMap<PathBuf, tests::fstree::Info>,
+    b: &std::collections::BTreeMap<PathBuf, tests::fstree::Info>,
+    what: &str,
+) {
+    let d = tests::fstree::diff(a, b);
+    assert!(
+        d.is_empty(),
+        "{what}: {} differences; first ones:\n{}",
+        d.len(),
+        d.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(a.len() > 10, "{what}: compared a near-empty tree");
+}
+
+/// `mkfs.erofs` (erofs-utils 1.5) of `src` into `out`, with 4 KiB chunk-based files so
+/// sparse files keep their holes, as ours do.
+fn mkfs_erofs(src: &Path, out: &Path) {
+    let o = Command::new("mkfs.erofs")
+        .arg("--chunksize=4096")
+        .arg(out)
+        .arg(src)
+        .output()
+        .expect("mkfs.erofs (erofs-utils) is installed");
+    assert!(
+        o.status.success(),
+        "mkfs.erofs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn mkfs_erofs_of_the_same_tree_mounts_to_the_same_tree() {
+    let env = Env::new("erofs-peer");
+    let src = env.path("src");
+    tests::fixture::corners(&src);
+    // mkfs.erofs 1.5 fails on 255-byte names ("Could not format the device"); ours
+    // are checked by the guest kernel in tests/guest_erofs.rs.
+    for long in ["n", "d"] {
+        let p = src.join("names").join(long.repeat(255));
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_dir(&p);
+    }
+    let img = env.import(&src, "corners:1");
+    let layer = single_layer(&env, img);
+    let (ours, image) = write_image(&env, &layer, "ours.erofs");
+    let theirs = env.path("theirs.erofs");
+    mkfs_erofs(&src, &theirs);
+    eprintln!(
+        "ours: {} B ({} B metadata); mkfs.erofs: {} B",
+        image.size(),
+        image.report().metadata_bytes,
+        std::fs::metadata(&theirs).unwrap().len()
+    );
+    {
+        let a = KernelMount::new(&ours, &env.path("ours"));
+        let b = KernelMount::new(&theirs, &env.path("theirs"));
+        let sa = tests::fstree::snapshot(&a.0);
+        let sb = tests::fstree::snapshot(&b.0);
+        assert_no_diff(&sa, &sb, "kernel mounts of our image and mkfs.erofs's");
+    }
+}
+
+#[test]
+fn a_layer_gives_the_same_bytes_in_a_fresh_store() {
+    let src_env = Env::new("erofs-same-src");
+    let src = src_env.path("src");
+    tests::fixture::corners(&src);
+    let mut digests = Vec::new();
+    for i in 0..2 {
+        let env = Env::new(&format!("erofs-same-{i}"));
+        let img = env.import(&src, "corners:1");
+        let layer = single_layer(&env, img);
+        let (path, _) = write_image(&env, &layer, "l.erofs");
+        let bytes = std::fs::read(&path).unwrap();
+        digests.push((layer, castore::Digest::of(&bytes), bytes.len()));
+    }
+    assert_eq!(digests[0], digests[1], "two stores gave different images");
+}
+
+#[test]
+fn a_name_erofs_cannot_hold_is_refused_with_its_path() {
+    let env = Env::new("erofs-long-name");
+    let tar = env.path("long.tar");
+    // A 300-byte name: a PAX tar carries it, castore stores it, EROFS (and Linux) cannot.
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import io, sys, tarfile\n\
+             t = tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT)\n\
+             d = tarfile.TarInfo('dir'); d.type = tarfile.DIRTYPE; d.mode = 0o755; t.addfile(d)\n\
+             f = tarfile.TarInfo('dir/' + 'n' * 300); f.size = 2; t.addfile(f, io.BytesIO(b'hi'))\n\
+             t.close()\n",
+        )
+        .arg(&tar)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = env.import(&tar, "long:1");
+    let layer = single_layer(&env, img);
+    let err = Image::build(&env.store, &layer).expect_err("a 300-byte name has no image");
+    let text = err.to_string();
+    assert!(
+        matches!(err, layerfs::erofs::Error::Unrepresentable { .. }),
+        "{text}"
+    );
+    assert!(text.contains(&format!("dir/{}", "n".repeat(300))), "{text}");
+    assert!(text.contains("300 bytes") && text.contains("255"), "{text}");
 }
