@@ -212,6 +212,8 @@ fn nbd_clients_through_volumed() {
             "--size=64M",
             "--iodepth=8",
             "--verify=crc32c",
+            // fio writes a verify-state file into its working directory otherwise.
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
