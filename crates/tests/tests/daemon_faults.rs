@@ -201,3 +201,91 @@ fn a_second_daemon_on_a_busy_nbd_port_says_so_once_and_leaves_nothing() {
     }
     first.tide().ok(&["image", "ls"]);
 }
+
+/// The first segment's chunk of file `name` at the root of `layer`.
+fn first_chunk(store: &castore::Store, layer: &castore::Digest, name: &[u8]) -> castore::Digest {
+    let root = store
+        .tree(&store.layer(layer).unwrap().root_tree())
+        .unwrap();
+    let castore::Kind::File {
+        data: castore::FileData::Blob(b),
+        ..
+    } = root.get(name).unwrap().kind.clone()
+    else {
+        panic!("{} is not a blob", String::from_utf8_lossy(name))
+    };
+    let castore::Segment::Data { chunk, .. } = store.blob(&b).unwrap().segments[0] else {
+        panic!("a hole first")
+    };
+    chunk
+}
+
+#[test]
+fn a_corrupt_chunk_fails_only_its_blocks_of_a_layer_export_and_the_daemon_serves_on() {
+    let tmp = tmpdir("tide-layer-corrupt");
+    let (data, src) = (tmp.path().join("data"), tmp.path().join("src"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("ok"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(src.join("bad"), vec![9u8; 600_000]).unwrap();
+    let offline = Tide::new(data.join("store"));
+    let imp = offline.json(&["layer", "import", src.to_str().unwrap()]);
+    let layer = imp["layers"][0].as_str().unwrap().to_string();
+    let good = tmp.path().join("good.erofs");
+    offline.ok(&["layer", "erofs", &layer, "--to", good.to_str().unwrap()]);
+    let good = std::fs::read(&good).unwrap();
+    let victim = {
+        let store = castore::Store::open(data.join("store")).unwrap();
+        let d = castore::Digest::parse(&layer).unwrap();
+        let (bad, ok) = (
+            first_chunk(&store, &d, b"bad"),
+            first_chunk(&store, &d, b"ok"),
+        );
+        assert_ne!(bad, ok);
+        castore::testing::corrupt_chunk(&store, &bad).unwrap();
+        bad
+    };
+    let mut daemon = Volumed::start(&data, tmp.path().join("v.sock"));
+    let sock = data.join("nbd.sock");
+    let export = format!("layer/{layer}");
+    let (mut s, size, _) = tests::nbd::connect(&sock, &export, true);
+    assert_eq!(size, good.len() as u64);
+    let (mut failed, mut sevens) = (0, 0);
+    for (i, want) in good.chunks(4096).enumerate() {
+        let cookie = i as u64 + 1;
+        s.write_all(&tests::nbd::request(
+            0,
+            0,
+            cookie,
+            i as u64 * 4096,
+            want.len() as u32,
+        ))
+        .unwrap();
+        let (err, got) = tests::nbd::reply(&mut s, true, cookie).unwrap();
+        if err != 0 {
+            assert_eq!(err, 5, "block {i}: EIO expected");
+            assert!(
+                want.iter().all(|&b| b == 9),
+                "block {i} failed but holds no byte of the corrupt file"
+            );
+            failed += 1;
+        } else {
+            assert_eq!(&got[8..], want, "block {i} differs from the good image");
+            sevens += usize::from(want.iter().all(|&b| b == 7));
+        }
+    }
+    assert!(failed >= 1, "no block of the corrupt chunk failed");
+    assert!(
+        sevens >= 70,
+        "the intact file's blocks were not all read ({sevens})"
+    );
+    // The daemon serves on: a new connection reads block 0, and the log names the chunk.
+    let (mut s2, _, _) = tests::nbd::connect(&sock, &export, true);
+    s2.write_all(&tests::nbd::request(0, 0, 1, 0, 4096))
+        .unwrap();
+    let (err, got) = tests::nbd::reply(&mut s2, true, 1).unwrap();
+    assert_eq!(err, 0);
+    assert_eq!(&got[8..], &good[..4096]);
+    assert!(daemon.alive());
+    let log = daemon.log_text();
+    assert!(log.contains(&victim.to_string()), "{log}");
+}

@@ -109,6 +109,23 @@ pub enum Event<'a> {
         /// Why.
         error: &'a ExportError,
     },
+    /// The device failed a request (the client got the NBD error for it): a read of a
+    /// corrupt or missing chunk, a backend error. Client mistakes (a read past the end,
+    /// a write to a read-only export) are not events.
+    Failed {
+        /// Who the client is.
+        peer: &'a str,
+        /// The export.
+        export: &'a str,
+        /// `read`, `write`, `flush`, ...
+        command: &'static str,
+        /// The request's range.
+        offset: u64,
+        /// Its length.
+        len: u32,
+        /// What the device said.
+        error: &'a DeviceError,
+    },
     /// The connection ended, after serving `export` (None: it only negotiated), cleanly
     /// or with `error`.
     Closed {
@@ -141,6 +158,17 @@ impl std::fmt::Display for Event<'_> {
                 export,
                 error,
             } => write!(f, "{peer}: refused export {export:?}: {error}"),
+            Event::Failed {
+                peer,
+                export,
+                command,
+                offset,
+                len,
+                error,
+            } => write!(
+                f,
+                "{peer}: {command} of {len} bytes at {offset} of export {export:?} failed: {error}"
+            ),
             Event::Closed {
                 peer,
                 export,
@@ -201,6 +229,20 @@ fn unix_peer(stream: &tokio::net::UnixStream) -> String {
 /// ([`BlockDevice::read_in_memory`]): a copy of this size costs less than a thread
 /// hand-off, and the task is not held long.
 const FAST_READ_MAX: u32 = 256 << 10;
+
+/// A command's name for messages.
+fn command_name(typ: u16) -> &'static str {
+    match typ {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_CACHE => "cache",
+        CMD_WRITE_ZEROES => "write-zeroes",
+        CMD_BLOCK_STATUS => "block-status",
+        _ => "command",
+    }
+}
 
 /// The only mapping from device errors to NBD error values.
 fn errno(e: &DeviceError) -> u32 {
@@ -490,7 +532,11 @@ impl Server {
                     export: &name,
                     read_only: session.export.device.read_only(),
                 });
-                (Some(name), self.transmit(session, r, w.into_inner()).await)
+                (
+                    Some(name.clone()),
+                    self.transmit(session, &peer, &name, r, w.into_inner())
+                        .await,
+                )
             }
             Ok(None) => (None, Ok(())),
             Err(e) => (None, Err(e)),
@@ -840,6 +886,8 @@ impl Server {
     async fn transmit<R, W>(
         &self,
         session: Session,
+        peer: &str,
+        export: &str,
         mut r: BufReader<R>,
         w: W,
     ) -> Result<(), ConnectionError>
@@ -864,6 +912,11 @@ impl Server {
             fast_zero: dev.can_fast_zero(),
             trim: dev.can_trim(),
             max_payload: cfg.max_payload,
+            failed: self.events.clone().map(|sink| FailureSink {
+                sink,
+                peer: peer.to_string(),
+                export: export.to_string(),
+            }),
         });
         let mut tasks = JoinSet::new();
         // Write buffers are recycled: a fresh large allocation per request faults in and
@@ -1074,9 +1127,33 @@ struct Context {
     fast_zero: bool,
     trim: bool,
     max_payload: u32,
+    /// Where failed device requests are reported ([`Event::Failed`]).
+    failed: Option<FailureSink>,
+}
+
+/// A connection's way to report a device error as an [`Event::Failed`].
+struct FailureSink {
+    sink: EventSink,
+    peer: String,
+    export: String,
 }
 
 impl Context {
+    /// The error reply for a request the device failed, reported as an event first.
+    fn failed(&self, req: &Request, e: &DeviceError) -> Vec<u8> {
+        if let Some(f) = &self.failed {
+            (f.sink)(&Event::Failed {
+                peer: &f.peer,
+                export: &f.export,
+                command: command_name(req.typ),
+                offset: req.offset,
+                len: req.len,
+                error: e,
+            });
+        }
+        error_reply(self.structured, req.cookie, errno(e), &e.to_string())
+    }
+
     /// Validates a request against the negotiated session; the error is the NBD
     /// error value to reply with.
     fn check(&self, req: &Request) -> Result<(), u32> {
@@ -1137,7 +1214,7 @@ impl Context {
         let (off, len) = (req.offset, req.len as u64);
         let done = |r: Result<(), DeviceError>| match r {
             Ok(()) => ok_reply(self.structured, req.cookie),
-            Err(e) => error_reply(self.structured, req.cookie, errno(&e), &e.to_string()),
+            Err(e) => self.failed(req, &e),
         };
         match req.typ {
             CMD_READ => self.read(req),
@@ -1199,7 +1276,7 @@ impl Context {
         b.resize(start + len, 0);
         Some(match read(req.offset, &mut b[start..])? {
             Ok(()) => b,
-            Err(e) => error_reply(self.structured, req.cookie, errno(&e), &e.to_string()),
+            Err(e) => self.failed(req, &e),
         })
     }
 
@@ -1208,7 +1285,7 @@ impl Context {
         let extents = match self.dev.block_status(req.offset, len) {
             Ok(e) => e,
             Err(e) => {
-                return error_reply(self.structured, req.cookie, errno(&e), &e.to_string());
+                return self.failed(req, &e);
             }
         };
         // Merge neighbours with equal flags and cut at the requested length, so a
