@@ -652,6 +652,12 @@ fn is_hole(l: &FileLayout, start: u64, end: u64) -> bool {
         .all(|(_, s)| matches!(s, Segment::Hole { .. }))
 }
 
+/// The chunk size of a sparse file of `size` bytes: a chunk the file has any data in is
+/// mapped to its blocks, the others are holes.
+pub fn sparse_chunk_size(size: u64) -> u64 {
+    BLOCK << chunk_bits(size)
+}
+
 /// The chunk size bits for a sparse file of `size` bytes (see [`MAX_CHUNKS`]).
 fn chunk_bits(size: u64) -> u8 {
     let mut bits = 0u8;

@@ -26,6 +26,7 @@ use castore::{ChunkCache, Digest, FileLayout, Prefetcher, Store};
 use crate::block::{BlockDevice, BlockSizes, DeviceError, Extent, ZeroFlags};
 
 mod build;
+pub use build::sparse_chunk_size;
 mod format;
 
 /// Every block of an image is this many bytes.
