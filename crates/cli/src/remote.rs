@@ -16,7 +16,8 @@ use castore::{
 };
 use futures::AsyncReadExt;
 use schema::store_capnp::{
-    Format, daemon, data_stats, import_report, layer_summary, mount_info, mounts, store, volumes,
+    Format, daemon, data_stats, import_progress, import_report, layer_summary, mount_info, mounts,
+    store, volumes,
 };
 use serde::Serialize;
 
@@ -31,6 +32,25 @@ pub(crate) struct MountInfo {
     pub(crate) mountpoint: PathBuf,
     pub(crate) read_only: bool,
     pub(crate) scratch_bytes: u64,
+}
+
+/// The daemon's reports of an import's progress, kept in the counters the progress bar
+/// reads (the same ones an in-process import fills).
+struct ProgressSink(Arc<Progress>);
+
+impl import_progress::Server for ProgressSink {
+    async fn update(
+        self: capnp::capability::Rc<Self>,
+        params: import_progress::UpdateParams,
+        _: import_progress::UpdateResults,
+    ) -> Result<(), capnp::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = params.get()?;
+        self.0.files.store(p.get_files(), Relaxed);
+        self.0.bytes.store(p.get_bytes(), Relaxed);
+        self.0.bytes_total.store(p.get_bytes_total(), Relaxed);
+        Ok(())
+    }
 }
 
 /// A connection to `volumed`.
@@ -298,7 +318,7 @@ impl StoreApi for Remote {
         path: &Path,
         name: Option<&str>,
         format: Option<SourceFormat>,
-        _progress: Arc<Progress>,
+        progress: Arc<Progress>,
     ) -> Result<ImportReport> {
         let path = abs(path)?;
         self.run(async {
@@ -307,6 +327,7 @@ impl StoreApi for Remote {
             p.set_path(&path);
             p.set_name(name.unwrap_or(""));
             p.set_format(wire_format(format));
+            p.set_progress(capnp_rpc::new_client(ProgressSink(progress)));
             let reply = req.send().promise.await.map_err(wire_err)?;
             import_report(
                 reply
@@ -322,7 +343,7 @@ impl StoreApi for Remote {
         &self,
         path: &Path,
         format: Option<SourceFormat>,
-        _progress: Arc<Progress>,
+        progress: Arc<Progress>,
     ) -> Result<ImportReport> {
         let path = abs(path)?;
         self.run(async {
@@ -330,6 +351,7 @@ impl StoreApi for Remote {
             let mut p = req.get();
             p.set_path(&path);
             p.set_format(wire_format(format));
+            p.set_progress(capnp_rpc::new_client(ProgressSink(progress)));
             let reply = req.send().promise.await.map_err(wire_err)?;
             import_report(
                 reply

@@ -170,17 +170,33 @@ struct Stats {
   volumeData @14 :DataStats;# Volumes and their snapshots alone.
 }
 
+interface ImportProgress {
+  # Implemented by a client that wants to show an import's progress (`tide` draws the
+  # same bar as for an in-process import). The daemon waits for each call's reply before
+  # the next; a call that fails or takes over a second ends the reports (the import goes
+  # on).
+
+  update @0 (files :UInt64, bytes :UInt64, bytesTotal :UInt64) -> ();
+  # So far: regular files and content bytes finished; content bytes known to be coming
+  # (grows while a directory is walked; 0 while a stream's length is unknown).
+}
+
 interface Store {
   # The content-addressed store. Long operations (import, export, gc, fsck) run on a
   # worker thread in the daemon: other calls are served meanwhile.
 
-  importImage @0 (path :Text, name :Text, format :Format) -> (report :ImportReport);
+  importImage @0 (path :Text, name :Text, format :Format, progress :ImportProgress)
+    -> (report :ImportReport);
   # Imports a directory, tar, OCI layout or `docker save` archive at `path` (on the
   # daemon's host) as an image. `name`: NAME:TAG to give it, or "" to use the name the
-  # archive carries.
+  # archive carries. `progress` (optional; added after the first release, so older
+  # clients leave it null): told how far the import has come about every 200 ms while it
+  # runs, and once more before the reply.
 
-  importLayer @1 (path :Text, format :Format) -> (report :ImportReport);
+  importLayer @1 (path :Text, format :Format, progress :ImportProgress)
+    -> (report :ImportReport);
   # Imports a directory or tar at `path` as one lone layer (kept until removed).
+  # `progress` as for `importImage`.
 
   images @2 () -> (images :List(ImageSummary));
   # Every named image, sorted by name.

@@ -185,6 +185,32 @@ pub fn python() -> PathBuf {
     py
 }
 
+/// Runs `script` with [`python`] as `python -c SCRIPT SCHEMA ARGS...`, where SCHEMA is
+/// the repository's `crates/schema/capnp/{schema}` (a client written from the schema
+/// file alone); panics with its stderr and stdout unless it succeeds. Returns stdout.
+pub fn run_python_client<S: AsRef<std::ffi::OsStr>>(
+    script: &str,
+    schema: &str,
+    args: &[S],
+) -> String {
+    let capnp_file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../schema/capnp")
+        .join(schema);
+    let o = Command::new(python())
+        .args(["-c", script])
+        .arg(&capnp_file)
+        .args(args)
+        .output()
+        .expect("run the python client");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "python client failed: {}\n{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 /// Locates binary `name` of workspace package `package` (see [`find_tide_bin`]).
 fn find_bin(name: &str, package: &str) -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {

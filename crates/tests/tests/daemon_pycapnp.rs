@@ -5,9 +5,6 @@
 //! `.ci/run` creates (`/var/tmp/tidedge-pyenv`); without it the test fails and says how
 //! to install it.
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use tests::fixture;
 use tests::volumed::Volumed;
 
@@ -36,7 +33,6 @@ asyncio.run(capnp.run(main()))
 
 #[test]
 fn pycapnp_lists_images_from_the_schema_file_alone() {
-    let py = tests::python();
     let tmp = tests::tmpdir("tide-pycapnp");
     let src = tmp.path().join("src");
     fixture::build(&src);
@@ -44,19 +40,7 @@ fn pycapnp_lists_images_from_the_schema_file_alone() {
     let r = daemon
         .tide()
         .json(&["image", "import", src.to_str().unwrap(), "--name", "py:1"]);
-    let capnp_file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schema/capnp/store.capnp");
-    let o = Command::new(py)
-        .args(["-c", CLIENT])
-        .arg(&capnp_file)
-        .arg(&daemon.socket)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "python client failed: {}\n{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = tests::run_python_client(CLIENT, "store.capnp", &[&daemon.socket]);
     assert!(out.contains("version 1 1"), "{out}");
     let ls = daemon.tide().json(&["image", "ls"]);
     let want = format!(
@@ -67,4 +51,70 @@ fn pycapnp_lists_images_from_the_schema_file_alone() {
     );
     assert!(out.contains(&want), "want {want:?} in:\n{out}");
     assert!(out.contains("error") && out.contains("nope:1"), "{out}");
+}
+
+const PROGRESS_CLIENT: &str = r#"
+import asyncio, sys
+import capnp
+
+schema = capnp.load(sys.argv[1])
+
+class Sink(schema.ImportProgress.Server):
+    def __init__(self):
+        self.calls = []
+    async def update(self, files, bytes, bytesTotal, **kwargs):
+        self.calls.append((files, bytes, bytesTotal))
+
+async def main():
+    stream = await capnp.AsyncIoStream.create_unix_connection(sys.argv[2])
+    daemon = capnp.TwoPartyClient(stream).bootstrap().cast_as(schema.Daemon)
+    store = (await daemon.store()).store
+    sink = Sink()
+    r = (await store.importLayer(sys.argv[3], "auto", sink)).report
+    print("report", r.files, r.logicalBytes)
+    print("calls", len(sink.calls))
+    for c in sink.calls:
+        print("call", *c)
+    # A client written before `progress` existed sends none; the import still works.
+    r = (await store.importLayer(sys.argv[3], "auto")).report
+    print("plain", r.files)
+
+asyncio.run(capnp.run(main()))
+"#;
+
+#[test]
+fn an_import_over_the_socket_reports_progress_to_a_client_capability() {
+    let tmp = tests::tmpdir("tide-pycapnp-progress");
+    let src = tests::roots::ensure_debian_root("minbase").expect("minbase root");
+    let daemon = Volumed::start(tmp.path().join("data"), tmp.path().join("v.sock"));
+    let out = tests::run_python_client(
+        PROGRESS_CLIENT,
+        "store.capnp",
+        &[daemon.socket.as_os_str(), src.as_os_str()],
+    );
+    let field = |line: &str| -> Vec<u64> {
+        line.split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let report = field(out.lines().find(|l| l.starts_with("report ")).unwrap());
+    let calls: Vec<Vec<u64>> = out
+        .lines()
+        .filter(|l| l.starts_with("call "))
+        .map(field)
+        .collect();
+    // minbase takes seconds to import: reports every 200 ms, then a last one.
+    assert!(calls.len() >= 2, "{out}");
+    for w in calls.windows(2) {
+        assert!(w[0][0] <= w[1][0] && w[0][1] <= w[1][1], "went back: {out}");
+    }
+    let last = calls.last().unwrap();
+    assert_eq!(
+        last[0], report[0],
+        "the last report counts every file: {out}"
+    );
+    assert_eq!(last[1], report[1], "and every byte: {out}");
+    assert!(last[2] >= last[1], "{out}");
+    assert!(out.contains(&format!("plain {}", report[0])), "{out}");
 }

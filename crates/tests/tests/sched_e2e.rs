@@ -378,7 +378,8 @@ fn scheduler_with_real_hosts_end_to_end() {
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is missing: instance roots are FUSE mounts (needs root)"
     );
-    let py = tests::python();
+    // Fails now, not after the deploys, if pycapnp is missing.
+    tests::python();
     let tmp = tests::tmpdir("tide-sched-e2e");
     let t = tmp.path();
     let _unmount = UnmountBelow(t.to_path_buf());
@@ -771,20 +772,7 @@ fn scheduler_with_real_hosts_end_to_end() {
     // ---- A second client: Python, from sched.capnp alone ----
     let py_stack = t.join("py.toml");
     std::fs::write(&py_stack, PY_STACK).unwrap();
-    let capnp_file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schema/capnp/sched.capnp");
-    let o = Command::new(py)
-        .args(["-c", PY_CLIENT])
-        .arg(&capnp_file)
-        .arg(&sched.socket)
-        .arg(&py_stack)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "python client failed: {}\n{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = tests::run_python_client(PY_CLIENT, "sched.capnp", &[&sched.socket, &py_stack]);
     assert!(out.contains("version 1 1"), "{out}");
     let py_inst: Vec<&str> = out
         .lines()

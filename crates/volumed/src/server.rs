@@ -11,7 +11,7 @@ use castore::{
     Digest, ExportReport, ExportTarget, GcProgress, GcRoots, ImportOptions, ImportReport,
     SourceFormat, Store,
 };
-use schema::store_capnp::{Format, daemon, mount, mounts, store};
+use schema::store_capnp::{Format, daemon, import_progress, mount, mounts, store};
 
 use crate::error::Error;
 use crate::log;
@@ -51,6 +51,70 @@ pub(crate) fn logged<T>(
 /// No more to say of a result than `ok`.
 pub(crate) fn ok<T>(_: &T) -> String {
     String::new()
+}
+
+/// How often a client's `ImportProgress` is told where an import stands.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// A progress call not answered in this long ends the reports (the import goes on).
+const PROGRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tells `sink` what `progress` says.
+async fn report_progress(
+    sink: &import_progress::Client,
+    progress: &castore::Progress,
+) -> Result<(), capnp::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut req = sink.update_request();
+    let mut p = req.get();
+    p.set_files(progress.files.load(Relaxed));
+    p.set_bytes(progress.bytes.load(Relaxed));
+    p.set_bytes_total(progress.bytes_total.load(Relaxed));
+    match tokio::time::timeout(PROGRESS_TIMEOUT, req.send().promise).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => Err(capnp::Error::failed("progress call timed out".into())),
+    }
+}
+
+/// Runs `work` (an import filling `progress`), reporting to `sink` every
+/// [`PROGRESS_EVERY`] and once at the end. A sink that fails or stalls is dropped: the
+/// import is never held up by its client's progress bar.
+async fn with_progress<T>(
+    sink: Option<import_progress::Client>,
+    progress: Arc<castore::Progress>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(sink) = sink else {
+        return work.await;
+    };
+    let mut sink = Some(sink);
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = &mut work => {
+                if let Some(s) = &sink {
+                    let _ = report_progress(s, &progress).await;
+                }
+                return r;
+            }
+            _ = tick.tick() => {
+                if let Some(s) = &sink
+                    && report_progress(s, &progress).await.is_err()
+                {
+                    sink = None;
+                }
+            }
+        }
+    }
+}
+
+/// The `progress` capability of an import request, if the client sent one.
+fn progress_sink(
+    has: bool,
+    get: impl FnOnce() -> capnp::Result<import_progress::Client>,
+) -> Result<Option<import_progress::Client>, capnp::Error> {
+    if has { get().map(Some) } else { Ok(None) }
 }
 
 /// An import's result, in short.
@@ -260,18 +324,20 @@ impl store::Server for StoreImpl {
             n => format!("import image {path} as {n}"),
         };
         let store = self.0.store.clone();
+        let progress = Arc::new(castore::Progress::default());
         let r = async {
             let path = abs_path(&path, "import source")?;
             let format = source_format(p.get_format())?;
-            blocking(move || {
+            let sink = progress_sink(p.has_progress(), || p.get_progress())?;
+            let opts = ImportOptions {
+                format,
+                progress: progress.clone(),
+            };
+            let work = blocking(move || {
                 let name = (!name.is_empty()).then_some(name.as_str());
-                let opts = ImportOptions {
-                    format,
-                    ..ImportOptions::default()
-                };
                 Ok(store.import_image(&path, name, &opts)?)
-            })
-            .await
+            });
+            with_progress(sink, progress, work).await
         }
         .await;
         let r = logged(&self.1, &what, r, import_outcome)?;
@@ -288,17 +354,17 @@ impl store::Server for StoreImpl {
         let path = text(p.get_path())?;
         let what = format!("import layer {path}");
         let store = self.0.store.clone();
+        let progress = Arc::new(castore::Progress::default());
         let r = async {
             let path = abs_path(&path, "import source")?;
             let format = source_format(p.get_format())?;
-            blocking(move || {
-                let opts = ImportOptions {
-                    format,
-                    ..ImportOptions::default()
-                };
-                Ok(store.import_layer(&path, &opts)?)
-            })
-            .await
+            let sink = progress_sink(p.has_progress(), || p.get_progress())?;
+            let opts = ImportOptions {
+                format,
+                progress: progress.clone(),
+            };
+            let work = blocking(move || Ok(store.import_layer(&path, &opts)?));
+            with_progress(sink, progress, work).await
         }
         .await;
         let r = logged(&self.1, &what, r, import_outcome)?;
