@@ -316,6 +316,9 @@ pub struct Run {
     pub console: String,
     /// From QEMU's start to its exit.
     pub elapsed: Duration,
+    /// When each `==end NAME` line first appeared in the output, from QEMU's start
+    /// (watched every 20 ms while the guest runs): `(NAME, time)` in output order.
+    pub marks: Vec<(String, Duration)>,
 }
 
 impl Run {
@@ -334,6 +337,16 @@ impl Run {
             .find(&e)
             .unwrap_or_else(|| panic!("section {name} never ended:\n{}", self.tail()));
         self.output[start..start + len].to_string()
+    }
+
+    /// When section `name` ended (see [`Run::marks`]); panics, showing the output, when
+    /// it never did.
+    pub fn ended_at(&self, name: &str) -> Duration {
+        self.marks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| *t)
+            .unwrap_or_else(|| panic!("section {name} never ended:\n{}", self.tail()))
     }
 
     /// The last 60 lines of the output (for failure messages).
@@ -427,6 +440,7 @@ impl Guest {
             .and_then(|s| s.parse().ok())
             .map_or(timeout, Duration::from_secs);
         let started = Instant::now();
+        let mut marks = Marks::default();
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -434,6 +448,7 @@ impl Guest {
             .spawn()
             .expect("qemu-system-x86_64 (qemu-system-x86, installed by .ci/run)");
         let status = loop {
+            marks.scan(&output, started.elapsed());
             if let Some(st) = child.try_wait().expect("wait for qemu") {
                 break st;
             }
@@ -453,6 +468,7 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(20));
         };
         let elapsed = started.elapsed();
+        marks.scan(&output, elapsed);
         let mut stderr = String::new();
         if let Some(mut e) = child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
@@ -462,6 +478,7 @@ impl Guest {
                 .replace('\r', ""),
             console: std::fs::read_to_string(&console).unwrap_or_default(),
             elapsed,
+            marks: marks.seen,
         };
         assert!(
             status.success(),
@@ -469,5 +486,38 @@ impl Guest {
             run.tail()
         );
         run
+    }
+}
+
+/// Watches a growing output file for `==end NAME` lines.
+#[derive(Debug, Default)]
+struct Marks {
+    /// Bytes of the file already looked at (up to the last complete line).
+    offset: u64,
+    seen: Vec<(String, Duration)>,
+}
+
+impl Marks {
+    /// Reads what the file gained since the last call; every complete `==end` line in
+    /// it is stamped `now`.
+    fn scan(&mut self, path: &Path, now: Duration) {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return;
+        };
+        let mut new = Vec::new();
+        if f.seek(SeekFrom::Start(self.offset)).is_err() || f.read_to_end(&mut new).is_err() {
+            return;
+        }
+        let Some(last) = new.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        for line in new[..last].split(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            if let Some(name) = line.trim_end_matches('\r').strip_prefix("==end ") {
+                self.seen.push((name.to_string(), now));
+            }
+        }
+        self.offset += last as u64 + 1;
     }
 }
