@@ -414,6 +414,45 @@ impl FileLayout {
         Ok(want)
     }
 
+    /// As [`FileLayout::read_at_with`], but only from chunks `cache` holds already: None
+    /// (with `buf` partly written) as soon as one the range needs is not cached. Never
+    /// reads the store, so it may run where blocking is not allowed.
+    pub fn read_cached(&self, cache: &ChunkCache, offset: u64, buf: &mut [u8]) -> Option<usize> {
+        let size = self.size();
+        if offset >= size {
+            return Some(0);
+        }
+        let want = buf.len().min((size - offset) as usize);
+        match self {
+            FileLayout::Inline(b) => {
+                let o = offset as usize;
+                buf[..want].copy_from_slice(&b[o..o + want]);
+            }
+            FileLayout::Segments(segs) => {
+                let mut i = Self::find(segs, offset);
+                let mut done = 0;
+                while done < want {
+                    let (start, seg) = segs[i];
+                    let pos = offset + done as u64 - start;
+                    let n = ((seg.len() - pos) as usize).min(want - done);
+                    match seg {
+                        Segment::Hole { .. } => buf[done..done + n].fill(0),
+                        Segment::Data { chunk, .. } => {
+                            let c = cache.get_cached(&chunk)?;
+                            let p = pos as usize;
+                            let avail = c.len().saturating_sub(p).min(n);
+                            buf[done..done + avail].copy_from_slice(&c[p..p + avail]);
+                            buf[done + avail..done + n].fill(0);
+                        }
+                    }
+                    done += n;
+                    i += 1;
+                }
+            }
+        }
+        Some(want)
+    }
+
     /// `SEEK_DATA`: the first offset at or after `offset` that holds data, if any.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
         if offset >= self.size() {

@@ -409,3 +409,41 @@ fn mapped_chunks(file: &Path) -> Vec<u8> {
     }
     out
 }
+
+/// The in-memory read (what NBD serves on the connection's task) gives nothing until
+/// the chunks it needs are cached, then exactly the bytes a full read gives.
+#[test]
+fn a_cached_read_answers_only_from_cached_chunks_and_equals_a_full_read() {
+    let env = Env::new("erofs-cached");
+    let src = env.path("src");
+    tests::fixture::build(&src);
+    let img = env.import(&src, "fx:1");
+    let layer = single_layer(&env, img);
+    let image = Image::build(&env.store, &layer).unwrap();
+    let cache = castore::ChunkCache::new(256 << 20);
+    let size = image.size();
+    let mut cached = vec![0u8; size as usize];
+    // Block 0 is metadata: always in memory.
+    assert!(image.read_cached(&cache, 0, &mut cached[..4096]).is_some());
+    // The whole image needs file chunks no one has read yet.
+    assert!(image.read_cached(&cache, 0, &mut cached).is_none());
+    let mut full = vec![0u8; size as usize];
+    let src = layerfs::erofs::Source {
+        store: &env.store,
+        cache: &cache,
+        prefetch: None,
+    };
+    image.read(src, 0, &mut full).unwrap();
+    assert!(image.read_cached(&cache, 0, &mut cached).is_some());
+    assert!(cached == full, "a cached read differs from a full read");
+    // Block by block too (reads that start inside a file's extent).
+    for off in (0..size).step_by(4096) {
+        let mut b = [0u8; 4096];
+        image.read_cached(&cache, off, &mut b).expect("all cached");
+        assert_eq!(
+            &b[..],
+            &full[off as usize..off as usize + 4096],
+            "block at {off}"
+        );
+    }
+}

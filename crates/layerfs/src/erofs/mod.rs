@@ -148,6 +148,31 @@ impl Image {
     /// Fills `buf` with the image's bytes at `offset`; `offset + buf.len()` must not pass
     /// [`Image::size`]. File data comes through `src`, verified chunk by chunk.
     pub fn read(&self, src: Source<'_>, offset: u64, buf: &mut [u8]) -> Result<(), castore::Error> {
+        self.read_with(offset, buf, |layout, file_off, out| {
+            Some(layout.read_at_with(src.store, src.cache, src.prefetch, file_off, out))
+        })
+        .expect("a read through the store always answers")
+    }
+
+    /// As [`Image::read`], but only if every chunk it needs is in `cache` already (the
+    /// metadata always is); None otherwise, `buf` then holding nothing meaningful. Never
+    /// reads the store: a transport may call it where it must not block.
+    pub fn read_cached(&self, cache: &ChunkCache, offset: u64, buf: &mut [u8]) -> Option<()> {
+        self.read_with(offset, buf, |layout, file_off, out| {
+            layout.read_cached(cache, file_off, out).map(Ok)
+        })
+        .map(|r| r.expect("a cached read never fails"))
+    }
+
+    /// The one walk of a read over the metadata, file data extents (through `file`, which
+    /// fills a file's bytes at an offset and says how many it had, or None to give up)
+    /// and the zeros between them.
+    fn read_with(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        mut file: impl FnMut(&FileLayout, u64, &mut [u8]) -> Option<Result<usize, castore::Error>>,
+    ) -> Option<Result<(), castore::Error>> {
         let meta_len = self.meta.len() as u64;
         let mut done = 0usize;
         while done < buf.len() {
@@ -169,13 +194,10 @@ impl Image {
                         let file_off =
                             e.file_block * format::BLOCK + (off - e.start * format::BLOCK);
                         let layout = &self.files[e.file as usize];
-                        let got = layout.read_at_with(
-                            src.store,
-                            src.cache,
-                            src.prefetch,
-                            file_off,
-                            &mut rest[..n],
-                        )?;
+                        let got = match file(layout, file_off, &mut rest[..n])? {
+                            Ok(got) => got,
+                            Err(e) => return Some(Err(e)),
+                        };
                         // The end of a file's last block.
                         rest[got..n].fill(0);
                     }
@@ -189,7 +211,7 @@ impl Image {
             }
             done += n;
         }
-        Ok(())
+        Some(Ok(()))
     }
 
     /// Writes the whole image to `out` (for `tide layer erofs`, and peers such as
@@ -344,6 +366,11 @@ impl BlockDevice for LayerDevice {
         self.image
             .read(src, offset, buf)
             .map_err(|e| DeviceError::Backend(Box::new(e)))
+    }
+
+    /// Served on the connection's task when the metadata and the chunk cache hold it all.
+    fn read_in_memory(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), DeviceError>> {
+        self.image.read_cached(&self.cache, offset, buf).map(Ok)
     }
 
     fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), DeviceError> {
