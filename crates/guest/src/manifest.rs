@@ -291,6 +291,44 @@ pub fn diff(a: &str, b: &str) -> Vec<String> {
     out
 }
 
+/// Gives `path` (not following a symlink for the owner and mtime) mode `mode` (permission
+/// bits), owner `uid:gid` and mtime `sec.nsec`: what an overlay's upper root takes from
+/// the image root's own metadata.
+pub fn set_meta(path: &Path, mode: u32, uid: u32, gid: u32, sec: i64, nsec: i64) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+    ];
+    // SAFETY: `path` is a valid C string and `times` a two-element array, for the calls.
+    let rc = unsafe {
+        if libc::lchown(path.as_ptr(), uid as libc::uid_t, gid as libc::gid_t) != 0
+            || libc::chmod(path.as_ptr(), mode as libc::mode_t) != 0
+        {
+            -1
+        } else {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

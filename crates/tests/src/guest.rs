@@ -244,6 +244,30 @@ pub fn initramfs(kernel: &Kernel, script: &str, out: &Path) -> PathBuf {
         0o755,
         std::fs::read(bins.join("tide-manifest")).expect("tide-manifest built"),
     );
+    add_modules(&mut fs, kernel);
+    fs.file("init", 0o755, INIT.as_bytes().to_vec());
+    fs.file("test.sh", 0o644, script.as_bytes().to_vec());
+    finish(fs, out)
+}
+
+/// The initramfs of a Tidedge guest: `tide-init` (from `scripts/build-guest`) as
+/// `/init`, and the [`MODULES`]; nothing else (the app runs in the image's root). The
+/// host drives it over the control port (`guest::control`). Returns its path.
+pub fn init_initramfs(kernel: &Kernel, out: &Path) -> PathBuf {
+    let mut fs = guest::initramfs::Initramfs::new();
+    let init = guest_bins().join("tide-init");
+    fs.file(
+        "init",
+        0o755,
+        std::fs::read(&init).unwrap_or_else(|e| panic!("{}: {e}", init.display())),
+    );
+    add_modules(&mut fs, kernel);
+    finish(fs, out)
+}
+
+/// The [`MODULES`] (and their dependencies) under `lib/modules`, and `modules.order`
+/// listing them in load order.
+fn add_modules(fs: &mut guest::initramfs::Initramfs, kernel: &Kernel) {
     let mut order = String::new();
     for m in kernel.modules(&MODULES) {
         let name = m.file_name().unwrap().to_str().unwrap().to_string();
@@ -256,8 +280,10 @@ pub fn initramfs(kernel: &Kernel, script: &str, out: &Path) -> PathBuf {
         order.push('\n');
     }
     fs.file("modules.order", 0o644, order.into_bytes());
-    fs.file("init", 0o755, INIT.as_bytes().to_vec());
-    fs.file("test.sh", 0o644, script.as_bytes().to_vec());
+}
+
+/// The mount points and console every initramfs has; writes it to `out`.
+fn finish(mut fs: guest::initramfs::Initramfs, out: &Path) -> PathBuf {
     for d in ["proc", "sys", "dev", "tmp"] {
         fs.dir(d, 0o755);
     }
@@ -371,6 +397,28 @@ pub struct Guest {
     pub memory_mib: u32,
     /// Where QEMU writes the consoles (`DIR/console`, `DIR/output`).
     pub dir: PathBuf,
+    /// A Unix socket QEMU listens on for the guest's control port
+    /// (`guest::control::PORT`, a virtio-serial port), if the guest has one.
+    pub control: Option<PathBuf>,
+}
+
+/// A guest QEMU is running ([`Guest::spawn`]); killed if dropped before it is waited for.
+#[derive(Debug)]
+pub struct Running {
+    child: Option<std::process::Child>,
+    started: Instant,
+    console: PathBuf,
+    output: PathBuf,
+    marks: Marks,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Guest {
@@ -382,6 +430,11 @@ impl Guest {
     /// Boots the guest under QEMU ([`MACHINE`], TCG) and waits for it to power off; panics
     /// (after killing QEMU) if it runs longer than `timeout`.
     pub fn boot(&self, timeout: Duration) -> Run {
+        self.spawn().wait(timeout)
+    }
+
+    /// Starts QEMU on the guest and returns at once.
+    pub fn spawn(&self) -> Running {
         std::fs::create_dir_all(&self.dir).unwrap();
         let (console, output) = (self.dir.join("console"), self.dir.join("output"));
         let _ = std::fs::remove_file(&output);
@@ -417,6 +470,19 @@ impl Guest {
             .args(["-device", "virtio-serial-pci", "-chardev"])
             .arg(format!("file,id=out,path={}", output.display()))
             .args(["-device", "virtconsole,chardev=out"]);
+        if let Some(sock) = &self.control {
+            let _ = std::fs::remove_file(sock);
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=ctl,path={},server=on,wait=off",
+                    sock.display()
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtserialport,chardev=ctl,name={}",
+                    guest::control::PORT
+                ));
+        }
         for (i, d) in self.disks.iter().enumerate() {
             let ro = if d.read_only { "on" } else { "off" };
             let spec = match &d.source {
@@ -434,25 +500,45 @@ impl Guest {
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive=d{i},serial={}", d.serial));
         }
-        // TIDE_GUEST_TIMEOUT (seconds) shortens the wait, for debugging a guest.
-        let timeout = std::env::var("TIDE_GUEST_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map_or(timeout, Duration::from_secs);
         let started = Instant::now();
-        let mut marks = Marks::default();
-        let mut child = cmd
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("qemu-system-x86_64 (qemu-system-x86, installed by .ci/run)");
+        Running {
+            child: Some(child),
+            started,
+            console,
+            output,
+            marks: Marks::default(),
+        }
+    }
+}
+
+impl Running {
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits for the guest to power off; panics (after killing QEMU) if it runs longer
+    /// than `timeout` from its start, or if QEMU fails.
+    pub fn wait(mut self, timeout: Duration) -> Run {
+        // TIDE_GUEST_TIMEOUT (seconds) shortens the wait, for debugging a guest.
+        let timeout = std::env::var("TIDE_GUEST_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(timeout, Duration::from_secs);
+        let mut child = self.child.take().expect("waited once");
+        let (output, console) = (self.output.clone(), self.console.clone());
         let status = loop {
-            marks.scan(&output, started.elapsed());
+            self.marks.scan(&output, self.started.elapsed());
             if let Some(st) = child.try_wait().expect("wait for qemu") {
                 break st;
             }
-            if started.elapsed() > timeout {
+            if self.started.elapsed() > timeout {
                 let _ = child.kill();
                 let _ = child.wait();
                 let mut stderr = String::new();
@@ -467,8 +553,8 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let elapsed = started.elapsed();
-        marks.scan(&output, elapsed);
+        let elapsed = self.started.elapsed();
+        self.marks.scan(&output, elapsed);
         let mut stderr = String::new();
         if let Some(mut e) = child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
@@ -478,7 +564,7 @@ impl Guest {
                 .replace('\r', ""),
             console: std::fs::read_to_string(&console).unwrap_or_default(),
             elapsed,
-            marks: marks.seen,
+            marks: std::mem::take(&mut self.marks.seen),
         };
         assert!(
             status.success(),

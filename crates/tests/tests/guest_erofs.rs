@@ -165,6 +165,7 @@ fn boot_and_compare(
         ),
         memory_mib: 512,
         dir: t.join(format!("{name}-qemu")),
+        control: None,
     };
     let run = guest.boot(Duration::from_secs(600));
     eprintln!("{name}: booted and powered off in {:?}", run.elapsed);
@@ -397,6 +398,7 @@ fn a_guest_boots_runs_its_script_and_powers_off() {
         append: String::new(),
         memory_mib: 512,
         dir: t.join("qemu"),
+        control: None,
     };
     let run = guest.boot(Duration::from_secs(120));
     assert_eq!(

@@ -80,42 +80,12 @@ fn set_meta(args: &[std::ffi::OsString]) -> std::io::Result<()> {
             .and_then(|s| i64::from_str_radix(s, radix).ok())
             .ok_or_else(|| std::io::Error::other(format!("{:?} is not a number", args[i])))
     };
-    let path = CString::new(args[0].as_bytes())?;
-    let (mode, uid, gid, sec, nsec) = (
-        num(1, 8)?,
-        num(2, 10)?,
-        num(3, 10)?,
+    guest::manifest::set_meta(
+        Path::new(&args[0]),
+        num(1, 8)? as u32,
+        num(2, 10)? as u32,
+        num(3, 10)? as u32,
         num(4, 10)?,
         num(5, 10)?,
-    );
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: sec,
-            tv_nsec: nsec,
-        },
-    ];
-    // SAFETY: `path` is a valid C string and `times` a two-element array, for the calls.
-    let rc = unsafe {
-        if libc::lchown(path.as_ptr(), uid as libc::uid_t, gid as libc::gid_t) != 0
-            || libc::chmod(path.as_ptr(), mode as libc::mode_t) != 0
-        {
-            -1
-        } else {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                path.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        }
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    )
 }

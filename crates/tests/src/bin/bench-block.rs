@@ -394,6 +394,7 @@ fn boot(
         append: append.to_string(),
         memory_mib: 512,
         dir: work.join("qemu"),
+        control: None,
     };
     let r = guest.boot(Duration::from_secs(1200));
     let manifest = r.section("manifest");
