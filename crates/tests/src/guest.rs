@@ -607,3 +607,108 @@ impl Marks {
         self.offset += last as u64 + 1;
     }
 }
+
+/// The host's end of a guest's control channel (`guest::control`), on the Unix socket
+/// QEMU listens on.
+#[derive(Debug)]
+pub struct Control {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    /// A name for the events printed on stderr.
+    name: String,
+}
+
+impl Control {
+    /// Connects to `socket` (retrying until QEMU serves it, up to `timeout`); each read
+    /// may then wait up to `timeout`.
+    pub fn connect(socket: &Path, name: &str, timeout: Duration) -> Control {
+        let deadline = Instant::now() + timeout;
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no control socket {}: {e}",
+                        socket.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        s.set_read_timeout(Some(timeout)).unwrap();
+        Control {
+            writer: s.try_clone().unwrap(),
+            reader: std::io::BufReader::new(s),
+            name: name.to_string(),
+        }
+    }
+
+    /// The next event; panics if the channel closes or says something else.
+    pub fn event(&mut self) -> guest::control::Event {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .expect("read the control port");
+        assert!(n > 0, "{}: the control channel closed", self.name);
+        let e = guest::control::decode(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        eprintln!("{}: {e:?}", self.name);
+        e
+    }
+
+    /// Sends `c`.
+    pub fn send(&mut self, c: &guest::control::Command) {
+        use std::io::Write;
+        self.writer
+            .write_all(guest::control::encode(c).as_bytes())
+            .expect("write the control port");
+    }
+
+    /// Events until (and with) `exited` or `failed`.
+    pub fn until_end(&mut self) -> Vec<guest::control::Event> {
+        let mut out = Vec::new();
+        loop {
+            let e = self.event();
+            let last = matches!(
+                e,
+                guest::control::Event::Exited { .. } | guest::control::Event::Failed { .. }
+            );
+            out.push(e);
+            if last {
+                return out;
+            }
+        }
+    }
+}
+
+/// The image root metadata a guest's overlay upper takes, from `root` on the host.
+pub fn root_meta(root: &Path) -> guest::control::RootMeta {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(root).unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+    guest::control::RootMeta {
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec(),
+    }
+}
+
+/// A fresh sparse ext4 file of `bytes` at `path` (a scratch disk), made by mkfs.ext4.
+pub fn ext4_file(path: &Path, bytes: u64) -> PathBuf {
+    let _ = std::fs::remove_file(path);
+    std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(
+        o.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    path.to_path_buf()
+}

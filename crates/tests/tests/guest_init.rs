@@ -13,15 +13,11 @@
 //!
 //! Needs root, QEMU and the kernel cache (`scripts/fetch-kernel`, run when missing).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use guest::control::{self, Config, Event, RootMeta, Stream};
-use tests::guest::{Disk, Guest, Kernel, Source, init_initramfs};
+use tests::guest::{Control, Disk, Guest, Kernel, Source, ext4_file, init_initramfs, root_meta};
 use tests::volumed::Volumed;
 
 struct Host {
@@ -35,18 +31,7 @@ struct Host {
 impl Host {
     /// A fresh 256 MiB ext4 scratch file.
     fn scratch(&self, name: &str) -> PathBuf {
-        let p = self.dir.join(format!("{name}.ext4"));
-        std::fs::File::create(&p)
-            .unwrap()
-            .set_len(256 << 20)
-            .unwrap();
-        let o = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&p)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        p
+        ext4_file(&self.dir.join(format!("{name}.ext4")), 256 << 20)
     }
 
     fn config(&self, argv: &[&str]) -> Config {
@@ -92,42 +77,17 @@ impl Host {
             control: Some(sock.clone()),
         };
         let running = guest.spawn();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let stream = loop {
-            match UnixStream::connect(&sock) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "no control socket: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(300)))
-            .unwrap();
-        let mut w = stream.try_clone().unwrap();
-        let mut events = Vec::new();
-        for line in BufReader::new(stream).lines() {
-            let line = line.expect("read the control port");
-            let e: Event = control::decode(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            eprintln!("{name}: {e:?}");
-            match &e {
-                Event::Ready { .. } => w
-                    .write_all(
-                        control::encode(&control::Command::Config(config.clone())).as_bytes(),
-                    )
-                    .unwrap(),
-                Event::Started { .. } if stop => w
-                    .write_all(control::encode(&control::Command::Stop).as_bytes())
-                    .unwrap(),
-                _ => {}
-            }
-            let last = matches!(e, Event::Exited { .. } | Event::Failed { .. });
+        let mut ctl = Control::connect(&sock, name, Duration::from_secs(300));
+        let mut events = vec![ctl.event()];
+        assert!(matches!(events[0], Event::Ready { .. }), "{events:?}");
+        ctl.send(&control::Command::Config(config.clone()));
+        if stop {
+            let e = ctl.event();
+            assert!(matches!(e, Event::Started { .. }), "{e:?}");
             events.push(e);
-            if last {
-                break;
-            }
+            ctl.send(&control::Command::Stop);
         }
+        events.extend(ctl.until_end());
         // The guest powers off by itself after its last event.
         let run = running.wait(Duration::from_secs(300));
         eprintln!("{name}: powered off after {:?}", run.elapsed);
@@ -156,7 +116,6 @@ fn tide_init_runs_the_app_its_host_configures_and_reports_how_it_ended() {
         .tide()
         .json(&["layer", "import", minbase.to_str().unwrap()]);
     let layer = imp["layers"][0].as_str().unwrap().to_string();
-    let md = std::fs::symlink_metadata(&minbase).unwrap();
     let host = Host {
         initrd: init_initramfs(&kernel, &t.join("init.cpio")),
         kernel,
@@ -164,13 +123,7 @@ fn tide_init_runs_the_app_its_host_configures_and_reports_how_it_ended() {
             socket: daemon.data.join("nbd.sock"),
             export: format!("layer/{layer}"),
         },
-        root: RootMeta {
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime: md.mtime(),
-            mtime_nsec: md.mtime_nsec(),
-        },
+        root: root_meta(&minbase),
         dir: t.to_path_buf(),
     };
 

@@ -368,10 +368,7 @@ fn boot(
     work: &Path,
     append: &str,
 ) -> Result<(f64, f64, u64, String)> {
-    let scratch = work.join("scratch.ext4");
-    let _ = std::fs::remove_file(&scratch);
-    std::fs::File::create(&scratch)?.set_len(1 << 30)?;
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&scratch))?;
+    let scratch = tests::guest::ext4_file(&work.join("scratch.ext4"), 1 << 30);
     let mut disks: Vec<Disk> = layers
         .into_iter()
         .enumerate()
