@@ -37,6 +37,19 @@ pub struct RootMeta {
     pub mtime_nsec: i64,
 }
 
+/// The guest's network: its first non-loopback interface gets `address`, a default
+/// route through `gateway`, and the root's `/etc/resolv.conf` names `dns` (if given).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// IPv4 address with its prefix length (`10.0.2.15/24`).
+    pub address: String,
+    /// IPv4 gateway (`10.0.2.2`).
+    pub gateway: String,
+    /// IPv4 name server, or "" to leave `/etc/resolv.conf` as the image has it.
+    #[serde(default)]
+    pub dns: String,
+}
+
 /// What the guest is to run, sent by the host after [`Event::Ready`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
@@ -59,8 +72,11 @@ pub struct Config {
     /// The app's argv: the image's entrypoint and cmd as resolved by the host;
     /// `argv[0]` is looked up in the app's `PATH` when it has no `/`.
     pub argv: Vec<String>,
-    /// How long to wait for the disks to appear.
+    /// How long to wait for the disks (and the network interface) to appear.
     pub disk_timeout_ms: u64,
+    /// The network, if the guest has one (loopback is always up).
+    #[serde(default)]
+    pub network: Option<Network>,
 }
 
 /// Host to guest.
@@ -68,7 +84,7 @@ pub struct Config {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     /// Mount the root and start the app.
-    Config(Config),
+    Config(Box<Config>),
     /// End the app: SIGTERM to it (the guest powers off once it has exited).
     Stop,
 }
@@ -202,12 +218,17 @@ mod unit_tests {
             workdir: "/tmp".into(),
             argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
             disk_timeout_ms: 10_000,
+            network: Some(Network {
+                address: "10.0.2.15/24".into(),
+                gateway: "10.0.2.2".into(),
+                dns: String::new(),
+            }),
         }
     }
 
     #[test]
     fn messages_round_trip_as_one_line_each() {
-        for c in [Command::Config(config()), Command::Stop] {
+        for c in [Command::Config(Box::new(config())), Command::Stop] {
             let line = encode(&c);
             assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
             assert!(line.starts_with("{\"v\":1,"), "{line}");

@@ -18,12 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The modules a guest loads (with their dependencies): virtio over PCI, block and
-/// console devices, EROFS, overlayfs. ext4 is built in.
-pub const MODULES: [&str; 5] = [
+/// The modules a guest loads (with their dependencies): virtio over PCI, block,
+/// console and network devices, EROFS, overlayfs. ext4 is built in.
+pub const MODULES: [&str; 6] = [
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    "virtio_net",
     "erofs",
     "overlay",
 ];

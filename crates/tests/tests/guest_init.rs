@@ -49,6 +49,7 @@ impl Host {
             workdir: "/tmp".into(),
             argv: argv.iter().map(|a| a.to_string()).collect(),
             disk_timeout_ms: 20_000,
+            network: None,
         }
     }
 
@@ -80,7 +81,7 @@ impl Host {
         let mut ctl = Control::connect(&sock, name, Duration::from_secs(300));
         let mut events = vec![ctl.event()];
         assert!(matches!(events[0], Event::Ready { .. }), "{events:?}");
-        ctl.send(&control::Command::Config(config.clone()));
+        ctl.send(&control::Command::Config(Box::new(config.clone())));
         if stop {
             let e = ctl.event();
             assert!(matches!(e, Event::Started { .. }), "{e:?}");

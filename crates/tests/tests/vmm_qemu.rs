@@ -56,6 +56,7 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
         workdir: "/".into(),
         argv: argv.iter().map(|a| a.to_string()).collect(),
         disk_timeout_ms: 20_000,
+        network: None,
     };
     let spec = |name: &str| VmSpec {
         name: name.into(),
@@ -76,6 +77,7 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
         console_log: t.join(format!("{name}.console")),
         run_dir: t.join(format!("{name}-run")),
         accel: Accel::Tcg,
+        net: None,
     };
     let qemu = vmm::qemu::Qemu::default();
     let timeout = Duration::from_secs(300);
@@ -95,7 +97,10 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
     let e = vm.add_disk(&nbd(&"0".repeat(64), "layer9")).unwrap_err();
     assert!(matches!(e, vmm::Error::Refused { .. }), "{e}");
     assert!(e.to_string().contains("blockdev-add"), "{e}");
-    ctl.send(&Command::Config(config(&["cat", "/srv/hello.txt"])));
+    ctl.send(&Command::Config(Box::new(config(&[
+        "cat",
+        "/srv/hello.txt",
+    ]))));
     let ev = ctl.until_end();
     assert!(
         ev.contains(&Event::Log {
@@ -120,7 +125,7 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
     let mut ctl = Control::connect(&s.control, "stop", timeout);
     assert!(matches!(ctl.event(), Event::Ready { .. }));
     vm.add_disk(&nbd(&top, "layer1")).unwrap();
-    ctl.send(&Command::Config(config(&["sleep", "600"])));
+    ctl.send(&Command::Config(Box::new(config(&["sleep", "600"]))));
     assert!(matches!(ctl.event(), Event::Started { .. }));
     let exit = vm.stop(Duration::from_millis(500)).unwrap();
     assert_eq!(exit, Exit::Code(0), "QMP quit ends QEMU cleanly");
@@ -138,4 +143,139 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
         Err(e) => panic!("expected an early exit, got {e}"),
         Ok(_) => panic!("launched without a kernel"),
     }
+}
+
+/// GET `path` from `addr`; the status line and body, or None if nothing answers yet.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+/// A service answers: the python3 root's `http.server` in a guest, reached on the
+/// host through the port QEMU forwards, until the host stops it.
+#[test]
+fn a_guest_service_answers_on_its_forwarded_port() {
+    let tmp = tests::tmpdir("tide-vmm-http");
+    let t = tmp.path();
+    let kernel = Kernel::get();
+    let initrd = init_initramfs(&kernel, &t.join("init.cpio"));
+    let python3 = tests::roots::ensure_debian_root("python3").expect("python3 root");
+    let daemon = Volumed::start(t.join("data"), t.join("v.sock"));
+    let r = daemon
+        .tide()
+        .json(&["layer", "import", python3.to_str().unwrap()]);
+    let layer = r["layers"][0].as_str().unwrap().to_string();
+    // A free loopback port for the forward.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host: std::net::SocketAddrV4 = format!("127.0.0.1:{port}").parse().unwrap();
+    let spec = VmSpec {
+        name: "http".into(),
+        kernel: kernel.vmlinuz(),
+        initrd,
+        cmdline: "console=ttyS0 quiet panic=-1".into(),
+        vcpus: 1,
+        memory_mib: 384,
+        disks: vec![
+            Disk {
+                serial: "layer0".into(),
+                source: DiskSource::Nbd {
+                    socket: daemon.data.join("nbd.sock"),
+                    export: format!("layer/{layer}"),
+                },
+                read_only: true,
+            },
+            Disk {
+                serial: "scratch".into(),
+                source: DiskSource::File(ext4_file(&t.join("http.ext4"), 256 << 20)),
+                read_only: false,
+            },
+        ],
+        control: t.join("http.ctl"),
+        console_log: t.join("http.console"),
+        run_dir: t.join("http-run"),
+        accel: Accel::Tcg,
+        net: Some(vmm::NetSpec {
+            forwards: vec![vmm::Forward {
+                host,
+                guest_port: 8000,
+            }],
+        }),
+    };
+    let started = std::time::Instant::now();
+    let mut vm = vmm::qemu::Qemu::default().launch(&spec).unwrap();
+    let mut ctl = Control::connect(&spec.control, "http", Duration::from_secs(300));
+    assert!(matches!(ctl.event(), Event::Ready { .. }));
+    ctl.send(&Command::Config(Box::new(Config {
+        hostname: "app-0".into(),
+        layers: vec!["layer0".into()],
+        scratch: "scratch".into(),
+        root: root_meta(&python3),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        uid: 65534,
+        gid: 65534,
+        workdir: "/".into(),
+        argv: [
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+            "/etc",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+        disk_timeout_ms: 20_000,
+        network: Some(guest::control::Network {
+            address: vmm::qemu::USER_NET_ADDRESS.into(),
+            gateway: vmm::qemu::USER_NET_GATEWAY.into(),
+            dns: vmm::qemu::USER_NET_DNS.into(),
+        }),
+    })));
+    assert!(matches!(ctl.event(), Event::Started { .. }));
+    let want = std::fs::read_to_string(python3.join("etc/debian_version")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let (status, body) = loop {
+        if let Some(r) = http_get(std::net::SocketAddr::V4(host), "/debian_version") {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service never answered"
+        );
+        assert!(vm.try_wait().unwrap().is_none(), "the guest ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("http: answered {:?} after launch", started.elapsed());
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, want);
+    let (status, _) = http_get(std::net::SocketAddr::V4(host), "/no-such-file").unwrap();
+    assert!(status.contains("404"), "{status}");
+    ctl.send(&Command::Stop);
+    let ev = ctl.until_end();
+    assert_eq!(
+        ev.last(),
+        Some(&Event::Exited {
+            code: None,
+            signal: Some(15)
+        }),
+        "{ev:?}"
+    );
+    assert_eq!(
+        vm.wait_timeout(Duration::from_secs(60)).unwrap(),
+        Some(Exit::Code(0))
+    );
 }

@@ -70,6 +70,22 @@ impl Accel {
     }
 }
 
+/// A TCP port of the guest reachable on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    /// Where the host listens (a loopback address unless the host says otherwise).
+    pub host: std::net::SocketAddrV4,
+    /// The guest's port.
+    pub guest_port: u16,
+}
+
+/// A guest's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// Host ports forwarded to the guest.
+    pub forwards: Vec<Forward>,
+}
+
 /// A guest to launch.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -96,6 +112,8 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// CPU acceleration.
     pub accel: Accel,
+    /// A network interface, if the guest has one.
+    pub net: Option<NetSpec>,
 }
 
 /// How a VM ended.

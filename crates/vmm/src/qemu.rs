@@ -29,6 +29,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Seconds QEMU's NBD client keeps retrying a lost server before failing requests.
 const NBD_RECONNECT_SECS: u64 = 30;
 
+/// The guest's address on QEMU's user-mode network (what the guest's init is to
+/// configure, with [`USER_NET_GATEWAY`] and [`USER_NET_DNS`]).
+pub const USER_NET_ADDRESS: &str = "10.0.2.15/24";
+/// The user-mode network's gateway: the host's loopback as the guest sees it.
+pub const USER_NET_GATEWAY: &str = "10.0.2.2";
+/// The user-mode network's DNS forwarder.
+pub const USER_NET_DNS: &str = "10.0.2.3";
+
 /// The QEMU driver.
 #[derive(Debug, Clone)]
 pub struct Qemu {
@@ -132,6 +140,22 @@ impl Qemu {
                     "virtio-blk-pci,drive={node},serial={},id=dev{i}",
                     d.serial
                 ));
+        }
+        if let Some(net) = &spec.net {
+            // User-mode networking: no host privileges; each forward is a host socket
+            // QEMU listens on. The guest reaches the host's loopback at the gateway.
+            let mut netdev = "user,id=net0".to_string();
+            for f in &net.forwards {
+                netdev.push_str(&format!(
+                    ",hostfwd=tcp:{}:{}-:{}",
+                    f.host.ip(),
+                    f.host.port(),
+                    f.guest_port
+                ));
+            }
+            c.arg("-netdev")
+                .arg(netdev)
+                .args(["-device", "virtio-net-pci,netdev=net0"]);
         }
         for p in 0..HOTPLUG_PORTS {
             c.arg("-device").arg(format!(
@@ -339,6 +363,12 @@ mod unit_tests {
             console_log: "/run/console".into(),
             run_dir: "/run".into(),
             accel: Accel::Tcg,
+            net: Some(crate::NetSpec {
+                forwards: vec![crate::Forward {
+                    host: "127.0.0.1:18080".parse().unwrap(),
+                    guest_port: 8000,
+                }],
+            }),
         }
     }
 
@@ -368,6 +398,10 @@ mod unit_tests {
             .collect();
         let joined = args.join(" ");
         assert!(joined.contains("-accel tcg"), "{joined}");
+        assert!(
+            joined.contains("-netdev user,id=net0,hostfwd=tcp:127.0.0.1:18080-:8000"),
+            "{joined}"
+        );
         assert!(
             joined.contains("-smp 2") && joined.contains("-m 256"),
             "{joined}"

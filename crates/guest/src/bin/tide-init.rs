@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest::control::{self, Command, Config, Event, Stream};
+use guest::control::{self, Command, Config, Event, Network, Stream};
 
 /// The app's pid, for the SIGTERM handler (0: none yet).
 static APP: AtomicI32 = AtomicI32::new(0);
@@ -185,6 +185,159 @@ fn mount_root(c: &Config) -> Result<PathBuf, String> {
         mount(fs, &root.join(at), fs, 0, "")?;
     }
     Ok(root)
+}
+
+/// `struct ifreq`: a name and, here, a `sockaddr` or the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> IfReq {
+        let mut r = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        let n = name.len().min(libc::IFNAMSIZ - 1);
+        r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        r
+    }
+}
+
+fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes; the kernel reads it as the
+    // family says.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl<T>(fd: i32, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+    // SAFETY: `arg` is the structure `req` takes, alive for the call.
+    if unsafe { libc::ioctl(fd, req as _, arg as *mut T) } != 0 {
+        return Err(errno(what));
+    }
+    Ok(())
+}
+
+/// Brings interface `name` up (and gives it `addr/prefix`, if any).
+fn link_up(fd: i32, name: &str, addr: Option<(std::net::Ipv4Addr, u8)>) -> Result<(), String> {
+    if let Some((ip, prefix)) = addr {
+        let mut r = IfReq::new(name);
+        let sa = sockaddr_in(ip);
+        // SAFETY: copies the 16-byte sockaddr into the request's union.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&sa as *const libc::sockaddr).cast::<u8>(),
+                r.data.as_mut_ptr(),
+                16,
+            )
+        };
+        ioctl(fd, libc::SIOCSIFADDR, &mut r, &format!("address of {name}"))?;
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix.min(32)))
+        };
+        let mut r = IfReq::new(name);
+        let sa = sockaddr_in(std::net::Ipv4Addr::from(mask));
+        // SAFETY: as above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&sa as *const libc::sockaddr).cast::<u8>(),
+                r.data.as_mut_ptr(),
+                16,
+            )
+        };
+        ioctl(
+            fd,
+            libc::SIOCSIFNETMASK,
+            &mut r,
+            &format!("netmask of {name}"),
+        )?;
+    }
+    let mut r = IfReq::new(name);
+    ioctl(fd, libc::SIOCGIFFLAGS, &mut r, &format!("flags of {name}"))?;
+    let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) | libc::IFF_UP as i16;
+    r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    ioctl(
+        fd,
+        libc::SIOCSIFFLAGS,
+        &mut r,
+        &format!("bringing {name} up"),
+    )
+}
+
+/// Loopback up; then the first other interface configured as `net` says.
+fn network(net: Option<&Network>, root: &Path, deadline: Instant) -> Result<(), String> {
+    // SAFETY: a plain socket for the interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(errno("socket"));
+    }
+    let r = (|| {
+        link_up(fd, "lo", None)?;
+        let Some(net) = net else { return Ok(()) };
+        let (ip, prefix) = net
+            .address
+            .split_once('/')
+            .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
+            .ok_or_else(|| format!("network address {:?} is not IPV4/PREFIX", net.address))?;
+        let gw: std::net::Ipv4Addr = net
+            .gateway
+            .parse()
+            .map_err(|_| format!("network gateway {:?} is not an IPv4 address", net.gateway))?;
+        let name = loop {
+            let found = std::fs::read_dir("/sys/class/net").ok().and_then(|d| {
+                let mut names: Vec<String> = d
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != "lo")
+                    .collect();
+                names.sort();
+                names.into_iter().next()
+            });
+            if let Some(n) = found {
+                break n;
+            }
+            if Instant::now() > deadline {
+                return Err("no network interface appeared".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        link_up(fd, &name, Some((ip, prefix)))?;
+        // SAFETY: rtentry is plain data; all-zero is its empty value.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_in(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        ioctl(
+            fd,
+            libc::SIOCADDRT,
+            &mut rt,
+            &format!("default route via {gw}"),
+        )?;
+        if !net.dns.is_empty() {
+            let conf = root.join("etc/resolv.conf");
+            // A symlink in the image is replaced, never followed out of the root.
+            let _ = std::fs::remove_file(&conf);
+            std::fs::write(&conf, format!("nameserver {}\n", net.dns))
+                .map_err(|e| format!("{}: {e}", conf.display()))?;
+        }
+        Ok(())
+    })();
+    // SAFETY: closes the socket made above.
+    unsafe { libc::close(fd) };
+    r
 }
 
 /// Forwards SIGTERM to the app.
@@ -417,12 +570,14 @@ fn run() -> Result<(), String> {
             continue;
         }
         match control::decode::<Command>(&line) {
-            Ok(Command::Config(c)) => break c,
+            Ok(Command::Config(c)) => break *c,
             Ok(Command::Stop) => fail("stopped before the app started".into()),
             Err(e) => fail(e.to_string()),
         }
     };
     let root = mount_root(&config).unwrap_or_else(|e| fail(e));
+    let deadline = Instant::now() + Duration::from_millis(config.disk_timeout_ms);
+    network(config.network.as_ref(), &root, deadline).unwrap_or_else(|e| fail(e));
     let host = cstr(&config.hostname);
     // SAFETY: the name and its length come from one CString.
     if unsafe { libc::sethostname(host.as_ptr(), config.hostname.len()) } != 0 {
