@@ -19,8 +19,7 @@ pub(crate) trait StoreApi {
         &self,
         path: &Path,
         name: Option<&str>,
-        format: Option<SourceFormat>,
-        progress: Arc<Progress>,
+        opts: &ImportOptions,
     ) -> Result<ImportReport>;
     fn import_layer(
         &self,
@@ -64,12 +63,9 @@ impl StoreApi for Local {
         &self,
         path: &Path,
         name: Option<&str>,
-        format: Option<SourceFormat>,
-        progress: Arc<Progress>,
+        opts: &ImportOptions,
     ) -> Result<ImportReport> {
-        Ok(self
-            .0
-            .import_image(path, name, &ImportOptions { format, progress })?)
+        Ok(self.0.import_image(path, name, opts)?)
     }
 
     fn import_layer(
@@ -78,9 +74,14 @@ impl StoreApi for Local {
         format: Option<SourceFormat>,
         progress: Arc<Progress>,
     ) -> Result<ImportReport> {
-        Ok(self
-            .0
-            .import_layer(path, &ImportOptions { format, progress })?)
+        Ok(self.0.import_layer(
+            path,
+            &ImportOptions {
+                format,
+                progress,
+                ..ImportOptions::default()
+            },
+        )?)
     }
 
     fn images(&self) -> Result<Vec<ImageSummary>> {

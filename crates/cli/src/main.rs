@@ -146,6 +146,22 @@ enum ImageCmd {
         /// Skip detection: dir, tar, oci or docker.
         #[arg(long, value_parser = parse_format)]
         format: Option<SourceFormat>,
+        /// What the image runs: a program, or a JSON array (`'["python3", "app.py"]'`).
+        /// Replaces the input's.
+        #[arg(long, value_name = "CMD", value_parser = parse_argv)]
+        entrypoint: Option<Argv>,
+        /// Its default arguments: a word, or a JSON array (`'[]'` clears them).
+        #[arg(long, value_name = "ARGS", value_parser = parse_argv)]
+        cmd: Option<Argv>,
+        /// KEY=VALUE for its environment (repeatable; replaces the input's KEY).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Its working directory (absolute).
+        #[arg(long)]
+        workdir: Option<String>,
+        /// The user it runs as: NAME, UID or UID:GID.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// List named images.
     Ls,
@@ -204,6 +220,23 @@ enum LayerCmd {
         #[arg(long)]
         to: PathBuf,
     },
+}
+
+/// An argv given on the command line (one value to clap, not a list of values).
+#[derive(Debug, Clone)]
+struct Argv(Vec<String>);
+
+/// `--entrypoint`/`--cmd`: a JSON array of strings, or one word.
+fn parse_argv(s: &str) -> Result<Argv, String> {
+    if s.trim_start().starts_with('[') {
+        serde_json::from_str::<Vec<String>>(s)
+            .map(Argv)
+            .map_err(|e| format!("not a JSON array of strings: {e}"))
+    } else if s.is_empty() {
+        Err("empty: give a program, or a JSON array".into())
+    } else {
+        Ok(Argv(vec![s.to_string()]))
+    }
 }
 
 fn parse_format(s: &str) -> Result<SourceFormat, String> {
@@ -398,12 +431,32 @@ fn run(cli: &Cli) -> Result<i32> {
     }
     let api = open(cli)?;
     match &cli.cmd {
-        Cmd::Image(ImageCmd::Import { path, name, format }) => {
+        Cmd::Image(ImageCmd::Import {
+            path,
+            name,
+            format,
+            entrypoint,
+            cmd,
+            env,
+            workdir,
+            user,
+        }) => {
             let progress = Arc::new(Progress::default());
+            let opts = castore::ImportOptions {
+                format: *format,
+                progress: progress.clone(),
+                config: castore::ConfigOverride {
+                    entrypoint: entrypoint.clone().map(|a| a.0),
+                    cmd: cmd.clone().map(|a| a.0),
+                    env: env.clone(),
+                    workdir: workdir.clone(),
+                    user: user.clone(),
+                },
+            };
             let r = with_progress(
                 "import",
                 || import_progress(&progress),
-                || api.import_image(path, name.as_deref(), *format, progress.clone()),
+                || api.import_image(path, name.as_deref(), &opts),
             )?;
             if cli.json {
                 print_json(&r);

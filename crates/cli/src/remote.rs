@@ -34,6 +34,13 @@ pub(crate) struct MountInfo {
     pub(crate) scratch_bytes: u64,
 }
 
+/// Fills a text list the length of `v` with `v`.
+fn set_texts(mut l: capnp::text_list::Builder<'_>, v: &[String]) {
+    for (i, s) in v.iter().enumerate() {
+        l.set(i as u32, s);
+    }
+}
+
 /// The daemon's reports of an import's progress, kept in the counters the progress bar
 /// reads (the same ones an in-process import fills).
 struct ProgressSink(Arc<Progress>);
@@ -317,8 +324,7 @@ impl StoreApi for Remote {
         &self,
         path: &Path,
         name: Option<&str>,
-        format: Option<SourceFormat>,
-        progress: Arc<Progress>,
+        opts: &castore::ImportOptions,
     ) -> Result<ImportReport> {
         let path = abs(path)?;
         self.run(async {
@@ -326,8 +332,27 @@ impl StoreApi for Remote {
             let mut p = req.get();
             p.set_path(&path);
             p.set_name(name.unwrap_or(""));
-            p.set_format(wire_format(format));
-            p.set_progress(capnp_rpc::new_client(ProgressSink(progress)));
+            p.set_format(wire_format(opts.format));
+            p.set_progress(capnp_rpc::new_client(ProgressSink(opts.progress.clone())));
+            let c = &opts.config;
+            let mut w = p.init_config();
+            if let Some(e) = &c.entrypoint {
+                w.set_has_entrypoint(true);
+                set_texts(w.reborrow().init_entrypoint(e.len() as u32), e);
+            }
+            if let Some(e) = &c.cmd {
+                w.set_has_cmd(true);
+                set_texts(w.reborrow().init_cmd(e.len() as u32), e);
+            }
+            set_texts(w.reborrow().init_env(c.env.len() as u32), &c.env);
+            if let Some(d) = &c.workdir {
+                w.set_has_workdir(true);
+                w.set_workdir(d);
+            }
+            if let Some(u) = &c.user {
+                w.set_has_user(true);
+                w.set_user(u);
+            }
             let reply = req.send().promise.await.map_err(wire_err)?;
             import_report(
                 reply

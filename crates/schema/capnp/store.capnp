@@ -170,6 +170,21 @@ struct Stats {
   volumeData @14 :DataStats;# Volumes and their snapshots alone.
 }
 
+struct ConfigOverride {
+  # Changes to an image's config at import (`tide image import --entrypoint ...`). The
+  # has* flags say which of entrypoint, cmd, workdir and user are set: an empty list or
+  # text is a value too (an empty cmd clears the input's).
+  hasEntrypoint @0 :Bool;
+  entrypoint @1 :List(Text);
+  hasCmd @2 :Bool;
+  cmd @3 :List(Text);
+  env @4 :List(Text);       # KEY=VALUE; each replaces the input's entry of that key.
+  hasWorkdir @5 :Bool;
+  workdir @6 :Text;         # Absolute.
+  hasUser @7 :Bool;
+  user @8 :Text;            # NAME, UID or UID:GID.
+}
+
 interface ImportProgress {
   # Implemented by a client that wants to show an import's progress (`tide` draws the
   # same bar as for an in-process import). The daemon waits for each call's reply before
@@ -185,13 +200,15 @@ interface Store {
   # The content-addressed store. Long operations (import, export, gc, fsck) run on a
   # worker thread in the daemon: other calls are served meanwhile.
 
-  importImage @0 (path :Text, name :Text, format :Format, progress :ImportProgress)
+  importImage @0 (path :Text, name :Text, format :Format, progress :ImportProgress,
+                  config :ConfigOverride)
     -> (report :ImportReport);
   # Imports a directory, tar, OCI layout or `docker save` archive at `path` (on the
   # daemon's host) as an image. `name`: NAME:TAG to give it, or "" to use the name the
   # archive carries. `progress` (optional; added after the first release, so older
   # clients leave it null): told how far the import has come about every 200 ms while it
-  # runs, and once more before the reply.
+  # runs, and once more before the reply. `config` (optional, likewise): changes to what
+  # the image runs, over what the input says (a bad value fails the import naming it).
 
   importLayer @1 (path :Text, format :Format, progress :ImportProgress)
     -> (report :ImportReport);

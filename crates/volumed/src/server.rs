@@ -109,6 +109,29 @@ async fn with_progress<T>(
     }
 }
 
+/// An import's config changes, off the wire.
+fn config_override(
+    c: schema::store_capnp::config_override::Reader<'_>,
+) -> Result<castore::ConfigOverride, capnp::Error> {
+    let list =
+        |r: capnp::Result<capnp::text_list::Reader<'_>>| -> Result<Vec<String>, capnp::Error> {
+            r?.iter().map(text).collect()
+        };
+    Ok(castore::ConfigOverride {
+        entrypoint: c
+            .get_has_entrypoint()
+            .then(|| list(c.get_entrypoint()))
+            .transpose()?,
+        cmd: c.get_has_cmd().then(|| list(c.get_cmd())).transpose()?,
+        env: list(c.get_env())?,
+        workdir: c
+            .get_has_workdir()
+            .then(|| text(c.get_workdir()))
+            .transpose()?,
+        user: c.get_has_user().then(|| text(c.get_user())).transpose()?,
+    })
+}
+
 /// The `progress` capability of an import request, if the client sent one.
 fn progress_sink(
     has: bool,
@@ -329,9 +352,15 @@ impl store::Server for StoreImpl {
             let path = abs_path(&path, "import source")?;
             let format = source_format(p.get_format())?;
             let sink = progress_sink(p.has_progress(), || p.get_progress())?;
+            let config = if p.has_config() {
+                config_override(p.get_config()?)?
+            } else {
+                castore::ConfigOverride::default()
+            };
             let opts = ImportOptions {
                 format,
                 progress: progress.clone(),
+                config,
             };
             let work = blocking(move || {
                 let name = (!name.is_empty()).then_some(name.as_str());
@@ -362,6 +391,7 @@ impl store::Server for StoreImpl {
             let opts = ImportOptions {
                 format,
                 progress: progress.clone(),
+                ..ImportOptions::default()
             };
             let work = blocking(move || Ok(store.import_layer(&path, &opts)?));
             with_progress(sink, progress, work).await

@@ -80,6 +80,93 @@ pub struct ImportOptions {
     pub format: Option<SourceFormat>,
     /// Counters to watch from another thread.
     pub progress: Arc<Progress>,
+    /// What to change in the image's config (what it runs), over what the input says.
+    pub config: ConfigOverride,
+}
+
+/// Changes to an image's config given at import (`tide image import --entrypoint ...`),
+/// so that a plain directory or tar becomes a runnable image, or an OCI image's config
+/// is adjusted. Unset fields keep what the input says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigOverride {
+    /// Replaces the entrypoint.
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the default arguments.
+    pub cmd: Option<Vec<String>>,
+    /// `KEY=VALUE` entries: each replaces the input's entry of that key, or is added.
+    pub env: Vec<String>,
+    /// Replaces the working directory (absolute).
+    pub workdir: Option<String>,
+    /// Replaces the user (name, uid or uid:gid).
+    pub user: Option<String>,
+}
+
+impl ConfigOverride {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == ConfigOverride::default()
+    }
+
+    /// Checks every field; the error names the field and the value.
+    pub fn validate(&self) -> Result<()> {
+        for e in &self.env {
+            match e.split_once('=') {
+                Some((k, _)) if !k.is_empty() && !k.contains(char::is_whitespace) => {}
+                _ => {
+                    return Err(Error::Refused(format!(
+                        "env {e:?} is not KEY=VALUE (a non-empty key without spaces)"
+                    )));
+                }
+            }
+        }
+        if let Some(w) = &self.workdir
+            && !w.starts_with('/')
+        {
+            return Err(Error::Refused(format!(
+                "workdir {w:?} is not an absolute path"
+            )));
+        }
+        if let Some(u) = &self.user
+            && (u.is_empty() || u.contains(char::is_whitespace) || u.matches(':').count() > 1)
+        {
+            return Err(Error::Refused(format!(
+                "user {u:?} is not NAME, UID or UID:GID"
+            )));
+        }
+        for (what, v) in [("entrypoint", &self.entrypoint), ("cmd", &self.cmd)] {
+            if v.as_ref().is_some_and(|v| v.iter().any(String::is_empty)) {
+                return Err(Error::Refused(format!("{what} holds an empty argument")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the changes to `c`.
+    pub fn apply(&self, c: &mut ImageConfig) {
+        if let Some(e) = &self.entrypoint {
+            c.entrypoint = e.clone();
+        }
+        if let Some(e) = &self.cmd {
+            c.cmd = e.clone();
+        }
+        for e in &self.env {
+            let key = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+            match c
+                .env
+                .iter_mut()
+                .find(|x| x.split_once('=').is_some_and(|(k, _)| k == key))
+            {
+                Some(x) => *x = e.clone(),
+                None => c.env.push(e.clone()),
+            }
+        }
+        if let Some(w) = &self.workdir {
+            c.workdir = w.clone();
+        }
+        if let Some(u) = &self.user {
+            c.user = u.clone();
+        }
+    }
 }
 
 /// What an import did.
@@ -183,6 +270,7 @@ impl Store {
         if let Some(n) = name {
             crate::refname::validate(n)?;
         }
+        opts.config.validate()?;
         let start = Instant::now();
         let format = match opts.format {
             Some(f) => f,
@@ -226,6 +314,8 @@ impl Store {
                 )));
             }
         };
+        let mut config = config;
+        opts.config.apply(&mut config);
         let image = Image { layers, config };
         let bytes = image.encode();
         let digest = Digest::of(&bytes);
@@ -248,6 +338,12 @@ impl Store {
 
     /// Imports a directory or tar as a single layer, kept until `layer rm`.
     pub fn import_layer(&self, path: &Path, opts: &ImportOptions) -> Result<ImportReport> {
+        if !opts.config.is_empty() {
+            return Err(Error::Refused(
+                "a lone layer has no config: give entrypoint, cmd, env, workdir or user to an image import"
+                    .into(),
+            ));
+        }
         let start = Instant::now();
         let format = match opts.format {
             Some(f) => f,
