@@ -120,6 +120,15 @@ pub struct Service {
     pub instances: Instances,
     pub mounts: Vec<Mount>,
     pub hypervisor: Option<Hypervisor>,
+    /// The guest port the service listens on (what its instances' host ports forward to).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Replaces the image's entrypoint, as Compose's `entrypoint` does.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd (its default arguments), as Compose's `command` does.
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
 }
 
 /// A variant's partial override of one service: only the fields given replace the
@@ -136,6 +145,12 @@ pub struct ServicePatch {
     pub max: Option<u32>,
     pub scale_to_zero: Option<bool>,
     pub hypervisor: Option<Hypervisor>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
 }
 
 impl Service {
@@ -162,6 +177,13 @@ impl Service {
         s.instances.min = p.min.unwrap_or(s.instances.min);
         s.instances.max = p.max.unwrap_or(s.instances.max);
         s.hypervisor = p.hypervisor.or(s.hypervisor);
+        s.port = p.port.or(s.port);
+        if p.command.is_some() {
+            s.command.clone_from(&p.command);
+        }
+        if p.args.is_some() {
+            s.args.clone_from(&p.args);
+        }
         s
     }
 
@@ -497,6 +519,39 @@ impl<'t> Field<'t> {
                 None
             }
         }
+    }
+
+    /// An argv: an array of strings (repeats allowed); `non_empty` refuses `[]`.
+    fn argv(&self, cx: &mut Cx<'_>, non_empty: bool) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, v) in self.array(cx)?.into_iter().enumerate() {
+            match v.as_str() {
+                Some(s) => out.push(s.to_string()),
+                None => {
+                    let line = if v.span().is_some() {
+                        cx.line(v.span())
+                    } else {
+                        self.line
+                    };
+                    cx.err(
+                        line,
+                        &format!("{}[{i}]", self.path),
+                        format!("expected a string, found {}", v.type_name()),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if ok && non_empty && out.is_empty() {
+            cx.err(
+                self.line,
+                &self.path,
+                "must name a program (an empty array runs nothing)",
+            );
+            return None;
+        }
+        ok.then_some(out)
     }
 
     /// An array of strings, each converted by `conv`; duplicates are refused.
@@ -937,6 +992,15 @@ fn parse_patch(cx: &mut Cx<'_>, t: &Tbl<'_>) -> ServicePatch {
     if let Some(f) = t.get(cx, "hypervisor") {
         p.hypervisor = f.parsed(cx, str::parse::<Hypervisor>);
     }
+    if let Some(f) = t.get(cx, "port") {
+        p.port = f.int(cx, 1, 65535).map(|n| n as u16);
+    }
+    if let Some(f) = t.get(cx, "command") {
+        p.command = f.argv(cx, true);
+    }
+    if let Some(f) = t.get(cx, "args") {
+        p.args = f.argv(cx, false);
+    }
     if let Some(rt) = t.get(cx, "resources").and_then(|f| f.table(cx)) {
         rt.check_keys(cx, &["vcpus", "memory", "gpus"]);
         if let Some(f) = rt.get(cx, "vcpus") {
@@ -1031,6 +1095,9 @@ fn parse_service(
             "instances",
             "volumes",
             "hypervisor",
+            "port",
+            "command",
+            "args",
         ],
     );
     let p = parse_patch(cx, t);
@@ -1091,6 +1158,9 @@ fn parse_service(
         },
         mounts,
         hypervisor: p.hypervisor,
+        port: p.port,
+        command: p.command,
+        args: p.args,
     };
     report_instances(cx, t, &s);
     check_hypervisor_fits(cx, t, &s);
@@ -1180,6 +1250,9 @@ fn parse_variant(
                     "needs",
                     "instances",
                     "hypervisor",
+                    "port",
+                    "command",
+                    "args",
                 ],
             );
             let patch = parse_patch(cx, &st);
@@ -1354,6 +1427,40 @@ max = 2
         assert_eq!(
             e,
             vec!["t.toml:15: services.api.instances.max: must be >= min (2 < 3)"]
+        );
+    }
+
+    #[test]
+    fn port_command_and_args_say_what_a_service_runs() {
+        let src = MINI.replace("max = 2", "max = 4").replace(
+            "image = \"shop/api:1\"\n",
+            "image = \"shop/api:1\"\nport = 8000\ncommand = [\"python3\", \"-m\", \"flask\"]\nargs = [\"run\", \"--port\", \"8000\", \"run\"]\n",
+        );
+        let f = parse("t.toml", &src).unwrap_or_else(|e| panic!("{e}"));
+        let stack = f.stack.unwrap();
+        let api = &stack.services[&Name::new("api").unwrap()];
+        assert_eq!(api.port, Some(8000));
+        assert_eq!(
+            api.command.as_deref(),
+            Some(&["python3".to_string(), "-m".into(), "flask".into()][..])
+        );
+        assert_eq!(api.args.as_ref().map(Vec::len), Some(4), "repeats are kept");
+        let web = &stack.services[&Name::new("web").unwrap()];
+        assert_eq!((web.port, web.command.is_none()), (None, true));
+
+        let bad = MINI.replace("max = 2", "max = 4").replace(
+            "image = \"shop/api:1\"\n",
+            "image = \"shop/api:1\"\nport = 70000\ncommand = []\nargs = [\"ok\", 7]\n",
+        );
+        let e = errors(&bad).join("\n");
+        has(
+            &e,
+            "t.toml:12: services.api.port: 70000 is out of range (1 to 65535)",
+        );
+        has(&e, "t.toml:13: services.api.command: must name a program");
+        has(
+            &e,
+            "t.toml:14: services.api.args[1]: expected a string, found integer",
         );
     }
 
