@@ -94,6 +94,18 @@ fn exit_of(st: std::process::ExitStatus) -> Exit {
 }
 
 impl Qemu {
+    /// Whether this host can run the program at all (`PROGRAM --version` succeeds):
+    /// what a host checks before it says it can launch QEMU guests.
+    pub fn available(&self) -> bool {
+        Command::new(&self.program)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// The command line for `spec` (QMP on `qmp`).
     fn command(&self, spec: &VmSpec, qmp: &Path) -> Result<Command, Error> {
         let mut c = Command::new(&self.program);
@@ -430,6 +442,18 @@ mod unit_tests {
                 .count(),
             HOTPLUG_PORTS
         );
+    }
+
+    #[test]
+    fn a_program_that_does_not_run_is_not_available() {
+        let q = Qemu {
+            program: "/nonexistent/qemu-system-x86_64".into(),
+        };
+        assert!(!q.available());
+        let q = Qemu {
+            program: "false".into(),
+        };
+        assert!(!q.available());
     }
 
     #[test]

@@ -102,29 +102,23 @@ pub(crate) fn total_memory() -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::other("no MemTotal line"))
 }
 
-/// The hypervisors on `PATH`: `firecracker`, `cloud-hypervisor`, and `qemu` for any
-/// `qemu-system-*`.
+/// The hypervisors this host can launch guests with, in the scheduler's preference
+/// order.
 pub(crate) fn detect_hypervisors() -> Vec<String> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Only what a driver here can launch (crates/vmm): QEMU when its binary runs.
+    // Firecracker and cloud-hypervisor have no driver yet (they need KVM, which the
+    // machines this is built on cannot use), so a binary of theirs on PATH is said and
+    // not advertised.
     let mut found = Vec::new();
-    for dir in std::env::split_paths(&path) {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let h = match n.as_str() {
-                "firecracker" | "cloud-hypervisor" => n.clone(),
-                _ if n.starts_with("qemu-system-") => "qemu".to_string(),
-                _ => continue,
-            };
-            if !found.contains(&h) {
-                found.push(h);
-            }
+    if vmm::qemu::Qemu::default().available() {
+        found.push("qemu".to_string());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["firecracker", "cloud-hypervisor"] {
+        if std::env::split_paths(&path).any(|d| d.join(name).is_file()) {
+            log!("{name} is on PATH but volumed has no driver for it: not advertised");
         }
     }
-    // In preference order, as the scheduler ranks them.
-    found.sort_by_key(|h| HYPERVISORS.iter().position(|(n, _)| n == h));
     found
 }
 
@@ -822,6 +816,20 @@ impl Drop for Undo<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_hypervisors_a_driver_can_launch_are_detected() {
+        let found = detect_hypervisors();
+        assert_eq!(
+            found.contains(&"qemu".to_string()),
+            vmm::qemu::Qemu::default().available(),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().all(|h| h == "qemu"),
+            "no driver but QEMU's exists: {found:?}"
+        );
+    }
     use super::*;
 
     #[test]

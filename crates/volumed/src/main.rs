@@ -151,8 +151,9 @@ struct Args {
     /// CPU architecture reported to the scheduler.
     #[arg(long, env = "VOLUMED_ARCH", value_name = "ARCH", default_value = std::env::consts::ARCH)]
     arch: String,
-    /// Installed hypervisors, comma-separated (`none` for none; default: firecracker,
-    /// cloud-hypervisor and qemu-system-* found on PATH).
+    /// Hypervisors to advertise, comma-separated (`none` for none). Default: those a
+    /// driver here can launch on this host (qemu, when `qemu-system-x86_64 --version`
+    /// runs). Given explicitly, the list is the operator's word.
     #[arg(
         long,
         env = "VOLUMED_HYPERVISORS",
