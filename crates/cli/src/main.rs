@@ -110,6 +110,17 @@ enum Cmd {
     Host(sched::HostCmd),
     /// Which instance serves a host name (starting one if it is scaled to zero).
     Resolve { hostname: String },
+    /// An instance's log: its app's output and its host's lifecycle lines.
+    Logs {
+        /// The instance id (`tide instance ls`).
+        instance: String,
+        /// Keep printing what comes, until its VM ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// The guest kernel's console instead.
+        #[arg(long)]
+        console: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -408,6 +419,15 @@ fn sched_command(cmd: &Cmd) -> Option<sched::Command<'_>> {
         Cmd::Alias(c) => sched::Command::Alias(c),
         Cmd::Host(c) => sched::Command::Host(c),
         Cmd::Resolve { hostname } => sched::Command::Resolve(hostname),
+        Cmd::Logs {
+            instance,
+            follow,
+            console,
+        } => sched::Command::Logs {
+            instance,
+            follow: *follow,
+            console: *console,
+        },
         _ => return None,
     })
 }
@@ -736,7 +756,8 @@ fn run(cli: &Cli) -> Result<i32> {
         | Cmd::Pool(_)
         | Cmd::Alias(_)
         | Cmd::Host(_)
-        | Cmd::Resolve { .. } => unreachable!("handled by sched::run"),
+        | Cmd::Resolve { .. }
+        | Cmd::Logs { .. } => unreachable!("handled by sched::run"),
     }
     Ok(0)
 }

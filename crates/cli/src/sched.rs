@@ -58,8 +58,18 @@ pub(crate) enum VariantCmd {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum InstanceCmd {
-    /// List every placed instance.
+    /// List every placed instance, with its VM's state and where it answers.
     Ls,
+    /// Stop an instance's VM (SIGTERM to its app, then the VM); it stays placed.
+    Stop {
+        /// The instance id.
+        id: String,
+    },
+    /// Restart an instance's VM: the same root (fresh scratch), the same volumes.
+    Restart {
+        /// The instance id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +145,11 @@ pub(crate) enum Command<'a> {
     Alias(&'a AliasCmd),
     Host(&'a HostCmd),
     Resolve(&'a str),
+    Logs {
+        instance: &'a str,
+        follow: bool,
+        console: bool,
+    },
 }
 
 // ---- Rows ----
@@ -155,6 +170,59 @@ struct InstanceRow {
     warm_vm: String,
     image: String,
     disks: Vec<DiskRow>,
+    /// HOST:PORT forwarded to its service's port, or "".
+    endpoint: String,
+    guest: GuestRow,
+}
+
+/// An instance's VM (times in Unix milliseconds, 0 until they happen).
+#[derive(Debug, Serialize)]
+struct GuestRow {
+    phase: String,
+    launched: u64,
+    booted: u64,
+    started: u64,
+    answered: u64,
+    ended: u64,
+    exit_code: i32,
+    exit_signal: i32,
+    reason: String,
+    pid: u32,
+    restarts: u32,
+}
+
+impl InstanceRow {
+    /// What the STATE column says: the VM's phase when it has one.
+    fn shown_state(&self) -> String {
+        let g = &self.guest;
+        match (self.state.as_str(), g.phase.as_str()) {
+            (_, "") => self.state.clone(),
+            ("ready" | "moved", "exited") if g.exit_signal != 0 => {
+                format!("exited (signal {})", g.exit_signal)
+            }
+            ("ready" | "moved", "exited") => format!("exited ({})", g.exit_code),
+            ("ready" | "moved", p) => p.to_string(),
+            (s, _) => s.to_string(),
+        }
+    }
+
+    /// How long it has been in its VM's phase.
+    fn since(&self) -> String {
+        let g = &self.guest;
+        let at = [g.ended, g.answered, g.started, g.launched]
+            .into_iter()
+            .find(|t| *t != 0);
+        let Some(at) = at else { return "-".into() };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let s = now.saturating_sub(at) / 1000;
+        match s {
+            0..120 => format!("{s}s"),
+            120..7200 => format!("{}m", s / 60),
+            _ => format!("{}h", s / 3600),
+        }
+    }
 }
 
 /// One block device an instance boots from.
@@ -300,7 +368,22 @@ fn ts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> Result<Vec<String>> {
 }
 
 fn instance_row(r: instance_info::Reader<'_>) -> Result<InstanceRow> {
+    let g = r.get_guest().w()?;
     Ok(InstanceRow {
+        endpoint: t(r.get_endpoint())?,
+        guest: GuestRow {
+            phase: t(g.get_phase())?,
+            launched: g.get_launched(),
+            booted: g.get_booted(),
+            started: g.get_started(),
+            answered: g.get_answered(),
+            ended: g.get_ended(),
+            exit_code: g.get_exit_code(),
+            exit_signal: g.get_exit_signal(),
+            reason: t(g.get_reason())?,
+            pid: g.get_pid(),
+            restarts: g.get_restarts(),
+        },
         id: t(r.get_id())?,
         key: t(r.get_key())?,
         stack: t(r.get_stack())?,
@@ -443,6 +526,8 @@ fn print_instances(rows: &[InstanceRow]) {
             "HOST",
             "HYPERVISOR",
             "STATE",
+            "SINCE",
+            "ENDPOINT",
             "IMAGE",
             "WARM VM",
         ],
@@ -452,7 +537,13 @@ fn print_instances(rows: &[InstanceRow]) {
                     i.id.clone(),
                     i.host.clone(),
                     i.hypervisor.clone(),
-                    i.state.clone(),
+                    i.shown_state(),
+                    i.since(),
+                    if i.endpoint.is_empty() {
+                        "-".into()
+                    } else {
+                        i.endpoint.clone()
+                    },
                     i.image.clone(),
                     if i.warm_vm.is_empty() {
                         "-".into()
@@ -861,6 +952,61 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
                         .collect(),
                 )
             });
+        }
+        Command::Instance(InstanceCmd::Stop { id } | InstanceCmd::Restart { id }) => {
+            let action = match cmd {
+                Command::Instance(InstanceCmd::Stop { .. }) => "stop",
+                _ => "restart",
+            };
+            let mut req = s.control_request();
+            req.get().set_instance(id);
+            req.get().set_action(action);
+            let reply = req.send().promise.await.w()?;
+            let row = instance_row(reply.get().w()?.get_instance().w()?)?;
+            emit(json, &row, |r| {
+                println!(
+                    "{} {}: {}{}",
+                    if action == "stop" {
+                        "stopped"
+                    } else {
+                        "restarted"
+                    },
+                    r.id,
+                    r.shown_state(),
+                    if r.endpoint.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", answering on {}", r.endpoint)
+                    }
+                )
+            });
+        }
+        Command::Logs {
+            instance,
+            follow,
+            console,
+        } => {
+            use std::io::Write;
+            let mut offset = 0u64;
+            let mut out = std::io::stdout();
+            loop {
+                let mut req = s.logs_request();
+                req.get().set_instance(instance);
+                req.get().set_offset(offset);
+                req.get().set_console(console);
+                let reply = req.send().promise.await.w()?;
+                let r = reply.get().w()?;
+                let data = r.get_data().w()?;
+                out.write_all(data)?;
+                out.flush()?;
+                offset = r.get_next();
+                if data.is_empty() {
+                    if !follow || r.get_ended() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
         }
         Command::Resolve(hostname) => {
             let mut req = s.resolve_request();

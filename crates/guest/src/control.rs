@@ -77,6 +77,22 @@ pub struct Config {
     /// The network, if the guest has one (loopback is always up).
     #[serde(default)]
     pub network: Option<Network>,
+    /// Volumes to mount in the root once it is built, in order.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A volume disk the guest mounts inside its root: an ext4 filesystem (the host
+/// formats a volume on first use, never again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// Virtio serial of the disk.
+    pub serial: String,
+    /// Absolute path inside the root (made if missing).
+    pub path: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// Host to guest.
@@ -223,6 +239,11 @@ mod unit_tests {
                 gateway: "10.0.2.2".into(),
                 dns: String::new(),
             }),
+            volumes: vec![VolumeMount {
+                serial: "vol0".into(),
+                path: "/data".into(),
+                read_only: false,
+            }],
         }
     }
 

@@ -170,6 +170,97 @@ impl Writer<'_> {
     }
 }
 
+/// The kernel modules a Tidedge guest loads (with their dependencies): virtio over PCI,
+/// block, console and network devices, EROFS, overlayfs. ext4 is built into Debian's
+/// cloud kernel.
+pub const MODULES: [&str; 6] = [
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "erofs",
+    "overlay",
+];
+
+/// The files of `names` and of every module they depend on, under `modules_dir`
+/// (`lib/modules/VERSION`, with the `modules.dep` depmod writes), in an order that
+/// loads each after its dependencies (`modules.dep` lists a module's dependencies so
+/// that the last is loaded first).
+pub fn module_order(
+    modules_dir: &std::path::Path,
+    names: &[&str],
+) -> Result<Vec<std::path::PathBuf>, String> {
+    let dep_path = modules_dir.join("modules.dep");
+    let dep = std::fs::read_to_string(&dep_path)
+        .map_err(|e| format!("{}: {e} (run depmod)", dep_path.display()))?;
+    let table: Vec<(&str, Vec<&str>)> = dep
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| (m, d.split_whitespace().collect()))
+        .collect();
+    let stem = |m: &str| -> String {
+        let file = m.rsplit('/').next().unwrap_or(m);
+        let file = file.split(".ko").next().unwrap_or(file);
+        file.replace('-', "_")
+    };
+    let mut order = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        let want = name.replace('-', "_");
+        let (m, deps) = table
+            .iter()
+            .find(|(m, _)| stem(m) == want)
+            .ok_or_else(|| format!("module {name} is not in {}", dep_path.display()))?;
+        for d in deps.iter().rev().chain(std::iter::once(m)) {
+            if seen.insert(*d) {
+                order.push(modules_dir.join(d));
+            }
+        }
+    }
+    Ok(order)
+}
+
+impl Initramfs {
+    /// `modules` (files, in load order) under `lib/modules`, and `modules.order`
+    /// naming them in that order (what `tide-init` loads).
+    pub fn modules(&mut self, modules: &[std::path::PathBuf]) -> Result<&mut Self, String> {
+        let mut order = String::new();
+        for m in modules {
+            let name = m
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| format!("{}: not a module file name", m.display()))?
+                .to_string();
+            let bytes = std::fs::read(m).map_err(|e| format!("{}: {e}", m.display()))?;
+            self.file(&format!("lib/modules/{name}"), 0o644, bytes);
+            order.push_str(&name);
+            order.push('\n');
+        }
+        self.file("modules.order", 0o644, order.into_bytes());
+        Ok(self)
+    }
+
+    /// The mount points and console every guest's initramfs has.
+    pub fn base(&mut self) -> &mut Self {
+        for d in ["proc", "sys", "dev", "tmp"] {
+            self.dir(d, 0o755);
+        }
+        self.char_dev("dev/console", 0o600, 5, 1);
+        self
+    }
+}
+
+/// The initramfs of a Tidedge guest: `init` (the static `tide-init`) as `/init` and the
+/// [`MODULES`] of the kernel whose modules are in `modules_dir`; nothing else (the app
+/// runs in the image's root).
+pub fn tidedge(init: Vec<u8>, modules_dir: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut fs = Initramfs::new();
+    fs.file("init", 0o755, init);
+    fs.modules(&module_order(modules_dir, &MODULES)?)?;
+    fs.base();
+    Ok(fs.to_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

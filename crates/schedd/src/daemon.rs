@@ -192,6 +192,8 @@ struct Planned {
     reasons: Vec<String>,
     fetch_bytes: u64,
     verdicts: Vec<VerdictView>,
+    /// The services it depends on, with the key of the instances serving each.
+    links_to: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -413,6 +415,14 @@ impl Daemon {
 
     /// What identifies what an instance runs: a change means it is replaced.
     fn fingerprint(spec: &Spec, hv_request: Option<Hypervisor>) -> String {
+        // Links are left out: they follow where the dependencies run.
+        let runs = (&spec.port, &spec.command, &spec.args);
+        let runs = if runs == (&None, &None, &None) {
+            // What records of an earlier version hashed.
+            String::new()
+        } else {
+            serde_json::to_string(&runs).expect("serializable")
+        };
         serde_json::to_string(&(
             &spec.image,
             &spec.env,
@@ -420,6 +430,13 @@ impl Daemon {
             &spec.volumes,
             hv_request,
         ))
+        .map(|f| {
+            if runs.is_empty() {
+                f
+            } else {
+                format!("{f}{runs}")
+            }
+        })
         .expect("serializable")
     }
 
@@ -452,6 +469,10 @@ impl Daemon {
                 })
                 .collect(),
             warm_vm: String::new(),
+            port: svc.port,
+            command: svc.command.clone(),
+            args: svc.args.clone(),
+            links: Vec::new(),
         }
     }
 
@@ -587,6 +608,7 @@ impl Daemon {
             reasons,
             fetch_bytes: p.fetch_bytes,
             verdicts,
+            links_to: Vec::new(),
         })
     }
 
@@ -680,8 +702,17 @@ impl Daemon {
                         plan.stale.push(r.id.clone());
                     }
                 }
+                let links_to: Vec<(String, String)> = rs
+                    .service
+                    .depends_on
+                    .iter()
+                    .filter_map(|d| {
+                        let to = dep.services.iter().find(|x| x.service.name == *d)?;
+                        Some((d.to_string(), to.instances_of.clone()))
+                    })
+                    .collect();
                 for _ in keep..rs.service.instances.min {
-                    let p = self.plan_one(
+                    let mut p = self.plan_one(
                         &s,
                         dep.variant.as_ref(),
                         rs,
@@ -690,6 +721,7 @@ impl Daemon {
                         &mut taken,
                         &mut plan.converted,
                     )?;
+                    p.links_to = links_to.clone();
                     plan.planned.push(p);
                 }
             }
@@ -952,6 +984,113 @@ async fn prepare_all(items: Vec<(host::Client, String, Spec)>) -> Vec<Result<Pre
     .await
 }
 
+/// Where an instance of `key` answers (HOST, PORT), from the instances prepared so far
+/// in this plan or, failing that, those already running (not about to be replaced).
+fn endpoint_of(
+    d: &Daemon,
+    planned: &[Planned],
+    results: &[Option<Result<Prepared>>],
+    stale: &[String],
+    key: &str,
+) -> Option<(String, u16)> {
+    let from_plan = planned
+        .iter()
+        .zip(results)
+        .filter(|(p, _)| p.rec.key == key)
+        .find_map(|(_, r)| match r {
+            Some(Ok(p)) if !p.address.is_empty() => Some(p.address.clone()),
+            _ => None,
+        });
+    let addr = from_plan.or_else(|| {
+        d.instances
+            .values()
+            .filter(|r| r.key == key && !stale.contains(&r.id) && r.state != InstState::Lost)
+            .find(|r| !r.prepared.address.is_empty())
+            .map(|r| r.prepared.address.clone())
+    })?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
+/// Prepares a plan's instances in dependency order: those whose dependencies are all
+/// prepared go together (concurrently), each told where its dependencies answer
+/// (`links`), so a service's guest boots knowing its `DB_HOST`/`DB_PORT`. After a wave
+/// with a failure nothing more is started; what was not is `NotStarted`.
+async fn prepare_in_order(
+    sh: &Rc<Shared>,
+    planned: &mut [Planned],
+    stale: &[String],
+) -> Vec<Result<Prepared>> {
+    let n = planned.len();
+    let mut results: Vec<Option<Result<Prepared>>> = (0..n).map(|_| None).collect();
+    loop {
+        let done_ok = |key: &str, results: &[Option<Result<Prepared>>]| {
+            planned
+                .iter()
+                .zip(results)
+                .filter(|(p, _)| p.rec.key == key)
+                .all(|(_, r)| matches!(r, Some(Ok(_))))
+        };
+        let wave: Vec<usize> = (0..n)
+            .filter(|&i| {
+                results[i].is_none()
+                    && planned[i]
+                        .links_to
+                        .iter()
+                        .all(|(_, key)| *key == planned[i].rec.key || done_ok(key, &results))
+            })
+            .collect();
+        if wave.is_empty() {
+            break;
+        }
+        {
+            let d = sh.state.borrow();
+            for &i in &wave {
+                let links = planned[i]
+                    .links_to
+                    .iter()
+                    .filter_map(|(service, key)| {
+                        let (host, port) = endpoint_of(&d, planned, &results, stale, key)?;
+                        Some(state::LinkRec {
+                            service: service.clone(),
+                            host,
+                            port,
+                        })
+                    })
+                    .collect();
+                planned[i].rec.spec.links = links;
+            }
+        }
+        let items = wave
+            .iter()
+            .map(|&i| {
+                let p = &planned[i];
+                (p.client.clone(), p.rec.host.clone(), p.rec.spec.clone())
+            })
+            .collect();
+        let rs = prepare_all(items).await;
+        let failed = rs.iter().any(Result::is_err);
+        for (i, r) in wave.into_iter().zip(rs) {
+            results[i] = Some(r);
+        }
+        if failed {
+            break;
+        }
+    }
+    results
+        .into_iter()
+        .zip(planned.iter())
+        .map(|(r, p)| {
+            r.unwrap_or_else(|| {
+                Err(Error::NotStarted(format!(
+                    "{} was not started: a service it depends on failed",
+                    p.rec.id
+                )))
+            })
+        })
+        .collect()
+}
+
 async fn release_all(sh: &Rc<Shared>, items: Vec<(String, String)>) {
     let calls: Vec<_> = {
         let d = sh.state.borrow();
@@ -1070,13 +1209,14 @@ pub async fn deploy(
             }
         }
     };
-    let items = plan
-        .planned
+    let results = prepare_in_order(sh, &mut plan.planned, &plan.stale).await;
+    let failed = results
         .iter()
-        .map(|p| (p.client.clone(), p.rec.host.clone(), p.rec.spec.clone()))
-        .collect();
-    let results = prepare_all(items).await;
-    let failed = results.iter().position(Result::is_err);
+        .position(|r| {
+            r.as_ref()
+                .is_err_and(|e| !matches!(e, Error::NotStarted(_)))
+        })
+        .or_else(|| results.iter().position(Result::is_err));
     if let Some(i) = failed {
         let mut done: Vec<(String, String)> = plan
             .planned
@@ -1520,6 +1660,7 @@ pub fn heartbeat(
     session: u64,
     inv: HostInventory,
     images: Vec<ImageRec>,
+    guests: Vec<(String, state::GuestRec)>,
 ) -> Result<()> {
     if inv.id != id {
         return Err(Error::BadRequest(format!(
@@ -1553,7 +1694,87 @@ pub fn heartbeat(
         state::put(&mut batch, &state::host_key(id), &h.rec);
         write(&d.kv, batch);
     }
+    // Guests' states: kept as reported, stored when a phase changes (an app that
+    // exited, a VM that died), so a restarted scheduler shows them too.
+    let mut batch = KvBatch::new();
+    for (instance, g) in guests {
+        let Some(rec) = d.instances.get_mut(&instance) else {
+            continue;
+        };
+        if rec.host != id || rec.prepared.guest == g {
+            continue;
+        }
+        let phase_changed = rec.prepared.guest.phase != g.phase;
+        if phase_changed && (g.phase == "failed" || g.phase == "exited") {
+            log!(
+                "instance {instance} on {id}: {}{}",
+                g.phase,
+                if g.reason.is_empty() {
+                    format!(" (status {})", g.exit_code)
+                } else {
+                    format!(": {}", g.reason)
+                }
+            );
+        }
+        rec.prepared.guest = g;
+        if phase_changed {
+            state::put(&mut batch, &state::instance_key(&instance), &*rec);
+        }
+    }
+    if !batch.is_empty() {
+        write(&d.kv, batch);
+    }
     Ok(())
+}
+
+/// Instance `id`'s host, with its capability.
+fn host_of(sh: &Rc<Shared>, id: &str) -> Result<(String, host::Client)> {
+    let d = sh.state.borrow();
+    let rec = d
+        .instances
+        .get(id)
+        .ok_or_else(|| Error::BadRequest(format!("no instance {id:?}")))?;
+    let client = d.client(&rec.host).ok_or_else(|| Error::Host {
+        host: rec.host.clone(),
+        op: format!("reaching {id}"),
+        reason: "not connected".into(),
+    })?;
+    Ok((rec.host.clone(), client))
+}
+
+/// A chunk of instance `id`'s log, from its host.
+pub async fn logs(
+    sh: &Rc<Shared>,
+    id: &str,
+    offset: u64,
+    console: bool,
+    max: u32,
+) -> Result<(Vec<u8>, u64, bool)> {
+    let (host, client) = host_of(sh, id)?;
+    hostcall::logs(&client, &host, id, offset, console, max).await
+}
+
+/// Stops or restarts instance `id` on its host; the instance as it then is.
+pub async fn control(sh: &Rc<Shared>, id: &str, action: &str) -> Result<InstanceView> {
+    if action != "stop" && action != "restart" {
+        return Err(Error::BadRequest(format!(
+            "instance {id}: unknown action {action:?} (stop or restart)"
+        )));
+    }
+    let (host, client) = host_of(sh, id)?;
+    let p = hostcall::control(&client, &host, id, action).await?;
+    let mut d = sh.state.borrow_mut();
+    let d = &mut *d;
+    let rec = d
+        .instances
+        .get_mut(id)
+        .ok_or_else(|| Error::BadRequest(format!("instance {id} was released meanwhile")))?;
+    rec.prepared = p;
+    let mut batch = KvBatch::new();
+    state::put(&mut batch, &state::instance_key(id), &*rec);
+    write(&d.kv, batch);
+    let rec = rec.clone();
+    Ok(d.view(&rec))
 }
 
 /// Compares what a (re)registered host has with what the scheduler placed on it:

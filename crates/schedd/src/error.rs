@@ -16,6 +16,9 @@ pub enum Error {
     /// No host can take an instance, or an override is impossible.
     #[error(transparent)]
     Place(#[from] PlaceError),
+    /// An instance a deploy did not start because one it depends on failed.
+    #[error("{0}")]
+    NotStarted(String),
     /// A request carried an argument the scheduler cannot use.
     #[error("{0}")]
     BadRequest(String),

@@ -13,6 +13,10 @@ use crate::wire;
 /// How long one host call may take.
 pub const HOST_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a `prepare` (or a restart) may take: a host that boots guests answers once
+/// the guest's app runs and answers on its port, bounded by its own `--boot-timeout`.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A warm VM as a host reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmReport {
@@ -36,21 +40,71 @@ async fn deadline<T>(
     op: &str,
     f: impl std::future::Future<Output = capnp::Result<T>>,
 ) -> Result<T> {
-    match tokio::time::timeout(HOST_CALL_TIMEOUT, f).await {
+    deadline_of(HOST_CALL_TIMEOUT, host, op, f).await
+}
+
+async fn deadline_of<T>(
+    limit: Duration,
+    host: &str,
+    op: &str,
+    f: impl std::future::Future<Output = capnp::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, f).await {
         Ok(r) => r.map_err(|e| host_err(host, op.to_owned(), &e)),
         Err(_) => Err(Error::Host {
             host: host.to_owned(),
             op: op.to_owned(),
-            reason: format!("no answer within {}s", HOST_CALL_TIMEOUT.as_secs()),
+            reason: format!("no answer within {}s", limit.as_secs()),
         }),
     }
+}
+
+/// A chunk of an instance's log: its bytes, the next offset, whether its VM ended.
+pub async fn logs(
+    client: &host::Client,
+    host: &str,
+    instance: &str,
+    offset: u64,
+    console: bool,
+    max: u32,
+) -> Result<(Vec<u8>, u64, bool)> {
+    let op = format!("logs of {instance}");
+    let mut req = client.logs_request();
+    req.get().set_instance(instance);
+    req.get().set_offset(offset);
+    req.get().set_console(console);
+    req.get().set_max(max);
+    deadline(host, &op, async move {
+        let reply = req.send().promise.await?;
+        let r = reply.get()?;
+        Ok((r.get_data()?.to_vec(), r.get_next(), r.get_ended()))
+    })
+    .await
+}
+
+/// Stops or restarts an instance's guest; what the host then reports.
+pub async fn control(
+    client: &host::Client,
+    host: &str,
+    instance: &str,
+    action: &str,
+) -> Result<Prepared> {
+    let op = format!("{action} {instance}");
+    let mut req = client.control_request();
+    req.get().set_instance(instance);
+    req.get().set_action(action);
+    deadline_of(PREPARE_TIMEOUT, host, &op, async move {
+        let reply = req.send().promise.await?;
+        wire::prepared_from(reply.get()?.get_prepared()?)
+    })
+    .await
 }
 
 pub async fn prepare(client: &host::Client, host: &str, spec: &Spec) -> Result<Prepared> {
     let op = format!("prepare {}", spec.instance);
     let mut req = client.prepare_request();
     wire::set_spec(req.get().init_spec(), spec);
-    deadline(host, &op, async move {
+    deadline_of(PREPARE_TIMEOUT, host, &op, async move {
         let reply = req.send().promise.await?;
         wire::prepared_from(reply.get()?.get_prepared()?)
     })

@@ -204,6 +204,35 @@ impl scheduler::Server for SchedulerImpl {
         Ok(())
     }
 
+    async fn logs(
+        self: CapRc<Self>,
+        params: scheduler::LogsParams,
+        mut results: scheduler::LogsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = text(p.get_instance())?;
+        let (data, next, ended) =
+            daemon::logs(&self.0, &id, p.get_offset(), p.get_console(), p.get_max()).await?;
+        let mut r = results.get();
+        r.set_data(&data);
+        r.set_next(next);
+        r.set_ended(ended);
+        Ok(())
+    }
+
+    async fn control(
+        self: CapRc<Self>,
+        params: scheduler::ControlParams,
+        mut results: scheduler::ControlResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = text(p.get_instance())?;
+        let action = text(p.get_action())?;
+        let v = daemon::control(&self.0, &id, &action).await?;
+        wire::set_instance_info(results.get().init_instance(), &v);
+        Ok(())
+    }
+
     async fn hosts(
         self: CapRc<Self>,
         _: scheduler::HostsParams,
@@ -372,8 +401,17 @@ impl host_session::Server for HostSessionImpl {
         params: host_session::HeartbeatParams,
         mut results: host_session::HeartbeatResults,
     ) -> Result<(), capnp::Error> {
-        let (inv, images) = wire::inventory_from(params.get()?.get_inventory()?)?;
-        daemon::heartbeat(&self.sh, &self.id, self.session, inv, images)?;
+        let p = params.get()?;
+        let (inv, images) = wire::inventory_from(p.get_inventory()?)?;
+        let mut guests = Vec::new();
+        if p.has_guests() {
+            for g in p.get_guests()? {
+                if g.has_guest() {
+                    guests.push((text(g.get_instance())?, wire::guest_from(g.get_guest()?)?));
+                }
+            }
+        }
+        daemon::heartbeat(&self.sh, &self.id, self.session, inv, images, guests)?;
         let interval = (self.sh.host_timeout / 3)
             .as_millis()
             .clamp(10, u32::MAX as u128);

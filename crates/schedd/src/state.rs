@@ -55,6 +55,44 @@ pub struct Spec {
     pub volumes: Vec<VolumeReq>,
     /// The host's warm VM to convert, or "".
     pub warm_vm: String,
+    /// The guest port its service listens on.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Replaces the image's entrypoint (and cmd).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd.
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+    /// Where the services it depends on answer.
+    #[serde(default)]
+    pub links: Vec<LinkRec>,
+}
+
+/// Where a service an instance depends on answers (the wire's `Link`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRec {
+    pub service: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// An instance's VM as its host reports it (the wire's `GuestState`; times in Unix
+/// milliseconds, 0 until they happen).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GuestRec {
+    /// "" (its host boots no VM), "booting", "running", "exited", "failed".
+    pub phase: String,
+    pub launched: u64,
+    pub booted: u64,
+    pub started: u64,
+    pub answered: u64,
+    pub ended: u64,
+    pub exit_code: i32,
+    pub exit_signal: i32,
+    pub reason: String,
+    pub pid: u32,
+    pub restarts: u32,
 }
 
 /// What a host reported for a prepared instance (the wire's `PreparedInstance`).
@@ -70,6 +108,12 @@ pub struct Prepared {
     /// records of an earlier version have none).
     #[serde(default)]
     pub disks: Vec<Disk>,
+    /// HOST:PORT forwarded to its service port, or "".
+    #[serde(default)]
+    pub address: String,
+    /// Its VM, as last reported.
+    #[serde(default)]
+    pub guest: GuestRec,
 }
 
 /// One of an instance's block devices (the wire's `BootDisk`), kept to show.

@@ -15,7 +15,7 @@ use schema::sched_capnp::{
 use crate::daemon::{DeployReport, HostView, InstanceView, PoolView, RouteView, StackView};
 use crate::error::{Error, Result};
 use crate::hostcall::WarmReport;
-use crate::state::{Disk, ImageRec, Prepared, Spec};
+use crate::state::{Disk, GuestRec, ImageRec, Prepared, Spec};
 
 /// A text field as an owned string.
 pub fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
@@ -162,6 +162,50 @@ pub fn set_spec(mut b: instance_spec::Builder<'_>, s: &Spec) {
         e.set_mount_path(&v.mount_path);
     }
     b.set_warm_vm(&s.warm_vm);
+    b.set_port(s.port.unwrap_or(0));
+    if let Some(c) = &s.command {
+        set_texts(b.reborrow().init_command(c.len() as u32), c);
+    }
+    if let Some(a) = &s.args {
+        set_texts(b.reborrow().init_args(a.len() as u32), a);
+    }
+    let mut links = b.init_links(s.links.len() as u32);
+    for (i, l) in s.links.iter().enumerate() {
+        let mut e = links.reborrow().get(i as u32);
+        e.set_service(&l.service);
+        e.set_host(&l.host);
+        e.set_port(l.port);
+    }
+}
+
+pub fn guest_from(r: schema::sched_capnp::guest_state::Reader<'_>) -> capnp::Result<GuestRec> {
+    Ok(GuestRec {
+        phase: text(r.get_phase())?,
+        launched: r.get_launched(),
+        booted: r.get_booted(),
+        started: r.get_started(),
+        answered: r.get_answered(),
+        ended: r.get_ended(),
+        exit_code: r.get_exit_code(),
+        exit_signal: r.get_exit_signal(),
+        reason: text(r.get_reason())?,
+        pid: r.get_pid(),
+        restarts: r.get_restarts(),
+    })
+}
+
+pub fn set_guest(mut b: schema::sched_capnp::guest_state::Builder<'_>, g: &GuestRec) {
+    b.set_phase(&g.phase);
+    b.set_launched(g.launched);
+    b.set_booted(g.booted);
+    b.set_started(g.started);
+    b.set_answered(g.answered);
+    b.set_ended(g.ended);
+    b.set_exit_code(g.exit_code);
+    b.set_exit_signal(g.exit_signal);
+    b.set_reason(&g.reason);
+    b.set_pid(g.pid);
+    b.set_restarts(g.restarts);
 }
 
 pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared> {
@@ -172,6 +216,12 @@ pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared
         volumes: texts(r.get_volumes())?,
         hypervisor: text(r.get_hypervisor())?,
         warm_vm: text(r.get_warm_vm())?,
+        address: text(r.get_address())?,
+        guest: if r.has_guest() {
+            guest_from(r.get_guest()?)?
+        } else {
+            GuestRec::default()
+        },
         disks: if r.has_boot() {
             r.get_boot()?
                 .get_disks()?
@@ -222,6 +272,8 @@ pub fn set_instance_info(mut b: instance_info::Builder<'_>, v: &InstanceView) {
     );
     b.set_warm_vm(&r.spec.warm_vm);
     b.set_image(&r.spec.image);
+    b.set_endpoint(&r.prepared.address);
+    set_guest(b.reborrow().init_guest(), &r.prepared.guest);
     let mut dl = b.init_disks(r.prepared.disks.len() as u32);
     for (i, d) in r.prepared.disks.iter().enumerate() {
         let mut e = dl.reborrow().get(i as u32);

@@ -90,6 +90,37 @@ struct InstanceSpec {
   env @6 :List(KeyValue);       # The effective environment (the cascade applied).
   volumes @7 :List(VolumeRequest);
   warmVm @8 :Text;              # A warm VM of this host to convert, or "" to boot cold.
+  port @9 :UInt16;              # The guest port its service listens on (0: none). The
+                                # host forwards a port of its own to it: `address`.
+  command @10 :List(Text);      # Replaces the image's entrypoint (and its cmd) when set.
+  args @11 :List(Text);         # Replaces the image's cmd when set (an empty list clears it).
+  links @12 :List(Link);        # The services it depends on, where they answer.
+}
+
+struct Link {
+  # Where another service of the stack answers, for an instance that depends on it. The
+  # host gives its guest SERVICE_HOST and SERVICE_PORT (the name upper-cased, "-" as
+  # "_"), an address on the host's own loopback turned into the one its guests reach it
+  # by.
+  service @0 :Text;
+  host @1 :Text;
+  port @2 :UInt16;
+}
+
+struct GuestState {
+  # A prepared instance's VM. Times are Unix milliseconds, 0 until they happen.
+  phase @0 :Text;               # "" (no VM: the host boots none), "booting", "running"
+                                # (its app started), "exited", "failed".
+  launched @1 :UInt64;          # The hypervisor started.
+  booted @2 :UInt64;            # The guest's init said it is ready (the kernel booted).
+  started @3 :UInt64;           # The app started.
+  answered @4 :UInt64;          # The app's port accepted a connection.
+  ended @5 :UInt64;             # It exited or failed.
+  exitCode @6 :Int32;           # With "exited": the app's status (-1 if a signal killed it).
+  exitSignal @7 :Int32;         # With "exited": the signal that killed it, or 0.
+  reason @8 :Text;              # With "failed": why, in one line.
+  pid @9 :UInt32;               # The hypervisor's pid on the host.
+  restarts @10 :UInt32;         # Times it was restarted.
 }
 
 struct BootDisk {
@@ -131,6 +162,8 @@ struct PreparedInstance {
   hypervisor @4 :Text;          # Recorded for the launcher (not started by this version).
   warmVm @5 :Text;              # The warm VM converted, or "".
   boot @6 :BootSpec;            # Its block devices, for the guest to boot from.
+  address @7 :Text;             # HOST:PORT forwarded to its guest port, or "".
+  guest @8 :GuestState;
 }
 
 struct WarmVm {
@@ -160,13 +193,32 @@ interface Host {
 
   instances @4 () -> (instances :List(PreparedInstance), warm :List(WarmVm));
   # What this host has prepared, for a scheduler that restarted.
+
+  logs @5 (instance :Text, offset :UInt64, console :Bool, max :UInt32)
+    -> (data :Data, next :UInt64, ended :Bool);
+  # Up to `max` bytes (0: 64 KiB) of the instance's log from byte `offset`: its app's
+  # output and the host's lifecycle lines, or with `console` its kernel's console.
+  # `next` is the offset to ask for next; `ended` says its VM has ended (nothing more
+  # will come once `data` is empty).
+
+  control @6 (instance :Text, action :Text) -> (prepared :PreparedInstance);
+  # "stop": ends its app (SIGTERM, then the VM); "restart": stops it and boots it again
+  # with the same root (fresh scratch) and the same volumes.
+}
+
+struct InstanceGuest {
+  # One prepared instance's VM, as a heartbeat reports it.
+  instance @0 :Text;
+  guest @1 :GuestState;
 }
 
 interface HostSession {
   # A registered host's link to the scheduler. Dropping it (or the connection) makes the
   # host stop reporting; after the heartbeat timeout the scheduler marks it down.
-  heartbeat @0 (inventory :Inventory) -> (intervalMs :UInt32);
-  # Reports the current inventory; returns how long to wait before the next heartbeat.
+  heartbeat @0 (inventory :Inventory, guests :List(InstanceGuest)) -> (intervalMs :UInt32);
+  # Reports the current inventory and the state of every prepared instance's VM (so an
+  # app that exited or a VM that died is known within a heartbeat); returns how long to
+  # wait before the next heartbeat.
   # Fails once the scheduler has marked the host down (it missed heartbeats for the
   # scheduler's timeout, and its instances were moved) or a newer `register` with the
   # same hostId replaced this session: the host then registers again.
@@ -187,7 +239,7 @@ struct InstanceInfo {
   variant @3 :Text;             # "" for the stack itself.
   service @4 :Text;
   host @5 :Text;                # Host id.
-  address @6 :Text;             # The host's address.
+  address @6 :Text;             # The host's address; with `endpoint`, where it answers.
   hypervisor @7 :Text;
   state @8 :Text;               # "ready", "pending" (host not reachable yet), "moving" (placed
                                 # on a new host after its first went down, being prepared
@@ -197,6 +249,8 @@ struct InstanceInfo {
   warmVm @11 :Text;             # The warm VM it was converted from, or "".
   image @12 :Text;
   disks @13 :List(BootDisk);    # What its host serves it to boot from (empty if unknown).
+  endpoint @14 :Text;           # HOST:PORT forwarded to its service port, or "".
+  guest @15 :GuestState;        # Its VM, as its host last reported it.
 }
 
 struct HostVerdict {
@@ -320,4 +374,11 @@ interface Scheduler {
 
   register @13 (host :Host, inventory :Inventory) -> (session :HostSession);
   # A host joins (or rejoins). The scheduler keeps `host` to call back.
+
+  logs @14 (instance :Text, offset :UInt64, console :Bool, max :UInt32)
+    -> (data :Data, next :UInt64, ended :Bool);
+  # An instance's log, from its host (see `Host.logs`).
+
+  control @15 (instance :Text, action :Text) -> (instance :InstanceInfo);
+  # "stop" or "restart" an instance on its host (see `Host.control`).
 }

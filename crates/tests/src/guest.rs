@@ -13,21 +13,12 @@
 //! script prints goes to a virtio console that QEMU writes to a file; [`Run::section`]
 //! reads the parts a script marks with [`begin`]/[`end`] lines.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The modules a guest loads (with their dependencies): virtio over PCI, block,
-/// console and network devices, EROFS, overlayfs. ext4 is built in.
-pub const MODULES: [&str; 6] = [
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_console",
-    "virtio_net",
-    "erofs",
-    "overlay",
-];
+/// The modules a guest loads (with their dependencies): see `guest::initramfs`.
+pub use guest::initramfs::MODULES;
 
 /// The QEMU machine. `q35`, not `microvm`: a microvm has no HPET or ACPI PM timer, and
 /// under TCG on a loaded host the kernel then fails to calibrate the TSC against the
@@ -177,47 +168,9 @@ impl Kernel {
         self.root.join("lib/modules").join(&self.version)
     }
 
-    /// The module files for `names` and every module they depend on, in an order that
-    /// loads each after its dependencies (modules.dep lists a module's dependencies
-    /// so that the last is loaded first).
+    /// The module files for `names` and every module they depend on, in load order.
     pub fn modules(&self, names: &[&str]) -> Vec<PathBuf> {
-        let dep = std::fs::read_to_string(self.modules_dir().join("modules.dep"))
-            .expect("modules.dep (depmod ran in scripts/fetch-kernel)");
-        let table: Vec<(String, Vec<String>)> = dep
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(m, d)| {
-                (
-                    m.to_string(),
-                    d.split_whitespace().map(str::to_string).collect(),
-                )
-            })
-            .collect();
-        let by_name = |name: &str| -> String {
-            table
-                .iter()
-                .find(|(m, _)| {
-                    Path::new(m)
-                        .file_name()
-                        .and_then(|f| f.to_str())
-                        .and_then(|f| f.strip_suffix(".ko"))
-                        .is_some_and(|f| f.replace('-', "_") == name.replace('-', "_"))
-                })
-                .map(|(m, _)| m.clone())
-                .unwrap_or_else(|| panic!("module {name} is not in modules.dep"))
-        };
-        let mut order = Vec::new();
-        let mut seen = HashSet::new();
-        for name in names {
-            let m = by_name(name);
-            let deps = &table.iter().find(|(x, _)| *x == m).expect("listed").1;
-            for d in deps.iter().rev().chain(std::iter::once(&m)) {
-                if seen.insert(d.clone()) {
-                    order.push(self.modules_dir().join(d));
-                }
-            }
-        }
-        order
+        guest::initramfs::module_order(&self.modules_dir(), names).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -269,26 +222,13 @@ pub fn init_initramfs(kernel: &Kernel, out: &Path) -> PathBuf {
 /// The [`MODULES`] (and their dependencies) under `lib/modules`, and `modules.order`
 /// listing them in load order.
 fn add_modules(fs: &mut guest::initramfs::Initramfs, kernel: &Kernel) {
-    let mut order = String::new();
-    for m in kernel.modules(&MODULES) {
-        let name = m.file_name().unwrap().to_str().unwrap().to_string();
-        fs.file(
-            &format!("lib/modules/{name}"),
-            0o644,
-            std::fs::read(&m).unwrap_or_else(|e| panic!("{}: {e}", m.display())),
-        );
-        order.push_str(&name);
-        order.push('\n');
-    }
-    fs.file("modules.order", 0o644, order.into_bytes());
+    fs.modules(&kernel.modules(&MODULES))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The mount points and console every initramfs has; writes it to `out`.
 fn finish(mut fs: guest::initramfs::Initramfs, out: &Path) -> PathBuf {
-    for d in ["proc", "sys", "dev", "tmp"] {
-        fs.dir(d, 0o755);
-    }
-    fs.char_dev("dev/console", 0o600, 5, 1);
+    fs.base();
     std::fs::write(out, fs.to_bytes()).unwrap();
     out.to_path_buf()
 }

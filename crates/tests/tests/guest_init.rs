@@ -50,6 +50,7 @@ impl Host {
             argv: argv.iter().map(|a| a.to_string()).collect(),
             disk_timeout_ms: 20_000,
             network: None,
+            volumes: Vec::new(),
         }
     }
 

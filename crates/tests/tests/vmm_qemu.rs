@@ -57,6 +57,7 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
         argv: argv.iter().map(|a| a.to_string()).collect(),
         disk_timeout_ms: 20_000,
         network: None,
+        volumes: Vec::new(),
     };
     let spec = |name: &str| VmSpec {
         name: name.into(),
@@ -145,17 +146,8 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
     }
 }
 
-/// GET `path` from `addr`; the status line and body, or None if nothing answers yet.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
+    tests::http_get(&addr.to_string(), path)
 }
 
 /// A service answers: the python3 root's `http.server` in a guest, reached on the
@@ -244,6 +236,7 @@ fn a_guest_service_answers_on_its_forwarded_port() {
             gateway: vmm::qemu::USER_NET_GATEWAY.into(),
             dns: vmm::qemu::USER_NET_DNS.into(),
         }),
+        volumes: Vec::new(),
     })));
     assert!(matches!(ctl.event(), Event::Started { .. }));
     let want = std::fs::read_to_string(python3.join("etc/debian_version")).unwrap();

@@ -167,7 +167,7 @@ impl Qemu {
             }
             c.arg("-netdev")
                 .arg(netdev)
-                .args(["-device", "virtio-net-pci,netdev=net0"]);
+                .args(["-device", "virtio-net-pci,netdev=net0,romfile="]);
         }
         for p in 0..HOTPLUG_PORTS {
             c.arg("-device").arg(format!(

@@ -23,12 +23,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use castore::{AccessMode, Digest, Store, VolumeError, VolumeSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::exports::layer_export;
+use crate::guests::{GuestStatus, Guests, Launch};
 use crate::layers::Layers;
 use crate::log;
 use crate::mounts::MountTable;
@@ -43,6 +45,36 @@ const HYPERVISORS: [(&str, bool); 3] = [
     ("cloud-hypervisor", true),
     ("qemu", true),
 ];
+
+/// `PATH` of a guest's app when its image sets none (Docker's default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A guest's memory when its service gives none.
+const DEFAULT_GUEST_MEMORY: u64 = 512 << 20;
+
+/// How long a stopped guest's app has to exit after SIGTERM.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The env names a dependent instance finds a service at: `DB_HOST` and `DB_PORT` for
+/// `db` (upper-cased, `-` as `_`).
+pub(crate) fn link_vars(service: &str) -> (String, String) {
+    let n = service.to_ascii_uppercase().replace('-', "_");
+    (format!("{n}_HOST"), format!("{n}_PORT"))
+}
+
+/// An address as this host's guests reach it: the host's own loopback is the user
+/// network's gateway inside a guest.
+pub(crate) fn guest_view_of(host: &str) -> String {
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_loopback());
+    if loopback {
+        vmm::qemu::USER_NET_GATEWAY.to_string()
+    } else {
+        host.to_string()
+    }
+}
 
 /// What the host offers, as configured on volumed's command line.
 #[derive(Debug, Clone, Default)]
@@ -132,6 +164,14 @@ pub(crate) struct VolumeRequest {
     pub(crate) mount_path: String,
 }
 
+/// Where a service the instance depends on answers (a validated `Link`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Link {
+    pub(crate) service: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
 /// What the scheduler asks a host to prepare (a validated `InstanceSpec`).
 #[derive(Debug, Clone)]
 pub(crate) struct InstanceSpec {
@@ -145,6 +185,11 @@ pub(crate) struct InstanceSpec {
     pub(crate) gpus: u32,
     pub(crate) volumes: Vec<VolumeRequest>,
     pub(crate) warm_vm: String,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) port: Option<u16>,
+    pub(crate) command: Option<Vec<String>>,
+    pub(crate) args: Option<Vec<String>>,
+    pub(crate) links: Vec<Link>,
 }
 
 /// One of an instance's attached volumes.
@@ -220,6 +265,12 @@ pub(crate) struct InstanceRecord {
     pub(crate) warm_vm: String,
     #[serde(default)]
     pub(crate) boot: BootSpec,
+    /// What its guest boots with, when this host boots guests.
+    #[serde(default)]
+    pub(crate) guest: Option<Launch>,
+    /// The guest's state now (filled in when the record is handed out).
+    #[serde(skip)]
+    pub(crate) status: Option<GuestStatus>,
     /// The live mount of the root (this run's mount table id; 0 when not mounted).
     #[serde(skip)]
     mount: u64,
@@ -256,6 +307,10 @@ pub(crate) struct Host {
     scratch: Scratch,
     data: PathBuf,
     records: Mutex<Records>,
+    /// Boots instances' guests; None when this host boots none (no kernel configured).
+    guests: Option<Arc<Guests>>,
+    /// Told when a guest's state changes (the scheduler link reports it at once).
+    pub(crate) changed: Arc<tokio::sync::Notify>,
 }
 
 /// Instance, pool and warm VM ids become directory names: keep them tame.
@@ -299,6 +354,7 @@ impl Host {
     /// Loads `DATA/instances.json` and mounts every recorded root again (after
     /// [`MountTable::recover`] cleaned up the last run's mounts). A root that cannot be
     /// mounted is logged and kept on record, so `release` can still clean up after it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         config: HostConfig,
         store: Arc<Store>,
@@ -307,6 +363,8 @@ impl Host {
         layers: Arc<Layers>,
         scratch: Scratch,
         data: &Path,
+        guests: Option<Arc<Guests>>,
+        changed: Arc<tokio::sync::Notify>,
     ) -> Result<Arc<Host>, Error> {
         let path = data.join("instances.json");
         let mut records: Records = match std::fs::read(&path) {
@@ -354,6 +412,8 @@ impl Host {
             scratch,
             data: data.to_path_buf(),
             records: Mutex::new(records),
+            guests,
+            changed,
         });
         host.save(&host.lock())?;
         Ok(host)
@@ -374,13 +434,24 @@ impl Host {
         &self.store
     }
 
-    /// Every prepared instance and warm VM, by id.
+    /// Every prepared instance (with its guest's state) and warm VM, by id.
     pub(crate) fn list(&self) -> (Vec<InstanceRecord>, Vec<WarmRecord>) {
         let r = self.lock();
         (
-            r.instances.values().cloned().collect(),
+            r.instances.values().map(|i| self.with_status(i)).collect(),
             r.warm.values().cloned().collect(),
         )
+    }
+
+    /// `r` with its guest's state now.
+    fn with_status(&self, r: &InstanceRecord) -> InstanceRecord {
+        let mut r = r.clone();
+        r.status = self
+            .guests
+            .as_ref()
+            .and_then(|g| g.get(&r.instance))
+            .map(|g| g.status());
+        r
     }
 
     /// The hypervisor to record: the scheduler's choice, or this host's first eligible.
@@ -413,13 +484,68 @@ impl Host {
         })
     }
 
-    /// Prepares an instance (see the module doc); an instance already prepared is
-    /// returned as it is. A failure undoes every step already taken.
+    /// Prepares an instance (see the module doc) and, when this host boots guests,
+    /// boots it and waits until its app runs and answers on its port; an instance
+    /// already prepared is returned as it is. A failure undoes every step already
+    /// taken (a guest that does not come up is stopped and the instance released).
     pub(crate) fn prepare(&self, spec: &InstanceSpec) -> Result<InstanceRecord, Error> {
+        let (record, guest) = self.prepare_root(spec)?;
+        let (Some(g), Some(guests)) = (guest, &self.guests) else {
+            return Ok(self.with_status(&record));
+        };
+        match g.wait_ready(guests.config.boot_timeout) {
+            Ok(s) => {
+                log!(
+                    "instance {}: running{} ({} ms from launch)",
+                    spec.instance,
+                    if s.address.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", answering on {}", s.address)
+                    },
+                    s.answered.max(s.started).saturating_sub(s.launched)
+                );
+                Ok(self.with_status(&record))
+            }
+            Err(reason) => {
+                let output = crate::guests::tail_lines(&g.app_log(), 4);
+                if let Err(e) = self.release(&spec.instance) {
+                    log!(
+                        "instance {}: release after a failed boot: {e}",
+                        spec.instance
+                    );
+                }
+                Err(Error::BadRequest(format!(
+                    "instance {} did not start: {reason}{}",
+                    spec.instance,
+                    if output.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (its log: {output})")
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Prepares the root, volumes and scratch of an instance and launches its guest;
+    /// returns the record and the guest launched (None: prepared before, or no guests).
+    fn prepare_root(
+        &self,
+        spec: &InstanceSpec,
+    ) -> Result<(InstanceRecord, Option<Arc<crate::guests::GuestVm>>), Error> {
         check_id("instance id", &spec.instance)?;
         let mut records = self.lock();
         if let Some(r) = records.instances.get(&spec.instance) {
-            return Ok(r.clone());
+            return Ok((r.clone(), None));
+        }
+        if self.guests.is_some() && spec.memory > self.config.memory {
+            return Err(Error::BadRequest(format!(
+                "instance {} asks for {} MiB of memory; this host has {} MiB",
+                spec.instance,
+                spec.memory >> 20,
+                self.config.memory >> 20
+            )));
         }
         let image = self.resolve(&spec.image)?;
         let warm = if spec.warm_vm.is_empty() {
@@ -451,7 +577,11 @@ impl Host {
         let mut undo = Undo::new(self);
         let mut attached = Vec::new();
         for v in &spec.volumes {
-            attached.push(self.attach(spec, v, &mut undo)?);
+            let a = self.attach(spec, v, &mut undo)?;
+            if self.guests.is_some() && !a.read_only {
+                self.scratch.format_if_blank(&a.volume)?;
+            }
+            attached.push(a);
         }
         let scratch = self.make_scratch(spec, &mut undo)?;
         let boot = self.boot_spec(spec, &image, &attached, &scratch)?;
@@ -485,7 +615,18 @@ impl Host {
                 (root, id)
             }
         };
-        let record = InstanceRecord {
+        let hypervisor = self.hypervisor(spec);
+        let launch = match &self.guests {
+            Some(_) if hypervisor != "qemu" => {
+                return Err(Error::BadRequest(format!(
+                    "instance {}: hypervisor {hypervisor:?} has no driver on this host (it boots qemu guests)",
+                    spec.instance
+                )));
+            }
+            Some(_) => Some(self.guest_launch(spec, &image, &boot, &root)?),
+            None => None,
+        };
+        let mut record = InstanceRecord {
             instance: spec.instance.clone(),
             key: spec.key.clone(),
             ordinal: spec.ordinal,
@@ -493,10 +634,33 @@ impl Host {
             root,
             volumes: attached,
             scratch: Some(scratch),
-            hypervisor: self.hypervisor(spec),
+            hypervisor,
             warm_vm: spec.warm_vm.clone(),
             boot,
+            guest: launch.clone(),
+            status: None,
             mount,
+        };
+        let guest = match (&self.guests, launch) {
+            (Some(guests), Some(l)) => {
+                let g = guests
+                    .launch(l)
+                    .map_err(|e| Error::BadRequest(format!("instance {}: {e}", spec.instance)))?;
+                // The port it got, so a restart or a restarted daemon keeps it.
+                if let (Some(rl), Some(port)) = (
+                    record.guest.as_mut(),
+                    g.status()
+                        .address
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                        .map(|a| a.port()),
+                ) {
+                    rl.host_port = port;
+                }
+                undo.guest = Some(spec.instance.clone());
+                Some(g)
+            }
+            _ => None,
         };
         records
             .instances
@@ -512,12 +676,140 @@ impl Host {
         }
         undo.done();
         log!(
-            "instance {} ready: root {}, {} volume(s)",
+            "instance {} ready: root {}, {} volume(s){}",
             record.instance,
             record.root.display(),
-            record.volumes.len()
+            record.volumes.len(),
+            if guest.is_some() {
+                ", guest booting"
+            } else {
+                ""
+            }
         );
-        Ok(record)
+        Ok((record, guest))
+    }
+
+    /// What instance `spec`'s guest boots with: its disks by serial, and the config its
+    /// init gets: the image's entrypoint and cmd (or the service's command and args,
+    /// replacing them as Compose does), the image's env under the scheduler's cascade
+    /// and the links of the services it depends on, its user (names looked up in the
+    /// image's `/etc/passwd` and `/etc/group`) and workdir.
+    fn guest_launch(
+        &self,
+        spec: &InstanceSpec,
+        image: &Digest,
+        boot: &BootSpec,
+        root: &Path,
+    ) -> Result<Launch, Error> {
+        let cfg = self.store.image(image)?.config;
+        let (entry, cmd) = match (&spec.command, &spec.args) {
+            (Some(c), a) => (c.clone(), a.clone().unwrap_or_default()),
+            (None, Some(a)) => (cfg.entrypoint.clone(), a.clone()),
+            (None, None) => (cfg.entrypoint.clone(), cfg.cmd.clone()),
+        };
+        let argv = [entry, cmd].concat();
+        if argv.is_empty() {
+            return Err(Error::BadRequest(format!(
+                "instance {}: image {} has no entrypoint or cmd and its service gives no command: nothing to run",
+                spec.instance, spec.image
+            )));
+        }
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: &str| match env.iter_mut().find(|(x, _)| x == k) {
+            Some(e) => e.1 = v.to_string(),
+            None => env.push((k.to_string(), v.to_string())),
+        };
+        set("PATH", DEFAULT_PATH);
+        for kv in &cfg.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                set(k, v);
+            }
+        }
+        for (k, v) in &spec.env {
+            set(k, v);
+        }
+        for l in &spec.links {
+            let (host_var, port_var) = link_vars(&l.service);
+            set(&host_var, &guest_view_of(&l.host));
+            set(&port_var, &l.port.to_string());
+        }
+        let (uid, gid) = crate::guests::resolve_user(root, &cfg.user)
+            .map_err(|e| Error::BadRequest(format!("instance {}: {e}", spec.instance)))?;
+        let mut disks = Vec::new();
+        let (mut layers, mut scratch, mut volumes) = (Vec::new(), String::new(), Vec::new());
+        for d in &boot.disks {
+            let serial = match d.role {
+                DiskRole::Layer => {
+                    let s = format!("layer{}", layers.len());
+                    layers.push(s.clone());
+                    s
+                }
+                DiskRole::Scratch => {
+                    scratch = "scratch".to_string();
+                    scratch.clone()
+                }
+                DiskRole::Volume => {
+                    let s = format!("vol{}", volumes.len());
+                    volumes.push(guest::control::VolumeMount {
+                        serial: s.clone(),
+                        path: d.mount_path.clone(),
+                        read_only: d.read_only,
+                    });
+                    s
+                }
+            };
+            disks.push((serial, d.export.clone(), d.read_only));
+        }
+        let memory = if spec.memory == 0 {
+            DEFAULT_GUEST_MEMORY
+        } else {
+            spec.memory
+        };
+        let hostname: String = spec
+            .instance
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(63)
+            .collect();
+        Ok(Launch {
+            id: spec.instance.clone(),
+            vcpus: spec.vcpus.max(1),
+            memory_mib: (memory >> 20).max(64),
+            disks,
+            config: guest::control::Config {
+                hostname,
+                layers,
+                scratch,
+                root: guest::control::RootMeta {
+                    mode: boot.root_mode,
+                    uid: boot.root_uid,
+                    gid: boot.root_gid,
+                    mtime: boot.root_mtime,
+                    mtime_nsec: i64::from(boot.root_mtime_nsec),
+                },
+                env,
+                uid,
+                gid,
+                workdir: if cfg.workdir.is_empty() {
+                    "/".into()
+                } else {
+                    cfg.workdir.clone()
+                },
+                argv,
+                disk_timeout_ms: 30_000,
+                network: None,
+                volumes,
+            },
+            port: spec.port,
+            host_port: 0,
+            restarts: 0,
+        })
     }
 
     /// A fresh scratch device for `spec.instance`, attached with the instance as holder.
@@ -677,6 +969,9 @@ impl Host {
         if let Some(r) = records.instances.remove(id) {
             self.save(&records)?;
             log!("release instance {id}");
+            if let Some(g) = &self.guests {
+                g.remove(id, STOP_GRACE);
+            }
             for v in r.volumes.iter().chain(&r.scratch) {
                 if let Err(e) = self.volumes.detach(&v.volume, v.attachment) {
                     log!("release {id}: detach {}: {e}", v.volume);
@@ -701,6 +996,140 @@ impl Host {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Up to `max` bytes of instance `id`'s app log (or its console) from `offset`: the
+    /// bytes, the next offset, and whether its guest has ended.
+    pub(crate) fn logs(
+        &self,
+        id: &str,
+        offset: u64,
+        console: bool,
+        max: u32,
+    ) -> Result<(Vec<u8>, u64, bool), Error> {
+        if !self.lock().instances.contains_key(id) {
+            return Err(Error::BadRequest(format!("no instance {id} on this host")));
+        }
+        let Some(g) = self.guests.as_ref().and_then(|g| g.get(id)) else {
+            return Err(Error::BadRequest(format!(
+                "instance {id} has no guest here (this host boots none: give volumed --kernel and --initramfs)"
+            )));
+        };
+        let ended = g.status().phase.ended();
+        let path = if console {
+            g.console_log()
+        } else {
+            g.app_log()
+        };
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), offset, ended));
+            }
+            Err(e) => return Err(Error::Io(format!("reading {}", path.display()), e)),
+        };
+        use std::io::{Read, Seek};
+        f.seek(std::io::SeekFrom::Start(offset))
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        let mut data = Vec::new();
+        f.take(u64::from(max))
+            .read_to_end(&mut data)
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        let next = offset + data.len() as u64;
+        Ok((data, next, ended))
+    }
+
+    /// `stop` or `restart` instance `id`'s guest. A restart boots it again with the
+    /// same root and volumes and a fresh scratch device, on the same host port, and
+    /// waits until it answers as `prepare` does.
+    pub(crate) fn control(&self, id: &str, action: &str) -> Result<InstanceRecord, Error> {
+        let Some(guests) = self.guests.clone() else {
+            return Err(Error::BadRequest(format!(
+                "instance {id}: this host boots no guests (give volumed --kernel and --initramfs)"
+            )));
+        };
+        if action != "stop" && action != "restart" {
+            return Err(Error::BadRequest(format!(
+                "instance {id}: unknown action {action:?} (stop or restart)"
+            )));
+        }
+        let mut records = self.lock();
+        let Some(rec) = records.instances.get(id).cloned() else {
+            return Err(Error::BadRequest(format!("no instance {id} on this host")));
+        };
+        log!("{action} instance {id}");
+        if let Some(g) = guests.get(id) {
+            g.stop(STOP_GRACE);
+        }
+        if action == "stop" {
+            drop(records);
+            return Ok(self.with_status(&rec));
+        }
+        let Some(mut launch) = rec.guest.clone() else {
+            return Err(Error::BadRequest(format!(
+                "instance {id} was prepared before this host booted guests: release and prepare it again"
+            )));
+        };
+        // A fresh scratch device, attached again.
+        let mut rec = rec;
+        if let Some(old) = &rec.scratch
+            && let Err(e) = self.volumes.detach(&old.volume, old.attachment)
+        {
+            log!("restart {id}: detach {}: {e}", old.volume);
+        }
+        let name = self.scratch.create(id)?;
+        let a = self.volumes.attach(&name, id, false)?;
+        let export = format!("{name}/{}", a.id);
+        rec.scratch = Some(AttachedVolume {
+            volume: name,
+            attachment: a.id,
+            read_only: false,
+        });
+        for d in rec
+            .boot
+            .disks
+            .iter_mut()
+            .filter(|d| d.role == DiskRole::Scratch)
+        {
+            d.export = export.clone();
+        }
+        for d in launch.disks.iter_mut().filter(|d| d.0 == "scratch") {
+            d.1 = export.clone();
+        }
+        launch.restarts += 1;
+        rec.guest = Some(launch.clone());
+        records.instances.insert(id.to_string(), rec.clone());
+        self.save(&records)?;
+        let g = guests
+            .launch(launch)
+            .map_err(|e| Error::BadRequest(format!("instance {id}: {e}")))?;
+        drop(records);
+        g.wait_ready(guests.config.boot_timeout)
+            .map_err(|e| Error::BadRequest(format!("instance {id} did not start again: {e}")))?;
+        Ok(self.with_status(&rec))
+    }
+
+    /// Boots the guests of recorded instances (volumed's start, once NBD is served):
+    /// their roots were mounted again by [`Host::open`]; each boots with a fresh
+    /// scratch device, as a restart does. Runs in the background.
+    pub(crate) fn boot_recorded(self: &Arc<Host>) {
+        if self.guests.is_none() {
+            return;
+        }
+        let ids: Vec<String> = self
+            .lock()
+            .instances
+            .values()
+            .filter(|r| r.guest.is_some())
+            .map(|r| r.instance.clone())
+            .collect();
+        for id in ids {
+            let h = self.clone();
+            std::thread::spawn(move || match h.control(&id, "restart") {
+                Ok(_) => log!("instance {id}: booted again"),
+                Err(e) => log!("instance {id}: cannot boot it again: {e}"),
+            });
+        }
     }
 
     /// Mounts a warm VM's root for `pool` from `image`.
@@ -752,6 +1181,8 @@ struct Undo<'a> {
     dir: Option<PathBuf>,
     /// A warm VM taken for conversion: given back on failure.
     warm: Option<WarmRecord>,
+    /// The instance whose guest was launched.
+    guest: Option<String>,
 }
 
 impl<'a> Undo<'a> {
@@ -764,6 +1195,7 @@ impl<'a> Undo<'a> {
             mount: 0,
             dir: None,
             warm: None,
+            guest: None,
         }
     }
 
@@ -774,11 +1206,15 @@ impl<'a> Undo<'a> {
         self.mount = 0;
         self.dir = None;
         self.warm = None;
+        self.guest = None;
     }
 }
 
 impl Drop for Undo<'_> {
     fn drop(&mut self) {
+        if let (Some(i), Some(g)) = (self.guest.take(), &self.host.guests) {
+            g.remove(&i, Duration::from_secs(1));
+        }
         for (v, id) in self.attached.drain(..).rev() {
             if let Err(e) = self.host.volumes.detach(&v, id) {
                 log!("undo: detach {v}: {e}");

@@ -9,7 +9,8 @@ use castore::AccessMode;
 use schema::sched_capnp::{self, host};
 
 use crate::error::Error;
-use crate::host::{Host, InstanceRecord, InstanceSpec, VolumeRequest, WarmRecord};
+use crate::guests::GuestStatus;
+use crate::host::{Host, InstanceRecord, InstanceSpec, Link, VolumeRequest, WarmRecord};
 use crate::log;
 use crate::server::{blocking, text};
 use crate::volume_rpc::Endpoints;
@@ -75,12 +76,31 @@ pub(crate) fn set_inventory(
     }
 }
 
+/// Writes a guest's state (`GuestState`).
+pub(crate) fn set_guest(mut b: sched_capnp::guest_state::Builder<'_>, s: &GuestStatus) {
+    b.set_phase(s.phase.as_str());
+    b.set_launched(s.launched);
+    b.set_booted(s.booted);
+    b.set_started(s.started);
+    b.set_answered(s.answered);
+    b.set_ended(s.ended);
+    b.set_exit_code(s.code.unwrap_or(0));
+    b.set_exit_signal(s.signal.unwrap_or(0));
+    b.set_reason(&s.reason);
+    b.set_pid(s.pid);
+    b.set_restarts(s.restarts);
+}
+
 fn set_prepared(
     mut b: sched_capnp::prepared_instance::Builder<'_>,
     r: &InstanceRecord,
     endpoints: &Endpoints,
 ) {
     b.set_instance(&r.instance);
+    if let Some(s) = &r.status {
+        b.set_address(&s.address);
+        set_guest(b.reborrow().init_guest(), s);
+    }
     b.set_root(r.root.to_string_lossy());
     b.set_image(&r.image);
     b.set_hypervisor(&r.hypervisor);
@@ -148,7 +168,35 @@ fn instance_spec(s: sched_capnp::instance_spec::Reader<'_>) -> Result<InstanceSp
             mount_path: text(v.get_mount_path())?,
         });
     }
+    let mut env = Vec::new();
+    for kv in s.get_env()? {
+        env.push((text(kv.get_key())?, text(kv.get_value())?));
+    }
+    let strings = |l: capnp::text_list::Reader<'_>| -> Result<Vec<String>, capnp::Error> {
+        l.iter().map(text).collect()
+    };
+    let mut links = Vec::new();
+    for l in s.get_links()? {
+        links.push(Link {
+            service: text(l.get_service())?,
+            host: text(l.get_host())?,
+            port: l.get_port(),
+        });
+    }
     Ok(InstanceSpec {
+        env,
+        port: Some(s.get_port()).filter(|p| *p != 0),
+        command: if s.has_command() {
+            Some(strings(s.get_command()?)?).filter(|c| !c.is_empty())
+        } else {
+            None
+        },
+        args: if s.has_args() {
+            Some(strings(s.get_args()?)?)
+        } else {
+            None
+        },
+        links,
         key: text(s.get_key())?,
         ordinal: s.get_ordinal(),
         image: text(s.get_image())?,
@@ -228,6 +276,41 @@ impl host::Server for HostImpl {
         let h = self.host.clone();
         let w = blocking(move || h.boot_warm(&pool, &image)).await?;
         set_warm(results.get().init_vm(), &w);
+        Ok(())
+    }
+
+    async fn logs(
+        self: CapRc<Self>,
+        params: host::LogsParams,
+        mut results: host::LogsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = text(p.get_instance())?;
+        let (offset, console) = (p.get_offset(), p.get_console());
+        let max = match p.get_max() {
+            0 => 64 << 10,
+            m => m.min(1 << 20),
+        };
+        let h = self.host.clone();
+        let (data, next, ended) = blocking(move || h.logs(&id, offset, console, max)).await?;
+        let mut r = results.get();
+        r.set_data(&data);
+        r.set_next(next);
+        r.set_ended(ended);
+        Ok(())
+    }
+
+    async fn control(
+        self: CapRc<Self>,
+        params: host::ControlParams,
+        mut results: host::ControlResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = text(p.get_instance())?;
+        let action = text(p.get_action())?;
+        let h = self.host.clone();
+        let r = blocking(move || h.control(&id, &action)).await?;
+        set_prepared(results.get().init_prepared(), &r, &self.endpoints);
         Ok(())
     }
 

@@ -199,8 +199,21 @@ async fn registered(
             );
             last_change = inv.change;
         }
+        let h = host.clone();
+        let (instances, _) = crate::server::blocking(move || Ok(h.list()))
+            .await
+            .map_err(|e| format!("listing instances: {e}"))?;
         let mut req = session.heartbeat_request();
         set_inventory(req.get().init_inventory(), host, &inv);
+        let with_guest: Vec<_> = instances.iter().filter(|r| r.status.is_some()).collect();
+        let mut guests = req.get().init_guests(with_guest.len() as u32);
+        for (i, r) in with_guest.iter().enumerate() {
+            let mut g = guests.reborrow().get(i as u32);
+            g.set_instance(&r.instance);
+            if let Some(s) = &r.status {
+                crate::host_rpc::set_guest(g.init_guest(), s);
+            }
+        }
         let reply = call("heartbeat", req.send().promise).await?;
         let asked = reply
             .get()
@@ -211,7 +224,11 @@ async fn registered(
             (None, 0) => DEFAULT_HEARTBEAT_MS,
             (None, ms) => ms,
         };
-        tokio::time::sleep(Duration::from_millis(u64::from(ms.max(10)))).await;
+        // A guest's change (started, exited, failed) is reported at once.
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(u64::from(ms.max(10)))) => {}
+            () = host.changed.notified() => {}
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod error;
 mod exports;
+mod guests;
 mod host;
 mod host_rpc;
 mod layers;
@@ -170,6 +171,43 @@ struct Args {
         value_parser = host::parse_label
     )]
     labels: Vec<(String, String)>,
+    /// The guest kernel instances boot (Debian's cloud kernel: `scripts/guest-image`
+    /// prints where it put one). With --initramfs, volumed boots a VM for every
+    /// instance it prepares; without, it prepares roots and devices only.
+    #[arg(
+        long,
+        env = "VOLUMED_KERNEL",
+        value_name = "PATH",
+        requires = "initramfs"
+    )]
+    kernel: Option<PathBuf>,
+    /// The guest initramfs (tide-init and the kernel's modules: `scripts/guest-image`).
+    #[arg(
+        long,
+        env = "VOLUMED_INITRAMFS",
+        value_name = "PATH",
+        requires = "kernel"
+    )]
+    initramfs: Option<PathBuf>,
+    /// How guests' CPUs run: kvm, tcg (emulation), or auto: KVM if a probe guest boots
+    /// under it within 20 s (once per kernel; the answer is kept in DATA/accel), else
+    /// TCG.
+    #[arg(
+        long,
+        env = "VOLUMED_ACCEL",
+        value_name = "ACCEL",
+        default_value = "auto"
+    )]
+    accel: String,
+    /// Seconds from a guest's launch until its app must run (and answer on its port,
+    /// if its service has one) before the prepare fails.
+    #[arg(
+        long,
+        env = "VOLUMED_BOOT_TIMEOUT",
+        value_name = "S",
+        default_value_t = 120
+    )]
+    boot_timeout: u64,
 }
 
 /// Binds `path`, replacing a socket file nobody listens on, refusing a live one.
@@ -229,6 +267,11 @@ fn run(args: &Args) -> Result<()> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let config = host_config(args)?;
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let guests = guest_config(args, &config)?.map(|c| {
+        let n = changed.clone();
+        Arc::new(guests::Guests::new(c, Arc::new(move || n.notify_one())))
+    });
     // Prepared instances' roots are mounted again before anything is served.
     let scratch = scratch::Scratch::new(volumes.clone(), &args.data, args.scratch_size);
     let host = host::Host::open(
@@ -239,10 +282,14 @@ fn run(args: &Args) -> Result<()> {
         layers.clone(),
         scratch,
         &args.data,
+        guests.clone(),
+        changed,
     )
     .with_context(|| format!("loading prepared instances in {}", args.data.display()))?;
     let exports = exports::HostExports::new(&volumes, &layers);
     let endpoints = nbd_rt.block_on(start_nbd(args, exports, tcp))?;
+    // Recorded instances boot again now that their disks are served.
+    host.boot_recorded();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -278,6 +325,10 @@ fn run(args: &Args) -> Result<()> {
     // `serve` unmounts instances' roots with every other mount at shutdown; their
     // records stay in DATA/instances.json for the next run.
     let r = local.block_on(&rt, serve(args, shared));
+    // Guests end before the disks they read go away.
+    if let Some(g) = &guests {
+        g.stop_all(host::STOP_GRACE);
+    }
     // Stop NBD first: every connection is dropped (its attachment released); requests
     // already on blocking threads finish. Nothing acknowledged is lost: FLUSH and FUA
     // were synced before their replies.
@@ -292,6 +343,49 @@ fn run(args: &Args) -> Result<()> {
     // Our handle is the last one now: dropping it closes RocksDB, flushing the store.
     drop(store);
     r
+}
+
+/// How guests boot here (None: --kernel not given, no guests).
+fn guest_config(args: &Args, host: &host::HostConfig) -> Result<Option<guests::GuestConfig>> {
+    let (Some(kernel), Some(initramfs)) = (&args.kernel, &args.initramfs) else {
+        return Ok(None);
+    };
+    for (flag, p) in [("--kernel", kernel), ("--initramfs", initramfs)] {
+        if !p.is_file() {
+            bail!("{flag} {}: no such file", p.display());
+        }
+    }
+    let bind: std::net::Ipv4Addr = host.address.parse().with_context(|| {
+        format!(
+            "--address {:?}: guests' ports are forwarded on it, so it must be an IPv4 address",
+            host.address
+        )
+    })?;
+    let nbd = args
+        .nbd_socket
+        .clone()
+        .unwrap_or_else(|| args.data.join("nbd.sock"));
+    let dir = args.data.join("vms");
+    let accel = match args.accel.as_str() {
+        "auto" => guests::probe_accel(kernel, initramfs, &args.data),
+        a => vmm::Accel::parse(a)
+            .with_context(|| format!("--accel {a:?}: expected auto, kvm or tcg"))?,
+    };
+    log!(
+        "guests boot {} with {} under {}",
+        kernel.display(),
+        initramfs.display(),
+        accel.name()
+    );
+    Ok(Some(guests::GuestConfig {
+        kernel: std::path::absolute(kernel)?,
+        initramfs: std::path::absolute(initramfs)?,
+        accel,
+        bind,
+        nbd_socket: std::path::absolute(nbd)?,
+        boot_timeout: std::time::Duration::from_secs(args.boot_timeout.max(1)),
+        dir,
+    }))
 }
 
 /// What this host offers, from the flags and the machine.

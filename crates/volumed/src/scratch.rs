@@ -111,62 +111,62 @@ impl Scratch {
     }
 
     fn format(&self, name: &str, file: &Path) -> Result<(), Error> {
-        let f = std::fs::File::create(file).map_err(io(format!("creating {}", file.display())))?;
-        f.set_len(self.size)
-            .map_err(io(format!("sizing {}", file.display())))?;
-        drop(f);
-        let out = Command::new("mkfs.ext4")
-            .args([
-                "-q", "-F", "-b", "4096", "-m", "0", "-L", "scratch", "-U", FS_UUID,
-            ])
-            .arg("-E")
-            .arg(format!(
-                "lazy_itable_init=0,lazy_journal_init=0,nodiscard,hash_seed={FS_UUID}"
-            ))
-            .arg(file)
-            .output()
-            .map_err(io(
-                "running mkfs.ext4 (e2fsprogs) for the scratch template".into()
-            ))?;
-        if !out.status.success() {
-            return Err(Error::BadRequest(format!(
-                "mkfs.ext4 for the scratch template failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
         self.volumes
             .create(&VolumeSpec::new(name.to_string(), self.size))?;
-        let r = (|| {
-            let vol = self.volumes.store().open_volume(name)?;
-            let mut f =
-                std::fs::File::open(file).map_err(io(format!("opening {}", file.display())))?;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut off = 0u64;
-            // Only the extents mkfs wrote: the rest of the file is a hole.
-            while let Some((start, end)) = next_data(&f, off, self.size)? {
-                let mut pos = start;
-                f.seek(SeekFrom::Start(pos))
-                    .map_err(io(format!("reading {}", file.display())))?;
-                while pos < end {
-                    let n = buf.len().min((end - pos) as usize);
-                    f.read_exact(&mut buf[..n])
-                        .map_err(io(format!("reading {}", file.display())))?;
-                    // mkfs writes its zeroed tables too; a fresh volume reads zeros already.
-                    if buf[..n].iter().any(|&b| b != 0) {
-                        vol.write(pos, &buf[..n], false)?;
-                    }
-                    pos += n as u64;
-                }
-                off = end;
-            }
-            vol.flush()?;
+        let r = mkfs_into(
+            &self.volumes,
+            name,
+            self.size,
+            file,
+            "scratch",
+            Some(FS_UUID),
+        )
+        .and_then(|()| {
             self.volumes.store().snapshot_volume(name, FORMATTED)?;
             Ok(())
-        })();
+        });
         if r.is_err() {
             let _ = self.volumes.remove(name, true);
         }
         r
+    }
+
+    /// Formats volume `name` with ext4 if it is blank (reads as zeros throughout), for
+    /// a guest to mount; a volume that already holds ext4 is left alone, one that holds
+    /// anything else is refused (never reformatted). Returns whether it formatted.
+    pub(crate) fn format_if_blank(&self, name: &str) -> Result<bool, Error> {
+        let vol = self.volumes.store().open_volume(name)?;
+        let size = vol.size()?;
+        let mut sb = vec![0u8; 4096.min(size as usize)];
+        vol.read_at(0, &mut sb)?;
+        if sb.len() >= 1082 && sb[1080..1082] == [0x53, 0xef] {
+            return Ok(false);
+        }
+        let mut off = 0;
+        while off < size {
+            for run in vol.block_status(off, size - off)? {
+                if !run.zero {
+                    return Err(Error::BadRequest(format!(
+                        "volume {name} holds data that is not an ext4 filesystem: a guest mounts \
+                         volumes as ext4, and volumed formats only blank ones"
+                    )));
+                }
+                off += run.len;
+            }
+        }
+        drop(vol);
+        let started = std::time::Instant::now();
+        std::fs::create_dir_all(&self.tmp)
+            .map_err(io(format!("creating {}", self.tmp.display())))?;
+        let file = self.tmp.join(format!("{name}.ext4"));
+        let r = mkfs_into(&self.volumes, name, size, &file, "", None);
+        let _ = std::fs::remove_file(&file);
+        r?;
+        log!(
+            "volume {name}: blank, formatted ext4 ({size} bytes) in {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(true)
     }
 
     /// A fresh scratch device for `instance` (any earlier one is discarded).
@@ -189,6 +189,67 @@ impl Scratch {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Runs mkfs.ext4 on a sparse file of `size` bytes at `file` and writes what it wrote
+/// into volume `name` (which reads as zeros: zero buffers are skipped).
+fn mkfs_into(
+    volumes: &Volumes,
+    name: &str,
+    size: u64,
+    file: &Path,
+    label: &str,
+    uuid: Option<&str>,
+) -> Result<(), Error> {
+    let f = std::fs::File::create(file).map_err(io(format!("creating {}", file.display())))?;
+    f.set_len(size)
+        .map_err(io(format!("sizing {}", file.display())))?;
+    drop(f);
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-b", "4096", "-m", "0"]);
+    if !label.is_empty() {
+        cmd.args(["-L", label]);
+    }
+    let mut ext = "lazy_itable_init=0,lazy_journal_init=0,nodiscard".to_string();
+    if let Some(u) = uuid {
+        cmd.args(["-U", u]);
+        ext.push_str(&format!(",hash_seed={u}"));
+    }
+    let out = cmd
+        .arg("-E")
+        .arg(ext)
+        .arg(file)
+        .output()
+        .map_err(io(format!("running mkfs.ext4 (e2fsprogs) for {name}")))?;
+    if !out.status.success() {
+        return Err(Error::BadRequest(format!(
+            "mkfs.ext4 for {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let vol = volumes.store().open_volume(name)?;
+    let mut f = std::fs::File::open(file).map_err(io(format!("opening {}", file.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    // Only the extents mkfs wrote: the rest of the file is a hole.
+    while let Some((start, end)) = next_data(&f, off, size)? {
+        let mut pos = start;
+        f.seek(SeekFrom::Start(pos))
+            .map_err(io(format!("reading {}", file.display())))?;
+        while pos < end {
+            let n = buf.len().min((end - pos) as usize);
+            f.read_exact(&mut buf[..n])
+                .map_err(io(format!("reading {}", file.display())))?;
+            // mkfs writes its zeroed tables too; a fresh volume reads zeros already.
+            if buf[..n].iter().any(|&b| b != 0) {
+                vol.write(pos, &buf[..n], false)?;
+            }
+            pos += n as u64;
+        }
+        off = end;
+    }
+    vol.flush()?;
+    Ok(())
 }
 
 /// The next data extent of `f` at or after `off`: (start, end), or None.

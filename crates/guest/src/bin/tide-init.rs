@@ -7,7 +7,8 @@
 //! the instance's config. Then it waits for the disks by their virtio serials, mounts
 //! every layer (EROFS, read-only) and the scratch (ext4), stacks them with overlayfs
 //! under `/tide/root` (the upper directory taking the image root's mode, owner and
-//! mtime), sets the hostname and starts the app there: a child that chroots into the
+//! mtime), mounts the config's volumes (ext4) at their paths inside it, sets the
+//! hostname and starts the app there: a child that chroots into the
 //! root (with `/proc`, `/sys`, `/dev` mounted inside), takes the config's user, group,
 //! workdir and environment, and execs argv. Its stdout and stderr come to the host as
 //! `log` events line by line. Init reaps every orphan, forwards SIGTERM (and the host's
@@ -181,6 +182,30 @@ fn mount_root(c: &Config) -> Result<PathBuf, String> {
             work.display()
         ),
     )?;
+    for v in &c.volumes {
+        let inside = v.path.trim_start_matches('/');
+        let sane = v.path.starts_with('/')
+            && !inside.is_empty()
+            && Path::new(inside)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !sane {
+            return Err(format!(
+                "volume {}: mount path {:?} is not an absolute path below /",
+                v.serial, v.path
+            ));
+        }
+        let dev = find_disk(&v.serial, deadline)?;
+        let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
+        mount(
+            &dev.to_string_lossy(),
+            &root.join(inside),
+            "ext4",
+            flags,
+            "",
+        )
+        .map_err(|e| format!("volume {} at {}: {e}", v.serial, v.path))?;
+    }
     for (fs, at) in [("proc", "proc"), ("sysfs", "sys"), ("devtmpfs", "dev")] {
         mount(fs, &root.join(at), fs, 0, "")?;
     }

@@ -139,6 +139,7 @@ impl Env {
                 gateway: vmm::qemu::USER_NET_GATEWAY.into(),
                 dns: String::new(),
             }),
+            volumes: Vec::new(),
         }
     }
 }

@@ -1,0 +1,302 @@
+//! Instances are real VMs: `tide deploy` of a two-service stack boots QEMU guests from
+//! the store (every process real: one `sched`, one `volumed --scheduler --kernel
+//! --initramfs`, the guests under TCG), and the service answers through the host port
+//! its host forwards.
+//!
+//! The image is the three Debian layers (minbase, python3, flask). `web` is a Flask app
+//! given as the service's `command`: it answers with a variable of the env cascade,
+//! calls `api` at the `API_HOST`/`API_PORT` it was given, and writes a file on its RWO
+//! volume (`/data`) and one in its root. Then: a restart keeps the volume's file and
+//! drops the root's; `tide logs` shows the app's output; a QEMU killed with -9 is seen as
+//! failed; bad input (an entrypoint that does not exist, more memory than the host has)
+//! is refused with a clear error and leaves no VM, attachment or mount behind; SIGTERM
+//! to volumed ends its guests.
+//!
+//! Needs root, FUSE, `qemu-system-x86_64`, the Debian roots and the guest kernel (fetched
+//! into a cache). About 60 s under TCG on two cores.
+
+use serde_json::Value;
+use tests::guest::{Kernel, init_initramfs};
+use tests::sched::{Sched, json, tide, wait_for};
+use tests::volumed::Volumed;
+
+const STACK: &str = r#"
+[stack]
+name = "shop"
+entrypoint = "web"
+
+[stack.env]
+GREETING = "hello from the cascade"
+
+[volumes.data]
+size = "64M"
+mode = "rwo"
+
+[services.api]
+image = "shop/flask:1"
+port = 8081
+command = ["python3", "-c", """
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = ("pong from " + os.uname().nodename + "\\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+http.server.HTTPServer(("0.0.0.0", 8081), H).serve_forever()
+"""]
+
+[services.web]
+image = "shop/flask:1"
+depends_on = ["api"]
+port = 8080
+volumes = { data = "/data" }
+command = ["python3", "-c", """
+import os, urllib.request
+from flask import Flask
+app = Flask(__name__)
+@app.route("/")
+def hello():
+    return os.environ.get("GREETING", "none") + " (" + os.environ.get("WHO", "?") + ")\\n"
+@app.route("/api")
+def api():
+    url = "http://%s:%s/" % (os.environ["API_HOST"], os.environ["API_PORT"])
+    return urllib.request.urlopen(url, timeout=20).read().decode()
+@app.route("/write")
+def write():
+    with open("/data/kept.txt", "w") as f:
+        f.write("kept\\n")
+    with open("/root-file.txt", "w") as f:
+        f.write("gone after a restart\\n")
+    os.sync()
+    return "written\\n"
+@app.route("/files")
+def files():
+    return "data=%s root=%s\\n" % (os.path.exists("/data/kept.txt"), os.path.exists("/root-file.txt"))
+print("web: serving", flush=True)
+app.run(host="0.0.0.0", port=8080)
+"""]
+
+[services.web.env]
+WHO = "web"
+"#;
+
+/// An entrypoint that does not exist in the image.
+const MISSING: &str = r#"
+[stack]
+name = "broken"
+
+[services.app]
+image = "shop/flask:1"
+port = 9000
+command = ["/usr/bin/no-such-program"]
+"#;
+
+/// More memory than the host offers.
+const HUGE: &str = r#"
+[stack]
+name = "huge"
+
+[services.app]
+image = "shop/flask:1"
+command = ["sleep", "1000"]
+
+[services.app.resources]
+memory = "64G"
+"#;
+
+fn instances(addr: &str) -> Vec<Value> {
+    json(addr, &["instance", "ls"]).as_array().unwrap().clone()
+}
+
+fn instance(addr: &str, service: &str) -> Value {
+    instances(addr)
+        .into_iter()
+        .find(|i| i["service"] == service && i["stack"] == "shop")
+        .unwrap_or_else(|| panic!("no {service} instance: {:?}", instances(addr)))
+}
+
+fn s(v: &Value) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a string: {v}"))
+        .to_string()
+}
+
+/// GET `path` from the instance's endpoint: the body, asserting a 200.
+fn get(endpoint: &str, path: &str) -> String {
+    let (status, body) = tests::http_get(endpoint, path)
+        .unwrap_or_else(|| panic!("GET {path} on {endpoint}: no answer"));
+    assert!(status.contains("200"), "GET {path}: {status}: {body}");
+    body
+}
+
+fn failed_tide(addr: &str, args: &[&str]) -> String {
+    let o = tide(addr, args);
+    assert!(!o.status.success(), "tide {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn attachments(v: &Volumed) -> Vec<Value> {
+    v.tide().json(&["volume", "ls"]).as_array().unwrap().clone()
+}
+
+#[test]
+fn a_deployed_stack_runs_in_real_guests() {
+    let tmp = tests::tmpdir("tide-deploy-guests");
+    let t = tmp.path();
+    let _unmount = tests::UnmountBelow(t.to_path_buf());
+    let kernel = Kernel::get();
+    let initrd = init_initramfs(&kernel, &t.join("initramfs.img"));
+    let sched = Sched::start(t.join("sched"), t.join("sched.sock"), &[]);
+    let addr = sched.addr();
+    let args: Vec<String> = [
+        "--scheduler",
+        &addr,
+        "--host-id",
+        "host-a",
+        "--memory",
+        "4G",
+        "--vcpus",
+        "16",
+        "--kernel",
+        &kernel.vmlinuz().to_string_lossy(),
+        "--initramfs",
+        &initrd.to_string_lossy(),
+        "--accel",
+        "tcg",
+        "--scratch-size",
+        "1G",
+        "--boot-timeout",
+        "240",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let data = t.join("host-a");
+    let v = Volumed::start_with(&data, t.join("host-a.sock"), &args);
+    let oci = tests::oci::debian_three_layers(t, &t.join("oci"), "shop/flask:1");
+    v.tide().json(&["image", "import", &oci.to_string_lossy()]);
+    wait_for(30, "the image to reach the scheduler", || {
+        let h = json(&addr, &["host", "ls"]);
+        let ok = h[0]["up"] == true && h[0]["hypervisors"][0] == "qemu";
+        if ok { Ok(()) } else { Err(h.to_string()) }
+    });
+    let stack = t.join("shop.toml");
+    std::fs::write(&stack, STACK).unwrap();
+
+    // Deploy: api first (web depends on it), each answering once deploy returns.
+    let started = std::time::Instant::now();
+    let o = tide(&addr, &["deploy", &stack.to_string_lossy()]);
+    assert!(
+        o.status.success(),
+        "deploy: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        v.log_text()
+    );
+    eprintln!("deploy took {:.1} s", started.elapsed().as_secs_f64());
+    let web = instance(&addr, "web");
+    let api = instance(&addr, "api");
+    for i in [&web, &api] {
+        assert_eq!(i["guest"]["phase"], "running", "{i}");
+        assert_ne!(i["guest"]["answered"], 0, "{i}");
+        assert!(
+            i["endpoint"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{i}"
+        );
+    }
+    let w = s(&web["endpoint"]);
+    // The env cascade: the stack's GREETING and the service's WHO.
+    assert_eq!(get(&w, "/"), "hello from the cascade (web)\n");
+    // web calls api by the names it was given (API_HOST, API_PORT), through the host.
+    let pong = get(&w, "/api");
+    assert!(pong.starts_with("pong from api"), "{pong}");
+    // The human table shows the state and the endpoint.
+    let table = String::from_utf8_lossy(&tide(&addr, &["instance", "ls"]).stdout).into_owned();
+    assert!(table.contains("running") && table.contains(&w), "{table}");
+
+    // The volume keeps what the app wrote across a restart; the root does not.
+    assert_eq!(get(&w, "/write"), "written\n");
+    assert_eq!(get(&w, "/files"), "data=True root=True\n");
+    let web_id = s(&web["id"]);
+    let r = json(&addr, &["instance", "restart", &web_id]);
+    assert_eq!(r["guest"]["phase"], "running", "{r}");
+    assert_eq!(r["guest"]["restarts"], 1, "{r}");
+    assert_eq!(s(&r["endpoint"]), w, "a restart keeps the host port");
+    assert_eq!(get(&w, "/files"), "data=True root=False\n");
+
+    // Logs: the host's lifecycle lines and the app's own output, across the restart.
+    let logs = String::from_utf8_lossy(&tide(&addr, &["logs", &web_id]).stdout).into_owned();
+    assert_eq!(logs.matches("[tide] app started").count(), 2, "{logs}");
+    assert!(logs.contains("web: serving"), "{logs}");
+    assert!(logs.contains("GET /files"), "flask's request log: {logs}");
+    let console =
+        String::from_utf8_lossy(&tide(&addr, &["logs", "--console", &web_id]).stdout).into_owned();
+    assert!(
+        console.contains("SeaBIOS"),
+        "the VM's serial console: {console}"
+    );
+
+    // A QEMU killed with -9: the instance is failed, and the scheduler knows.
+    let api_pid = api["guest"]["pid"].as_u64().unwrap() as i32;
+    assert!(tests::guests_below(&data).contains(&(api_pid as u32)));
+    // SAFETY: kill(2) of a QEMU our volumed launched (its pid as reported).
+    assert_eq!(unsafe { libc::kill(api_pid, libc::SIGKILL) }, 0);
+    let failed = wait_for(30, "api to be failed", || {
+        let i = instance(&addr, "api");
+        if i["guest"]["phase"] == "failed" {
+            Ok(i)
+        } else {
+            Err(i.to_string())
+        }
+    });
+    let reason = s(&failed["guest"]["reason"]);
+    assert!(reason.contains("signal 9"), "{reason}");
+
+    // Bad input: a program that does not exist.
+    let bad = t.join("broken.toml");
+    std::fs::write(&bad, MISSING).unwrap();
+    let before = tests::guests_below(&data).len();
+    let e = failed_tide(&addr, &["deploy", &bad.to_string_lossy()]);
+    assert!(
+        e.contains("app.broken-0") && e.contains("/usr/bin/no-such-program"),
+        "{e}"
+    );
+    assert_eq!(tests::guests_below(&data).len(), before, "no VM left");
+    assert!(!data.join("instances/app.broken-0").exists());
+    assert!(
+        !data.join("vms/app.broken-0").exists()
+            || !data.join("vms/app.broken-0/run/qmp.sock").exists()
+    );
+    let held: Vec<String> = attachments(&v)
+        .iter()
+        .filter(|a| a["name"].as_str().is_some_and(|n| n.contains("broken")))
+        .map(|a| a.to_string())
+        .collect();
+    assert!(held.is_empty(), "{held:?}");
+    assert!(
+        !tests::mounts_below(&data)
+            .iter()
+            .any(|m| m.contains("broken")),
+        "{:?}",
+        tests::mounts_below(&data)
+    );
+    // Bad input: more memory than any host has.
+    let huge = t.join("huge.toml");
+    std::fs::write(&huge, HUGE).unwrap();
+    let e = failed_tide(&addr, &["deploy", &huge.to_string_lossy()]);
+    assert!(e.contains("memory"), "{e}");
+    assert_eq!(tests::guests_below(&data).len(), before, "no VM left");
+
+    // volumed's shutdown ends its guests.
+    let st = v.signal_and_wait(libc::SIGTERM);
+    assert!(st.success(), "{st}");
+    wait_for(20, "every guest to end", || {
+        let left = tests::guests_below(&data);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+}
