@@ -315,6 +315,17 @@ pub fn guests_below(dir: &std::path::Path) -> Vec<u32> {
     pids
 }
 
+/// Kills the guests below a directory when dropped (see [`kill_guests_below`]): a test
+/// that panics leaves no VM behind.
+#[derive(Debug)]
+pub struct KillGuestsBelow(pub std::path::PathBuf);
+
+impl Drop for KillGuestsBelow {
+    fn drop(&mut self) {
+        kill_guests_below(&self.0);
+    }
+}
+
 /// SIGKILLs every QEMU of [`guests_below`] `dir`.
 pub fn kill_guests_below(dir: &std::path::Path) {
     for pid in guests_below(dir) {
@@ -330,7 +341,7 @@ pub fn http_get(addr: &str, path: &str) -> Option<(String, String)> {
     let addr: std::net::SocketAddr = addr.parse().ok()?;
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
         .ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").as_bytes())
         .ok()?;

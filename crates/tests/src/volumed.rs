@@ -133,10 +133,10 @@ impl Drop for Volumed {
             let _ = c.kill();
             let _ = c.wait();
             crate::unmount_below(&self.data);
+            // Guests it launched run in process groups of their own and outlive a
+            // killed daemon: end those of this data directory.
+            crate::kill_guests_below(&self.data);
         }
-        // Guests it launched run in process groups of their own and outlive a killed
-        // daemon: end those of this data directory.
-        crate::kill_guests_below(&self.data);
     }
 }
 

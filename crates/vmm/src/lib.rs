@@ -123,6 +123,9 @@ pub enum Exit {
     Code(i32),
     /// It was killed by this signal.
     Signal(i32),
+    /// It ended while another process was its parent (an adopted VM): its status went
+    /// there.
+    Unknown,
 }
 
 /// A failure of a driver.

@@ -244,10 +244,62 @@ impl Hypervisor for Qemu {
             std::thread::sleep(Duration::from_millis(10));
         };
         Ok(Box::new(QemuVm {
-            child,
+            proc: Proc::Child(child),
             qmp: Some(qmp),
             serials: spec.disks.iter().map(|d| d.serial.clone()).collect(),
             hotplugged: 0,
+            needle: qmp_sock.to_string_lossy().into_owned(),
+        }))
+    }
+}
+
+/// The QEMU process of a VM: our child, or one a previous run of the host started
+/// (adopted: its status goes to whoever reaps it, we only see it go).
+#[derive(Debug)]
+enum Proc {
+    Child(Child),
+    Adopted { pid: u32 },
+}
+
+/// Whether `pid` is a live QEMU whose command line names `needle` (its QMP socket):
+/// what tells an adopted VM from a process that reused its pid.
+fn is_qemu_of(pid: u32, needle: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name; a zombie has ended.
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmd = String::from_utf8_lossy(&cmd);
+    !zombie && cmd.contains("qemu-system") && cmd.contains(needle)
+}
+
+impl Qemu {
+    /// Takes over the VM of a QEMU a previous run of this host launched from `run_dir`
+    /// (the spec's `run_dir`) as `pid`, with `serials` (the disks it has, hot-added ones
+    /// last, `hotplugged` of them): reconnects to its QMP socket. Fails if `pid` is not
+    /// that QEMU any more.
+    pub fn adopt(
+        &self,
+        pid: u32,
+        run_dir: &Path,
+        serials: Vec<String>,
+        hotplugged: usize,
+    ) -> Result<Box<dyn Vm>, Error> {
+        let qmp_sock = run_dir.join("qmp.sock");
+        if !is_qemu_of(pid, &qmp_sock.to_string_lossy()) {
+            return Err(Error::Api(format!(
+                "pid {pid} is not the QEMU of {}",
+                run_dir.display()
+            )));
+        }
+        let qmp = Qmp::connect(&qmp_sock, Duration::from_secs(10))?;
+        Ok(Box::new(QemuVm {
+            proc: Proc::Adopted { pid },
+            qmp: Some(qmp),
+            serials,
+            hotplugged,
+            needle: qmp_sock.to_string_lossy().into_owned(),
         }))
     }
 }
@@ -255,10 +307,36 @@ impl Hypervisor for Qemu {
 /// A guest QEMU runs.
 #[derive(Debug)]
 pub struct QemuVm {
-    child: Child,
+    proc: Proc,
     qmp: Option<Qmp>,
     serials: Vec<String>,
     hotplugged: usize,
+    /// Its QMP socket's path, as its command line names it.
+    needle: String,
+}
+
+impl QemuVm {
+    fn kill(&mut self) {
+        match &mut self.proc {
+            Proc::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Proc::Adopted { pid } => {
+                let pid = *pid;
+                if is_qemu_of(pid, &self.needle) {
+                    // SAFETY: kill(2) has no memory-safety preconditions; the pid was
+                    // just checked to be this VM's QEMU.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while is_qemu_of(pid, &self.needle) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        self.qmp = None;
+    }
 }
 
 impl QemuVm {
@@ -271,7 +349,10 @@ impl QemuVm {
 
 impl Vm for QemuVm {
     fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.proc {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted { pid } => *pid,
+        }
     }
 
     fn add_disk(&mut self, disk: &Disk) -> Result<(), Error> {
@@ -305,11 +386,14 @@ impl Vm for QemuVm {
     }
 
     fn try_wait(&mut self) -> Result<Option<Exit>, Error> {
-        let st = self.child.try_wait().map_err(Error::Wait)?;
-        if st.is_some() {
+        let exit = match &mut self.proc {
+            Proc::Child(c) => c.try_wait().map_err(Error::Wait)?.map(exit_of),
+            Proc::Adopted { pid } => (!is_qemu_of(*pid, &self.needle)).then_some(Exit::Unknown),
+        };
+        if exit.is_some() {
             self.qmp = None;
         }
-        Ok(st.map(exit_of))
+        Ok(exit)
     }
 
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<Exit>, Error> {
@@ -341,19 +425,16 @@ impl Vm for QemuVm {
         if let Some(e) = self.wait_timeout(Duration::from_secs(5))? {
             return Ok(e);
         }
-        let _ = self.child.kill();
-        let st = self.child.wait().map_err(Error::Wait)?;
-        self.qmp = None;
-        Ok(exit_of(st))
+        self.kill();
+        Ok(self.try_wait()?.unwrap_or(Exit::Signal(libc::SIGKILL)))
     }
 }
 
 impl Drop for QemuVm {
     /// A VM is never left running by a dropped handle.
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.try_wait().ok().flatten().is_none() {
+            self.kill();
         }
     }
 }

@@ -222,6 +222,15 @@ impl GuestVm {
         {
             let mut s = lock(&self.status);
             f(&mut s);
+            // Kept beside the VM, for a volumed restarted after a crash to adopt it
+            // with what it knew (best effort: a lost update is re-learned).
+            let path = self.dir.join("status.json");
+            let tmp = self.dir.join("status.json.tmp");
+            if let Ok(bytes) = serde_json::to_vec(&*s)
+                && std::fs::write(&tmp, bytes).is_ok()
+            {
+                let _ = std::fs::rename(&tmp, &path);
+            }
         }
         self.changed.notify_all();
         (self.notify)();
@@ -491,9 +500,63 @@ impl Guests {
         let timeout = self.config.boot_timeout;
         std::thread::Builder::new()
             .name(format!("guest {}", l.id))
-            .spawn(move || supervise(sup, config, ctl, timeout))
+            .spawn(move || supervise(sup, Some(config), ctl, timeout))
             .map_err(|e| format!("starting the supervisor: {e}"))?;
         Ok(g)
+    }
+
+    /// Takes over the guest `l` describes if a previous run of volumed launched it and
+    /// its QEMU still runs (volumed was killed; the guest kept running, its NBD client
+    /// reconnecting): reconnects to its QMP and control sockets and watches it again,
+    /// with the state it recorded. None when there is nothing to adopt (no record, the
+    /// VM ended, or its pid is another process now).
+    pub(crate) fn adopt(&self, l: &Launch) -> Option<Arc<GuestVm>> {
+        let dir = self.config.dir.join(&l.id);
+        let status: GuestStatus =
+            serde_json::from_slice(&std::fs::read(dir.join("status.json")).ok()?).ok()?;
+        if status.phase.ended() || status.pid == 0 {
+            return None;
+        }
+        let serials = l.disks.iter().map(|d| d.0.clone()).collect();
+        let vm = match self
+            .hypervisor
+            .adopt(status.pid, &dir.join("run"), serials, 0)
+        {
+            Ok(vm) => vm,
+            Err(e) => {
+                log!("instance {}: not adopting pid {}: {e}", l.id, status.pid);
+                return None;
+            }
+        };
+        let g = Arc::new(GuestVm {
+            id: l.id.clone(),
+            status: Mutex::new(status),
+            changed: Condvar::new(),
+            vm: Mutex::new(Some(vm)),
+            control: Mutex::new(None),
+            dir: dir.clone(),
+            notify: self.notify.clone(),
+        });
+        g.say("[tide] adopted by a restarted volumed (output of the gap is lost)");
+        lock(&self.vms).insert(l.id.clone(), g.clone());
+        let (sup, ctl) = (g.clone(), dir.join("control.sock"));
+        let timeout = self.config.boot_timeout;
+        let r = std::thread::Builder::new()
+            .name(format!("guest {}", l.id))
+            .spawn(move || supervise(sup, None, ctl, timeout));
+        if let Err(e) = r {
+            log!("instance {}: watching the adopted VM: {e}", l.id);
+        }
+        // Its app may have come up while nobody watched.
+        let s = g.status();
+        if s.phase == Phase::Running
+            && s.answered == 0
+            && let Ok(addr) = s.address.parse::<SocketAddr>()
+        {
+            let p = g.clone();
+            std::thread::spawn(move || probe(&p, addr));
+        }
+        Some(g)
     }
 
     /// Stops instance `id`'s guest (see [`GuestVm::stop`]) and forgets it.
@@ -643,7 +706,7 @@ fn connect(g: &GuestVm, socket: &Path, timeout: Duration) -> Option<UnixStream> 
 }
 
 /// One guest's life: see the module doc.
-fn supervise(g: Arc<GuestVm>, config: Config, socket: PathBuf, timeout: Duration) {
+fn supervise(g: Arc<GuestVm>, config: Option<Config>, socket: PathBuf, timeout: Duration) {
     if let Some(stream) = connect(&g, &socket, timeout) {
         *lock(&g.control) = stream.try_clone().ok();
         converse(&g, stream, config);
@@ -679,6 +742,7 @@ fn supervise(g: Arc<GuestVm>, config: Config, socket: PathBuf, timeout: Duration
         let how = match e {
             vmm::Exit::Code(c) => format!("status {c}"),
             vmm::Exit::Signal(s) => format!("signal {s}"),
+            vmm::Exit::Unknown => "while volumed was not its parent".to_string(),
         };
         g.say(&format!("[tide] VM ended ({how})"));
         g.fail(format!(
@@ -690,12 +754,11 @@ fn supervise(g: Arc<GuestVm>, config: Config, socket: PathBuf, timeout: Duration
 }
 
 /// Reads the guest's events until the channel closes.
-fn converse(g: &Arc<GuestVm>, stream: UnixStream, config: Config) {
+fn converse(g: &Arc<GuestVm>, stream: UnixStream, mut config: Option<Config>) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => return g.fail(format!("the control channel: {e}")),
     };
-    let mut config = Some(config);
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         if line.trim().is_empty() {

@@ -1109,20 +1109,30 @@ impl Host {
         Ok(self.with_status(&rec))
     }
 
-    /// Boots the guests of recorded instances (volumed's start, once NBD is served):
-    /// their roots were mounted again by [`Host::open`]; each boots with a fresh
-    /// scratch device, as a restart does. Runs in the background.
+    /// The guests of recorded instances at volumed's start (once NBD is served): a
+    /// guest whose QEMU still runs (volumed was killed, not stopped) is adopted as it
+    /// is; the others boot again with a fresh scratch device, as a restart does, in the
+    /// background.
     pub(crate) fn boot_recorded(self: &Arc<Host>) {
-        if self.guests.is_none() {
+        let Some(guests) = &self.guests else {
             return;
-        }
-        let ids: Vec<String> = self
+        };
+        let recorded: Vec<(String, Launch)> = self
             .lock()
             .instances
             .values()
-            .filter(|r| r.guest.is_some())
-            .map(|r| r.instance.clone())
+            .filter_map(|r| Some((r.instance.clone(), r.guest.clone()?)))
             .collect();
+        let mut ids = Vec::new();
+        for (id, launch) in recorded {
+            match guests.adopt(&launch) {
+                Some(g) => log!(
+                    "instance {id}: adopted its running guest (pid {})",
+                    g.status().pid
+                ),
+                None => ids.push(id),
+            }
+        }
         for id in ids {
             let h = self.clone();
             std::thread::spawn(move || match h.control(&id, "restart") {
