@@ -702,15 +702,7 @@ impl Daemon {
                         plan.stale.push(r.id.clone());
                     }
                 }
-                let links_to: Vec<(String, String)> = rs
-                    .service
-                    .depends_on
-                    .iter()
-                    .filter_map(|d| {
-                        let to = dep.services.iter().find(|x| x.service.name == *d)?;
-                        Some((d.to_string(), to.instances_of.clone()))
-                    })
-                    .collect();
+                let links_to = links_to(&dep.services, rs);
                 for _ in keep..rs.service.instances.min {
                     let mut p = self.plan_one(
                         &s,
@@ -966,6 +958,8 @@ impl Daemon {
             .instances
             .values()
             .filter(|r| r.key == key && r.state != InstState::Lost)
+            // A VM that exited or failed serves nothing.
+            .filter(|r| !matches!(r.prepared.guest.phase.as_str(), "exited" | "failed"))
             .map(|r| self.view(r))
             .collect();
         candidates.sort_by_key(|v| matches!(v.state, "pending" | "moving"));
@@ -982,6 +976,19 @@ async fn prepare_all(items: Vec<(host::Client, String, Spec)>) -> Vec<Result<Pre
             .map(|(c, host, spec)| async move { hostcall::prepare(&c, &host, &spec).await }),
     )
     .await
+}
+
+/// The services `rs` depends on, with the key of the instances serving each (among
+/// `services`, its deployment's).
+fn links_to(services: &[ResolvedService], rs: &ResolvedService) -> Vec<(String, String)> {
+    rs.service
+        .depends_on
+        .iter()
+        .filter_map(|d| {
+            let to = services.iter().find(|x| x.service.name == *d)?;
+            Some((d.to_string(), to.instances_of.clone()))
+        })
+        .collect()
 }
 
 /// Where an instance of `key` answers (HOST, PORT), from the instances prepared so far
@@ -1577,7 +1584,7 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
         let mut taken = BTreeSet::new();
         let mut converted = Vec::new();
         let hv = rs.service.hypervisor;
-        let p = d.plan_one(
+        let mut p = d.plan_one(
             &s,
             dep.variant.as_ref(),
             &rs,
@@ -1586,15 +1593,17 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
             &mut taken,
             &mut converted,
         )?;
+        p.links_to = links_to(&dep.services, &rs);
         DeployPlan {
             planned: vec![p],
             converted,
             ..Default::default()
         }
     };
-    let p = &plan.planned[0];
-    let item = (p.client.clone(), p.rec.host.clone(), p.rec.spec.clone());
-    let r = prepare_all(vec![item]).await.pop().expect("one result");
+    let r = prepare_in_order(sh, &mut plan.planned, &[])
+        .await
+        .pop()
+        .expect("one result");
     let planned = {
         let mut d = sh.state.borrow_mut();
         match r {

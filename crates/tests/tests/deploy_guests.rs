@@ -98,6 +98,17 @@ app.run(host="0.0.0.0", port=8080)
 
 [services.web.env]
 WHO = "web"
+
+# Scaled to zero: no instance until a name of it is resolved.
+[services.hello]
+image = "shop/flask:1"
+port = 8082
+command = ["python3", "-m", "http.server", "8082", "--bind", "0.0.0.0", "--directory", "/etc"]
+
+[services.hello.instances]
+min = 0
+max = 1
+scale_to_zero = true
 "#;
 
 /// An entrypoint that does not exist in the image.
@@ -233,6 +244,25 @@ fn a_deployed_stack_runs_in_real_guests() {
     // The human table shows the state and the endpoint.
     let table = String::from_utf8_lossy(&tide(&addr, &["instance", "ls"]).stdout).into_owned();
     assert!(table.contains("running") && table.contains(&w), "{table}");
+
+    // Scale to zero: resolving the name boots an instance and answers once it serves.
+    assert!(instances(&addr).iter().all(|i| i["service"] != "hello"));
+    let started = std::time::Instant::now();
+    let r = json(&addr, &["resolve", "hello.shop.tidedge.local"]);
+    eprintln!(
+        "resolve from zero took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(r["started"], true, "{r}");
+    assert_eq!(r["instance"]["guest"]["phase"], "running", "{r}");
+    let hello = s(&r["instance"]["endpoint"]);
+    let want =
+        std::fs::read_to_string(tests::roots::debian_root("minbase").join("etc/debian_version"))
+            .unwrap();
+    assert_eq!(get(&hello, "/debian_version"), want, "answering right away");
+    let again = json(&addr, &["resolve", "hello.shop.tidedge.local"]);
+    assert_eq!(again["started"], false, "{again}");
+    assert_eq!(again["instance"]["id"], r["instance"]["id"]);
 
     // The volume keeps what the app wrote across a restart; the root does not.
     assert_eq!(get(&w, "/write"), "written\n");
