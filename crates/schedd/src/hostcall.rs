@@ -132,7 +132,8 @@ pub async fn boot_warm(
     let mut req = client.boot_warm_request();
     req.get().set_pool(pool);
     req.get().set_image(image);
-    deadline(host, &op, async move {
+    // A host that boots guests answers once the warm VM's init is ready.
+    deadline_of(PREPARE_TIMEOUT, host, &op, async move {
         let reply = req.send().promise.await?;
         wire::warm_from(reply.get()?.get_vm()?)
     })

@@ -189,7 +189,9 @@ interface Host {
   # Undoes `prepare`: detaches the volumes, unmounts the root, discards the scratch.
 
   bootWarm @3 (pool :Text, image :Text) -> (vm :WarmVm);
-  # Prepares a warm VM for `pool` from `image` (its layers are the pool's stack).
+  # Prepares a warm VM for `pool` from `image` (its layers are the pool's stack). A host
+  # that boots guests boots one on those layers (1 vCPU, 512 MiB) and answers once its
+  # init waits for a config; converting it hot-adds the instance's other disks.
 
   instances @4 () -> (instances :List(PreparedInstance), warm :List(WarmVm));
   # What this host has prepared, for a scheduler that restarted.

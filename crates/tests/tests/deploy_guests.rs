@@ -111,6 +111,17 @@ max = 1
 scale_to_zero = true
 "#;
 
+/// One service on the same image: its instance converts the pool's warm VM.
+const JOBS: &str = r#"
+[stack]
+name = "jobs"
+
+[services.worker]
+image = "shop/flask:1"
+port = 8090
+command = ["python3", "-m", "http.server", "8090", "--bind", "0.0.0.0", "--directory", "/etc"]
+"#;
+
 /// An entrypoint that does not exist in the image.
 const MISSING: &str = r#"
 [stack]
@@ -158,6 +169,32 @@ fn get(endpoint: &str, path: &str) -> String {
         .unwrap_or_else(|| panic!("GET {path} on {endpoint}: no answer"));
     assert!(status.contains("200"), "GET {path}: {status}: {body}");
     body
+}
+
+/// Every QEMU below `data` is a live instance's or a warm VM's, as the scheduler
+/// lists them: nothing a failed deploy booted is left (the pool may have booted a new
+/// warm VM for one a failed conversion consumed: waited for).
+fn check_vms(addr: &str, data: &std::path::Path) {
+    wait_for(60, "the VMs to be the scheduler's", || {
+        let live = instances(addr)
+            .iter()
+            .filter(|i| matches!(i["guest"]["phase"].as_str(), Some("running" | "booting")))
+            .count() as u64;
+        let warm: u64 = json(addr, &["pool", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["warm"].as_u64().unwrap())
+            .sum();
+        let qemus = tests::guests_below(data).len() as u64;
+        if qemus == live + warm {
+            Ok(())
+        } else {
+            Err(format!(
+                "{qemus} QEMUs, {live} live instances, {warm} warm VMs"
+            ))
+        }
+    });
 }
 
 fn failed_tide(addr: &str, args: &[&str]) -> String {
@@ -264,6 +301,64 @@ fn a_deployed_stack_runs_in_real_guests() {
     assert_eq!(again["started"], false, "{again}");
     assert_eq!(again["instance"]["id"], r["instance"]["id"]);
 
+    // Warm pools are booted guests: a deploy converts one (hot-adds the scratch,
+    // forwards the port, sends the config) and the pool boots another.
+    json(
+        &addr,
+        &[
+            "pool",
+            "create",
+            "py",
+            "--image",
+            "shop/flask:1",
+            "--min",
+            "1",
+            "--max",
+            "1",
+        ],
+    );
+    let warm = || json(&addr, &["pool", "ls"])[0]["warm"].as_u64().unwrap();
+    wait_for(120, "a warm VM", || {
+        if warm() == 1 {
+            Ok(())
+        } else {
+            Err("none".into())
+        }
+    });
+    let jobs = t.join("jobs.toml");
+    std::fs::write(&jobs, JOBS).unwrap();
+    let started = std::time::Instant::now();
+    let d = json(&addr, &["deploy", &jobs.to_string_lossy()]);
+    eprintln!(
+        "deploy from a warm VM took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let placed = &d["placed"][0];
+    assert_ne!(placed["instance"]["warm_vm"], "", "{d}");
+    let worker = instances(&addr)
+        .into_iter()
+        .find(|i| i["stack"] == "jobs")
+        .unwrap();
+    assert_eq!(worker["guest"]["phase"], "running", "{worker}");
+    assert_eq!(
+        get(&s(&worker["endpoint"]), "/debian_version"),
+        want,
+        "the converted VM serves"
+    );
+    let wlog =
+        String::from_utf8_lossy(&tide(&addr, &["logs", &s(&worker["id"])]).stdout).into_owned();
+    assert!(
+        wlog.contains("[tide] converted: 1 disk(s) hot-added"),
+        "{wlog}"
+    );
+    wait_for(120, "the pool to be refilled", || {
+        if warm() == 1 {
+            Ok(())
+        } else {
+            Err("none".into())
+        }
+    });
+
     // The volume keeps what the app wrote across a restart; the root does not.
     assert_eq!(get(&w, "/write"), "written\n");
     assert_eq!(get(&w, "/files"), "data=True root=True\n");
@@ -352,13 +447,12 @@ fn a_deployed_stack_runs_in_real_guests() {
     // Bad input: a program that does not exist.
     let bad = t.join("broken.toml");
     std::fs::write(&bad, MISSING).unwrap();
-    let before = tests::guests_below(&data).len();
     let e = failed_tide(&addr, &["deploy", &bad.to_string_lossy()]);
     assert!(
         e.contains("app.broken-0") && e.contains("/usr/bin/no-such-program"),
         "{e}"
     );
-    assert_eq!(tests::guests_below(&data).len(), before, "no VM left");
+    check_vms(&addr, &data);
     assert!(!data.join("instances/app.broken-0").exists());
     assert!(
         !data.join("vms/app.broken-0").exists()
@@ -382,7 +476,7 @@ fn a_deployed_stack_runs_in_real_guests() {
     std::fs::write(&huge, HUGE).unwrap();
     let e = failed_tide(&addr, &["deploy", &huge.to_string_lossy()]);
     assert!(e.contains("memory"), "{e}");
-    assert_eq!(tests::guests_below(&data).len(), before, "no VM left");
+    check_vms(&addr, &data);
 
     // volumed's shutdown ends its guests.
     let st = v.signal_and_wait(libc::SIGTERM);

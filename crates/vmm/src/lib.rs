@@ -176,6 +176,9 @@ pub trait Vm: Send {
     fn pid(&self) -> u32;
     /// Attaches `disk` while the guest runs (it appears as a new virtio-blk device).
     fn add_disk(&mut self, disk: &Disk) -> Result<(), Error>;
+    /// Forwards a host port to the guest while it runs (a warm VM converted into an
+    /// instance with a port).
+    fn add_forward(&mut self, forward: &Forward) -> Result<(), Error>;
     /// How it ended, if it has.
     fn try_wait(&mut self) -> Result<Option<Exit>, Error>;
     /// Waits up to `timeout` for it to end by itself.

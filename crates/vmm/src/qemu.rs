@@ -385,6 +385,29 @@ impl Vm for QemuVm {
         Ok(())
     }
 
+    fn add_forward(&mut self, f: &crate::Forward) -> Result<(), Error> {
+        // QMP has no command for a user-network forward; HMP's `hostfwd_add`, run
+        // through QMP, is the one way. It answers "" when done and the error otherwise
+        // (nothing is parsed out of it).
+        let line = format!(
+            "hostfwd_add net0 tcp:{}:{}-:{}",
+            f.host.ip(),
+            f.host.port(),
+            f.guest_port
+        );
+        let r = self
+            .qmp()?
+            .execute("human-monitor-command", json!({ "command-line": line }))?;
+        match r.as_str() {
+            Some("") => Ok(()),
+            other => Err(Error::Refused {
+                command: line,
+                class: "hostfwd_add".into(),
+                desc: other.map_or_else(|| r.to_string(), |s| s.trim().to_string()),
+            }),
+        }
+    }
+
     fn try_wait(&mut self) -> Result<Option<Exit>, Error> {
         let exit = match &mut self.proc {
             Proc::Child(c) => c.try_wait().map_err(Error::Wait)?.map(exit_of),

@@ -106,13 +106,52 @@ pub(crate) struct Launch {
     pub(crate) memory_mib: u64,
     /// Disks by serial, in attach order: (serial, export, read-only).
     pub(crate) disks: Vec<(String, String, bool)>,
-    /// The config init gets (its network is filled in here).
-    pub(crate) config: Config,
+    /// The config init gets (its network is filled in here); None for a warm VM,
+    /// whose init waits until a conversion sends one.
+    pub(crate) config: Option<Config>,
     /// The guest port to forward a host port to.
     pub(crate) port: Option<u16>,
     /// The host port to use (adopting an address); 0 picks a free one.
     pub(crate) host_port: u16,
     pub(crate) restarts: u32,
+    /// The VM's directory under `DATA/vms` when it is not `id` (a converted warm VM
+    /// keeps the one it was booted in).
+    #[serde(default)]
+    pub(crate) vm: String,
+}
+
+impl Launch {
+    /// The VM's directory name under `DATA/vms`.
+    fn dir_name(&self) -> &str {
+        if self.vm.is_empty() {
+            &self.id
+        } else {
+            &self.vm
+        }
+    }
+}
+
+/// The host's end of the control channel: the writer, whether init said `ready`, and
+/// a config waiting for that.
+#[derive(Default)]
+struct Ctl {
+    writer: Option<UnixStream>,
+    ready: bool,
+    pending: Option<Config>,
+}
+
+impl Ctl {
+    /// Sends `pending` if init is ready for it.
+    fn flush(&mut self) -> Result<(), String> {
+        if !self.ready {
+            return Ok(());
+        }
+        let (Some(w), Some(c)) = (self.writer.as_mut(), self.pending.take()) else {
+            return Ok(());
+        };
+        w.write_all(control::encode(&Command::Config(Box::new(c))).as_bytes())
+            .map_err(|e| format!("sending the config: {e}"))
+    }
 }
 
 /// One guest.
@@ -121,7 +160,7 @@ pub(crate) struct GuestVm {
     status: Mutex<GuestStatus>,
     changed: Condvar,
     vm: Mutex<Option<Box<dyn Vm>>>,
-    control: Mutex<Option<UnixStream>>,
+    ctl: Mutex<Ctl>,
     dir: PathBuf,
     notify: Arc<dyn Fn() + Send + Sync>,
 }
@@ -321,11 +360,87 @@ impl GuestVm {
         }
     }
 
+    /// Waits until its init says `ready` (a warm VM, booted and waiting for a config).
+    pub(crate) fn wait_booted(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.status);
+        loop {
+            if s.booted != 0 {
+                return Ok(());
+            }
+            if s.phase.ended() {
+                return Err(s.reason.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(s);
+                let reason = format!(
+                    "its guest did not boot within {} s (console: {})",
+                    timeout.as_secs(),
+                    tail(&self.console_log(), 3)
+                );
+                self.fail(reason.clone());
+                return Err(reason);
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Turns this warm VM into an instance's: hot-adds `disks` (the layers it lacks,
+    /// the scratch, the volumes), forwards `forward` to it, and sends `config` (now, or
+    /// as soon as init says `ready`).
+    pub(crate) fn convert(
+        &self,
+        nbd_socket: &Path,
+        disks: &[(String, String, bool)],
+        forward: Option<vmm::Forward>,
+        mut config: Config,
+    ) -> Result<(), String> {
+        {
+            let mut vm = lock(&self.vm);
+            let v = vm.as_mut().ok_or("the warm VM has ended")?;
+            for (serial, export, ro) in disks {
+                v.add_disk(&vmm::Disk {
+                    serial: serial.clone(),
+                    source: vmm::DiskSource::Nbd {
+                        socket: nbd_socket.to_path_buf(),
+                        export: export.clone(),
+                    },
+                    read_only: *ro,
+                })
+                .map_err(|e| format!("hot-adding disk {serial}: {e}"))?;
+            }
+            if let Some(f) = forward {
+                v.add_forward(&f)
+                    .map_err(|e| format!("forwarding {}: {e}", f.host))?;
+            }
+        }
+        self.update(|s| {
+            s.address = forward.map(|f| f.host.to_string()).unwrap_or_default();
+        });
+        self.say(&format!(
+            "[tide] converted: {} disk(s) hot-added{}",
+            disks.len(),
+            forward.map_or_else(String::new, |f| format!(
+                ", port {} on {}",
+                f.guest_port, f.host
+            ))
+        ));
+        config.network = Some(user_network());
+        let mut ctl = lock(&self.ctl);
+        ctl.pending = Some(config);
+        ctl.flush()
+    }
+
     /// Ends the guest: `stop` to its init (SIGTERM to the app; init powers off once it
     /// has exited), up to `grace`, then the hypervisor is ended. Returns once the VM
     /// is gone.
     pub(crate) fn stop(&self, grace: Duration) {
-        if let Some(c) = lock(&self.control).as_mut() {
+        if let Some(c) = lock(&self.ctl).writer.as_mut() {
             let _ = c.write_all(control::encode(&Command::Stop).as_bytes());
         }
         let mut vm = lock(&self.vm);
@@ -360,6 +475,15 @@ impl std::fmt::Debug for Guests {
         f.debug_struct("Guests")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// The guest's side of QEMU's user network.
+fn user_network() -> control::Network {
+    control::Network {
+        address: vmm::qemu::USER_NET_ADDRESS.into(),
+        gateway: vmm::qemu::USER_NET_GATEWAY.into(),
+        dns: vmm::qemu::USER_NET_DNS.into(),
     }
 }
 
@@ -405,6 +529,38 @@ impl Guests {
         lock(&self.vms).get(id).cloned()
     }
 
+    /// The host port forwarded to `port` of a guest: `host_port`, or a free one.
+    pub(crate) fn forward(
+        &self,
+        port: Option<u16>,
+        host_port: u16,
+    ) -> Result<Option<vmm::Forward>, String> {
+        let Some(guest_port) = port else {
+            return Ok(None);
+        };
+        let port = if host_port != 0 {
+            host_port
+        } else {
+            free_port(self.config.bind)?
+        };
+        Ok(Some(vmm::Forward {
+            host: SocketAddrV4::new(self.config.bind, port),
+            guest_port,
+        }))
+    }
+
+    /// Takes warm VM `warm` out of the table and files it under instance `id` (see
+    /// [`GuestVm::convert`]); None if there is no such VM or it has ended.
+    pub(crate) fn take_warm(&self, warm: &str, id: &str) -> Option<Arc<GuestVm>> {
+        let mut vms = lock(&self.vms);
+        let g = vms.remove(warm)?;
+        if g.status().phase.ended() {
+            return None;
+        }
+        vms.insert(id.to_string(), g.clone());
+        Some(g)
+    }
+
     /// Launches `l` (replacing a guest of that id that has ended) and starts its
     /// supervisor; returns once the hypervisor runs (the guest boots).
     pub(crate) fn launch(&self, mut l: Launch) -> Result<Arc<GuestVm>, String> {
@@ -413,27 +569,12 @@ impl Guests {
         {
             return Err(format!("instance {} has a guest running already", l.id));
         }
-        let dir = self.config.dir.join(&l.id);
+        let dir = self.config.dir.join(l.dir_name());
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let address = match l.port {
-            Some(guest_port) => {
-                let port = if l.host_port != 0 {
-                    l.host_port
-                } else {
-                    free_port(self.config.bind)?
-                };
-                Some(vmm::Forward {
-                    host: SocketAddrV4::new(self.config.bind, port),
-                    guest_port,
-                })
-            }
-            None => None,
-        };
-        l.config.network = Some(control::Network {
-            address: vmm::qemu::USER_NET_ADDRESS.into(),
-            gateway: vmm::qemu::USER_NET_GATEWAY.into(),
-            dns: vmm::qemu::USER_NET_DNS.into(),
-        });
+        let address = self.forward(l.port, l.host_port)?;
+        if let Some(c) = l.config.as_mut() {
+            c.network = Some(user_network());
+        }
         let spec = VmSpec {
             name: l.id.clone(),
             kernel: self.config.kernel.clone(),
@@ -472,7 +613,7 @@ impl Guests {
             }),
             changed: Condvar::new(),
             vm: Mutex::new(None),
-            control: Mutex::new(None),
+            ctl: Mutex::new(Ctl::default()),
             dir,
             notify: self.notify.clone(),
         });
@@ -500,7 +641,7 @@ impl Guests {
         let timeout = self.config.boot_timeout;
         std::thread::Builder::new()
             .name(format!("guest {}", l.id))
-            .spawn(move || supervise(sup, Some(config), ctl, timeout))
+            .spawn(move || supervise(sup, config, ctl, timeout))
             .map_err(|e| format!("starting the supervisor: {e}"))?;
         Ok(g)
     }
@@ -511,13 +652,13 @@ impl Guests {
     /// with the state it recorded. None when there is nothing to adopt (no record, the
     /// VM ended, or its pid is another process now).
     pub(crate) fn adopt(&self, l: &Launch) -> Option<Arc<GuestVm>> {
-        let dir = self.config.dir.join(&l.id);
+        let dir = self.config.dir.join(l.dir_name());
         let status: GuestStatus =
             serde_json::from_slice(&std::fs::read(dir.join("status.json")).ok()?).ok()?;
         if status.phase.ended() || status.pid == 0 {
             return None;
         }
-        let serials = l.disks.iter().map(|d| d.0.clone()).collect();
+        let serials: Vec<String> = l.disks.iter().map(|d| d.0.clone()).collect();
         let vm = match self
             .hypervisor
             .adopt(status.pid, &dir.join("run"), serials, 0)
@@ -528,12 +669,17 @@ impl Guests {
                 return None;
             }
         };
+        // An init that said `ready` before the crash is still waiting for its config.
+        let ready = status.booted != 0;
         let g = Arc::new(GuestVm {
             id: l.id.clone(),
             status: Mutex::new(status),
             changed: Condvar::new(),
             vm: Mutex::new(Some(vm)),
-            control: Mutex::new(None),
+            ctl: Mutex::new(Ctl {
+                ready,
+                ..Ctl::default()
+            }),
             dir: dir.clone(),
             notify: self.notify.clone(),
         });
@@ -708,8 +854,12 @@ fn connect(g: &GuestVm, socket: &Path, timeout: Duration) -> Option<UnixStream> 
 /// One guest's life: see the module doc.
 fn supervise(g: Arc<GuestVm>, config: Option<Config>, socket: PathBuf, timeout: Duration) {
     if let Some(stream) = connect(&g, &socket, timeout) {
-        *lock(&g.control) = stream.try_clone().ok();
-        converse(&g, stream, config);
+        {
+            let mut ctl = lock(&g.ctl);
+            ctl.writer = stream.try_clone().ok();
+            ctl.pending = config;
+        }
+        converse(&g, stream);
     }
     // The channel closed: the VM is ending (or never served it).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -754,11 +904,7 @@ fn supervise(g: Arc<GuestVm>, config: Option<Config>, socket: PathBuf, timeout: 
 }
 
 /// Reads the guest's events until the channel closes.
-fn converse(g: &Arc<GuestVm>, stream: UnixStream, mut config: Option<Config>) {
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => return g.fail(format!("the control channel: {e}")),
-    };
+fn converse(g: &Arc<GuestVm>, stream: UnixStream) {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         if line.trim().is_empty() {
@@ -777,12 +923,11 @@ fn converse(g: &Arc<GuestVm>, stream: UnixStream, mut config: Option<Config>) {
                 g.say(&format!(
                     "[tide] guest ready (kernel {kernel}, {uptime:.2} s after it started)"
                 ));
-                if let Some(c) = config.take() {
-                    let sent =
-                        writer.write_all(control::encode(&Command::Config(Box::new(c))).as_bytes());
-                    if let Err(e) = sent {
-                        g.fail(format!("sending the config: {e}"));
-                    }
+                let mut ctl = lock(&g.ctl);
+                ctl.ready = true;
+                if let Err(e) = ctl.flush() {
+                    drop(ctl);
+                    g.fail(e);
                 }
             }
             Event::Started { pid, .. } => {

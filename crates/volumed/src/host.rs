@@ -285,6 +285,10 @@ pub(crate) struct WarmRecord {
     pub(crate) image: String,
     pub(crate) layers: Vec<String>,
     pub(crate) root: PathBuf,
+    /// Its guest, booted on the pool's layers and waiting for a config, when this host
+    /// boots guests.
+    #[serde(default)]
+    pub(crate) guest: Option<Launch>,
     #[serde(skip)]
     mount: u64,
 }
@@ -641,11 +645,25 @@ impl Host {
             status: None,
             mount,
         };
+        let converting = undo.warm.clone();
         let guest = match (&self.guests, launch) {
             (Some(guests), Some(l)) => {
-                let g = guests
-                    .launch(l)
-                    .map_err(|e| Error::BadRequest(format!("instance {}: {e}", spec.instance)))?;
+                undo.guest = Some(spec.instance.clone());
+                let converted = match &converting {
+                    Some(w) => self.convert(guests, w, &l, spec)?,
+                    None => None,
+                };
+                let g = match converted {
+                    Some((g, vm_dir)) => {
+                        if let Some(rl) = record.guest.as_mut() {
+                            rl.vm = vm_dir;
+                        }
+                        g
+                    }
+                    None => guests.launch(l).map_err(|e| {
+                        Error::BadRequest(format!("instance {}: {e}", spec.instance))
+                    })?,
+                };
                 // The port it got, so a restart or a restarted daemon keeps it.
                 if let (Some(rl), Some(port)) = (
                     record.guest.as_mut(),
@@ -657,7 +675,6 @@ impl Host {
                 ) {
                     rl.host_port = port;
                 }
-                undo.guest = Some(spec.instance.clone());
                 Some(g)
             }
             _ => None,
@@ -687,6 +704,69 @@ impl Host {
             }
         );
         Ok((record, guest))
+    }
+
+    /// Converts warm VM `w`'s guest into instance `spec`'s (`l`): hot-adds the disks
+    /// it lacks, forwards the port, sends the config. Returns the guest and its VM
+    /// directory, or None when `w` has no guest or it does not fit (other vCPUs or
+    /// memory, more disks than hot-plug ports): its guest is then stopped and the
+    /// instance boots cold.
+    fn convert(
+        &self,
+        guests: &Guests,
+        w: &WarmRecord,
+        l: &Launch,
+        spec: &InstanceSpec,
+    ) -> Result<Option<(Arc<crate::guests::GuestVm>, String)>, Error> {
+        let Some(wl) = &w.guest else {
+            return Ok(None);
+        };
+        let Some(g) = guests.take_warm(&w.id, &spec.instance) else {
+            log!(
+                "instance {}: warm VM {} has no live guest: booting cold",
+                spec.instance,
+                w.id
+            );
+            return Ok(None);
+        };
+        let extra = &l.disks[wl.disks.len().min(l.disks.len())..];
+        let fits = wl.memory_mib == l.memory_mib
+            && wl.vcpus == l.vcpus
+            && extra.len() <= vmm::qemu::HOTPLUG_PORTS
+            && wl.disks.iter().zip(&l.disks).all(|(a, b)| a == b);
+        if !fits {
+            log!(
+                "instance {}: warm VM {} ({} vCPU, {} MiB) does not fit it ({} vCPU, {} MiB, {} disks to add): booting cold",
+                spec.instance,
+                w.id,
+                wl.vcpus,
+                wl.memory_mib,
+                l.vcpus,
+                l.memory_mib,
+                extra.len()
+            );
+            guests.remove(&spec.instance, Duration::from_secs(1));
+            return Ok(None);
+        }
+        let config = l.config.clone().ok_or_else(|| {
+            Error::BadRequest(format!("instance {}: no config to send", spec.instance))
+        })?;
+        let err = |e: String| {
+            Error::BadRequest(format!(
+                "instance {}: converting warm VM {}: {e}",
+                spec.instance, w.id
+            ))
+        };
+        let forward = guests.forward(l.port, 0).map_err(err)?;
+        g.convert(&guests.config.nbd_socket, extra, forward, config)
+            .map_err(err)?;
+        log!(
+            "instance {}: converting warm VM {} ({} disk(s) hot-added)",
+            spec.instance,
+            w.id,
+            extra.len()
+        );
+        Ok(Some((g, w.id.clone())))
     }
 
     /// What instance `spec`'s guest boots with: its disks by serial, and the config its
@@ -782,7 +862,8 @@ impl Host {
             vcpus: spec.vcpus.max(1),
             memory_mib: (memory >> 20).max(64),
             disks,
-            config: guest::control::Config {
+            vm: String::new(),
+            config: Some(guest::control::Config {
                 hostname,
                 layers,
                 scratch,
@@ -805,7 +886,7 @@ impl Host {
                 disk_timeout_ms: 30_000,
                 network: None,
                 volumes,
-            },
+            }),
             port: spec.port,
             host_port: 0,
             restarts: 0,
@@ -989,6 +1070,9 @@ impl Host {
         if let Some(w) = records.warm.remove(id) {
             self.save(&records)?;
             log!("release warm VM {id}");
+            if let Some(g) = &self.guests {
+                g.remove(id, Duration::from_secs(1));
+            }
             if w.mount != 0 {
                 unmount_now(&self.mounts, w.mount, true)?;
             }
@@ -1117,12 +1201,27 @@ impl Host {
         let Some(guests) = &self.guests else {
             return;
         };
-        let recorded: Vec<(String, Launch)> = self
-            .lock()
-            .instances
-            .values()
-            .filter_map(|r| Some((r.instance.clone(), r.guest.clone()?)))
-            .collect();
+        let (recorded, warm): (Vec<(String, Launch)>, Vec<Launch>) = {
+            let r = self.lock();
+            (
+                r.instances
+                    .values()
+                    .filter_map(|r| Some((r.instance.clone(), r.guest.clone()?)))
+                    .collect(),
+                r.warm.values().filter_map(|w| w.guest.clone()).collect(),
+            )
+        };
+        for l in warm {
+            if guests.adopt(&l).is_some() {
+                log!("warm VM {}: adopted its running guest", l.id);
+                continue;
+            }
+            let id = l.id.clone();
+            match guests.launch(l) {
+                Ok(_) => log!("warm VM {id}: booted again"),
+                Err(e) => log!("warm VM {id}: cannot boot it again: {e}"),
+            }
+        }
         let mut ids = Vec::new();
         for (id, launch) in recorded {
             match guests.adopt(&launch) {
@@ -1160,20 +1259,67 @@ impl Host {
                 return Err(e);
             }
         };
-        let w = WarmRecord {
+        let mut w = WarmRecord {
             id: id.clone(),
             pool: pool.to_string(),
             image: digest.to_string(),
             layers: layers.iter().map(ToString::to_string).collect(),
             root: root.clone(),
+            guest: None,
             mount,
+        };
+        let undo = |records: &mut Records| {
+            records.warm.remove(&id);
+            if let Some(g) = &self.guests {
+                g.remove(&id, Duration::from_secs(1));
+            }
+            let _ = unmount_now(&self.mounts, mount, true);
+            remove_root(&root);
+        };
+        // Its guest boots the pool's layers and waits in init for a conversion.
+        let guest = match &self.guests {
+            Some(guests) => {
+                let mut disks = Vec::new();
+                for (i, l) in layers.iter().enumerate() {
+                    if let Err(e) = self.layers.image(l) {
+                        undo(&mut records);
+                        return Err(e);
+                    }
+                    disks.push((format!("layer{i}"), layer_export(l), true));
+                }
+                let l = Launch {
+                    id: id.clone(),
+                    vcpus: 1,
+                    memory_mib: DEFAULT_GUEST_MEMORY >> 20,
+                    disks,
+                    config: None,
+                    port: None,
+                    host_port: 0,
+                    restarts: 0,
+                    vm: String::new(),
+                };
+                w.guest = Some(l.clone());
+                match guests.launch(l) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        undo(&mut records);
+                        return Err(Error::BadRequest(format!("warm VM {id}: {e}")));
+                    }
+                }
+            }
+            None => None,
         };
         records.warm.insert(id.clone(), w.clone());
         if let Err(e) = self.save(&records) {
-            records.warm.remove(&id);
-            let _ = unmount_now(&self.mounts, mount, true);
-            remove_root(&root);
+            undo(&mut records);
             return Err(e);
+        }
+        drop(records);
+        if let (Some(g), Some(guests)) = (guest, &self.guests)
+            && let Err(e) = g.wait_booted(guests.config.boot_timeout)
+        {
+            let _ = self.release(&id);
+            return Err(Error::BadRequest(format!("warm VM {id} did not boot: {e}")));
         }
         Ok(w)
     }
