@@ -189,6 +189,9 @@ struct GuestRow {
     reason: String,
     pid: u32,
     restarts: u32,
+    /// Milliseconds its host's prepare spent on storage before the launch.
+    storage_ms: u32,
+    converted: u64,
 }
 
 impl InstanceRow {
@@ -383,6 +386,8 @@ fn instance_row(r: instance_info::Reader<'_>) -> Result<InstanceRow> {
             reason: t(g.get_reason())?,
             pid: g.get_pid(),
             restarts: g.get_restarts(),
+            storage_ms: g.get_storage(),
+            converted: g.get_converted(),
         },
         id: t(r.get_id())?,
         key: t(r.get_key())?,

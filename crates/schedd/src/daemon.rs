@@ -1278,8 +1278,19 @@ pub async fn deploy(
             log!("{file}: pool {}: {e}", p.name);
         }
     }
-    replenish(sh).await;
+    refill_later(sh);
     Ok(plan.report)
+}
+
+/// Refills the pools once the current operation is over (it holds the op lock): a
+/// deploy or resolve that converted a warm VM answers without waiting for the new VM's
+/// boot.
+fn refill_later(sh: &Rc<Shared>) {
+    let sh = sh.clone();
+    tokio::task::spawn_local(async move {
+        let _op = sh.op.lock().await;
+        replenish(&sh).await;
+    });
 }
 
 /// Declares a pool and boots its warm VMs (the caller holds the op lock).
@@ -1619,7 +1630,7 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
             }
         }
     };
-    replenish(sh).await;
+    refill_later(sh);
     Ok(RouteView {
         hostname: hostname.to_owned(),
         route,

@@ -93,6 +93,10 @@ pub struct GuestRec {
     pub reason: String,
     pub pid: u32,
     pub restarts: u32,
+    #[serde(default)]
+    pub storage_ms: u32,
+    #[serde(default)]
+    pub converted: u64,
 }
 
 /// What a host reported for a prepared instance (the wire's `PreparedInstance`).

@@ -191,6 +191,8 @@ pub fn guest_from(r: schema::sched_capnp::guest_state::Reader<'_>) -> capnp::Res
         reason: text(r.get_reason())?,
         pid: r.get_pid(),
         restarts: r.get_restarts(),
+        storage_ms: r.get_storage(),
+        converted: r.get_converted(),
     })
 }
 
@@ -206,6 +208,8 @@ pub fn set_guest(mut b: schema::sched_capnp::guest_state::Builder<'_>, g: &Guest
     b.set_reason(&g.reason);
     b.set_pid(g.pid);
     b.set_restarts(g.restarts);
+    b.set_storage(g.storage_ms);
+    b.set_converted(g.converted);
 }
 
 pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared> {

@@ -407,8 +407,11 @@ fn a_warm_vm_is_converted_and_the_pool_refilled() {
             p.reasons
         );
         assert_eq!(a.rec.borrow().prepares[0].warm_vm, first_vm);
-        // Replenished: a second boot, one warm VM again.
-        assert_eq!(a.rec.borrow().boots.len(), 2);
+        // Replenished (after the deploy answered): a second boot, one warm VM again.
+        wait_for("the pool to be refilled", async || {
+            a.rec.borrow().boots.len() == 2
+        })
+        .await;
         assert_eq!(a.rec.borrow().warm.len(), 1);
         assert!(!a.rec.borrow().warm.contains_key(&first_vm));
         assert_eq!(

@@ -121,6 +121,9 @@ struct GuestState {
   reason @8 :Text;              # With "failed": why, in one line.
   pid @9 :UInt32;               # The hypervisor's pid on the host.
   restarts @10 :UInt32;         # Times it was restarted.
+  storage @11 :UInt32;          # Milliseconds its prepare spent on storage before the
+                                # launch (or conversion): exports, scratch, volumes, root.
+  converted @12 :UInt64;        # A warm VM's conversion into this instance began.
 }
 
 struct BootDisk {

@@ -90,6 +90,12 @@ pub(crate) struct GuestStatus {
     /// `HOST:PORT` forwarded to the guest's service port, or "".
     pub(crate) address: String,
     pub(crate) restarts: u32,
+    /// Milliseconds the prepare spent on storage before the launch or conversion.
+    #[serde(default)]
+    pub(crate) storage_ms: u32,
+    /// When a warm VM's conversion into this instance began.
+    #[serde(default)]
+    pub(crate) converted: u64,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -296,6 +302,11 @@ impl GuestVm {
         }
     }
 
+    /// Records how long the prepare spent on storage before launching it.
+    pub(crate) fn set_storage_time(&self, d: Duration) {
+        self.update(|s| s.storage_ms = d.as_millis().min(u128::from(u32::MAX)) as u32);
+    }
+
     /// Fails the guest (if it has not ended) with `reason`.
     fn fail(&self, reason: String) {
         let mut first = false;
@@ -400,6 +411,7 @@ impl GuestVm {
         forward: Option<vmm::Forward>,
         mut config: Config,
     ) -> Result<(), String> {
+        self.update(|s| s.converted = unix_ms());
         {
             let mut vm = lock(&self.vm);
             let v = vm.as_mut().ok_or("the warm VM has ended")?;

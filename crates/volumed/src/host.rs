@@ -540,6 +540,7 @@ impl Host {
     ) -> Result<(InstanceRecord, Option<Arc<crate::guests::GuestVm>>), Error> {
         check_id("instance id", &spec.instance)?;
         let mut records = self.lock();
+        let started = std::time::Instant::now();
         if let Some(r) = records.instances.get(&spec.instance) {
             return Ok((r.clone(), None));
         }
@@ -649,6 +650,7 @@ impl Host {
         let guest = match (&self.guests, launch) {
             (Some(guests), Some(l)) => {
                 undo.guest = Some(spec.instance.clone());
+                let storage = started.elapsed();
                 let converted = match &converting {
                     Some(w) => self.convert(guests, w, &l, spec)?,
                     None => None,
@@ -664,6 +666,7 @@ impl Host {
                         Error::BadRequest(format!("instance {}: {e}", spec.instance))
                     })?,
                 };
+                g.set_storage_time(storage);
                 // The port it got, so a restart or a restarted daemon keeps it.
                 if let (Some(rl), Some(port)) = (
                     record.guest.as_mut(),

@@ -89,6 +89,8 @@ pub(crate) fn set_guest(mut b: sched_capnp::guest_state::Builder<'_>, s: &GuestS
     b.set_reason(&s.reason);
     b.set_pid(s.pid);
     b.set_restarts(s.restarts);
+    b.set_storage(s.storage_ms);
+    b.set_converted(s.converted);
 }
 
 fn set_prepared(

@@ -20,7 +20,16 @@
 //! their maximum). Under TCG absolute times are slow (the guest's CPU is emulated);
 //! the ratios are what carries over to KVM.
 //!
-//! Usage: `bench-boot [--runs N] [--json]`
+//! `--deploy` measures the product path instead: `tide deploy` of a one-service stack
+//! (the same two layers as an image, the same app as the service's command) onto one
+//! `volumed --kernel --initramfs` host of a real `sched`, until `GET` answers, split from
+//! the host's own timestamps into storage (the prepare's exports, scratch, volumes and
+//! root, before the launch), VMM start + kernel + init (launch to init's `ready`), app
+//! (config to the port answering) and the rest (scheduler, RPC, the client); cold, then
+//! from a pool's warm VM (the split there: storage, then conversion to answer), beside
+//! the same guest booted by plain QEMU from local `mkfs.erofs` images.
+//!
+//! Usage: `bench-boot [--runs N] [--deploy] [--json]`
 
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
@@ -36,7 +45,7 @@ use tests::volumed::Volumed;
 use vmm::{Accel, Disk, DiskSource, Forward, Hypervisor, NetSpec, Vm, VmSpec};
 
 const USAGE: &str = "\
-usage: bench-boot [--runs N] [--json]
+usage: bench-boot [--runs N] [--deploy] [--json]
 
 Boots the python3 root plus an app layer in QEMU (TCG) with tide-init and times launch
 to the app's HTTP answer: cold with volumed's layer exports, cold with local mkfs.erofs
@@ -44,6 +53,8 @@ images, and the conversion of a warm VM (booted on the base layer, waiting in in
 Needs root.
 
   --runs N      runs per row (default 10)
+  --deploy      through tide deploy (sched + volumed booting guests), split into
+                storage, VMM + kernel + init, app and the rest; cold and warm
   --json        print JSON (every sample) instead of a table
   -h, --help    show this help";
 
@@ -95,7 +106,7 @@ impl Env {
             initrd: self.initrd.clone(),
             cmdline: "console=ttyS0 quiet panic=-1".into(),
             vcpus: 1,
-            memory_mib: 384,
+            memory_mib: 512,
             disks: all,
             control: self.work.join(format!("{name}.ctl")),
             console_log: self.work.join(format!("{name}.console")),
@@ -116,9 +127,13 @@ impl Env {
             layers: vec!["layer0".into(), "layer1".into()],
             scratch: "scratch".into(),
             root: self.root.clone(),
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            uid: 65534,
-            gid: 65534,
+            // As volumed runs an image with no user: root, Docker's PATH.
+            env: vec![(
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            )],
+            uid: 0,
+            gid: 0,
             workdir: "/".into(),
             argv: [
                 "python3",
@@ -137,7 +152,9 @@ impl Env {
             network: Some(guest::control::Network {
                 address: vmm::qemu::USER_NET_ADDRESS.into(),
                 gateway: vmm::qemu::USER_NET_GATEWAY.into(),
-                dns: String::new(),
+                // As volumed gives its guests: without a resolver, http.server's
+                // getfqdn() at start waits for a DNS timeout.
+                dns: vmm::qemu::USER_NET_DNS.into(),
             }),
             volumes: Vec::new(),
         }
@@ -349,9 +366,253 @@ fn bench(runs: usize, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The stack `--deploy` runs: the app as the service's command.
+const DEPLOY_STACK: &str = r#"
+[stack]
+name = "NAME"
+
+[services.app]
+image = "bench/app:1"
+port = 8000
+command = ["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0", "--directory", "/srv"]
+"#;
+
+/// One deploy's split, seconds: storage, VMM + kernel + init, app, rest, total.
+fn deploy_once(addr: &str, work: &Path, name: &str) -> Result<[f64; 5]> {
+    let file = work.join(format!("{name}.toml"));
+    std::fs::write(&file, DEPLOY_STACK.replace("NAME", name))?;
+    let start = Instant::now();
+    let o = tests::sched::tide(addr, &["deploy", file.to_str().context("utf-8")?]);
+    ensure!(
+        o.status.success(),
+        "deploy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let list = tests::sched::json(addr, &["instance", "ls"]);
+    let i = list
+        .as_array()
+        .context("instances")?
+        .iter()
+        .find(|i| i["stack"] == name)
+        .context("no instance")?
+        .clone();
+    let endpoint: SocketAddrV4 = i["endpoint"].as_str().context("endpoint")?.parse()?;
+    while !http_ok(endpoint) {
+        ensure!(start.elapsed() < Duration::from_secs(300), "no answer");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let total = start.elapsed().as_secs_f64();
+    let g = &i["guest"];
+    let ms = |k: &str| g[k].as_u64().unwrap_or(0) as f64 / 1e3;
+    let storage = ms("storage_ms");
+    let (boot, app) = if ms("converted") > 0.0 {
+        (0.0, ms("answered") - ms("converted"))
+    } else {
+        (ms("booted") - ms("launched"), ms("answered") - ms("booted"))
+    };
+    let rest = total - storage - boot - app;
+    let o = tests::sched::tide(addr, &["stack", "rm", name]);
+    ensure!(
+        o.status.success(),
+        "stack rm: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok([storage, boot, app, rest, total])
+}
+
+fn bench_deploy(runs: usize, as_json: bool) -> Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("bench-boot")
+        .tempdir_in("/var/tmp")?;
+    let work = tmp.path().to_path_buf();
+    let _guests = tests::KillGuestsBelow(work.clone());
+    let kernel = Kernel::get();
+    let python3 = tests::roots::ensure_debian_root("python3")?;
+    let app = work.join("app");
+    std::fs::create_dir_all(app.join("srv"))?;
+    std::fs::write(app.join("srv/index.html"), PAGE)?;
+    let env = Env {
+        initrd: init_initramfs(&kernel, &work.join("init.cpio")),
+        kernel,
+        work: work.clone(),
+        root: root_meta(&python3),
+    };
+    // The image: the python3 root and the app layer, an OCI layout of two tar layers.
+    let blobs = tests::oci::Blobs::new(&work.join("blobs"));
+    let (base_tar, app_tar) = (work.join("base.tar"), work.join("app.tar"));
+    tests::oci::tar(&python3, None, &base_tar);
+    tests::oci::tar(&app, None, &app_tar);
+    let layers = [blobs.layer(&base_tar), blobs.layer(&app_tar)];
+    blobs.image(&work.join("oci"), "bench/app:1", &layers);
+    let sched = tests::sched::Sched::start(work.join("sched"), work.join("sched.sock"), &[]);
+    let addr = sched.addr();
+    let args: Vec<String> = [
+        "--scheduler",
+        &addr,
+        "--vcpus",
+        "16",
+        "--kernel",
+        &env.kernel.vmlinuz().to_string_lossy(),
+        "--initramfs",
+        &env.initrd.to_string_lossy(),
+        "--accel",
+        "tcg",
+        "--scratch-size",
+        "1G",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let daemon = Volumed::start_with(work.join("data"), work.join("v.sock"), &args);
+    daemon.tide().json(&[
+        "image",
+        "import",
+        work.join("oci").to_str().context("utf-8")?,
+    ]);
+    tests::sched::wait_for(30, "the host's image", || {
+        let h = tests::sched::json(&addr, &["host", "ls"]);
+        if h[0]["up"] == true {
+            Ok(())
+        } else {
+            Err(h.to_string())
+        }
+    });
+    let mut images = Vec::new();
+    for (name, dir) in [("base", &python3), ("app", &app)] {
+        let img = work.join(format!("{name}.erofs"));
+        run(Command::new("mkfs.erofs").arg("--quiet").arg(&img).arg(dir))?;
+        images.push(img);
+    }
+    let files = |i: usize| -> Result<[f64; 3]> {
+        cold(
+            &env,
+            &format!("files{i}"),
+            [
+                DiskSource::File(images[0].clone()),
+                DiskSource::File(images[1].clone()),
+            ],
+        )
+    };
+    let (mut cold_runs, mut warm_runs, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        cold_runs.push(deploy_once(&addr, &work, &format!("cold{i}"))?);
+        peer.push(files(i)?.iter().sum::<f64>());
+        eprintln!(
+            "bench-boot: cold deploy {}: {:.2} s (storage {:.3} s); plain QEMU {:.2} s",
+            i + 1,
+            cold_runs[i][4],
+            cold_runs[i][0],
+            peer[i]
+        );
+    }
+    tests::sched::json(
+        &addr,
+        &[
+            "pool",
+            "create",
+            "warm",
+            "--image",
+            "bench/app:1",
+            "--min",
+            "1",
+            "--max",
+            "1",
+        ],
+    );
+    let warm_count = || tests::sched::json(&addr, &["pool", "ls"])[0]["warm"].as_u64();
+    for i in 0..runs {
+        tests::sched::wait_for(120, "a warm VM", || {
+            if warm_count() == Some(1) {
+                Ok(())
+            } else {
+                Err("none".into())
+            }
+        });
+        // The pool's VM has booted and waits in init.
+        std::thread::sleep(Duration::from_millis(200));
+        warm_runs.push(deploy_once(&addr, &work, &format!("warm{i}"))?);
+        eprintln!(
+            "bench-boot: warm deploy {}: {:.2} s (storage {:.3} s)",
+            i + 1,
+            warm_runs[i][4],
+            warm_runs[i][0]
+        );
+    }
+    if as_json {
+        println!(
+            "{}",
+            json!({"cold_deploy_s": cold_runs, "warm_deploy_s": warm_runs, "plain_qemu_s": peer})
+        );
+        return Ok(());
+    }
+    let p = |v: &[[f64; 5]], k: usize, q: f64| {
+        percentile(&v.iter().map(|r| r[k]).collect::<Vec<_>>(), q)
+    };
+    let cells = |v: &[[f64; 5]], k: usize| format!("{:.3} / {:.3}", p(v, k, 0.5), p(v, k, 0.99));
+    let rows = vec![
+        vec![
+            "cold deploy".to_string(),
+            cells(&cold_runs, 0),
+            cells(&cold_runs, 1),
+            cells(&cold_runs, 2),
+            cells(&cold_runs, 3),
+            cells(&cold_runs, 4),
+        ],
+        vec![
+            "warm deploy (conversion)".to_string(),
+            cells(&warm_runs, 0),
+            "-".into(),
+            cells(&warm_runs, 2),
+            cells(&warm_runs, 3),
+            cells(&warm_runs, 4),
+        ],
+        vec![
+            "plain QEMU, mkfs.erofs files".to_string(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            format!(
+                "{:.3} / {:.3}",
+                percentile(&peer, 0.5),
+                percentile(&peer, 0.99)
+            ),
+        ],
+    ];
+    print!(
+        "{}",
+        render_table(
+            &[
+                &format!("{runs} runs, p50 / p99, seconds"),
+                "storage",
+                "VMM + kernel + init",
+                "app",
+                "sched + RPC",
+                "deploy to answer",
+            ],
+            &rows
+        )
+    );
+    let (c, w, f) = (
+        p(&cold_runs, 4, 0.5),
+        p(&warm_runs, 4, 0.5),
+        percentile(&peer, 0.5),
+    );
+    println!(
+        "storage p50 {:.1} ms (goal <= 20 ms); cold deploy / plain QEMU: {:.2}x (goal <= 1.1x); warm / cold: {:.2} (goal <= 0.20)",
+        p(&cold_runs, 0, 0.5) * 1e3,
+        c / f,
+        w / c
+    );
+    drop(daemon);
+    drop(sched);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut runs = 10;
     let mut as_json = false;
+    let mut deploy = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -360,6 +621,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             "--json" => as_json = true,
+            "--deploy" => deploy = true,
             "--runs" => match args.next().and_then(|v| v.parse().ok()).filter(|&n| n > 0) {
                 Some(n) => runs = n,
                 None => {
@@ -373,7 +635,12 @@ fn main() -> ExitCode {
             }
         }
     }
-    match bench(runs, as_json) {
+    let r = if deploy {
+        bench_deploy(runs, as_json)
+    } else {
+        bench(runs, as_json)
+    };
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench-boot: {e:#}");
