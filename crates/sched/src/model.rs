@@ -499,6 +499,28 @@ impl Catalog {
         }
     }
 
+    /// Every name that answers, with its route: each stack's and variant's entrypoint
+    /// and service names, then every alias. Each route is what [`Catalog::resolve`]
+    /// gives for the name, so a front end that looks names up in this table routes as
+    /// `resolve` does. A name that no longer resolves (cannot happen while the catalog's
+    /// checks hold) is left out.
+    pub fn hostnames(&self) -> Vec<(String, Route)> {
+        let mut names = Vec::new();
+        for s in self.stacks.values() {
+            let variants = std::iter::once(None).chain(self.variants_of(s.name.as_str()).map(Some));
+            for v in variants {
+                let vname = v.map(|v| &v.name);
+                names.push(entry_hostname(s, vname));
+                names.extend(s.services.keys().map(|svc| hostname(s, vname, svc)));
+            }
+        }
+        names.extend(self.aliases.keys().cloned());
+        names
+            .into_iter()
+            .filter_map(|n| self.resolve(&n).ok().map(|r| (n, r)))
+            .collect()
+    }
+
     /// `service.stack[--variant]` or `stack[--variant]`, relative to the stack's domain.
     fn resolve_short(&self, t: &str) -> Result<Route, ModelError> {
         let labels: Vec<&str> = t.split('.').collect();
@@ -630,6 +652,23 @@ mod tests {
 
     fn n(s: &str) -> Name {
         Name::new(s).unwrap()
+    }
+
+    #[test]
+    fn hostnames_lists_every_name_with_the_route_resolve_gives() {
+        let mut c = shop();
+        c.put_alias("www.example.com", "web.shop--pr-42").unwrap();
+        let names = c.hostnames();
+        let variants = c.variants_of("shop").count();
+        let services = c.stack("shop").unwrap().services.len();
+        // Entrypoint + services for the stack and each variant, plus the alias.
+        assert_eq!(names.len(), (1 + variants) * (1 + services) + c.aliases().count());
+        for (n, r) in &names {
+            assert_eq!(&c.resolve(n).unwrap(), r, "{n}");
+        }
+        let alias = names.iter().find(|(n, _)| n == "www.example.com").unwrap();
+        assert_eq!(alias.1.via_aliases, vec!["www.example.com".to_string()]);
+        assert_eq!(alias.1.variant.as_ref().map(Name::as_str), Some("pr-42"));
     }
 
     #[test]
