@@ -662,7 +662,10 @@ mod tests {
         let variants = c.variants_of("shop").count();
         let services = c.stack("shop").unwrap().services.len();
         // Entrypoint + services for the stack and each variant, plus the alias.
-        assert_eq!(names.len(), (1 + variants) * (1 + services) + c.aliases().count());
+        assert_eq!(
+            names.len(),
+            (1 + variants) * (1 + services) + c.aliases().count()
+        );
         for (n, r) in &names {
             assert_eq!(&c.resolve(n).unwrap(), r, "{n}");
         }

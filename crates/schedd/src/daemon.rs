@@ -30,6 +30,7 @@ use schema::sched_capnp::host;
 use crate::error::{Error, Result};
 use crate::hostcall::{self, WarmReport};
 use crate::log;
+use crate::routes::Routes;
 use crate::state::{
     self, HostRec, ImageRec, InstState, InstanceRec, PoolRec, Prepared, Spec, StoredFile,
     VolumeReq, WarmRec,
@@ -57,6 +58,8 @@ impl std::fmt::Debug for HostEntry {
 /// Everything the scheduler knows. See the module doc.
 pub struct Daemon {
     kv: Kv,
+    /// Signalled by every state write (see [`crate::routes`]).
+    changed: Rc<tokio::sync::Notify>,
     pub catalog: Catalog,
     pub files: BTreeMap<String, StoredFile>,
     pub cluster: Cluster,
@@ -87,6 +90,8 @@ pub struct Shared {
     /// A host that sends no heartbeat for this long is marked down.
     pub host_timeout: Duration,
     next_session: Cell<u64>,
+    /// The route table front ends watch.
+    pub routes: Routes,
 }
 
 impl std::fmt::Debug for Shared {
@@ -99,7 +104,9 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     pub fn new(daemon: Daemon, host_timeout: Duration) -> Rc<Shared> {
+        let routes = Routes::new(daemon.changed.clone());
         Rc::new(Shared {
+            routes,
             state: RefCell::new(daemon),
             op: tokio::sync::Mutex::new(()),
             host_timeout,
@@ -258,12 +265,13 @@ fn sharing_str(s: Sharing) -> &'static str {
     }
 }
 
-fn write(kv: &Kv, batch: KvBatch) {
+fn write(d: &Daemon, batch: KvBatch) {
     // A failed state write is logged, not returned: the hosts already acted, and the
     // next change rewrites the records it touches.
-    if let Err(e) = kv.write(batch) {
+    if let Err(e) = d.kv.write(batch) {
         log!("state write failed: {e}");
     }
+    d.changed.notify_one();
 }
 
 impl Daemon {
@@ -273,6 +281,7 @@ impl Daemon {
     pub fn load(kv: Kv) -> Result<Daemon> {
         let mut d = Daemon {
             kv,
+            changed: Rc::new(tokio::sync::Notify::new()),
             catalog: Catalog::new(),
             files: BTreeMap::new(),
             cluster: Cluster::new(Policy::default()),
@@ -1171,7 +1180,7 @@ fn prepare_recorded(sh: &Rc<Shared>, ids: &[String], results: Vec<Result<Prepare
         }
         state::put(&mut batch, &state::instance_key(iid), &rec);
     }
-    write(&d.kv, batch);
+    write(&d, batch);
 }
 
 /// Validates, stores and runs a stack file (`variant`: also the variant's UNIQUE
@@ -1247,7 +1256,7 @@ pub async fn deploy(
             for w in &plan.converted {
                 batch.delete(state::warm_key(w));
             }
-            write(&d.kv, batch);
+            write(&d, batch);
         }
         replenish(sh).await;
         let err = results
@@ -1268,7 +1277,7 @@ pub async fn deploy(
         };
         let mut batch = d.persist_catalog(&stack, &parsed, stored);
         let releases = d.record(&mut plan, prepared, &mut batch);
-        write(&d.kv, batch);
+        write(&d, batch);
         releases
     };
     release_all(sh, releases).await;
@@ -1306,7 +1315,7 @@ async fn add_pool(sh: &Rc<Shared>, pool: Pool) -> Result<()> {
         };
         let mut batch = KvBatch::new();
         state::put(&mut batch, &state::pool_key(rec.pool.name.as_str()), &rec);
-        write(&d.kv, batch);
+        write(&d, batch);
         d.pools.insert(rec.pool.name.to_string(), rec);
     }
     replenish(sh).await;
@@ -1368,7 +1377,7 @@ async fn boot_all(sh: &Rc<Shared>, boots: Vec<PoolBoot>) {
             }
         }
     }
-    write(&d.kv, batch);
+    write(&d, batch);
 }
 
 pub async fn create_pool(
@@ -1444,7 +1453,7 @@ pub async fn remove_pool(sh: &Rc<Shared>, name: &str) -> Result<()> {
                 releases.push((w.host, id));
             }
         }
-        write(&d.kv, batch);
+        write(&d, batch);
         releases
     };
     // The Host interface has no call to discard a warm VM: `release` by its id is the
@@ -1461,7 +1470,7 @@ pub async fn add_alias(sh: &Rc<Shared>, domain: &str, target: &str) -> Result<()
     let target = target.trim_end_matches('.').to_ascii_lowercase();
     let mut batch = KvBatch::new();
     state::put(&mut batch, &state::alias_key(&domain), &target);
-    write(&d.kv, batch);
+    write(&d, batch);
     Ok(())
 }
 
@@ -1472,7 +1481,7 @@ pub async fn remove_alias(sh: &Rc<Shared>, domain: &str) -> Result<()> {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let mut batch = KvBatch::new();
     batch.delete(state::alias_key(&domain));
-    write(&d.kv, batch);
+    write(&d, batch);
     Ok(())
 }
 
@@ -1521,7 +1530,7 @@ pub async fn remove_stack(sh: &Rc<Shared>, name: &str) -> Result<()> {
         batch.delete(state::stack_key(name));
         d.files.remove(name);
         let releases = d.forget_instances(|r| r.stack.as_str() == name, &mut batch);
-        write(&d.kv, batch);
+        write(&d, batch);
         releases
     };
     release_all(sh, releases).await;
@@ -1544,7 +1553,7 @@ pub async fn remove_variant(sh: &Rc<Shared>, stack: &str, name: &str) -> Result<
             |r| r.stack.as_str() == stack && r.variant.as_ref().is_some_and(|v| v.as_str() == name),
             &mut batch,
         );
-        write(&d.kv, batch);
+        write(&d, batch);
         releases
     };
     release_all(sh, releases).await;
@@ -1621,7 +1630,7 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
             Ok(prep) => {
                 let mut batch = KvBatch::new();
                 d.record(&mut plan, vec![prep], &mut batch);
-                write(&d.kv, batch);
+                write(&d, batch);
                 plan.report.placed.pop().expect("recorded")
             }
             Err(e) => {
@@ -1659,7 +1668,7 @@ pub fn register(
     };
     let mut batch = KvBatch::new();
     state::put(&mut batch, &state::host_key(&id), &rec);
-    write(&d.kv, batch);
+    write(&d, batch);
     d.hosts.insert(
         id.clone(),
         HostEntry {
@@ -1712,7 +1721,7 @@ pub fn heartbeat(
         d.cluster.upsert_host(inv);
         let mut batch = KvBatch::new();
         state::put(&mut batch, &state::host_key(id), &h.rec);
-        write(&d.kv, batch);
+        write(d, batch);
     }
     // Guests' states: kept as reported, stored when a phase changes (an app that
     // exited, a VM that died), so a restarted scheduler shows them too.
@@ -1742,7 +1751,7 @@ pub fn heartbeat(
         }
     }
     if !batch.is_empty() {
-        write(&d.kv, batch);
+        write(d, batch);
     }
     Ok(())
 }
@@ -1792,8 +1801,8 @@ pub async fn control(sh: &Rc<Shared>, id: &str, action: &str) -> Result<Instance
     rec.prepared = p;
     let mut batch = KvBatch::new();
     state::put(&mut batch, &state::instance_key(id), &*rec);
-    write(&d.kv, batch);
     let rec = rec.clone();
+    write(d, batch);
     Ok(d.view(&rec))
 }
 
@@ -1871,7 +1880,7 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
                 batch.delete(state::warm_key(&k));
             }
         }
-        write(&d.kv, batch);
+        write(d, batch);
         (releases, reprepare)
     };
     release_all(&sh, releases).await;
@@ -1881,7 +1890,7 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
         let mut d = sh.state.borrow_mut();
         let mut batch = KvBatch::new();
         let r = d.plan_revive(&mut batch);
-        write(&d.kv, batch);
+        write(&d, batch);
         r
     };
     prepare_existing(&sh, revive, "restarting a lost instance").await;
@@ -2023,7 +2032,7 @@ pub async fn fail_host(sh: &Rc<Shared>, id: &str) -> Result<()> {
             let rec = d.instances[&mv.instance].clone();
             state::put(&mut batch, &state::instance_key(&rec.id), &rec);
         }
-        write(&d.kv, batch);
+        write(d, batch);
         log!(
             "host {id} missed heartbeats for {:?}: marked down, {} instances to move",
             sh.host_timeout,

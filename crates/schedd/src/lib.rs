@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod error;
 pub mod hostcall;
 pub mod net;
+pub mod routes;
 pub mod rpc;
 pub mod server;
 pub mod state;

@@ -233,6 +233,17 @@ impl scheduler::Server for SchedulerImpl {
         Ok(())
     }
 
+    async fn watch_routes(
+        self: CapRc<Self>,
+        params: scheduler::WatchRoutesParams,
+        mut results: scheduler::WatchRoutesResults,
+    ) -> Result<(), capnp::Error> {
+        let watcher = params.get()?.get_watcher()?;
+        let t = self.0.routes.watch(&self.0.state.borrow(), watcher);
+        crate::routes::set_table(results.get().init_table(), &t);
+        Ok(())
+    }
+
     async fn hosts(
         self: CapRc<Self>,
         _: scheduler::HostsParams,

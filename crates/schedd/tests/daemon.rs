@@ -924,3 +924,120 @@ fn non_loopback_listen_is_refused() {
         "{line}"
     );
 }
+
+/// The parts of a pushed route table a test checks: version, name → key, key →
+/// instance ids.
+#[derive(Debug, Default, Clone)]
+struct Table {
+    version: u64,
+    names: std::collections::BTreeMap<String, String>,
+    instances: std::collections::BTreeMap<String, Vec<String>>,
+    scale_to_zero: Vec<String>,
+}
+
+fn table(r: schema::sched_capnp::route_table::Reader<'_>) -> Table {
+    let s = |t: capnp::Result<capnp::text::Reader<'_>>| t.unwrap().to_string().unwrap();
+    let mut t = Table {
+        version: r.get_version(),
+        ..Table::default()
+    };
+    for n in r.get_names().unwrap() {
+        t.names.insert(s(n.get_hostname()), s(n.get_key()));
+    }
+    for svc in r.get_services().unwrap() {
+        let ids = svc
+            .get_instances()
+            .unwrap()
+            .iter()
+            .map(|i| s(i.get_id()))
+            .collect();
+        if svc.get_scale_to_zero() {
+            t.scale_to_zero.push(s(svc.get_key()));
+        }
+        t.instances.insert(s(svc.get_key()), ids);
+    }
+    t
+}
+
+/// A front end's watcher: keeps every table pushed to it.
+struct Watcher(std::rc::Rc<std::cell::RefCell<Vec<Table>>>);
+
+impl schema::sched_capnp::route_watcher::Server for Watcher {
+    async fn update(
+        self: capnp::capability::Rc<Self>,
+        params: schema::sched_capnp::route_watcher::UpdateParams,
+        _: schema::sched_capnp::route_watcher::UpdateResults,
+    ) -> Result<(), capnp::Error> {
+        self.0.borrow_mut().push(table(params.get()?.get_table()?));
+        Ok(())
+    }
+}
+
+#[test]
+fn route_watchers_get_the_table_and_every_change_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Sched::start(dir.path(), "10s");
+    local(async {
+        let _a = FakeHost::start(&sched.addr, eu_host("host-a"))
+            .await
+            .unwrap();
+        let s = schedd::net::connect(&sched.addr).await.unwrap();
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let mut req = s.watch_routes_request();
+        req.get()
+            .set_watcher(capnp_rpc::new_client(Watcher(seen.clone())));
+        let reply = req.send().promise.await.unwrap();
+        let first = table(reply.get().unwrap().get_table().unwrap());
+        assert!(first.names.is_empty(), "{first:?}");
+
+        testing::deploy(&s, "shop.toml", SHOP, "", false, "")
+            .await
+            .unwrap();
+        let current = || seen.borrow().last().cloned().unwrap_or_default();
+        wait_for("the deploy's table", async || {
+            current().instances.get("web.shop").map(Vec::len) == Some(2)
+        })
+        .await;
+        let t = current();
+        assert!(t.version > first.version, "{t:?}");
+        assert_eq!(t.names["shop.tidedge.local"], "web.shop");
+        assert_eq!(t.names["api.shop.tidedge.local"], "api.shop");
+        // pr-42 is in the catalog (shop.toml declares it): its own web, and the parent's
+        // api (SHARED); the alias names pr-42's web.
+        assert_eq!(t.names["web.shop--pr-42.tidedge.local"], "web.shop--pr-42");
+        assert_eq!(t.names["api.shop--pr-42.tidedge.local"], "api.shop");
+        assert_eq!(t.names["preview.shop.example.com"], "web.shop--pr-42");
+        assert_eq!(t.instances["web.shop--pr-42"], Vec::<String>::new());
+        assert_eq!(t.scale_to_zero, vec!["web.shop--pr-42".to_string()]);
+
+        // Starting the scaled-to-zero service is pushed too.
+        let (inst, started) = testing::resolve(&s, "preview.shop.example.com")
+            .await
+            .unwrap();
+        assert!(started);
+        wait_for("the started instance in the table", async || {
+            current().instances["web.shop--pr-42"] == vec![inst.id.clone()]
+        })
+        .await;
+        // Versions only grow.
+        let versions: Vec<u64> = seen.borrow().iter().map(|t| t.version).collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+
+        // A second watcher gets the current table at once.
+        let mut req = s.watch_routes_request();
+        req.get()
+            .set_watcher(capnp_rpc::new_client(Watcher(Default::default())));
+        let t = table(
+            req.send()
+                .promise
+                .await
+                .unwrap()
+                .get()
+                .unwrap()
+                .get_table()
+                .unwrap(),
+        );
+        assert_eq!(t.instances["web.shop--pr-42"], vec![inst.id]);
+        assert!(t.version >= current().version);
+    });
+}

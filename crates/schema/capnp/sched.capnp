@@ -331,6 +331,46 @@ struct RouteInfo {
   started @7 :Bool;             # True when resolving started it (scaled to zero before).
 }
 
+struct RouteTable {
+  # Every name that answers and the instances behind it: what a front end routes by.
+  version @0 :UInt64;           # Grows with every change; a watcher may skip versions.
+  names @1 :List(RouteName);
+  services @2 :List(ServiceRoute);
+}
+
+struct RouteName {
+  hostname @0 :Text;            # Lower case, no trailing dot.
+  key @1 :Text;                 # The ServiceRoute that answers it.
+  stack @2 :Text;
+  variant @3 :Text;             # "" for the stack itself.
+  service @4 :Text;
+  sharedFromParent @5 :Bool;
+  viaAliases @6 :List(Text);
+}
+
+struct ServiceRoute {
+  # One set of instances (an instance key) and how it scales.
+  key @0 :Text;                 # service.stack[--variant].
+  scaleToZero @1 :Bool;
+  min @2 :UInt32;
+  max @3 :UInt32;
+  instances @4 :List(RouteInstance);
+}
+
+struct RouteInstance {
+  id @0 :Text;
+  host @1 :Text;
+  endpoint @2 :Text;            # HOST:PORT, or "" (nothing forwarded).
+  state @3 :Text;               # As InstanceInfo.state.
+  phase @4 :Text;               # As GuestState.phase.
+  reason @5 :Text;              # Why it failed, when it did.
+}
+
+interface RouteWatcher {
+  # A front end's callback (see `Scheduler.watchRoutes`).
+  update @0 (table :RouteTable) -> ();
+}
+
 interface Stack {
   # One deployed stack.
   summary @0 () -> (summary :StackSummary);
@@ -386,4 +426,8 @@ interface Scheduler {
 
   control @15 (instance :Text, action :Text) -> (instance :InstanceInfo);
   # "stop" or "restart" an instance on its host (see `Host.control`).
+
+  watchRoutes @16 (watcher :RouteWatcher) -> (table :RouteTable);
+  # The route table now; after it, `watcher.update` with each newer table (intermediate
+  # versions may be skipped), until an update fails (the watcher is gone).
 }
