@@ -34,6 +34,8 @@ pub mod limits {
     pub const MIN_VOLUME: u64 = 1 << 20;
     pub const MAX_VOLUME: u64 = 64 << 40;
     pub const MAX_INSTANCES: u64 = 10_000;
+    /// Largest per-instance concurrency target.
+    pub const MAX_CONCURRENCY: u64 = 100_000;
     pub const MAX_POOL_LAYERS: usize = 128;
 }
 
@@ -106,6 +108,79 @@ pub struct Instances {
     pub max: u32,
     /// Start on the first request and stop when idle; `min` is then 0.
     pub scale_to_zero: bool,
+    /// The requests in flight per instance the autoscaler aims at (Knative's
+    /// concurrency target): above it, more instances up to `max`.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// A scale-to-zero service with no request for this long is stopped, ms.
+    #[serde(default = "default_idle_ms")]
+    pub idle_ms: u64,
+    /// Instances above what the load needs are stopped after it has needed fewer for
+    /// this long, ms.
+    #[serde(default = "default_scale_in_ms")]
+    pub scale_in_ms: u64,
+}
+
+/// Default [`Instances::concurrency`].
+pub const DEFAULT_CONCURRENCY: u32 = 10;
+/// Default [`Instances::idle_ms`]: five minutes.
+pub const DEFAULT_IDLE_MS: u64 = 5 * 60_000;
+/// Default [`Instances::scale_in_ms`]: thirty seconds.
+pub const DEFAULT_SCALE_IN_MS: u64 = 30_000;
+
+fn default_concurrency() -> u32 {
+    DEFAULT_CONCURRENCY
+}
+fn default_idle_ms() -> u64 {
+    DEFAULT_IDLE_MS
+}
+fn default_scale_in_ms() -> u64 {
+    DEFAULT_SCALE_IN_MS
+}
+
+impl Instances {
+    /// `min`..`max` with the default autoscaling settings.
+    pub fn new(min: u32, max: u32, scale_to_zero: bool) -> Instances {
+        Instances {
+            min,
+            max,
+            scale_to_zero,
+            concurrency: DEFAULT_CONCURRENCY,
+            idle_ms: DEFAULT_IDLE_MS,
+            scale_in_ms: DEFAULT_SCALE_IN_MS,
+        }
+    }
+}
+
+/// `ms` as a stack file writes it: `1s`, `5m`, `1h`, `1500ms`.
+fn human_ms(ms: u64) -> String {
+    if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// A duration as stack files and flags write it: a number and a unit (`500ms`, `10s`,
+/// `5m`, `1h`; a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit, like 10s or 500ms"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    Ok(d)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,6 +219,12 @@ pub struct ServicePatch {
     pub min: Option<u32>,
     pub max: Option<u32>,
     pub scale_to_zero: Option<bool>,
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    #[serde(default)]
+    pub idle_ms: Option<u64>,
+    #[serde(default)]
+    pub scale_in_ms: Option<u64>,
     pub hypervisor: Option<Hypervisor>,
     #[serde(default)]
     pub port: Option<u16>,
@@ -176,6 +257,9 @@ impl Service {
         s.instances.scale_to_zero = p.scale_to_zero.unwrap_or(s.instances.scale_to_zero);
         s.instances.min = p.min.unwrap_or(s.instances.min);
         s.instances.max = p.max.unwrap_or(s.instances.max);
+        s.instances.concurrency = p.concurrency.unwrap_or(s.instances.concurrency);
+        s.instances.idle_ms = p.idle_ms.unwrap_or(s.instances.idle_ms);
+        s.instances.scale_in_ms = p.scale_in_ms.unwrap_or(s.instances.scale_in_ms);
         s.hypervisor = p.hypervisor.or(s.hypervisor);
         s.port = p.port.or(s.port);
         if p.command.is_some() {
@@ -440,6 +524,25 @@ impl<'t> Field<'t> {
             self.type_error(cx, "true or false");
         }
         b
+    }
+
+    /// A duration string (see [`parse_duration`]) within `lo..=hi` ms, in ms.
+    fn duration_ms(&self, cx: &mut Cx<'_>, lo: u64, hi: u64) -> Option<u64> {
+        let d = self.parsed(cx, parse_duration)?;
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        if ms < lo || ms > hi {
+            cx.err(
+                self.line,
+                &self.path,
+                format!(
+                    "{ms} ms is out of range ({} to {})",
+                    human_ms(lo),
+                    human_ms(hi)
+                ),
+            );
+            return None;
+        }
+        Some(ms)
     }
 
     /// An integer within `lo..=hi`.
@@ -1039,7 +1142,17 @@ fn parse_patch(cx: &mut Cx<'_>, t: &Tbl<'_>) -> ServicePatch {
         }
     }
     if let Some(it) = t.get(cx, "instances").and_then(|f| f.table(cx)) {
-        it.check_keys(cx, &["min", "max", "scale_to_zero"]);
+        it.check_keys(
+            cx,
+            &[
+                "min",
+                "max",
+                "scale_to_zero",
+                "concurrency",
+                "idle",
+                "scale_in_after",
+            ],
+        );
         if let Some(f) = it.get(cx, "min") {
             p.min = f.int(cx, 0, limits::MAX_INSTANCES);
         }
@@ -1048,6 +1161,15 @@ fn parse_patch(cx: &mut Cx<'_>, t: &Tbl<'_>) -> ServicePatch {
         }
         if let Some(f) = it.get(cx, "scale_to_zero") {
             p.scale_to_zero = f.bool(cx);
+        }
+        if let Some(f) = it.get(cx, "concurrency") {
+            p.concurrency = f.int(cx, 1, limits::MAX_CONCURRENCY);
+        }
+        if let Some(f) = it.get(cx, "idle") {
+            p.idle_ms = f.duration_ms(cx, 1_000, 7 * 24 * 3_600_000);
+        }
+        if let Some(f) = it.get(cx, "scale_in_after") {
+            p.scale_in_ms = f.duration_ms(cx, 1_000, 24 * 3_600_000);
         }
     }
     p
@@ -1140,6 +1262,7 @@ fn parse_service(
     let defaults = Resources::default();
     let scale_to_zero = p.scale_to_zero.unwrap_or(false);
     let min = p.min.unwrap_or(u32::from(!scale_to_zero));
+    let p_idle_given = p.idle_ms.is_some();
     let s = Service {
         name,
         image: p.image?,
@@ -1155,6 +1278,9 @@ fn parse_service(
             min,
             max: p.max.unwrap_or(min.max(1)),
             scale_to_zero,
+            concurrency: p.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            idle_ms: p.idle_ms.unwrap_or(DEFAULT_IDLE_MS),
+            scale_in_ms: p.scale_in_ms.unwrap_or(DEFAULT_SCALE_IN_MS),
         },
         mounts,
         hypervisor: p.hypervisor,
@@ -1163,6 +1289,25 @@ fn parse_service(
         args: p.args,
     };
     report_instances(cx, t, &s);
+    if p_idle_given && !scale_to_zero {
+        let line = t
+            .get(cx, "instances")
+            .and_then(|f| {
+                let it = f.item.as_table_like()?;
+                let tbl = Tbl {
+                    path: f.path.clone(),
+                    t: it,
+                    line: f.line,
+                };
+                tbl.get(cx, "idle").map(|k| k.line)
+            })
+            .unwrap_or(t.line);
+        cx.err(
+            line,
+            &format!("{}.idle", t.child_path("instances")),
+            "needs scale_to_zero = true (only a scaled-to-zero service stops when idle)",
+        );
+    }
     check_hypervisor_fits(cx, t, &s);
     Some(s)
 }
@@ -1402,6 +1547,46 @@ mod tests {
         assert_eq!(f.variants[0].overrides.len(), 1);
         assert_eq!(f.pools.len(), 1);
         assert_eq!(f.aliases.len(), 1);
+    }
+
+    #[test]
+    fn autoscaling_settings_parse_with_defaults_and_checks() {
+        let f = parse("shop.toml", SHOP).unwrap_or_else(|e| panic!("{e}"));
+        let s = f.stack.expect("stack");
+        let web = &s.services["web"];
+        assert_eq!(web.instances.concurrency, 20);
+        assert_eq!(web.instances.scale_in_ms, 60_000);
+        assert_eq!(web.instances.idle_ms, DEFAULT_IDLE_MS);
+        let api = &s.services["api"];
+        assert_eq!(api.instances.concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(api.instances.scale_in_ms, DEFAULT_SCALE_IN_MS);
+        let preview = web.patched(&f.variants[0].overrides[0]);
+        assert_eq!(preview.instances.idle_ms, 600_000);
+        assert_eq!(preview.instances.concurrency, 20, "kept from the parent");
+
+        let base = "[stack]\nname = \"s\"\n[services.a]\nimage = \"a:1\"\n[services.a.instances]\n";
+        assert_eq!(
+            errors(&format!("{base}idle = \"5m\"\n")),
+            [
+                "t.toml:6: services.a.instances.idle: needs scale_to_zero = true (only a scaled-to-zero service stops when idle)"
+            ]
+        );
+        assert_eq!(
+            errors(&format!(
+                "{base}min = 0\nscale_to_zero = true\nidle = \"5 minutes\"\n"
+            )),
+            [
+                "t.toml:8: services.a.instances.idle: \"5 minutes\": unknown unit \" minutes\" (ms, s, m or h)"
+            ]
+        );
+        assert_eq!(
+            errors(&format!("{base}scale_in_after = \"10ms\"\n")),
+            ["t.toml:6: services.a.instances.scale_in_after: 10 ms is out of range (1s to 24h)"]
+        );
+        assert_eq!(
+            errors(&format!("{base}concurrency = 0\n")),
+            ["t.toml:6: services.a.instances.concurrency: 0 is out of range (1 to 100000)"]
+        );
     }
 
     const MINI: &str = r#"

@@ -92,6 +92,8 @@ pub struct Shared {
     next_session: Cell<u64>,
     /// The route table front ends watch.
     pub routes: Routes,
+    /// Front ends' load reports and the autoscaler's state.
+    pub autoscale: crate::autoscale::Autoscaler,
 }
 
 impl std::fmt::Debug for Shared {
@@ -107,6 +109,7 @@ impl Shared {
         let routes = Routes::new(daemon.changed.clone());
         Rc::new(Shared {
             routes,
+            autoscale: Default::default(),
             state: RefCell::new(daemon),
             op: tokio::sync::Mutex::new(()),
             host_timeout,
@@ -1582,6 +1585,26 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
             started: false,
         });
     }
+    let instance = start_locked(sh, hostname, &route).await?;
+    Ok(RouteView {
+        hostname: hostname.to_owned(),
+        route,
+        instance,
+        started: true,
+    })
+}
+
+/// Starts one more instance of the service `hostname` names (the autoscaler's scale
+/// out), whatever already runs.
+pub async fn start_one(sh: &Rc<Shared>, hostname: &str) -> Result<InstanceView> {
+    let route = sh.state.borrow().catalog.resolve(hostname)?;
+    let _op = sh.op.lock().await;
+    start_locked(sh, hostname, &route).await
+}
+
+/// Places, prepares and records one instance of `route`'s service; the caller holds
+/// the operation lock.
+async fn start_locked(sh: &Rc<Shared>, hostname: &str, route: &Route) -> Result<InstanceView> {
     let mut plan = {
         let mut d = sh.state.borrow_mut();
         let variant = if route.shared_from_parent {
@@ -1640,12 +1663,20 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
         }
     };
     refill_later(sh);
-    Ok(RouteView {
-        hostname: hostname.to_owned(),
-        route,
-        instance: planned.instance,
-        started: true,
-    })
+    Ok(planned.instance)
+}
+
+/// Releases instances `ids` (the autoscaler's scale in) and forgets them.
+pub async fn stop_instances(sh: &Rc<Shared>, ids: &[String]) {
+    let releases = {
+        let _op = sh.op.lock().await;
+        let mut d = sh.state.borrow_mut();
+        let mut batch = KvBatch::new();
+        let r = d.forget_instances(|r| ids.contains(&r.id), &mut batch);
+        write(&d, batch);
+        r
+    };
+    release_all(sh, releases).await;
 }
 
 /// A host joins or rejoins; returns its session number.

@@ -12,6 +12,7 @@
 //! [`testing`] is a fake host (the `Host` interface served in-process) and small client
 //! helpers, shared by the integration tests, the CLI's tests and `bench-deploy`.
 
+pub mod autoscale;
 pub mod daemon;
 pub mod error;
 pub mod hostcall;

@@ -48,6 +48,8 @@ pub struct ServiceRoute {
     pub scale_to_zero: bool,
     pub min: u32,
     pub max: u32,
+    /// The autoscaler's settings (not on the wire).
+    pub policy: sched::stack::Instances,
     pub instances: Vec<RouteInstance>,
 }
 
@@ -172,6 +174,7 @@ impl Daemon {
                     scale_to_zero: i.scale_to_zero,
                     min: i.min,
                     max: i.max,
+                    policy: i,
                     instances,
                 },
             );

@@ -244,6 +244,41 @@ impl scheduler::Server for SchedulerImpl {
         Ok(())
     }
 
+    async fn report_load(
+        self: CapRc<Self>,
+        params: scheduler::ReportLoadParams,
+        mut results: scheduler::ReportLoadResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let front_end = wire::text(p.get_front_end())?;
+        if front_end.is_empty() {
+            return Err(capnp::Error::failed(
+                "reportLoad: frontEnd must name the reporter".into(),
+            ));
+        }
+        let mut loads = std::collections::HashMap::new();
+        for l in p.get_loads()? {
+            let c = l.get_concurrency();
+            if !c.is_finite() || c < 0.0 {
+                return Err(capnp::Error::failed(format!(
+                    "reportLoad from {front_end}: concurrency {c} is not a count"
+                )));
+            }
+            loads.insert(
+                wire::text(l.get_key())?,
+                crate::autoscale::Load {
+                    concurrency: c,
+                    requests: l.get_requests(),
+                },
+            );
+        }
+        self.0.autoscale.report(&front_end, loads);
+        results
+            .get()
+            .set_interval_ms(crate::autoscale::INTERVAL.as_millis() as u32);
+        Ok(())
+    }
+
     async fn hosts(
         self: CapRc<Self>,
         _: scheduler::HostsParams,

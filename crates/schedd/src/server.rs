@@ -74,6 +74,7 @@ pub fn run(opts: &Options, ready: Option<std::sync::mpsc::Sender<String>>) -> Re
             capnp_rpc::new_client(SchedulerImpl(sh.clone()));
         tokio::task::spawn_local(daemon::monitor(sh.clone()));
         tokio::task::spawn_local(crate::routes::push(sh.clone()));
+        tokio::task::spawn_local(crate::autoscale::run(sh.clone()));
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         log!(

@@ -366,6 +366,14 @@ struct RouteInstance {
   reason @5 :Text;              # Why it failed, when it did.
 }
 
+struct ServiceLoad {
+  # One service's load at one front end over a report interval.
+  key @0 :Text;                 # The ServiceRoute's key.
+  concurrency @1 :Float64;      # Requests in flight, averaged over the interval
+                                # (those waiting for a start included).
+  requests @2 :UInt64;          # Requests that arrived in the interval.
+}
+
 interface RouteWatcher {
   # A front end's callback (see `Scheduler.watchRoutes`).
   update @0 (table :RouteTable) -> ();
@@ -430,4 +438,11 @@ interface Scheduler {
   watchRoutes @16 (watcher :RouteWatcher) -> (table :RouteTable);
   # The route table now; after it, `watcher.update` with each newer table (intermediate
   # versions may be skipped), until an update fails (the watcher is gone).
+
+  reportLoad @17 (frontEnd :Text, loads :List(ServiceLoad)) -> (intervalMs :UInt32);
+  # A front end's load over its last interval, for the autoscaler: scale out above the
+  # services' concurrency targets, scale in after a quiet period, scale to zero when
+  # idle. `frontEnd` names the reporter (its latest report replaces its previous one; a
+  # report older than three intervals no longer counts). Services with no requests and
+  # none in flight may be left out. The answer is how often to report.
 }
