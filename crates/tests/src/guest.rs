@@ -653,3 +653,28 @@ pub fn ext4_file(path: &Path, bytes: u64) -> PathBuf {
     );
     path.to_path_buf()
 }
+
+/// The `volumed` flags of a host that boots guests for the scheduler at `sched`: this
+/// kernel and initramfs under TCG, 16 vCPUs to place, 1 GiB scratch devices; `extra`
+/// added (`--host-id`, `--memory`, `--boot-timeout` ...).
+pub fn guest_host_args(sched: &str, kernel: &Kernel, initrd: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--scheduler",
+        sched,
+        "--vcpus",
+        "16",
+        "--kernel",
+        &kernel.vmlinuz().to_string_lossy(),
+        "--initramfs",
+        &initrd.to_string_lossy(),
+        "--accel",
+        "tcg",
+        "--scratch-size",
+        "1G",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    a.extend(extra.iter().map(ToString::to_string));
+    a
+}

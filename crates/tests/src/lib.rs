@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod fixture;
 pub mod fstree;
+pub mod gateway;
 pub mod guest;
 pub mod nbd;
 pub mod oci;
@@ -54,6 +55,15 @@ pub const VOLUMED_BIN_NAME: &str = "volumed";
 /// panics with an explanation of how to build it.
 pub fn volumed_bin() -> PathBuf {
     find_bin(VOLUMED_BIN_NAME, "volumed").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Name of the HTTP front end binary built by the `gateway` crate.
+pub const GATEWAY_BIN_NAME: &str = "tide-gateway";
+
+/// Returns the path of the `tide-gateway` binary (looked for as [`find_tide_bin`]
+/// does), or panics with an explanation of how to build it.
+pub fn gateway_bin() -> PathBuf {
+    find_bin(GATEWAY_BIN_NAME, "gateway").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Name of the scheduler daemon binary built by the `schedd` crate.

@@ -128,3 +128,16 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, Strin
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Waits (up to 30 s) until the scheduler at `addr` lists its first host as up (with
+/// the images it reported).
+pub fn wait_host_up(addr: &str) {
+    wait_for(30, "the host to be up at the scheduler", || {
+        let h = json(addr, &["host", "ls"]);
+        if h[0]["up"] == true {
+            Ok(())
+        } else {
+            Err(h.to_string())
+        }
+    });
+}

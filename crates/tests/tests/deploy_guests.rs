@@ -16,7 +16,7 @@
 //! into a cache). About 60 s under TCG on two cores.
 
 use serde_json::Value;
-use tests::guest::{Kernel, init_initramfs};
+use tests::guest::{Kernel, guest_host_args, init_initramfs};
 use tests::sched::{Sched, json, tide, wait_for};
 use tests::volumed::Volumed;
 
@@ -217,29 +217,19 @@ fn a_deployed_stack_runs_in_real_guests() {
     let initrd = init_initramfs(&kernel, &t.join("initramfs.img"));
     let sched = Sched::start(t.join("sched"), t.join("sched.sock"), &[]);
     let addr = sched.addr();
-    let args: Vec<String> = [
-        "--scheduler",
+    let args = guest_host_args(
         &addr,
-        "--host-id",
-        "host-a",
-        "--memory",
-        "4G",
-        "--vcpus",
-        "16",
-        "--kernel",
-        &kernel.vmlinuz().to_string_lossy(),
-        "--initramfs",
-        &initrd.to_string_lossy(),
-        "--accel",
-        "tcg",
-        "--scratch-size",
-        "1G",
-        "--boot-timeout",
-        "240",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+        &kernel,
+        &initrd,
+        &[
+            "--host-id",
+            "host-a",
+            "--memory",
+            "4G",
+            "--boot-timeout",
+            "240",
+        ],
+    );
     let data = t.join("host-a");
     let mut v = Volumed::start_with(&data, t.join("host-a.sock"), &args);
     let oci = tests::oci::debian_three_layers(t, &t.join("oci"), "shop/flask:1");

@@ -446,37 +446,14 @@ fn bench_deploy(runs: usize, as_json: bool) -> Result<()> {
     blobs.image(&work.join("oci"), "bench/app:1", &layers);
     let sched = tests::sched::Sched::start(work.join("sched"), work.join("sched.sock"), &[]);
     let addr = sched.addr();
-    let args: Vec<String> = [
-        "--scheduler",
-        &addr,
-        "--vcpus",
-        "16",
-        "--kernel",
-        &env.kernel.vmlinuz().to_string_lossy(),
-        "--initramfs",
-        &env.initrd.to_string_lossy(),
-        "--accel",
-        "tcg",
-        "--scratch-size",
-        "1G",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    let args = tests::guest::guest_host_args(&addr, &env.kernel, &env.initrd, &[]);
     let daemon = Volumed::start_with(work.join("data"), work.join("v.sock"), &args);
     daemon.tide().json(&[
         "image",
         "import",
         work.join("oci").to_str().context("utf-8")?,
     ]);
-    tests::sched::wait_for(30, "the host's image", || {
-        let h = tests::sched::json(&addr, &["host", "ls"]);
-        if h[0]["up"] == true {
-            Ok(())
-        } else {
-            Err(h.to_string())
-        }
-    });
+    tests::sched::wait_host_up(&addr);
     let mut images = Vec::new();
     for (name, dir) in [("base", &python3), ("app", &app)] {
         let img = work.join(format!("{name}.erofs"));

@@ -1,0 +1,141 @@
+//! `tide-gateway`: the HTTP front end (see the crate doc).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use gateway::link::{Addr, Link};
+use gateway::log;
+use gateway::proxy::{Config, Gateway};
+use gateway::server::{self, Limits};
+
+/// Routes HTTP requests by Host to the instances the scheduler placed.
+#[derive(Debug, Parser)]
+#[command(name = "tide-gateway", version)]
+struct Args {
+    /// The scheduler: HOST:PORT or unix:/path.
+    #[arg(long, env = "TIDE_SCHEDULER")]
+    scheduler: Addr,
+    /// Where to serve HTTP/1.1 and h2c.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Where to serve GET /metrics (Prometheus text); none if not given.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Largest request head (request line + headers), bytes (at least 8192).
+    #[arg(long, default_value_t = 64 << 10, value_parser = clap::value_parser!(u64).range(8192..=(16 << 20)))]
+    max_header_bytes: u64,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = 10 << 20)]
+    max_body_bytes: u64,
+    /// Seconds a client may take to send a request head.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a request waits for a service to start from zero (then 504).
+    #[arg(long, default_value_t = 120)]
+    start_timeout: u64,
+    /// Requests that may wait for one service's start (more get 503).
+    #[arg(long, default_value_t = 1000)]
+    queue: usize,
+    /// Seconds an instance may take to send its response head (then 504).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// NAME=HOST:PORT: route a host name to a fixed backend outside the scheduler (a
+    /// service not on Tidedge yet); looked up before the scheduler's names. Repeatable.
+    #[arg(long = "route", value_name = "NAME=HOST:PORT", value_parser = parse_route)]
+    routes: Vec<(String, String)>,
+    /// Worker threads, each with a runtime and a connection pool of its own, accepting
+    /// on the one listener (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
+}
+
+fn parse_route(s: &str) -> Result<(String, String), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT"))?;
+    let name = gateway::table::normalize(name);
+    if name.is_empty() {
+        return Err(format!("{s:?}: the name is empty"));
+    }
+    addr.parse::<std::net::SocketAddr>()
+        .map_err(|e| format!("{s:?}: {addr:?} is not HOST:PORT ({e})"))?;
+    Ok((name, addr.to_owned()))
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listen: std::net::SocketAddr = tokio::net::lookup_host(&a.listen)
+            .await
+            .with_context(|| format!("--listen {}", a.listen))?
+            .next()
+            .with_context(|| format!("--listen {}: no address", a.listen))?;
+        let l = server::bind_shared(listen, "--listen")?;
+        let m = match &a.metrics {
+            Some(addr) => Some(server::bind(addr, "--metrics").await?),
+            None => None,
+        };
+        let link = Link::start(a.scheduler.clone());
+        let gw = Gateway::new(
+            link,
+            Config {
+                max_body: a.max_body_bytes,
+                start_timeout: Duration::from_secs(a.start_timeout),
+                queue: a.queue,
+                timeout: Duration::from_secs(a.timeout),
+                static_routes: a.routes.iter().cloned().collect(),
+            },
+        );
+        log!(
+            "serving on {}{} (pid {})",
+            l.local_addr()?,
+            m.as_ref()
+                .and_then(|m| m.local_addr().ok())
+                .map(|a| format!(", metrics on {a}"))
+                .unwrap_or_default(),
+            std::process::id()
+        );
+        tokio::spawn(gw.clone().report_loads());
+        if let Some(m) = m {
+            tokio::spawn(server::serve_metrics(m, gw.clone()));
+        }
+        let limits = Limits {
+            max_header: a.max_header_bytes as usize,
+            header_timeout: Duration::from_secs(a.header_timeout),
+        };
+        let workers = a.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            usize::from,
+        );
+        // One socket per worker on the same address (SO_REUSEPORT): the kernel spreads
+        // connections across them, none waits behind another worker's accept.
+        let at = l.local_addr()?;
+        let mut socks = vec![l];
+        for _ in 1..workers {
+            socks.push(server::bind_shared(at, "--listen")?);
+        }
+        for (i, l) in socks.into_iter().enumerate() {
+            let l = l.into_std()?;
+            let (gw, limits) = (gw.clone(), limits.clone());
+            std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || -> Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let l = tokio::net::TcpListener::from_std(l)?;
+                        server::serve(l, gw, limits).await;
+                        Ok(())
+                    })
+                })?;
+        }
+        tokio::signal::ctrl_c().await?;
+        log!("SIGINT: shutting down");
+        Ok(())
+    })
+}
