@@ -12,6 +12,7 @@
 //! edge. How bytes are stored is castore's business; here a layer is a digest and a
 //! count of bytes.
 
+pub mod autoscale;
 pub mod model;
 pub mod placement;
 pub mod stack;

@@ -20,6 +20,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use sched::autoscale::{Action, decide};
+
 use crate::daemon::{self, Shared};
 use crate::log;
 
@@ -57,50 +59,6 @@ struct KeyState {
 pub struct Autoscaler {
     reports: RefCell<HashMap<String, Report>>,
     keys: RefCell<HashMap<String, KeyState>>,
-}
-
-/// What to do with one service now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Keep,
-    /// Start this many more.
-    Out(u32),
-    /// Stop this many.
-    In(u32),
-}
-
-/// The decision for one service: `live` instances that can serve, `load` requests in
-/// flight (summed over front ends), `idle` since its last request, fewer instances
-/// would have done for `below` (None: they would not).
-pub fn decide(
-    p: &sched::stack::Instances,
-    live: u32,
-    load: f64,
-    idle: Duration,
-    below: Option<Duration>,
-) -> Action {
-    let needed = (load / f64::from(p.concurrency.max(1))).ceil() as u32;
-    if live == 0 {
-        // From zero: the front end's first request starts it (a scale_to_zero service),
-        // or the deploy placed `min` and something ended them (not ours to replace).
-        return Action::Keep;
-    }
-    if needed > live && live < p.max {
-        return Action::Out(needed.min(p.max) - live);
-    }
-    let floor = if p.scale_to_zero {
-        if idle >= Duration::from_millis(p.idle_ms) && load == 0.0 {
-            return Action::In(live);
-        }
-        1
-    } else {
-        p.min
-    };
-    let want = needed.max(floor);
-    if want < live && below.is_some_and(|b| b >= Duration::from_millis(p.scale_in_ms)) {
-        return Action::In(live - want);
-    }
-    Action::Keep
 }
 
 impl Autoscaler {
@@ -250,51 +208,5 @@ fn step(sh: &Rc<Shared>) {
 fn done(sh: &Rc<Shared>, key: &str) {
     if let Some(k) = sh.autoscale.keys.borrow_mut().get_mut(key) {
         k.busy = false;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sched::stack::Instances;
-
-    fn p(min: u32, max: u32, zero: bool) -> Instances {
-        let mut i = Instances::new(min, max, zero);
-        i.concurrency = 2;
-        i.idle_ms = 10_000;
-        i.scale_in_ms = 5_000;
-        i
-    }
-
-    const S: Duration = Duration::from_secs(1);
-
-    #[test]
-    fn load_above_the_target_scales_out_up_to_max() {
-        assert_eq!(decide(&p(1, 3, false), 1, 2.0, S, None), Action::Keep);
-        assert_eq!(decide(&p(1, 3, false), 1, 2.5, S, None), Action::Out(1));
-        assert_eq!(decide(&p(1, 3, false), 1, 9.0, S, None), Action::Out(2));
-        assert_eq!(decide(&p(1, 3, false), 3, 9.0, S, None), Action::Keep);
-    }
-
-    #[test]
-    fn scale_in_waits_for_the_quiet_period_and_keeps_min() {
-        let q = Some(Duration::from_secs(6));
-        assert_eq!(decide(&p(1, 3, false), 3, 0.0, S, Some(S)), Action::Keep);
-        assert_eq!(decide(&p(1, 3, false), 3, 0.0, S, q), Action::In(2));
-        assert_eq!(decide(&p(1, 3, false), 3, 3.0, S, q), Action::In(1));
-        assert_eq!(decide(&p(2, 3, false), 3, 0.0, S, q), Action::In(1));
-        assert_eq!(decide(&p(2, 3, false), 2, 0.0, S, q), Action::Keep);
-    }
-
-    #[test]
-    fn an_idle_scale_to_zero_service_stops_and_is_never_started_from_zero() {
-        let idle = Duration::from_secs(11);
-        assert_eq!(decide(&p(0, 2, true), 1, 0.0, S, None), Action::Keep);
-        assert_eq!(decide(&p(0, 2, true), 1, 0.0, idle, None), Action::In(1));
-        assert_eq!(decide(&p(0, 2, true), 2, 0.0, idle, None), Action::In(2));
-        // Requests in flight are not idle, whatever the clock says.
-        assert_eq!(decide(&p(0, 2, true), 1, 0.5, idle, None), Action::Keep);
-        // From zero the front end starts it, not the autoscaler.
-        assert_eq!(decide(&p(0, 2, true), 0, 10.0, S, None), Action::Keep);
     }
 }
