@@ -10,6 +10,7 @@ mod api;
 mod output;
 mod remote;
 mod sched;
+mod traffic;
 mod volume;
 
 use std::io::IsTerminal;
@@ -108,6 +109,10 @@ enum Cmd {
     /// Hosts registered with the scheduler.
     #[command(subcommand)]
     Host(sched::HostCmd),
+    /// Services by name, their scaling and serving instances, and (with --gateway) their
+    /// traffic.
+    #[command(subcommand)]
+    Service(sched::ServiceCmd),
     /// Which instance serves a host name (starting one if it is scaled to zero).
     Resolve { hostname: String },
     /// An instance's log: its app's output and its host's lifecycle lines.
@@ -418,6 +423,7 @@ fn sched_command(cmd: &Cmd) -> Option<sched::Command<'_>> {
         Cmd::Pool(c) => sched::Command::Pool(c),
         Cmd::Alias(c) => sched::Command::Alias(c),
         Cmd::Host(c) => sched::Command::Host(c),
+        Cmd::Service(c) => sched::Command::Service(c),
         Cmd::Resolve { hostname } => sched::Command::Resolve(hostname),
         Cmd::Logs {
             instance,
@@ -756,6 +762,7 @@ fn run(cli: &Cli) -> Result<i32> {
         | Cmd::Pool(_)
         | Cmd::Alias(_)
         | Cmd::Host(_)
+        | Cmd::Service(_)
         | Cmd::Resolve { .. }
         | Cmd::Logs { .. } => unreachable!("handled by sched::run"),
     }

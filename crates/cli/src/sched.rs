@@ -3,6 +3,7 @@
 //! `HOST:PORT` or `unix:/path`). Replies are converted to plain serde rows here, printed
 //! as tables or, with `--json`, as JSON. No scheduling logic lives here.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -124,6 +125,18 @@ pub(crate) enum AliasCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub(crate) enum ServiceCmd {
+    /// Every service that answers a name: its names, scaling bounds and serving
+    /// instances; with --gateway, its traffic as those front ends counted it.
+    Ls {
+        /// A tide-gateway's metrics address (HOST:PORT, its --metrics); repeatable,
+        /// the counts are summed.
+        #[arg(long = "gateway", value_name = "HOST:PORT")]
+        gateways: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub(crate) enum HostCmd {
     /// List registered hosts with capacity, use and state.
     Ls,
@@ -144,6 +157,7 @@ pub(crate) enum Command<'a> {
     Pool(&'a PoolCmd),
     Alias(&'a AliasCmd),
     Host(&'a HostCmd),
+    Service(&'a ServiceCmd),
     Resolve(&'a str),
     Logs {
         instance: &'a str,
@@ -296,6 +310,19 @@ struct StackDetail {
     summary: StackRow,
     file: String,
     source: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ServiceLsRow {
+    key: String,
+    names: Vec<String>,
+    min: u32,
+    max: u32,
+    scale_to_zero: bool,
+    instances: u32,
+    serving: u32,
+    /// From the front ends' metrics (absent without --gateway).
+    traffic: Option<crate::traffic::Traffic>,
 }
 
 #[derive(Debug, Serialize)]
@@ -916,6 +943,80 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
             req.get().set_domain(domain);
             req.send().promise.await.w()?;
             done(json, "removed", &format!("alias {domain}"));
+        }
+        Command::Service(ServiceCmd::Ls { gateways }) => {
+            let reply = s.routes_request().send().promise.await.w()?;
+            let routes = reply.get().w()?.get_table().w()?;
+            let mut names: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for n in routes.get_names().w()? {
+                names
+                    .entry(t(n.get_key())?)
+                    .or_default()
+                    .push(t(n.get_hostname())?);
+            }
+            let mut traffic = Vec::new();
+            for g in gateways {
+                traffic.push(crate::traffic::fetch(g)?);
+            }
+            let mut rows = Vec::new();
+            for sr in routes.get_services().w()? {
+                let key = t(sr.get_key())?;
+                let mut total = 0;
+                let mut serving = 0;
+                for i in sr.get_instances().w()? {
+                    total += 1;
+                    let (state, phase) = (t(i.get_state())?, t(i.get_phase())?);
+                    if matches!(state.as_str(), "ready" | "moved")
+                        && phase == "running"
+                        && !t(i.get_endpoint())?.is_empty()
+                    {
+                        serving += 1;
+                    }
+                }
+                rows.push(ServiceLsRow {
+                    names: names.remove(&key).unwrap_or_default(),
+                    traffic: (!gateways.is_empty())
+                        .then(|| crate::traffic::Traffic::sum(&traffic, &key)),
+                    key,
+                    min: sr.get_min(),
+                    max: sr.get_max(),
+                    scale_to_zero: sr.get_scale_to_zero(),
+                    instances: total,
+                    serving,
+                });
+            }
+            emit(json, &rows, |rows| {
+                let mut header = vec!["SERVICE", "NAMES", "SCALE", "SERVING"];
+                if !gateways.is_empty() {
+                    header.extend(["REQUESTS", "5XX", "MEAN MS", "COLD STARTS", "MEAN START S"]);
+                }
+                table(
+                    &header,
+                    rows.iter()
+                        .map(|r| {
+                            let mut v = vec![
+                                r.key.clone(),
+                                match r.names.len() {
+                                    0 => "-".into(),
+                                    1 => r.names[0].clone(),
+                                    n => format!("{} (+{})", r.names[0], n - 1),
+                                },
+                                format!(
+                                    "{}..{}{}",
+                                    r.min,
+                                    r.max,
+                                    if r.scale_to_zero { ", to zero" } else { "" }
+                                ),
+                                format!("{}/{}", r.serving, r.instances),
+                            ];
+                            if let Some(x) = &r.traffic {
+                                v.extend(x.cells());
+                            }
+                            v
+                        })
+                        .collect(),
+                )
+            });
         }
         Command::Host(HostCmd::Ls) => {
             let reply = s.hosts_request().send().promise.await.w()?;

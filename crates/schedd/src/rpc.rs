@@ -244,6 +244,16 @@ impl scheduler::Server for SchedulerImpl {
         Ok(())
     }
 
+    async fn routes(
+        self: CapRc<Self>,
+        _: scheduler::RoutesParams,
+        mut results: scheduler::RoutesResults,
+    ) -> Result<(), capnp::Error> {
+        let t = self.0.routes.refresh(&self.0.state.borrow());
+        crate::routes::set_table(results.get().init_table(), &t);
+        Ok(())
+    }
+
     async fn report_load(
         self: CapRc<Self>,
         params: scheduler::ReportLoadParams,

@@ -445,4 +445,7 @@ interface Scheduler {
   # idle. `frontEnd` names the reporter (its latest report replaces its previous one; a
   # report older than three intervals no longer counts). Services with no requests and
   # none in flight may be left out. The answer is how often to report.
+
+  routes @18 () -> (table :RouteTable);
+  # The route table now, once (what `watchRoutes` starts with): `tide service ls`.
 }

@@ -504,4 +504,46 @@ fn the_front_end_routes_names_to_real_guests() {
         2.0,
         "{m}"
     );
+
+    // `tide service ls` shows the same: the scheduler's view (names, bounds, serving
+    // instances) and the gateway's counts.
+    let rows = json(&addr, &["service", "ls", "--gateway", &gw.metrics]);
+    let row = |key: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == key)
+            .unwrap_or_else(|| panic!("no {key}: {rows}"))
+            .clone()
+    };
+    let hello = row("hello.shop");
+    assert_eq!(hello["scale_to_zero"], true, "{hello}");
+    assert_eq!(hello["serving"], 1, "{hello}");
+    assert_eq!(hello["traffic"]["cold_starts"], 2, "{hello}");
+    assert_eq!(hello["traffic"]["requests"], 21, "{hello}");
+    let web = row("web.shop");
+    assert_eq!(
+        (web["min"].as_u64(), web["max"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(
+        web["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "www.example.com"),
+        "{web}"
+    );
+    assert_eq!(
+        row("api.shop")["names"].as_array().unwrap().len(),
+        2,
+        "api.shop.localhost and the variant's shared api.shop--pr-1.localhost"
+    );
+    let human =
+        String::from_utf8_lossy(&tide(&addr, &["service", "ls", "--gateway", &gw.metrics]).stdout)
+            .into_owned();
+    assert!(
+        human.contains("COLD STARTS") && human.contains("hello.shop"),
+        "{human}"
+    );
 }
