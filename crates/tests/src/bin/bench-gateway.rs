@@ -156,12 +156,19 @@ fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Child> {
         .with_context(|| format!("start {what}"))
 }
 
-/// Kills the peers started (by pid) when dropped.
+/// Stops the peers started (by pid) when dropped: SIGTERM, which an nginx master
+/// passes on to its workers (SIGKILL would leave them running), then SIGKILL after 5 s.
 struct Peers(Vec<Child>);
 
 impl Drop for Peers {
     fn drop(&mut self) {
         for c in &mut self.0 {
+            // SAFETY: kill(2) on a pid we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while matches!(c.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
