@@ -185,7 +185,7 @@ fn step(sh: &Rc<Shared>) {
                 live.sort_by(|a, b| {
                     (a.phase == "running")
                         .cmp(&(b.phase == "running"))
-                        .then_with(|| b.id.cmp(&a.id))
+                        .then_with(|| newest_first(&a.id, &b.id))
                 });
                 let ids: Vec<String> = live.iter().take(k as usize).map(|i| i.id.clone()).collect();
                 log!(
@@ -205,8 +205,29 @@ fn step(sh: &Rc<Shared>) {
     }
 }
 
+/// Instance ids end in their number (`web.shop-12`): the higher one is the newer, not
+/// the one that sorts later as text.
+fn newest_first(a: &str, b: &str) -> std::cmp::Ordering {
+    let n = |id: &str| {
+        id.rsplit_once('-')
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    n(b).cmp(&n(a)).then_with(|| b.cmp(a))
+}
+
 fn done(sh: &Rc<Shared>, key: &str) {
     if let Some(k) = sh.autoscale.keys.borrow_mut().get_mut(key) {
         k.busy = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_newest_instance_goes_first_by_number() {
+        let mut ids = vec!["web.shop-2", "web.shop-10", "web.shop-1"];
+        ids.sort_by(|a, b| super::newest_first(a, b));
+        assert_eq!(ids, ["web.shop-10", "web.shop-2", "web.shop-1"]);
     }
 }
