@@ -18,6 +18,18 @@ pub enum Action {
     In(u32),
 }
 
+/// The instances `load` requests in flight need (`ceil(load / concurrency)`).
+pub fn needed(p: &Instances, load: f64) -> u32 {
+    (load / f64::from(p.concurrency.max(1))).ceil() as u32
+}
+
+/// How many instances would do while a service runs: what the load needs, but at least
+/// `min` (one for a scale-to-zero service, which only its idle time takes to zero).
+/// Fewer running than this for `scale_in_after` means a scale in.
+pub fn wanted(p: &Instances, load: f64) -> u32 {
+    needed(p, load).max(if p.scale_to_zero { 1 } else { p.min })
+}
+
 /// The decision for one service: `live` instances that can serve, `load` requests in
 /// flight (summed over front ends), `idle` since its last request, fewer instances
 /// would have done for `below` (None: they would not).
@@ -28,24 +40,19 @@ pub fn decide(
     idle: Duration,
     below: Option<Duration>,
 ) -> Action {
-    let needed = (load / f64::from(p.concurrency.max(1))).ceil() as u32;
     if live == 0 {
         // From zero: the front end's first request starts it (a scale_to_zero service),
         // or the deploy placed `min` and something ended them (not ours to replace).
         return Action::Keep;
     }
+    let needed = needed(p, load);
     if needed > live && live < p.max {
         return Action::Out(needed.min(p.max) - live);
     }
-    let floor = if p.scale_to_zero {
-        if idle >= Duration::from_millis(p.idle_ms) && load == 0.0 {
-            return Action::In(live);
-        }
-        1
-    } else {
-        p.min
-    };
-    let want = needed.max(floor);
+    if p.scale_to_zero && idle >= Duration::from_millis(p.idle_ms) && load == 0.0 {
+        return Action::In(live);
+    }
+    let want = wanted(p, load);
     if want < live && below.is_some_and(|b| b >= Duration::from_millis(p.scale_in_ms)) {
         return Action::In(live - want);
     }

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use sched::autoscale::{Action, decide};
+use sched::autoscale::{Action, decide, wanted};
 
 use crate::daemon::{self, Shared};
 use crate::log;
@@ -54,6 +54,16 @@ struct KeyState {
     busy: bool,
 }
 
+impl KeyState {
+    fn new(now: Instant) -> KeyState {
+        KeyState {
+            last_request: now,
+            below_since: None,
+            busy: false,
+        }
+    }
+}
+
 /// The reports and the per-service state between decisions.
 #[derive(Debug, Default)]
 pub struct Autoscaler {
@@ -70,11 +80,7 @@ impl Autoscaler {
             if l.requests > 0 || l.concurrency > 0.0 {
                 keys.entry(k.clone())
                     .and_modify(|s| s.last_request = now)
-                    .or_insert(KeyState {
-                        last_request: now,
-                        below_since: None,
-                        busy: false,
-                    });
+                    .or_insert_with(|| KeyState::new(now));
             }
         }
         self.reports
@@ -108,7 +114,8 @@ pub async fn run(sh: Rc<Shared>) {
 
 fn step(sh: &Rc<Shared>) {
     let now = Instant::now();
-    let table = sh.state.borrow().route_table();
+    // The table front ends are sent (the push task keeps it within 10 ms of the state).
+    let table = sh.routes.current();
     let loads = sh.autoscale.loads(now);
     let mut keys = sh.autoscale.keys.borrow_mut();
     keys.retain(|k, _| table.services.iter().any(|s| &s.key == k));
@@ -119,11 +126,9 @@ fn step(sh: &Rc<Shared>) {
             .filter(|i| i.state != "lost" && !matches!(i.phase.as_str(), "exited" | "failed"))
             .collect();
         let load = loads.get(&s.key).copied().unwrap_or(0.0);
-        let ks = keys.entry(s.key.clone()).or_insert(KeyState {
-            last_request: now,
-            below_since: None,
-            busy: false,
-        });
+        let ks = keys
+            .entry(s.key.clone())
+            .or_insert_with(|| KeyState::new(now));
         if live.is_empty() {
             // Idle time counts from the next start.
             ks.last_request = now;
@@ -134,9 +139,7 @@ fn step(sh: &Rc<Shared>) {
             continue;
         }
         let n = live.len() as u32;
-        let needed = (load / f64::from(s.policy.concurrency.max(1))).ceil() as u32;
-        let floor = if s.scale_to_zero { 1 } else { s.policy.min };
-        if needed.max(floor) < n {
+        if wanted(&s.policy, load) < n {
             ks.below_since.get_or_insert(now);
         } else {
             ks.below_since = None;

@@ -91,6 +91,11 @@ impl Routes {
         self.table.borrow().clone()
     }
 
+    /// The table last published.
+    pub fn current(&self) -> Rc<RouteTable> {
+        self.table.borrow().clone()
+    }
+
     /// A new watcher: the current table to return now; its task sends each newer one.
     pub fn watch(&self, d: &Daemon, watcher: route_watcher::Client) -> Rc<RouteTable> {
         let now = self.refresh(d);
@@ -187,8 +192,11 @@ impl Daemon {
     }
 }
 
-/// Publishes a new table after each burst of state changes (10 ms apart at most).
+/// Publishes the table at start and a new one after each burst of state changes (10 ms
+/// apart at most).
 pub async fn push(sh: Rc<Shared>) {
+    // The state loaded at start, before any change.
+    sh.routes.refresh(&sh.state.borrow());
     loop {
         sh.routes.changed.notified().await;
         tokio::time::sleep(Duration::from_millis(10)).await;
