@@ -965,13 +965,7 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
                 let mut serving = 0;
                 for i in sr.get_instances().w()? {
                     total += 1;
-                    let (state, phase) = (t(i.get_state())?, t(i.get_phase())?);
-                    if matches!(state.as_str(), "ready" | "moved")
-                        && phase == "running"
-                        && !t(i.get_endpoint())?.is_empty()
-                    {
-                        serving += 1;
-                    }
+                    serving += u32::from(i.get_serving());
                 }
                 rows.push(ServiceLsRow {
                     names: names.remove(&key).unwrap_or_default(),

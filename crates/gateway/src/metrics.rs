@@ -120,7 +120,7 @@ impl Metrics {
             let n = routes.services[k]
                 .instances
                 .iter()
-                .filter(|i| i.serving())
+                .filter(|i| i.serving)
                 .count();
             let _ = writeln!(out, "tide_gateway_instances_serving{{service=\"{k}\"}} {n}");
         }

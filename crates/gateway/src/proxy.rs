@@ -404,7 +404,7 @@ impl Gateway {
             self.least_loaded(
                 s.instances
                     .iter()
-                    .filter(|i| i.serving())
+                    .filter(|i| i.serving)
                     .map(|i| (i.id.as_str(), i.endpoint.as_str())),
             )
         });

@@ -9,10 +9,8 @@ use schema::sched_capnp::route_table;
 /// One name that answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Name {
+    /// The instance key (`service.stack[--variant]`) whose instances answer it.
     pub key: String,
-    pub stack: String,
-    pub variant: String,
-    pub service: String,
 }
 
 /// One instance behind a key.
@@ -20,28 +18,13 @@ pub struct Name {
 pub struct Instance {
     pub id: String,
     pub endpoint: String,
-    pub state: String,
-    pub phase: String,
-    pub reason: String,
+    /// Requests can go to it (the scheduler's judgement: placed, app running, a port).
+    pub serving: bool,
 }
 
-impl Instance {
-    /// Whether requests can go to it: placed (ready or moved), its app running, a port
-    /// forwarded.
-    pub fn serving(&self) -> bool {
-        matches!(self.state.as_str(), "ready" | "moved")
-            && self.phase == "running"
-            && !self.endpoint.is_empty()
-    }
-}
-
-/// One instance set and how it scales.
+/// One instance set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
-    pub key: String,
-    pub scale_to_zero: bool,
-    pub min: u32,
-    pub max: u32,
     pub instances: Vec<Instance>,
 }
 
@@ -63,9 +46,6 @@ impl Table {
                 normalize(&text(n.get_hostname())?),
                 Name {
                     key: text(n.get_key())?,
-                    stack: text(n.get_stack())?,
-                    variant: text(n.get_variant())?,
-                    service: text(n.get_service())?,
                 },
             );
         }
@@ -77,30 +57,18 @@ impl Table {
                     Ok(Instance {
                         id: text(i.get_id())?,
                         endpoint: text(i.get_endpoint())?,
-                        state: text(i.get_state())?,
-                        phase: text(i.get_phase())?,
-                        reason: text(i.get_reason())?,
+                        serving: i.get_serving(),
                     })
                 })
                 .collect::<capnp::Result<_>>()?;
-            let key = text(s.get_key())?;
-            t.services.insert(
-                key.clone(),
-                Service {
-                    key,
-                    scale_to_zero: s.get_scale_to_zero(),
-                    min: s.get_min(),
-                    max: s.get_max(),
-                    instances,
-                },
-            );
+            t.services.insert(text(s.get_key())?, Service { instances });
         }
         Ok(t)
     }
 
-    /// The name `host` (a `Host` header or an authority) answers to, with its service.
+    /// The name `host` (already [`normalize`]d) answers to, with its service.
     pub fn lookup(&self, host: &str) -> Option<(&Name, Option<&Service>)> {
-        let n = self.names.get(&normalize(host))?;
+        let n = self.names.get(host)?;
         Some((n, self.services.get(&n.key)))
     }
 }
@@ -136,25 +104,5 @@ mod tests {
         assert_eq!(normalize("shop.localhost"), "shop.localhost");
         assert_eq!(normalize("[::1]:80"), "[::1]");
         assert_eq!(normalize("a.b:x"), "a.b:x");
-    }
-
-    #[test]
-    fn serving_needs_a_running_app_and_a_port() {
-        let mut i = Instance {
-            id: "web.shop-0".into(),
-            endpoint: "127.0.0.1:4000".into(),
-            state: "ready".into(),
-            phase: "running".into(),
-            reason: String::new(),
-        };
-        assert!(i.serving());
-        i.phase = "booting".into();
-        assert!(!i.serving());
-        i.phase = "running".into();
-        i.state = "pending".into();
-        assert!(!i.serving());
-        i.state = "moved".into();
-        i.endpoint.clear();
-        assert!(!i.serving());
     }
 }

@@ -39,6 +39,13 @@ pub struct RouteInstance {
     pub state: String,
     pub phase: String,
     pub reason: String,
+    pub serving: bool,
+}
+
+/// Whether requests can go to an instance: placed (ready or moved), its app running, a
+/// port forwarded. Front ends balance over these; `tide service ls` counts them.
+pub fn serving(state: &str, phase: &str, endpoint: &str) -> bool {
+    matches!(state, "ready" | "moved") && phase == "running" && !endpoint.is_empty()
 }
 
 /// One instance set (an instance key) and its scaling bounds.
@@ -168,6 +175,7 @@ impl Daemon {
                         state: v.state.to_owned(),
                         phase: r.prepared.guest.phase.clone(),
                         reason: r.prepared.guest.reason.clone(),
+                        serving: serving(v.state, &r.prepared.guest.phase, &r.prepared.address),
                     }
                 })
                 .collect();
@@ -236,6 +244,21 @@ pub fn set_table(mut b: route_table::Builder<'_>, t: &RouteTable) {
             x.set_state(&inst.state);
             x.set_phase(&inst.phase);
             x.set_reason(&inst.reason);
+            x.set_serving(inst.serving);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serving;
+
+    #[test]
+    fn serving_needs_a_placed_instance_a_running_app_and_a_port() {
+        assert!(serving("ready", "running", "127.0.0.1:4000"));
+        assert!(serving("moved", "running", "127.0.0.1:4000"));
+        assert!(!serving("ready", "booting", "127.0.0.1:4000"));
+        assert!(!serving("pending", "running", "127.0.0.1:4000"));
+        assert!(!serving("moved", "running", ""));
     }
 }

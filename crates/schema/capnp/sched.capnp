@@ -364,6 +364,8 @@ struct RouteInstance {
   state @3 :Text;               # As InstanceInfo.state.
   phase @4 :Text;               # As GuestState.phase.
   reason @5 :Text;              # Why it failed, when it did.
+  serving @6 :Bool;             # Requests can go to it: placed (ready or moved), its
+                                # app running, a port forwarded.
 }
 
 struct ServiceLoad {
