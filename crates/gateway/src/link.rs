@@ -143,9 +143,10 @@ fn run(addr: Addr, table: Slot, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         .expect("link runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let name = front_end_name();
         let mut backoff = Duration::from_millis(200);
         for n in 1.. {
-            match session(&addr, &table, n, &mut rx).await {
+            match session(&addr, &table, n, &name, &mut rx).await {
                 Ok(()) => return, // the proxy is gone
                 Err(e) => log!("scheduler link: {e:#}; retrying in {backoff:?}"),
             }
@@ -175,6 +176,7 @@ async fn session(
     addr: &Addr,
     table: &Slot,
     session: u64,
+    name: &str,
     rx: &mut mpsc::UnboundedReceiver<Cmd>,
 ) -> Result<()> {
     let (client, mut conn) = connect(addr).await?;
@@ -210,7 +212,7 @@ async fn session(
                 Some(Cmd::Report(loads)) => {
                     let mut req = client.report_load_request();
                     let mut p = req.get();
-                    p.set_front_end(front_end_name());
+                    p.set_front_end(name);
                     let mut l = p.init_loads(loads.len() as u32);
                     for (i, x) in loads.iter().enumerate() {
                         let mut e = l.reborrow().get(i as u32);
