@@ -175,11 +175,12 @@ impl Drop for Peers {
     }
 }
 
-fn nginx(dir: &Path, port: u16, backend: &str) -> Result<Child> {
-    let d = dir.join("nginx");
-    std::fs::create_dir_all(&d)?;
+/// An nginx in `d` (its config, pid, logs and temp paths there) with `workers` worker
+/// processes and `http` inside its `http {}` block.
+fn nginx_in(d: &Path, workers: u32, http: &str) -> Result<Child> {
+    std::fs::create_dir_all(d)?;
     let conf = format!(
-        "worker_processes 2;\n\
+        "worker_processes {workers};\n\
          daemon off;\n\
          pid {d}/nginx.pid;\n\
          error_log {d}/error.log;\n\
@@ -188,18 +189,7 @@ fn nginx(dir: &Path, port: u16, backend: &str) -> Result<Child> {
            access_log off;\n\
            client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-           upstream app {{ server {backend}; keepalive 64; }}\n\
-           server {{\n\
-             listen 127.0.0.1:{port};\n\
-             location / {{\n\
-               proxy_pass http://app;\n\
-               proxy_http_version 1.1;\n\
-               proxy_set_header Connection \"\";\n\
-               proxy_set_header Host $host;\n\
-               proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-               proxy_set_header X-Forwarded-Proto $scheme;\n\
-             }}\n\
-           }}\n\
+           {http}\n\
          }}\n",
         d = d.display()
     );
@@ -208,13 +198,35 @@ fn nginx(dir: &Path, port: u16, backend: &str) -> Result<Child> {
     spawn(
         Command::new("nginx")
             .arg("-p")
-            .arg(&d)
+            .arg(d)
             .arg("-e")
             .arg(d.join("error.log"))
             .arg("-c")
             .arg(&cfg),
         "nginx (apt install nginx-light)",
         &d.join("stderr"),
+    )
+}
+
+/// nginx as a reverse proxy to `backend` on `port`: two workers, keep-alive upstream.
+fn nginx(dir: &Path, port: u16, backend: &str) -> Result<Child> {
+    nginx_in(
+        &dir.join("nginx"),
+        2,
+        &format!(
+            "upstream app {{ server {backend}; keepalive 64; }}\n\
+             server {{\n\
+               listen 127.0.0.1:{port};\n\
+               location / {{\n\
+                 proxy_pass http://app;\n\
+                 proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\";\n\
+                 proxy_set_header Host $host;\n\
+                 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                 proxy_set_header X-Forwarded-Proto $scheme;\n\
+               }}\n\
+             }}"
+        ),
     )
 }
 
@@ -368,36 +380,14 @@ fn compare(
 
 /// nginx serving `dir/www` on `port`, one worker: the fast backend.
 fn nginx_static(dir: &Path, port: u16) -> Result<Child> {
-    let d = dir.join("backend");
-    std::fs::create_dir_all(&d)?;
-    let conf = format!(
-        "worker_processes 1;\n\
-         daemon off;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n\
-           access_log off;\n\
-           client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-           fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-           keepalive_requests 1000000;\n\
-           server {{ listen 127.0.0.1:{port}; root {www}; }}\n\
-         }}\n",
-        d = d.display(),
-        www = dir.join("www").display()
-    );
-    let cfg = d.join("nginx.conf");
-    std::fs::write(&cfg, conf)?;
-    spawn(
-        Command::new("nginx")
-            .arg("-p")
-            .arg(&d)
-            .arg("-e")
-            .arg(d.join("error.log"))
-            .arg("-c")
-            .arg(&cfg),
-        "nginx (apt install nginx-light)",
-        &d.join("stderr"),
+    nginx_in(
+        &dir.join("backend"),
+        1,
+        &format!(
+            "keepalive_requests 1000000;\n\
+             server {{ listen 127.0.0.1:{port}; root {}; }}",
+            dir.join("www").display()
+        ),
     )
 }
 
