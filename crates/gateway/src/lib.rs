@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod table;
+pub mod tls;
 
 /// Logs one line to stderr, prefixed with Unix time in seconds.
 #[macro_export]

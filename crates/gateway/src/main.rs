@@ -8,6 +8,9 @@ use gateway::link::{Addr, Link};
 use gateway::log;
 use gateway::proxy::{Config, Gateway};
 use gateway::server::{self, Limits};
+use gateway::tls;
+use std::sync::Arc;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Routes HTTP requests by Host to the instances the scheduler placed.
 #[derive(Debug, Parser)]
@@ -19,6 +22,14 @@ struct Args {
     /// Where to serve HTTP/1.1 and h2c.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Where to serve HTTPS (HTTP/1.1 and h2 by ALPN); needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_listen: Option<String>,
+    /// A PEM file with a certificate chain and its key (or the key in FILE.key), or a
+    /// directory of them; each serves the DNS names its certificate lists, wildcards
+    /// included. Repeatable. Re-read on SIGHUP.
+    #[arg(long = "tls-cert", value_name = "PATH", requires = "tls_listen")]
+    tls_cert: Vec<std::path::PathBuf>,
     /// Where to serve GET /metrics (Prometheus text); none if not given.
     #[arg(long)]
     metrics: Option<String>,
@@ -75,6 +86,29 @@ fn main() -> Result<()> {
             .next()
             .with_context(|| format!("--listen {}: no address", a.listen))?;
         let l = server::bind_shared(listen, "--listen")?;
+        let tls = match &a.tls_listen {
+            Some(addr) => {
+                let at: std::net::SocketAddr = tokio::net::lookup_host(addr)
+                    .await
+                    .with_context(|| format!("--tls-listen {addr}"))?
+                    .next()
+                    .with_context(|| format!("--tls-listen {addr}: no address"))?;
+                let provider = tls::provider();
+                let certs = tls::Certs::load(&a.tls_cert, &provider).context("--tls-cert")?;
+                for line in &certs.summary {
+                    log!("certificate {line}");
+                }
+                let resolver = tls::Resolver::new(certs);
+                let cfg = tls::server_config(resolver.clone(), provider.clone())?;
+                Some((
+                    server::bind_shared(at, "--tls-listen")?,
+                    cfg,
+                    resolver,
+                    provider,
+                ))
+            }
+            None => None,
+        };
         let m = match &a.metrics {
             Some(addr) => Some(server::bind(addr, "--metrics").await?),
             None => None,
@@ -91,8 +125,12 @@ fn main() -> Result<()> {
             },
         );
         log!(
-            "serving on {}{} (pid {})",
+            "serving on {}{}{} (pid {})",
             l.local_addr()?,
+            tls.as_ref()
+                .and_then(|t| t.0.local_addr().ok())
+                .map(|a| format!(", tls on {a}"))
+                .unwrap_or_default(),
             m.as_ref()
                 .and_then(|m| m.local_addr().ok())
                 .map(|a| format!(", metrics on {a}"))
@@ -113,23 +151,27 @@ fn main() -> Result<()> {
         );
         // One socket per worker on the same address (SO_REUSEPORT): the kernel spreads
         // connections across them, none waits behind another worker's accept.
-        let at = l.local_addr()?;
-        let mut socks = vec![l];
-        for _ in 1..workers {
-            socks.push(server::bind_shared(at, "--listen")?);
+        let mut socks = per_worker(l, workers, "--listen", None)?;
+        if let Some((tl, cfg, resolver, provider)) = tls {
+            socks.extend(per_worker(tl, workers, "--tls-listen", Some(cfg))?);
+            tokio::spawn(reload_on_sighup(a.tls_cert.clone(), resolver, provider));
         }
-        for (i, l) in socks.into_iter().enumerate() {
-            let l = l.into_std()?;
+        for (i, (l, tls)) in socks.into_iter().enumerate() {
             let (gw, limits) = (gw.clone(), limits.clone());
+            let name = format!(
+                "worker-{}{}",
+                i % workers,
+                if tls.is_some() { "-tls" } else { "" }
+            );
             std::thread::Builder::new()
-                .name(format!("worker-{i}"))
+                .name(name)
                 .spawn(move || -> Result<()> {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()?;
                     rt.block_on(async move {
                         let l = tokio::net::TcpListener::from_std(l)?;
-                        server::serve(l, gw, limits).await;
+                        server::serve(l, gw, limits, tls).await;
                         Ok(())
                     })
                 })?;
@@ -138,4 +180,46 @@ fn main() -> Result<()> {
         log!("SIGINT: shutting down");
         Ok(())
     })
+}
+
+type Tls = Option<Arc<rustls::ServerConfig>>;
+
+/// `l` and `workers - 1` more sockets bound to its address, each for a worker thread.
+fn per_worker(
+    l: tokio::net::TcpListener,
+    workers: usize,
+    what: &str,
+    tls: Tls,
+) -> Result<Vec<(std::net::TcpListener, Tls)>> {
+    let at = l.local_addr()?;
+    let mut socks = vec![(l.into_std()?, tls.clone())];
+    for _ in 1..workers {
+        socks.push((server::bind_shared(at, what)?.into_std()?, tls.clone()));
+    }
+    Ok(socks)
+}
+
+/// Re-reads the certificates on each SIGHUP. A set that fails to load (a file half
+/// written, a key that does not match) is logged and the old set keeps serving.
+async fn reload_on_sighup(
+    paths: Vec<std::path::PathBuf>,
+    resolver: Arc<tls::Resolver>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        log!("SIGHUP: cannot install the handler; certificates load only at start");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tls::Certs::load(&paths, &provider) {
+            Ok(certs) => {
+                log!("SIGHUP: {} certificates reloaded", certs.summary.len());
+                for line in &certs.summary {
+                    log!("certificate {line}");
+                }
+                resolver.replace(certs);
+            }
+            Err(e) => log!("SIGHUP: keeping the old certificates: {e:#}"),
+        }
+    }
 }

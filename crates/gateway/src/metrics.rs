@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::table::Table;
@@ -64,6 +65,10 @@ struct Service {
 #[derive(Debug, Default)]
 pub struct Metrics {
     services: Mutex<BTreeMap<String, Service>>,
+    /// TLS handshakes completed and failed (no certificate for the name, a client
+    /// that is not speaking TLS, one too slow to finish).
+    pub tls_handshakes: AtomicU64,
+    pub tls_failures: AtomicU64,
 }
 
 fn class(status: u16) -> &'static str {
@@ -123,6 +128,15 @@ impl Metrics {
                 .filter(|i| i.serving)
                 .count();
             let _ = writeln!(out, "tide_gateway_instances_serving{{service=\"{k}\"}} {n}");
+        }
+        out.push_str("# HELP tide_gateway_tls_handshakes_total TLS handshakes, by outcome.\n");
+        out.push_str("# TYPE tide_gateway_tls_handshakes_total counter\n");
+        for (outcome, n) in [("ok", &self.tls_handshakes), ("failed", &self.tls_failures)] {
+            let _ = writeln!(
+                out,
+                "tide_gateway_tls_handshakes_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
         }
         out.push_str("# HELP tide_gateway_requests_total Requests answered, by status class.\n");
         out.push_str("# TYPE tide_gateway_requests_total counter\n");

@@ -197,19 +197,30 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
     h.get(header::UPGRADE).filter(|_| asks).cloned()
 }
 
+/// Who sent a request: the peer's address and whether it came over TLS (which the
+/// instance learns as `X-Forwarded-Proto: https` and `proto=https`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
 /// Appends to the `X-Forwarded-*` and `Forwarded` headers (RFC 7239).
-fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, host: &str) {
-    let ip = peer.ip().to_string();
+fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: &str) {
+    let proto = if peer.tls { "https" } else { "http" };
+    let ip = peer.addr.ip().to_string();
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip.clone(),
     };
-    let node = if peer.is_ipv6() {
+    let node = if peer.addr.is_ipv6() {
         format!("\"[{ip}]\"")
     } else {
         ip
     };
-    let fwd = format!("for={node};host=\"{host}\";proto=http");
+    let fwd = format!("for={node};host=\"{host}\";proto={proto}");
     let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {fwd}"),
         None => fwd,
@@ -217,7 +228,7 @@ fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, host: &str) {
     for (name, value) in [
         ("x-forwarded-for", xff),
         ("x-forwarded-host", host.to_owned()),
-        ("x-forwarded-proto", "http".to_owned()),
+        ("x-forwarded-proto", proto.to_owned()),
         ("forwarded", fwd),
     ] {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -337,11 +348,7 @@ impl Gateway {
     }
 
     /// Answers one request and counts it under its service.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let t0 = Instant::now();
         let (service, resp) = self.route(req, peer).await;
         self.metrics
@@ -352,7 +359,7 @@ impl Gateway {
     async fn route(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> (String, Response<Body>) {
         let none = "-".to_string();
         let host = req
@@ -519,7 +526,7 @@ impl Gateway {
     async fn forward(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
         host: &str,
         id: &str,
         endpoint: &str,
@@ -643,11 +650,11 @@ mod tests {
     fn forwarded_headers_append_to_what_came_before() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
-        set_forwarded(
-            &mut h,
-            "192.0.2.1:5555".parse().unwrap(),
-            "web.shop.localhost",
-        );
+        let plain = |a: &str| Peer {
+            addr: a.parse().unwrap(),
+            tls: false,
+        };
+        set_forwarded(&mut h, plain("192.0.2.1:5555"), "web.shop.localhost");
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 192.0.2.1");
         assert_eq!(h["x-forwarded-host"], "web.shop.localhost");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -655,13 +662,18 @@ mod tests {
             h["forwarded"],
             "for=192.0.2.1;host=\"web.shop.localhost\";proto=http"
         );
-        set_forwarded(&mut h, "[2001:db8::1]:80".parse().unwrap(), "a.b");
+        let tls = Peer {
+            tls: true,
+            ..plain("[2001:db8::1]:443")
+        };
+        set_forwarded(&mut h, tls, "a.b");
         assert!(
             h["forwarded"]
                 .to_str()
                 .unwrap()
-                .ends_with(", for=\"[2001:db8::1]\";host=\"a.b\";proto=http")
+                .ends_with(", for=\"[2001:db8::1]\";host=\"a.b\";proto=https")
         );
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]

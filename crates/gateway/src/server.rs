@@ -1,9 +1,11 @@
-//! The listeners: HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on one port, each
-//! connection served on its own task with header limits and a header read timeout (a
-//! client that trickles its headers is cut off), and the metrics port.
+//! The listeners: HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on one port, the same
+//! over TLS (h2 by ALPN) on another, each connection served on its own task with
+//! header limits and a header read timeout (a client that trickles its headers, or its
+//! TLS handshake, is cut off), and the metrics port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,7 +19,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::log;
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, Peer};
 
 /// Per-connection limits.
 #[derive(Debug, Clone)]
@@ -28,8 +30,13 @@ pub struct Limits {
     pub header_timeout: Duration,
 }
 
-/// Serves the proxy on `l` until the process ends.
-pub async fn serve(l: TcpListener, gw: Arc<Gateway>, limits: Limits) {
+/// Serves the proxy on `l` until the process ends; over TLS when `tls` is given.
+pub async fn serve(
+    l: TcpListener,
+    gw: Arc<Gateway>,
+    limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -39,8 +46,9 @@ pub async fn serve(l: TcpListener, gw: Arc<Gateway>, limits: Limits) {
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header as u32);
     let b = Arc::new(b);
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
-        let (stream, peer) = match l.accept().await {
+        let (stream, addr) = match l.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.
@@ -50,17 +58,45 @@ pub async fn serve(l: TcpListener, gw: Arc<Gateway>, limits: Limits) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (gw, b) = (gw.clone(), b.clone());
+        let (gw, b, tls) = (gw.clone(), b.clone(), tls.clone());
+        let timeout = limits.header_timeout;
         tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
+            let peer = Peer {
+                addr,
+                tls: tls.is_some(),
+            };
+            let svc = {
                 let gw = gw.clone();
-                async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
-            });
+                service_fn(move |req: Request<Incoming>| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
+                })
+            };
             // A malformed or abandoned connection ends only itself (hyper answers
             // what it can: 400 for a bad request line, 431 for a head too large).
-            let _ = b
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+            match tls {
+                None => {
+                    let _ = b
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                }
+                Some(acceptor) => {
+                    // The handshake gets the header timeout too: a client that
+                    // connects and says nothing holds no task for long.
+                    let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(_)) | Err(_) => {
+                            gw.metrics.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    };
+                    gw.metrics.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                    let _ = b
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                }
+            }
         });
     }
 }
@@ -98,7 +134,6 @@ pub async fn serve_metrics(l: TcpListener, gw: Arc<Gateway>) {
     }
 }
 
-/// Binds `addr`, naming it in the error.
 /// Binds `addr` with `SO_REUSEPORT`, so each worker can have a socket of its own on
 /// the same address and the kernel spreads connections across them.
 pub fn bind_shared(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
@@ -117,6 +152,7 @@ pub fn bind_shared(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener
         .with_context(|| format!("{what}: listening on {addr}"))
 }
 
+/// Binds `addr`, naming it in the error.
 pub async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await

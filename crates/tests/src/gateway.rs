@@ -15,6 +15,8 @@ pub struct Gateway {
     pub addr: String,
     /// Where it serves `/metrics`.
     pub metrics: String,
+    /// Where it serves HTTPS, when started with `--tls-listen`.
+    pub tls: Option<String>,
     /// Its stderr.
     pub log: PathBuf,
     child: Child,
@@ -37,6 +39,7 @@ impl Gateway {
         let mut g = Gateway {
             addr: String::new(),
             metrics: String::new(),
+            tls: None,
             log,
             child,
         };
@@ -48,6 +51,9 @@ impl Gateway {
                 g.addr = rest.split([',', ' ']).next().unwrap().to_string();
                 let m = &rest[rest.find("metrics on ").expect("metrics address") + 11..];
                 g.metrics = m.split([',', ' ']).next().unwrap().to_string();
+                g.tls = rest
+                    .find("tls on ")
+                    .map(|i| rest[i + 7..].split([',', ' ']).next().unwrap().to_string());
                 if text.contains("scheduler link up") {
                     return g;
                 }
@@ -68,7 +74,12 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Its pid (to check it is still alive).
+    /// Its pid (for a signal).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
