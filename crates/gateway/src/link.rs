@@ -57,11 +57,20 @@ pub struct Load {
     pub requests: u64,
 }
 
+/// One load report: the services' loads, the route table version they were routed by
+/// and the instances with requests in flight (for the scheduler's scale-in drain).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    pub loads: Vec<Load>,
+    pub table_version: u64,
+    pub busy: Vec<String>,
+}
+
 /// A request to the link thread.
 #[derive(Debug)]
 enum Cmd {
     Resolve(String, oneshot::Sender<Result<Resolved, String>>),
-    Report(Vec<Load>),
+    Report(Report),
 }
 
 /// The proxy's side of the link: the table and a way to ask the scheduler.
@@ -97,8 +106,8 @@ impl Link {
 
     /// Sends this front end's load to the scheduler's autoscaler (dropped while the
     /// scheduler is away: a report is only worth its interval).
-    pub fn report(&self, loads: Vec<Load>) {
-        let _ = self.cmds.send(Cmd::Report(loads));
+    pub fn report(&self, r: Report) {
+        let _ = self.cmds.send(Cmd::Report(r));
     }
 
     /// `Scheduler.resolve(hostname)`: the instance serving it, started if none runs.
@@ -209,12 +218,17 @@ async fn session(
                         let _ = reply.send(resolve(&client, &host).await.map_err(|e| reason(&e)));
                     });
                 }
-                Some(Cmd::Report(loads)) => {
+                Some(Cmd::Report(r)) => {
                     let mut req = client.report_load_request();
                     let mut p = req.get();
                     p.set_front_end(name);
-                    let mut l = p.init_loads(loads.len() as u32);
-                    for (i, x) in loads.iter().enumerate() {
+                    p.set_table_version(r.table_version);
+                    let mut b = p.reborrow().init_busy(r.busy.len() as u32);
+                    for (i, id) in r.busy.iter().enumerate() {
+                        b.set(i as u32, id);
+                    }
+                    let mut l = p.init_loads(r.loads.len() as u32);
+                    for (i, x) in r.loads.iter().enumerate() {
                         let mut e = l.reborrow().get(i as u32);
                         e.set_key(&x.key);
                         e.set_concurrency(x.concurrency);

@@ -27,7 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::link::{Link, Load, Resolved};
+use crate::link::{Link, Load, Report, Resolved};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::table::normalize;
@@ -95,6 +95,9 @@ impl Drop for KeyGuard {
         }
     }
 }
+
+/// The prefix of a `--route` backend's id in the in-flight counts.
+const STATIC: &str = "static:";
 
 /// How often in-flight counts are sampled for the load reports.
 const SAMPLE: Duration = Duration::from_millis(100);
@@ -259,7 +262,59 @@ fn chain(e: &(dyn StdError + 'static)) -> String {
     s
 }
 
-type Upstream = Client<HttpConnector, Limited<Incoming>>;
+type Upstream = Client<Connector, Limited<Incoming>>;
+
+/// Connects to instances, retrying a connect that does not complete quickly with a
+/// fresh SYN instead of waiting out the kernel's SYN backoff (1, 3, 7, 15, 31 s).
+///
+/// QEMU's user network listens for a guest's forwarded port with a backlog of one
+/// (libslirp's `listen(s, 1)`; `ss -ltn` shows it), so a burst of connections to a
+/// just-started instance (every request that waited for a start from zero, released
+/// at once) overflows the accept queue and the kernel drops their SYNs: with the
+/// kernel's backoff the last of twenty waited 37 s and some over a minute. A refused
+/// connection is not retried (nothing listens: a 502 at once).
+#[derive(Clone)]
+struct Connector(HttpConnector);
+
+/// The first attempt's limit; each retry doubles it up to [`CONNECT_ATTEMPT_MAX`].
+const CONNECT_ATTEMPT: Duration = Duration::from_millis(100);
+const CONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(1);
+/// All attempts together.
+const CONNECT_TOTAL: Duration = Duration::from_secs(10);
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(BoxError::from)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut inner = self.0.clone();
+        Box::pin(async move {
+            let t0 = Instant::now();
+            let mut limit = CONNECT_ATTEMPT;
+            loop {
+                match tokio::time::timeout(limit, inner.call(uri.clone())).await {
+                    Ok(r) => return r.map_err(BoxError::from),
+                    Err(_) if t0.elapsed() + limit < CONNECT_TOTAL => {
+                        limit = (limit * 2).min(CONNECT_ATTEMPT_MAX);
+                    }
+                    Err(_) => {
+                        return Err(format!("no connection within {CONNECT_TOTAL:?}").into());
+                    }
+                }
+            }
+        })
+    }
+}
 
 thread_local! {
     /// The connection pool to instances, one per worker thread: a pooled connection is
@@ -269,10 +324,9 @@ thread_local! {
     static UPSTREAM: Upstream = {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(5)));
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn)
+            .build(Connector(conn))
     };
 }
 
@@ -322,6 +376,17 @@ impl Gateway {
             .collect()
     }
 
+    /// The scheduler's instances with requests in flight now.
+    fn busy(&self) -> Vec<String> {
+        self.inflight
+            .lock()
+            .expect("inflight lock")
+            .keys()
+            .filter(|id| !id.starts_with(STATIC))
+            .cloned()
+            .collect()
+    }
+
     fn sample(&self) {
         for l in self.loads.lock().expect("loads lock").values_mut() {
             l.sum += l.in_flight as f64;
@@ -333,15 +398,25 @@ impl Gateway {
     pub async fn report_loads(self: Arc<Self>) {
         let mut tick = tokio::time::interval(SAMPLE);
         let mut n = 0;
+        let mut idle = true;
         loop {
             tick.tick().await;
             self.sample();
             n += 1;
             if n == SAMPLES_PER_REPORT {
                 n = 0;
+                // The table first: a request routed by an older one is in flight now.
+                let table_version = self.link.table().version;
+                let busy = self.busy();
                 let loads = self.take_loads();
-                if !loads.is_empty() {
-                    self.link.report(loads);
+                // An idle front end says so once, then stays quiet.
+                if !loads.is_empty() || !idle {
+                    idle = loads.is_empty();
+                    self.link.report(Report {
+                        loads,
+                        table_version,
+                        busy,
+                    });
                 }
             }
         }
@@ -391,7 +466,7 @@ impl Gateway {
         }
         if let Some(backend) = self.cfg.static_routes.get(&host) {
             let load = self.track(&host);
-            let id = format!("static:{host}");
+            let id = format!("{STATIC}{host}");
             let resp = self.forward(req, peer, &host, &id, backend, load).await;
             return (host, resp);
         }

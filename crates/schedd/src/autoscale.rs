@@ -12,6 +12,12 @@
 //!   request): the autoscaler never starts a service from zero, so a cold start is
 //!   never done twice.
 //!
+//! A scale-in drains before it stops: the instances chosen leave the route table
+//! (pushed to every front end) and keep running until no fresh report still comes from
+//! a front end routing by an older table or naming one of them busy (requests in
+//! flight to it), or [`DRAIN_TIMEOUT`] passes; only then are they stopped. So a
+//! request already forwarded is answered, not cut off with a 502.
+//!
 //! Deciding here and not in the front ends means several front ends add up, and a
 //! front end that dies (its reports go stale) stops counting.
 
@@ -31,6 +37,10 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// A report older than this many intervals no longer counts.
 const STALE_INTERVALS: u32 = 3;
 
+/// The longest a scale-in waits for the instances' requests to finish (a stuck
+/// upload, a long poll) before it stops them anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One service's load in one report.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Load {
@@ -38,10 +48,15 @@ pub struct Load {
     pub requests: u64,
 }
 
-#[derive(Debug)]
-struct Report {
-    at: Instant,
-    loads: HashMap<String, Load>,
+/// One front end's latest report.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub(crate) at: Option<Instant>,
+    pub loads: HashMap<String, Load>,
+    /// The route table version it routed by.
+    pub table_version: u64,
+    /// Instance ids it had requests in flight to.
+    pub busy: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -73,25 +88,39 @@ pub struct Autoscaler {
 
 impl Autoscaler {
     /// Keeps `front_end`'s report (replacing its previous one).
-    pub fn report(&self, front_end: &str, loads: HashMap<String, Load>) {
+    pub fn report(&self, front_end: &str, mut r: Report) {
         let now = Instant::now();
         let mut keys = self.keys.borrow_mut();
-        for (k, l) in &loads {
+        for (k, l) in &r.loads {
             if l.requests > 0 || l.concurrency > 0.0 {
                 keys.entry(k.clone())
                     .and_modify(|s| s.last_request = now)
                     .or_insert_with(|| KeyState::new(now));
             }
         }
-        self.reports
-            .borrow_mut()
-            .insert(front_end.to_owned(), Report { at: now, loads });
+        r.at = Some(now);
+        self.reports.borrow_mut().insert(front_end.to_owned(), r);
+    }
+
+    /// Whether `ids` (instances of `key`, out of the routes since table `version`) are
+    /// drained: no fresh report names one of them busy, or routes `key` by an older
+    /// table.
+    fn drained(&self, now: Instant, key: &str, ids: &[String], version: u64) -> bool {
+        self.reports.borrow().values().all(|r| {
+            let fresh =
+                r.at.is_some_and(|at| now.duration_since(at) < INTERVAL * STALE_INTERVALS);
+            !fresh
+                || (!r.busy.iter().any(|b| ids.contains(b))
+                    && (r.table_version >= version || !r.loads.contains_key(key)))
+        })
     }
 
     /// Each service's load summed over the fresh reports.
     fn loads(&self, now: Instant) -> BTreeMap<String, f64> {
         let mut reports = self.reports.borrow_mut();
-        reports.retain(|_, r| now.duration_since(r.at) < INTERVAL * STALE_INTERVALS);
+        reports.retain(|_, r| {
+            r.at.is_some_and(|at| now.duration_since(at) < INTERVAL * STALE_INTERVALS)
+        });
         let mut sum = BTreeMap::new();
         for r in reports.values() {
             for (k, l) in &r.loads {
@@ -200,10 +229,62 @@ fn step(sh: &Rc<Shared>) {
                 ks.below_since = None;
                 let (sh, key) = (sh.clone(), s.key.clone());
                 tokio::task::spawn_local(async move {
+                    drain(&sh, &key, &ids).await;
                     daemon::stop_instances(&sh, &ids).await;
+                    sh.state.borrow_mut().set_draining(&ids, false);
                     done(&sh, &key);
                 });
             }
+        }
+    }
+}
+
+/// Takes `ids` out of the routes and waits until the front ends have no request in
+/// flight to them (see the module doc), at most [`DRAIN_TIMEOUT`].
+async fn drain(sh: &Rc<Shared>, key: &str, ids: &[String]) {
+    let t0 = Instant::now();
+    sh.state.borrow_mut().set_draining(ids, true);
+    let step = Duration::from_millis(100);
+    // The first table published without them: reports from front ends that route by
+    // an older one do not count as drained.
+    let version = loop {
+        let t = sh.routes.current();
+        let out = t
+            .services
+            .iter()
+            .flat_map(|s| &s.instances)
+            .all(|i| !i.serving || !ids.contains(&i.id));
+        if out {
+            break t.version;
+        }
+        if t0.elapsed() > DRAIN_TIMEOUT {
+            log!("autoscale: {key}: the routes did not drop {ids:?} in time");
+            return;
+        }
+        tokio::time::sleep(step).await;
+    };
+    let published = Instant::now();
+    loop {
+        tokio::time::sleep(step).await;
+        let now = Instant::now();
+        // A front end that routed to them by the old table reports it within an
+        // interval, so the first interval after publishing does not decide.
+        if now.duration_since(published) > INTERVAL + INTERVAL / 2
+            && sh.autoscale.drained(now, key, ids, version)
+        {
+            log!(
+                "autoscale: {key}: {} drained in {:.1} s",
+                ids.join(", "),
+                t0.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        if t0.elapsed() > DRAIN_TIMEOUT {
+            log!(
+                "autoscale: {key}: {} still busy after {DRAIN_TIMEOUT:?}: stopping anyway",
+                ids.join(", ")
+            );
+            return;
         }
     }
 }
@@ -227,10 +308,59 @@ fn done(sh: &Rc<Shared>, key: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn report(version: u64, key: Option<&str>, busy: &[&str]) -> Report {
+        Report {
+            loads: key
+                .map(|k| (k.to_owned(), Load::default()))
+                .into_iter()
+                .collect(),
+            table_version: version,
+            busy: busy.iter().map(|b| (*b).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn drained_once_no_fresh_report_is_busy_with_them_or_routes_by_an_older_table() {
+        let a = Autoscaler::default();
+        let ids = ["web.shop-2".to_owned()];
+        let now = Instant::now();
+        assert!(a.drained(now, "web.shop", &ids, 7), "no front end at all");
+        a.report(
+            "gw1",
+            report(7, Some("web.shop"), &["web.shop-1", "web.shop-2"]),
+        );
+        assert!(
+            !a.drained(Instant::now(), "web.shop", &ids, 7),
+            "busy with it"
+        );
+        a.report("gw1", report(6, Some("web.shop"), &["web.shop-1"]));
+        assert!(
+            !a.drained(Instant::now(), "web.shop", &ids, 7),
+            "routing web.shop by a table that still has it"
+        );
+        a.report("gw1", report(6, Some("other.shop"), &[]));
+        assert!(
+            a.drained(Instant::now(), "web.shop", &ids, 7),
+            "no web.shop load there"
+        );
+        a.report("gw1", report(7, Some("web.shop"), &["web.shop-1"]));
+        a.report("gw2", report(8, Some("web.shop"), &["web.shop-2"]));
+        assert!(
+            !a.drained(Instant::now(), "web.shop", &ids, 7),
+            "another front end"
+        );
+        // A report that went stale (its front end died) no longer holds the drain.
+        let later = Instant::now() + INTERVAL * STALE_INTERVALS;
+        assert!(a.drained(later, "web.shop", &ids, 7));
+    }
+
     #[test]
     fn the_newest_instance_goes_first_by_number() {
         let mut ids = vec!["web.shop-2", "web.shop-10", "web.shop-1"];
-        ids.sort_by(|a, b| super::newest_first(a, b));
+        ids.sort_by(|a, b| newest_first(a, b));
         assert_eq!(ids, ["web.shop-10", "web.shop-2", "web.shop-1"]);
     }
 }

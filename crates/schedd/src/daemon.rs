@@ -68,6 +68,9 @@ pub struct Daemon {
     pub pools: BTreeMap<String, PoolRec>,
     /// Warm VMs by the id their host gave them, with the cluster's id for them.
     pub warm: BTreeMap<String, (WarmRec, u64)>,
+    /// Instances being drained before a scale-in stops them: out of the routes, still
+    /// running (in memory: a restarted scheduler has no drain under way).
+    pub draining: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -278,6 +281,19 @@ fn write(d: &Daemon, batch: KvBatch) {
 }
 
 impl Daemon {
+    /// Takes `ids` out of the routes (or puts them back) without a state write: the
+    /// route table is recomputed and pushed as after one.
+    pub fn set_draining(&mut self, ids: &[String], on: bool) {
+        for id in ids {
+            if on {
+                self.draining.insert(id.clone());
+            } else {
+                self.draining.remove(id);
+            }
+        }
+        self.changed.notify_one();
+    }
+
     /// Opens the state at `path` and rebuilds the catalog and cluster from it. Hosts
     /// start down until they register again; records that no longer fit (a variant
     /// whose stack is gone) are logged and skipped.
@@ -292,6 +308,7 @@ impl Daemon {
             hosts: BTreeMap::new(),
             pools: BTreeMap::new(),
             warm: BTreeMap::new(),
+            draining: Default::default(),
         };
         for (name, f) in state::scan::<StoredFile>(&d.kv, "stack/")? {
             match parse(&f.file, &f.source)

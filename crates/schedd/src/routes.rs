@@ -175,7 +175,8 @@ impl Daemon {
                         state: v.state.to_owned(),
                         phase: r.prepared.guest.phase.clone(),
                         reason: r.prepared.guest.reason.clone(),
-                        serving: serving(v.state, &r.prepared.guest.phase, &r.prepared.address),
+                        serving: serving(v.state, &r.prepared.guest.phase, &r.prepared.address)
+                            && !self.draining.contains(&r.id),
                     }
                 })
                 .collect();

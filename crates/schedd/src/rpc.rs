@@ -282,7 +282,20 @@ impl scheduler::Server for SchedulerImpl {
                 },
             );
         }
-        self.0.autoscale.report(&front_end, loads);
+        let busy = p
+            .get_busy()?
+            .iter()
+            .map(wire::text)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.0.autoscale.report(
+            &front_end,
+            crate::autoscale::Report {
+                loads,
+                table_version: p.get_table_version(),
+                busy,
+                ..Default::default()
+            },
+        );
         results
             .get()
             .set_interval_ms(crate::autoscale::INTERVAL.as_millis() as u32);

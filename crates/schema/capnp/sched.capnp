@@ -441,12 +441,17 @@ interface Scheduler {
   # The route table now; after it, `watcher.update` with each newer table (intermediate
   # versions may be skipped), until an update fails (the watcher is gone).
 
-  reportLoad @17 (frontEnd :Text, loads :List(ServiceLoad)) -> (intervalMs :UInt32);
+  reportLoad @17 (frontEnd :Text, loads :List(ServiceLoad), tableVersion :UInt64,
+                  busy :List(Text)) -> (intervalMs :UInt32);
   # A front end's load over its last interval, for the autoscaler: scale out above the
   # services' concurrency targets, scale in after a quiet period, scale to zero when
   # idle. `frontEnd` names the reporter (its latest report replaces its previous one; a
   # report older than three intervals no longer counts). Services with no requests and
-  # none in flight may be left out. The answer is how often to report.
+  # none in flight may be left out; a front end that falls idle sends one empty report.
+  # `tableVersion` is the route table version it routed by when it made the report and
+  # `busy` the instance ids it had requests in flight to then: an instance taken out of
+  # the routes for scale-in is stopped once no fresh report from a front end holding the
+  # older table, or naming it busy, remains (drained). The answer is how often to report.
 
   routes @18 () -> (table :RouteTable);
   # The route table now, once (what `watchRoutes` starts with): `tide service ls`.
