@@ -467,7 +467,8 @@ impl Gateway {
         if let Some(backend) = self.cfg.static_routes.get(&host) {
             let load = self.track(&host);
             let id = format!("{STATIC}{host}");
-            let resp = self.forward(req, peer, &host, &id, backend, load).await;
+            let guard = self.enter(&mut self.inflight.lock().expect("inflight lock"), &id);
+            let resp = self.forward(req, peer, &host, backend, load, guard).await;
             return (host, resp);
         }
         let table = self.link.table();
@@ -482,18 +483,18 @@ impl Gateway {
         };
         let key = name.key.clone();
         let load = self.track(&key);
-        let picked = service.and_then(|s| {
-            self.least_loaded(
-                s.instances
-                    .iter()
-                    .filter(|i| i.serving)
-                    .map(|i| (i.id.as_str(), i.endpoint.as_str())),
-            )
-        });
-        let (id, endpoint) = match picked {
+        let picked = if service.is_some() {
+            self.pick(&key)
+        } else {
+            None
+        };
+        let (endpoint, guard) = match picked {
             Some(p) => p,
             None => match self.start(&key, &host).await {
-                Ok(r) => (r.id, r.endpoint),
+                Ok(r) => {
+                    let g = self.enter(&mut self.inflight.lock().expect("inflight lock"), &r.id);
+                    (r.endpoint, g)
+                }
                 Err(NoInstance::Full(n)) => {
                     return (
                         key,
@@ -523,19 +524,38 @@ impl Gateway {
                 }
             },
         };
-        let resp = self.forward(req, peer, &host, &id, &endpoint, load).await;
+        let resp = self.forward(req, peer, &host, &endpoint, load, guard).await;
         (key, resp)
     }
 
-    /// The serving instance with the fewest requests in flight.
-    fn least_loaded<'a>(
-        &self,
-        candidates: impl Iterator<Item = (&'a str, &'a str)>,
-    ) -> Option<(String, String)> {
-        let m = self.inflight.lock().expect("inflight lock");
-        candidates
-            .min_by_key(|(id, _)| m.get(*id).copied().unwrap_or(0))
-            .map(|(id, ep)| (id.to_owned(), ep.to_owned()))
+    /// The endpoint of `key`'s serving instance with the fewest requests in flight,
+    /// the request counted in flight to it before the lock is let go. The table is read
+    /// under the same lock the load report's `busy` list is taken under, after the
+    /// report read its table version: an instance a drain took out of the routes is either not picked or
+    /// named busy in the report, never neither.
+    fn pick(self: &Arc<Self>, key: &str) -> Option<(String, InFlight)> {
+        let mut m = self.inflight.lock().expect("inflight lock");
+        let table = self.link.table();
+        let (id, ep) = table
+            .services
+            .get(key)?
+            .instances
+            .iter()
+            .filter(|i| i.serving)
+            .min_by_key(|i| m.get(&i.id).copied().unwrap_or(0))
+            .map(|i| (i.id.clone(), i.endpoint.clone()))?;
+        let g = self.enter(&mut m, &id);
+        Some((ep, g))
+    }
+
+    /// Counts a request in flight to `id` (in `m`, the locked counts) until the guard
+    /// drops.
+    fn enter(self: &Arc<Self>, m: &mut HashMap<String, usize>, id: &str) -> InFlight {
+        *m.entry(id.to_owned()).or_default() += 1;
+        InFlight {
+            gw: self.clone(),
+            id: id.to_owned(),
+        }
     }
 
     /// Waits for a start of `key`'s service (by resolving `host`), joining the one under
@@ -603,10 +623,11 @@ impl Gateway {
         mut req: Request<Incoming>,
         peer: Peer,
         host: &str,
-        id: &str,
         endpoint: &str,
         load: KeyGuard,
+        guard: InFlight,
     ) -> Response<Body> {
+        let id = guard.id.clone();
         let upgrade = upgrade_of(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -633,18 +654,6 @@ impl Gateway {
             parts.headers.insert(header::UPGRADE, u.clone());
         }
         let out = Request::from_parts(parts, Limited::new(body, self.cfg.max_body as usize));
-        let guard = {
-            *self
-                .inflight
-                .lock()
-                .expect("inflight lock")
-                .entry(id.to_owned())
-                .or_default() += 1;
-            InFlight {
-                gw: self.clone(),
-                id: id.to_owned(),
-            }
-        };
         let sent = UPSTREAM.with(|c| c.request(out));
         let mut resp = match tokio::time::timeout(self.cfg.timeout, sent).await {
             Err(_) => {
