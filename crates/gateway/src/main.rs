@@ -80,24 +80,12 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listen: std::net::SocketAddr = tokio::net::lookup_host(&a.listen)
-            .await
-            .with_context(|| format!("--listen {}", a.listen))?
-            .next()
-            .with_context(|| format!("--listen {}: no address", a.listen))?;
-        let l = server::bind_shared(listen, "--listen")?;
+        let l = server::bind_shared(resolve(&a.listen, "--listen").await?, "--listen")?;
         let tls = match &a.tls_listen {
             Some(addr) => {
-                let at: std::net::SocketAddr = tokio::net::lookup_host(addr)
-                    .await
-                    .with_context(|| format!("--tls-listen {addr}"))?
-                    .next()
-                    .with_context(|| format!("--tls-listen {addr}: no address"))?;
+                let at = resolve(addr, "--tls-listen").await?;
                 let provider = tls::provider();
-                let certs = tls::Certs::load(&a.tls_cert, &provider).context("--tls-cert")?;
-                for line in &certs.summary {
-                    log!("certificate {line}");
-                }
+                let certs = load_certs(&a.tls_cert, &provider).context("--tls-cert")?;
                 let resolver = tls::Resolver::new(certs);
                 let cfg = tls::server_config(resolver.clone(), provider.clone())?;
                 Some((
@@ -182,6 +170,27 @@ fn main() -> Result<()> {
     })
 }
 
+/// The first address `addr` (HOST:PORT) resolves to, the flag named in the error.
+async fn resolve(addr: &str, flag: &str) -> Result<std::net::SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("{flag} {addr}"))?
+        .next()
+        .with_context(|| format!("{flag} {addr}: no address"))
+}
+
+/// Loads the certificates under `paths`, logging what each serves.
+fn load_certs(
+    paths: &[std::path::PathBuf],
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<tls::Certs> {
+    let certs = tls::Certs::load(paths, provider)?;
+    for line in &certs.summary {
+        log!("certificate {line}");
+    }
+    Ok(certs)
+}
+
 type Tls = Option<Arc<rustls::ServerConfig>>;
 
 /// `l` and `workers - 1` more sockets bound to its address, each for a worker thread.
@@ -211,12 +220,9 @@ async fn reload_on_sighup(
         return;
     };
     while hup.recv().await.is_some() {
-        match tls::Certs::load(&paths, &provider) {
+        match load_certs(&paths, &provider) {
             Ok(certs) => {
                 log!("SIGHUP: {} certificates reloaded", certs.summary.len());
-                for line in &certs.summary {
-                    log!("certificate {line}");
-                }
                 resolver.replace(certs);
             }
             Err(e) => log!("SIGHUP: keeping the old certificates: {e:#}"),

@@ -467,12 +467,12 @@ impl Gateway {
         if let Some(backend) = self.cfg.static_routes.get(&host) {
             let load = self.track(&host);
             let id = format!("{STATIC}{host}");
-            let guard = self.enter(&mut self.inflight.lock().expect("inflight lock"), &id);
+            let guard = self.enter_one(&id);
             let resp = self.forward(req, peer, &host, backend, load, guard).await;
             return (host, resp);
         }
         let table = self.link.table();
-        let Some((name, service)) = table.lookup(&host) else {
+        let Some(name) = table.lookup(&host) else {
             return (
                 none,
                 text(
@@ -483,16 +483,11 @@ impl Gateway {
         };
         let key = name.key.clone();
         let load = self.track(&key);
-        let picked = if service.is_some() {
-            self.pick(&key)
-        } else {
-            None
-        };
-        let (endpoint, guard) = match picked {
+        let (endpoint, guard) = match self.pick(&key) {
             Some(p) => p,
             None => match self.start(&key, &host).await {
                 Ok(r) => {
-                    let g = self.enter(&mut self.inflight.lock().expect("inflight lock"), &r.id);
+                    let g = self.enter_one(&r.id);
                     (r.endpoint, g)
                 }
                 Err(NoInstance::Full(n)) => {
@@ -531,8 +526,8 @@ impl Gateway {
     /// The endpoint of `key`'s serving instance with the fewest requests in flight,
     /// the request counted in flight to it before the lock is let go. The table is read
     /// under the same lock the load report's `busy` list is taken under, after the
-    /// report read its table version: an instance a drain took out of the routes is either not picked or
-    /// named busy in the report, never neither.
+    /// report read its table version: an instance a drain took out of the routes is
+    /// either not picked or named busy in the report, never neither.
     fn pick(self: &Arc<Self>, key: &str) -> Option<(String, InFlight)> {
         let mut m = self.inflight.lock().expect("inflight lock");
         let table = self.link.table();
@@ -546,6 +541,11 @@ impl Gateway {
             .map(|i| (i.id.clone(), i.endpoint.clone()))?;
         let g = self.enter(&mut m, &id);
         Some((ep, g))
+    }
+
+    /// Counts a request in flight to `id` until the guard drops.
+    fn enter_one(self: &Arc<Self>, id: &str) -> InFlight {
+        self.enter(&mut self.inflight.lock().expect("inflight lock"), id)
     }
 
     /// Counts a request in flight to `id` (in `m`, the locked counts) until the guard

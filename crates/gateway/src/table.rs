@@ -66,10 +66,9 @@ impl Table {
         Ok(t)
     }
 
-    /// The name `host` (already [`normalize`]d) answers to, with its service.
-    pub fn lookup(&self, host: &str) -> Option<(&Name, Option<&Service>)> {
-        let n = self.names.get(host)?;
-        Some((n, self.services.get(&n.key)))
+    /// The name `host` (already [`normalize`]d) answers to.
+    pub fn lookup(&self, host: &str) -> Option<&Name> {
+        self.names.get(host)
     }
 }
 

@@ -48,10 +48,9 @@ pub struct Load {
     pub requests: u64,
 }
 
-/// One front end's latest report.
+/// One front end's report.
 #[derive(Debug, Default)]
 pub struct Report {
-    pub(crate) at: Option<Instant>,
     pub loads: HashMap<String, Load>,
     /// The route table version it routed by.
     pub table_version: u64,
@@ -82,13 +81,14 @@ impl KeyState {
 /// The reports and the per-service state between decisions.
 #[derive(Debug, Default)]
 pub struct Autoscaler {
-    reports: RefCell<HashMap<String, Report>>,
+    /// Each front end's latest report and when it came.
+    reports: RefCell<HashMap<String, (Instant, Report)>>,
     keys: RefCell<HashMap<String, KeyState>>,
 }
 
 impl Autoscaler {
     /// Keeps `front_end`'s report (replacing its previous one).
-    pub fn report(&self, front_end: &str, mut r: Report) {
+    pub fn report(&self, front_end: &str, r: Report) {
         let now = Instant::now();
         let mut keys = self.keys.borrow_mut();
         for (k, l) in &r.loads {
@@ -98,18 +98,17 @@ impl Autoscaler {
                     .or_insert_with(|| KeyState::new(now));
             }
         }
-        r.at = Some(now);
-        self.reports.borrow_mut().insert(front_end.to_owned(), r);
+        self.reports
+            .borrow_mut()
+            .insert(front_end.to_owned(), (now, r));
     }
 
     /// Whether `ids` (instances of `key`, out of the routes since table `version`) are
     /// drained: no fresh report names one of them busy, or routes `key` by an older
     /// table.
     fn drained(&self, now: Instant, key: &str, ids: &[String], version: u64) -> bool {
-        self.reports.borrow().values().all(|r| {
-            let fresh =
-                r.at.is_some_and(|at| now.duration_since(at) < INTERVAL * STALE_INTERVALS);
-            !fresh
+        self.reports.borrow().values().all(|(at, r)| {
+            !fresh(*at, now)
                 || (!r.busy.iter().any(|b| ids.contains(b))
                     && (r.table_version >= version || !r.loads.contains_key(key)))
         })
@@ -118,17 +117,20 @@ impl Autoscaler {
     /// Each service's load summed over the fresh reports.
     fn loads(&self, now: Instant) -> BTreeMap<String, f64> {
         let mut reports = self.reports.borrow_mut();
-        reports.retain(|_, r| {
-            r.at.is_some_and(|at| now.duration_since(at) < INTERVAL * STALE_INTERVALS)
-        });
+        reports.retain(|_, (at, _)| fresh(*at, now));
         let mut sum = BTreeMap::new();
-        for r in reports.values() {
+        for (_, r) in reports.values() {
             for (k, l) in &r.loads {
                 *sum.entry(k.clone()).or_insert(0.0) += l.concurrency;
             }
         }
         sum
     }
+}
+
+/// Whether a report that came `at` still counts `now`.
+fn fresh(at: Instant, now: Instant) -> bool {
+    now.duration_since(at) < INTERVAL * STALE_INTERVALS
 }
 
 /// Decides every [`INTERVAL`], forever.
@@ -318,7 +320,6 @@ mod tests {
                 .collect(),
             table_version: version,
             busy: busy.iter().map(|b| (*b).to_owned()).collect(),
-            ..Default::default()
         }
     }
 

@@ -293,7 +293,6 @@ impl scheduler::Server for SchedulerImpl {
                 loads,
                 table_version: p.get_table_version(),
                 busy,
-                ..Default::default()
             },
         );
         results

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::gateway::{Gateway, raw, sample};
+use tests::gateway::{Gateway, Reply, raw, sample};
 use tests::guest::{Kernel, guest_host_args, init_initramfs};
 use tests::sched::{Sched, json, tide, wait_for, wait_host_up};
 use tests::volumed::Volumed;
@@ -143,6 +143,60 @@ scale_to_zero = true
 [aliases]
 "www.example.com" = "web.shop"
 "#;
+
+/// Clients each sending `GET /slow` to web (one second to answer) one after another
+/// until stopped, keeping every reply.
+struct SlowLoad {
+    stop: Arc<AtomicBool>,
+    replies: Arc<Mutex<Vec<Reply>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SlowLoad {
+    fn start(addr: &str, clients: usize) -> SlowLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (a, stop, replies) = (addr.to_owned(), stop.clone(), replies.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = raw(
+                            &a,
+                            b"GET /slow HTTP/1.1\r\nHost: web.shop.localhost\r\nConnection: close\r\n\r\n",
+                        );
+                        replies.lock().unwrap().push(r);
+                    }
+                })
+            })
+            .collect();
+        SlowLoad {
+            stop,
+            replies,
+            threads,
+        }
+    }
+
+    /// The instances that answered so far (the app's body names its instance).
+    fn answered_by(&self) -> BTreeSet<String> {
+        self.replies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.body.trim().to_string())
+            .collect()
+    }
+
+    /// Stops the clients once their requests are answered: every reply.
+    fn stop(self) -> Vec<Reply> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.replies.lock().unwrap().clone()
+    }
+}
 
 fn instances(addr: &str) -> Vec<Value> {
     json(addr, &["instance", "ls"]).as_array().unwrap().clone()
@@ -430,29 +484,13 @@ fn the_front_end_routes_names_to_real_guests() {
             .count()
     };
     assert_eq!(web_count(), 1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(BTreeSet::new()));
-    let load: Vec<_> = (0..8)
-        .map(|_| {
-            let (a, stop, seen) = (gw.addr.clone(), stop.clone(), seen.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let r = raw(
-                        &a,
-                        b"GET /slow HTTP/1.1\r\nHost: web.shop.localhost\r\nConnection: close\r\n\r\n",
-                    );
-                    assert_eq!(r.status, 200, "{r:?}");
-                    seen.lock().unwrap().insert(r.body.trim().to_string());
-                }
-            })
-        })
-        .collect();
+    let load = SlowLoad::start(&gw.addr, 8);
     let t0 = Instant::now();
     wait_for(
         240,
         "web to scale out to 2 instances, both answering",
         || {
-            let names = seen.lock().unwrap().clone();
+            let names = load.answered_by();
             if web_count() == 2 && names.len() == 2 {
                 Ok(())
             } else {
@@ -461,9 +499,8 @@ fn the_front_end_routes_names_to_real_guests() {
         },
     );
     eprintln!("scaled out in {:.1} s", t0.elapsed().as_secs_f64());
-    stop.store(true, Ordering::SeqCst);
-    for h in load {
-        h.join().unwrap();
+    for r in load.stop() {
+        assert_eq!(r.status, 200, "{r:?}");
     }
     assert!(
         sched
@@ -476,22 +513,7 @@ fn the_front_end_routes_names_to_real_guests() {
     // instance carries (target two), so after scale_in_after one instance is stopped.
     // It is drained first: out of the routes, stopped once its requests are answered,
     // so every request of the two clients gets its 200, none a 502 cut off mid-way.
-    let stop = Arc::new(AtomicBool::new(false));
-    let statuses = Arc::new(Mutex::new(Vec::new()));
-    let light: Vec<_> = (0..2)
-        .map(|_| {
-            let (a, stop, statuses) = (gw.addr.clone(), stop.clone(), statuses.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let r = raw(
-                        &a,
-                        b"GET /slow HTTP/1.1\r\nHost: web.shop.localhost\r\nConnection: close\r\n\r\n",
-                    );
-                    statuses.lock().unwrap().push(r.status);
-                }
-            })
-        })
-        .collect();
+    let light = SlowLoad::start(&gw.addr, 2);
     let t0 = Instant::now();
     wait_for(60, "web to scale back in to 1", || {
         if web_count() == 1 {
@@ -505,11 +527,7 @@ fn the_front_end_routes_names_to_real_guests() {
         t0.elapsed().as_secs_f64()
     );
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::SeqCst);
-    for h in light {
-        h.join().unwrap();
-    }
-    let statuses = statuses.lock().unwrap().clone();
+    let statuses: Vec<u16> = light.stop().iter().map(|r| r.status).collect();
     assert!(statuses.len() >= 8, "{statuses:?}");
     assert!(
         statuses.iter().all(|s| *s == 200),

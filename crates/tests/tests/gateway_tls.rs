@@ -31,29 +31,25 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` with a new P-256 key into `key` and subject `CN=cn`, writing `out`
+/// (a request, or with `-x509` in `extra` a self-signed certificate).
+fn req(dir: &Path, key: &str, cn: &str, out: &str, extra: &[&str]) {
+    let subj = format!("/CN={cn}");
+    let mut args = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+    ];
+    args.extend(["-nodes", "-keyout", key, "-subj", &subj, "-out", out]);
+    args.extend(extra);
+    openssl(dir, &args);
+}
+
 /// A self-signed certificate with subject `CN=cn` and no SAN: `key` and `out`.
 fn self_signed(dir: &Path, key: &str, cn: &str, out: &str) {
-    let subj = format!("/CN={cn}");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key,
-            "-subj",
-            &subj,
-            "-days",
-            "2",
-            "-out",
-            out,
-        ],
-    );
+    req(dir, key, cn, out, &["-x509", "-days", "2"]);
 }
 
 /// A key and a certificate for `sans` (DNS names) with subject `CN=cn`, signed by
@@ -64,34 +60,14 @@ fn issue(dir: &Path, name: &str, cn: &str, sans: &[&str]) {
         .map(|s| format!("DNS:{s}"))
         .collect::<Vec<_>>()
         .join(",");
-    std::fs::write(
-        dir.join(format!("{name}.ext")),
-        format!("subjectAltName={san}\n"),
-    )
-    .unwrap();
     let (key, csr, pem, ext) = (
         format!("{name}.key"),
         format!("{name}.csr"),
         format!("{name}.pem"),
         format!("{name}.ext"),
     );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-subj",
-            &format!("/CN={cn}"),
-            "-out",
-            &csr,
-        ],
-    );
+    std::fs::write(dir.join(&ext), format!("subjectAltName={san}\n")).unwrap();
+    req(dir, &key, cn, &csr, &[]);
     openssl(
         dir,
         &[
