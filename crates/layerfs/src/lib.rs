@@ -15,6 +15,7 @@ pub mod erofs;
 mod fuse;
 pub mod nbd;
 mod overlay;
+pub mod vhost;
 
 /// How to mount.
 #[derive(Debug, Clone)]

@@ -256,6 +256,10 @@ pub enum Source {
     },
     /// A raw image file QEMU opens itself.
     File(PathBuf),
+    /// A vhost-user-blk backend's socket (QEMU connects, reconnecting every second if
+    /// the backend goes away). The guest's memory is then shared (memfd); the disk's
+    /// serial is what the backend answers to GET_ID, not [`Disk::serial`].
+    VhostUser(PathBuf),
 }
 
 impl Source {
@@ -424,9 +428,32 @@ impl Guest {
                     guest::control::PORT
                 ));
         }
+        if self
+            .disks
+            .iter()
+            .any(|d| matches!(d.source, Source::VhostUser(_)))
+        {
+            // vhost-user backends map the guest's memory: it must be shareable.
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.memory_mib
+                ))
+                .args(["-machine", "memory-backend=mem"]);
+        }
         for (i, d) in self.disks.iter().enumerate() {
             let ro = if d.read_only { "on" } else { "off" };
             let spec = match &d.source {
+                Source::VhostUser(socket) => {
+                    cmd.arg("-chardev")
+                        .arg(format!(
+                            "socket,id=vu{i},path={},reconnect=1",
+                            socket.display()
+                        ))
+                        .arg("-device")
+                        .arg(format!("vhost-user-blk-pci,chardev=vu{i},num-queues=1"));
+                    continue;
+                }
                 Source::Nbd { socket, export } => format!(
                     "driver=nbd,server.type=unix,server.path={},export={export},read-only={ro},node-name=d{i}",
                     socket.display()
