@@ -89,6 +89,14 @@ pub(crate) enum VolumeCmd {
         /// A read-only attachment.
         #[arg(long)]
         read_only: bool,
+        /// Also serve the attachment as a vhost-user-blk backend on a socket of its own
+        /// (printed; kept until detached).
+        #[arg(long)]
+        vhost_user: bool,
+        /// With --vhost-user: the disk's serial as the guest reads it (default: the
+        /// volume name's first 20 bytes).
+        #[arg(long, requires = "vhost_user")]
+        id: Option<String>,
     },
     /// End a persistent attachment.
     Detach {
@@ -97,6 +105,9 @@ pub(crate) enum VolumeCmd {
         /// The attachment id (optional when the volume has exactly one).
         id: Option<u64>,
     },
+    /// vhost-user-blk sockets: any export served to one VMM at a time in shared memory.
+    #[command(subcommand)]
+    VhostUser(VhostCmd),
     /// Print the NBD URI of a volume (NAME), snapshot (NAME@SNAP) or attachment (NAME/ID).
     Url {
         /// The export.
@@ -105,6 +116,129 @@ pub(crate) enum VolumeCmd {
         #[arg(long)]
         tcp: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VhostCmd {
+    /// Serve an export (NAME, NAME/ID, NAME@SNAP, layer/DIGEST) on a new socket, kept
+    /// across volumed restarts until stopped; prints the socket. QEMU attaches it with
+    /// `-chardev socket,id=c,path=SOCKET,reconnect=1 -device
+    /// vhost-user-blk-pci,chardev=c` and memory from `memory-backend-memfd,share=on`.
+    Serve {
+        /// The export.
+        export: String,
+        /// The disk's serial as the guest reads it (default: the export's first 20
+        /// bytes).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Stop the sockets serving an export.
+    Stop {
+        /// The export.
+        export: String,
+    },
+    /// List the sockets served now (guests' disks too).
+    Ls,
+}
+
+/// One vhost-user socket, as `vhost-user ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+struct VhostRow {
+    export: String,
+    id: String,
+    socket: String,
+    recorded: bool,
+    connected: bool,
+    sessions: u64,
+}
+
+fn serve_vhost(remote: &Remote, export: &str, id: Option<&str>) -> Result<String> {
+    remote.run(async {
+        let mut req = remote.volumes.serve_vhost_user_request();
+        req.get().set_export(export);
+        req.get().set_id(id.unwrap_or(""));
+        let reply = req.send().promise.await.w()?;
+        text(reply.get().w()?.get_socket())
+    })
+}
+
+fn run_vhost(remote: &Remote, json: bool, cmd: &VhostCmd) -> Result<()> {
+    let vols = &remote.volumes;
+    match cmd {
+        VhostCmd::Serve { export, id } => {
+            let socket = serve_vhost(remote, export, id.as_deref())?;
+            if json {
+                print_json(&serde_json::json!({ "export": export, "socket": socket }));
+            } else {
+                println!("{socket}");
+            }
+        }
+        VhostCmd::Stop { export } => {
+            let n = remote.run(async {
+                let mut req = vols.stop_vhost_user_request();
+                req.get().set_export(export);
+                let reply = req.send().promise.await.w()?;
+                Ok(reply.get().w()?.get_stopped())
+            })?;
+            if json {
+                print_json(&serde_json::json!({ "export": export, "stopped": n }));
+            } else {
+                println!("stopped {n} vhost-user socket(s) of {export}");
+            }
+        }
+        VhostCmd::Ls => {
+            let rows = remote.run(async {
+                let reply = vols.vhost_user_request().send().promise.await.w()?;
+                reply
+                    .get()
+                    .w()?
+                    .get_sockets()
+                    .w()?
+                    .iter()
+                    .map(|s| {
+                        Ok(VhostRow {
+                            export: text(s.get_export())?,
+                            id: text(s.get_id())?,
+                            socket: text(s.get_socket())?,
+                            recorded: s.get_recorded(),
+                            connected: s.get_connected(),
+                            sessions: s.get_sessions(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            if json {
+                print_json(&rows);
+            } else {
+                table(
+                    &["EXPORT", "ID", "SOCKET", "KIND", "CONNECTED", "SESSIONS"],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.export.clone(),
+                                r.id.clone(),
+                                r.socket.clone(),
+                                if r.recorded { "served" } else { "guest" }.into(),
+                                if r.connected { "yes" } else { "no" }.into(),
+                                r.sessions.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The default serial of a volume's vhost-user disk: its name's first 20 bytes.
+fn vhost_id(name: &str) -> String {
+    name.chars()
+        .scan(0, |n, c| {
+            *n += c.len_utf8();
+            (*n <= 20).then_some(c)
+        })
+        .collect()
 }
 
 fn parse_mode(s: &str) -> Result<store_capnp::AccessMode, String> {
@@ -542,10 +676,13 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
                 print_json(&serde_json::json!({ "removed": all }));
             }
         }
+        VolumeCmd::VhostUser(cmd) => run_vhost(remote, json, cmd)?,
         VolumeCmd::Attach {
             name,
             holder,
             read_only,
+            vhost_user,
+            id,
         } => {
             let a = remote.run(async {
                 let mut req = vols.attach_request();
@@ -556,11 +693,41 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
                 attachment_row(reply.get().w()?.get_info().w()?)
             })?;
             let url = remote.nbd_url(&a.export_name, false)?;
+            let socket = match vhost_user {
+                true => {
+                    let default = vhost_id(name);
+                    let id = id.as_deref().unwrap_or(&default);
+                    match serve_vhost(remote, &a.export_name, Some(id)) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            // Not half done: the attachment goes with the socket.
+                            remote.run(async {
+                                let mut req = vols.detach_request();
+                                req.get().set_name(name);
+                                req.get().set_id(a.id);
+                                req.send().promise.await.w()?;
+                                Ok(())
+                            })?;
+                            return Err(e.context(format!(
+                                "serving {} over vhost-user (attachment {} undone)",
+                                a.export_name, a.id
+                            )));
+                        }
+                    }
+                }
+                false => None,
+            };
             if json {
                 let mut v = serde_json::to_value(&a)?;
                 v["url"] = url.into();
+                if let Some(s) = &socket {
+                    v["vhost_user_socket"] = s.clone().into();
+                }
                 print_json(&v);
             } else {
+                if let Some(s) = &socket {
+                    println!("vhost-user socket: {s}");
+                }
                 println!(
                     "attached {name} for {} (attachment {}, {}): {url}",
                     a.holder,

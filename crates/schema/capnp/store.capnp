@@ -417,4 +417,29 @@ interface Volumes {
   # "nbd+unix:///EXPORT?socket=PATH", or with `tcp` "nbd://HOST:PORT/EXPORT". Fails if
   # the export does not exist (so a typo is an error rather than a dead URI) or if
   # `tcp` is asked of a daemon started with `--nbd-listen none`.
+
+  serveVhostUser @12 (export :Text, id :Text) -> (socket :Text);
+  # Serves `export` (any name `url` takes) as a vhost-user-blk backend on a Unix socket
+  # of its own, for one VMM at a time (QEMU: vhost-user-blk-pci with shared guest
+  # memory), kept across volumed restarts until `stopVhostUser`. The export is opened
+  # as an NBD connection opens it, so access modes hold: an rwo volume is held by the
+  # socket. `id` is what the guest reads as the disk's serial (GET_ID; at most 20
+  # bytes; "" for the export name's first 20). Returns the socket's path.
+
+  stopVhostUser @13 (export :Text) -> (stopped :UInt32);
+  # Stops every recorded socket serving `export` (a VMM using one sees its disk fail).
+  # `detach` of an attachment stops those serving VOLUME/ID.
+
+  vhostUser @14 () -> (sockets :List(VhostSocket));
+  # Every vhost-user socket served now, guests' disks included.
+}
+
+struct VhostSocket {
+  export @0 :Text;
+  id @1 :Text;          # GET_ID's answer.
+  socket @2 :Text;
+  recorded @3 :Bool;    # Asked for with serveVhostUser (kept across restarts); false for
+                        # a guest's disk.
+  connected @4 :Bool;   # A VMM is connected now.
+  sessions @5 :UInt64;  # VMM connections so far (each reconnect is one).
 }

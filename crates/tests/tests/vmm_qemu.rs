@@ -79,6 +79,7 @@ fn qemu_driver_boots_hot_adds_a_layer_stops_and_refuses_bad_input() {
         run_dir: t.join(format!("{name}-run")),
         accel: Accel::Tcg,
         net: None,
+        shared_memory: false,
     };
     let qemu = vmm::qemu::Qemu::default();
     let timeout = Duration::from_secs(300);
@@ -203,6 +204,7 @@ fn a_guest_service_answers_on_its_forwarded_port() {
                 guest_port: 8000,
             }],
         }),
+        shared_memory: false,
     };
     let started = std::time::Instant::now();
     let mut vm = vmm::qemu::Qemu::default().launch(&spec).unwrap();

@@ -28,6 +28,16 @@ pub enum DiskSource {
     },
     /// A raw image file the hypervisor opens itself.
     File(PathBuf),
+    /// A vhost-user-blk backend on a Unix socket (volumed's): the guest's queues are
+    /// served in its own memory, so the VM's memory must be shared
+    /// ([`VmSpec::shared_memory`]). The guest reads the disk's serial from the backend
+    /// (GET_ID), which must answer [`Disk::serial`].
+    VhostUser {
+        /// The backend's socket.
+        socket: PathBuf,
+        /// Queues to use (at most what the backend offers).
+        queues: u16,
+    },
 }
 
 /// One block device of a guest.
@@ -114,6 +124,9 @@ pub struct VmSpec {
     pub accel: Accel,
     /// A network interface, if the guest has one.
     pub net: Option<NetSpec>,
+    /// Guest memory a backend process may map (required by vhost-user disks, including
+    /// ones added later).
+    pub shared_memory: bool,
 }
 
 /// How a VM ended.

@@ -52,9 +52,11 @@ impl Default for Qemu {
     }
 }
 
-/// The `-blockdev` / `blockdev-add` description of `disk` as node `node`.
-fn blockdev(disk: &Disk, node: &str) -> Value {
-    match &disk.source {
+/// The `-blockdev` / `blockdev-add` description of `disk` as node `node` (None for a
+/// vhost-user disk, whose backend is a chardev: [`vhost_chardev`]).
+fn blockdev(disk: &Disk, node: &str) -> Option<Value> {
+    Some(match &disk.source {
+        DiskSource::VhostUser { .. } => return None,
         DiskSource::Nbd { socket, export } => json!({
             "driver": "nbd",
             "node-name": node,
@@ -69,7 +71,55 @@ fn blockdev(disk: &Disk, node: &str) -> Value {
             "read-only": disk.read_only,
             "file": {"driver": "file", "filename": path},
         }),
+    })
+}
+
+/// The `-chardev` / `chardev-add` backend of a vhost-user disk: a client socket that
+/// reconnects every second when the backend goes away (volumed restarting).
+fn vhost_chardev(socket: &Path, id: &str) -> Value {
+    json!({
+        "id": id,
+        "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": socket}},
+            "server": false,
+            "reconnect": 1,
+        }},
+    })
+}
+
+/// How disk `node`'s device is added: the `-device`/`device_add` properties other than
+/// its bus and id. vhost-user disks need a chardev first ([`vhost_chardev`]).
+fn disk_device(disk: &Disk, node: &str) -> Value {
+    match &disk.source {
+        DiskSource::VhostUser { queues, .. } => json!({
+            "driver": "vhost-user-blk-pci",
+            "chardev": node,
+            "num-queues": queues,
+        }),
+        _ => json!({
+            "driver": "virtio-blk-pci",
+            "drive": node,
+            "serial": disk.serial,
+        }),
     }
+}
+
+/// `-device` text of `props` (a JSON object of strings and numbers).
+fn device_arg(props: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(d) = props.get("driver").and_then(Value::as_str) {
+        parts.push(d.to_string());
+    }
+    for (k, v) in props.as_object().into_iter().flatten() {
+        if k == "driver" {
+            continue;
+        }
+        match v {
+            Value::String(s) => parts.push(format!("{k}={s}")),
+            other => parts.push(format!("{k}={other}")),
+        }
+    }
+    parts.join(",")
 }
 
 fn check_serial(serial: &str, taken: &[String]) -> Result<(), Error> {
@@ -80,6 +130,16 @@ fn check_serial(serial: &str, taken: &[String]) -> Result<(), Error> {
     }
     if taken.iter().any(|t| t == serial) {
         return Err(Error::BadSpec(format!("two disks with serial {serial:?}")));
+    }
+    Ok(())
+}
+
+fn check_shared(disk: &Disk, shared_memory: bool) -> Result<(), Error> {
+    if matches!(disk.source, DiskSource::VhostUser { .. }) && !shared_memory {
+        return Err(Error::BadSpec(format!(
+            "disk {}: a vhost-user disk needs the VM's memory shared (shared_memory)",
+            disk.serial
+        )));
     }
     Ok(())
 }
@@ -140,18 +200,33 @@ impl Qemu {
                 "virtserialport,bus=vser.0,chardev=ctl,name={}",
                 guest::control::PORT
             ));
+        if spec.shared_memory {
+            // A vhost-user backend maps the guest's RAM: it must be a shareable file.
+            c.arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id=ram,size={}M,share=on",
+                    spec.memory_mib
+                ))
+                .args(["-machine", "memory-backend=ram"]);
+        }
         let mut taken = Vec::new();
         for (i, d) in spec.disks.iter().enumerate() {
             check_serial(&d.serial, &taken)?;
+            check_shared(d, spec.shared_memory)?;
             taken.push(d.serial.clone());
             let node = format!("disk{i}");
-            c.arg("-blockdev")
-                .arg(blockdev(d, &node).to_string())
-                .arg("-device")
-                .arg(format!(
-                    "virtio-blk-pci,drive={node},serial={},id=dev{i}",
-                    d.serial
-                ));
+            let mut dev = disk_device(d, &node);
+            dev["id"] = json!(format!("dev{i}"));
+            match &d.source {
+                DiskSource::VhostUser { socket, .. } => c.arg("-chardev").arg(format!(
+                    "socket,id={node},path={},reconnect=1",
+                    socket.display()
+                )),
+                _ => c
+                    .arg("-blockdev")
+                    .arg(blockdev(d, &node).unwrap_or_default().to_string()),
+            };
+            c.arg("-device").arg(device_arg(&dev));
         }
         if let Some(net) = &spec.net {
             // User-mode networking: no host privileges; each forward is a host socket
@@ -249,6 +324,7 @@ impl Hypervisor for Qemu {
             serials: spec.disks.iter().map(|d| d.serial.clone()).collect(),
             hotplugged: 0,
             needle: qmp_sock.to_string_lossy().into_owned(),
+            shared_memory: spec.shared_memory,
         }))
     }
 }
@@ -294,12 +370,15 @@ impl Qemu {
             )));
         }
         let qmp = Qmp::connect(&qmp_sock, Duration::from_secs(10))?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let shared_memory = String::from_utf8_lossy(&cmd).contains("memory-backend-memfd");
         Ok(Box::new(QemuVm {
             proc: Proc::Adopted { pid },
             qmp: Some(qmp),
             serials,
             hotplugged,
             needle: qmp_sock.to_string_lossy().into_owned(),
+            shared_memory,
         }))
     }
 }
@@ -313,6 +392,8 @@ pub struct QemuVm {
     hotplugged: usize,
     /// Its QMP socket's path, as its command line names it.
     needle: String,
+    /// Its memory is shared (vhost-user disks can be added).
+    shared_memory: bool,
 }
 
 impl QemuVm {
@@ -362,22 +443,29 @@ impl Vm for QemuVm {
                 "no free hot-plug port ({HOTPLUG_PORTS} disks added already)"
             )));
         }
+        check_shared(disk, self.shared_memory)?;
         let port = self.hotplugged;
         let node = format!("hot{port}");
         let q = self.qmp()?;
-        q.execute("blockdev-add", blockdev(disk, &node))?;
-        let added = q.execute(
-            "device_add",
-            json!({
-                "driver": "virtio-blk-pci",
-                "drive": node,
-                "serial": disk.serial,
-                "bus": format!("hp{port}"),
-                "id": format!("hotdev{port}"),
-            }),
-        );
+        let (add, del, key) = match (&disk.source, blockdev(disk, &node)) {
+            (DiskSource::VhostUser { socket, .. }, _) => (
+                "chardev-add",
+                "chardev-remove",
+                vhost_chardev(socket, &node),
+            ),
+            (_, b) => ("blockdev-add", "blockdev-del", b.unwrap_or_default()),
+        };
+        q.execute(add, key)?;
+        let mut dev = disk_device(disk, &node);
+        dev["bus"] = json!(format!("hp{port}"));
+        dev["id"] = json!(format!("hotdev{port}"));
+        let added = q.execute("device_add", dev);
         if let Err(e) = added {
-            let _ = q.execute("blockdev-del", json!({ "node-name": node }));
+            let undo = match add {
+                "chardev-add" => json!({ "id": node }),
+                _ => json!({ "node-name": node }),
+            };
+            let _ = q.execute(del, undo);
             return Err(e);
         }
         self.hotplugged += 1;
@@ -485,6 +573,7 @@ mod unit_tests {
                     guest_port: 8000,
                 }],
             }),
+            shared_memory: false,
         }
     }
 
@@ -537,15 +626,50 @@ mod unit_tests {
         assert_eq!(bd[0]["server"]["path"], "/d/nbd.sock");
         assert_eq!(bd[0]["reconnect-delay"], NBD_RECONNECT_SECS);
         assert!(
-            joined.contains("virtio-blk-pci,drive=disk1,serial=scratch"),
+            joined.contains("virtio-blk-pci,drive=disk1,id=dev1,serial=scratch"),
             "{joined}"
         );
+        assert!(!joined.contains("memory-backend"), "{joined}");
         assert_eq!(
             args.iter()
                 .filter(|a| a.starts_with("pcie-root-port"))
                 .count(),
             HOTPLUG_PORTS
         );
+    }
+
+    #[test]
+    fn vhost_user_disks_get_a_chardev_and_shared_memory() {
+        let vu = Disk {
+            serial: "vol".into(),
+            source: DiskSource::VhostUser {
+                socket: "/d/vu/vol.sock".into(),
+                queues: 2,
+            },
+            read_only: false,
+        };
+        let q = Qemu::default();
+        let mut s = spec(vec![disk("layer0"), vu]);
+        let e = q.command(&s, Path::new("/run/qmp.sock")).err().unwrap();
+        assert!(e.to_string().contains("shared"), "{e}");
+        s.shared_memory = true;
+        let c = q.command(&s, Path::new("/run/qmp.sock")).unwrap();
+        let joined: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = joined.join(" ");
+        assert!(
+            joined.contains(
+                "-object memory-backend-memfd,id=ram,size=256M,share=on -machine memory-backend=ram"
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-chardev socket,id=disk1,path=/d/vu/vol.sock,reconnect=1 -device vhost-user-blk-pci,chardev=disk1,id=dev1,num-queues=2"),
+            "{joined}"
+        );
+        assert_eq!(joined.matches("-blockdev").count(), 1, "{joined}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ use guest::control::{self, Command, Config, Event, Stream};
 use serde::{Deserialize, Serialize};
 use vmm::{Accel, Hypervisor, Vm, VmSpec};
 
+use crate::vhost::VhostUser;
+
 use crate::log;
 
 /// How guests are booted on this host (volumed's flags).
@@ -40,12 +42,36 @@ pub(crate) struct GuestConfig {
     pub(crate) accel: Accel,
     /// The host address guest ports are forwarded on.
     pub(crate) bind: Ipv4Addr,
-    /// volumed's NBD socket, which serves every disk.
+    /// volumed's NBD socket, which serves every disk given over NBD.
     pub(crate) nbd_socket: PathBuf,
+    /// How guests reach their disks.
+    pub(crate) transport: Transport,
     /// From launch to the app's port answering (or its start, without a port).
     pub(crate) boot_timeout: Duration,
     /// `DATA/vms`.
     pub(crate) dir: PathBuf,
+}
+
+/// How a guest reaches its disks (`volumed --disk-transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Transport {
+    /// QEMU's NBD client on volumed's NBD socket.
+    #[default]
+    Nbd,
+    /// A vhost-user-blk socket per disk, in the guest's directory: the guest's queues
+    /// are served in its (shared) memory.
+    VhostUser,
+}
+
+impl Transport {
+    pub(crate) fn parse(s: &str) -> Option<Transport> {
+        match s {
+            "nbd" => Some(Transport::Nbd),
+            "vhost-user" => Some(Transport::VhostUser),
+            _ => None,
+        }
+    }
 }
 
 /// Where a guest stands.
@@ -96,6 +122,9 @@ pub(crate) struct GuestStatus {
     /// When a warm VM's conversion into this instance began.
     #[serde(default)]
     pub(crate) converted: u64,
+    /// How its disks are served (what an adoption serves again).
+    #[serde(default)]
+    pub(crate) transport: Transport,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -169,6 +198,7 @@ pub(crate) struct GuestVm {
     ctl: Mutex<Ctl>,
     dir: PathBuf,
     notify: Arc<dyn Fn() + Send + Sync>,
+    vhost: Arc<VhostUser>,
 }
 
 impl std::fmt::Debug for GuestVm {
@@ -302,6 +332,52 @@ impl GuestVm {
         }
     }
 
+    /// The disk `serial` (export `export`) as the hypervisor is to attach it, over the
+    /// guest's transport: for vhost-user, a socket in the guest's directory is served
+    /// for it now (and stopped when the VM ends, [`GuestVm::release_disks`]).
+    fn disk(
+        &self,
+        config: &GuestConfig,
+        vcpus: u32,
+        (serial, export, ro): &(String, String, bool),
+    ) -> Result<vmm::Disk, String> {
+        let source = match self.status().transport {
+            Transport::Nbd => vmm::DiskSource::Nbd {
+                socket: config.nbd_socket.clone(),
+                export: export.clone(),
+            },
+            Transport::VhostUser => {
+                let dir = self.dir.join("vu");
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                let socket = dir.join(format!("{serial}.sock"));
+                self.vhost
+                    .serve_guest(export, serial, &socket)
+                    .map_err(|e| format!("serving disk {serial} over vhost-user: {e}"))?;
+                vmm::DiskSource::VhostUser {
+                    socket,
+                    queues: (vcpus.max(1) as u16).min(crate::vhost::QUEUES),
+                }
+            }
+        };
+        Ok(vmm::Disk {
+            serial: serial.clone(),
+            source,
+            read_only: *ro,
+        })
+    }
+
+    /// Stops the vhost-user sockets of its disks (the VM has ended): what they held,
+    /// an rwo volume say, is free again.
+    fn release_disks(&self) {
+        let n = self.vhost.stop_under(&self.dir.join("vu"));
+        if n > 0 {
+            log!(
+                "instance {}: {n} vhost-user disk socket(s) stopped",
+                self.id
+            );
+        }
+    }
+
     /// Records how long the prepare spent on storage before launching it.
     pub(crate) fn set_storage_time(&self, d: Duration) {
         self.update(|s| s.storage_ms = d.as_millis().min(u128::from(u32::MAX)) as u32);
@@ -406,7 +482,8 @@ impl GuestVm {
     /// as soon as init says `ready`).
     pub(crate) fn convert(
         &self,
-        nbd_socket: &Path,
+        guests: &GuestConfig,
+        vcpus: u32,
         disks: &[(String, String, bool)],
         forward: Option<vmm::Forward>,
         mut config: Config,
@@ -415,16 +492,10 @@ impl GuestVm {
         {
             let mut vm = lock(&self.vm);
             let v = vm.as_mut().ok_or("the warm VM has ended")?;
-            for (serial, export, ro) in disks {
-                v.add_disk(&vmm::Disk {
-                    serial: serial.clone(),
-                    source: vmm::DiskSource::Nbd {
-                        socket: nbd_socket.to_path_buf(),
-                        export: export.clone(),
-                    },
-                    read_only: *ro,
-                })
-                .map_err(|e| format!("hot-adding disk {serial}: {e}"))?;
+            for d in disks {
+                let disk = self.disk(guests, vcpus, d)?;
+                v.add_disk(&disk)
+                    .map_err(|e| format!("hot-adding disk {}: {e}", d.0))?;
             }
             if let Some(f) = forward {
                 v.add_forward(&f)
@@ -464,6 +535,7 @@ impl GuestVm {
         }
         *vm = None;
         drop(vm);
+        self.release_disks();
         self.update(|s| {
             if !s.phase.ended() {
                 s.phase = Phase::Exited;
@@ -478,6 +550,7 @@ impl GuestVm {
 pub(crate) struct Guests {
     pub(crate) config: GuestConfig,
     hypervisor: vmm::qemu::Qemu,
+    vhost: Arc<VhostUser>,
     vms: Mutex<BTreeMap<String, Arc<GuestVm>>>,
     notify: Arc<dyn Fn() + Send + Sync>,
 }
@@ -527,10 +600,15 @@ fn answers(addr: SocketAddr) -> bool {
 
 impl Guests {
     /// Guests booted with `config`; `notify` is called at every state change.
-    pub(crate) fn new(config: GuestConfig, notify: Arc<dyn Fn() + Send + Sync>) -> Guests {
+    pub(crate) fn new(
+        config: GuestConfig,
+        vhost: Arc<VhostUser>,
+        notify: Arc<dyn Fn() + Send + Sync>,
+    ) -> Guests {
         Guests {
             config,
             hypervisor: vmm::qemu::Qemu::default(),
+            vhost,
             vms: Mutex::new(BTreeMap::new()),
             notify,
         }
@@ -587,33 +665,6 @@ impl Guests {
         if let Some(c) = l.config.as_mut() {
             c.network = Some(user_network());
         }
-        let spec = VmSpec {
-            name: l.id.clone(),
-            kernel: self.config.kernel.clone(),
-            initrd: self.config.initramfs.clone(),
-            cmdline: "console=ttyS0 quiet panic=-1".into(),
-            vcpus: l.vcpus.max(1),
-            memory_mib: l.memory_mib,
-            disks: l
-                .disks
-                .iter()
-                .map(|(serial, export, ro)| vmm::Disk {
-                    serial: serial.clone(),
-                    source: vmm::DiskSource::Nbd {
-                        socket: self.config.nbd_socket.clone(),
-                        export: export.clone(),
-                    },
-                    read_only: *ro,
-                })
-                .collect(),
-            control: dir.join("control.sock"),
-            console_log: dir.join("console.log"),
-            run_dir: dir.join("run"),
-            accel: self.config.accel,
-            net: Some(vmm::NetSpec {
-                forwards: address.into_iter().collect(),
-            }),
-        };
         let g = Arc::new(GuestVm {
             id: l.id.clone(),
             status: Mutex::new(GuestStatus {
@@ -621,14 +672,45 @@ impl Guests {
                 launched: unix_ms(),
                 address: address.map(|a| a.host.to_string()).unwrap_or_default(),
                 restarts: l.restarts,
+                transport: self.config.transport,
                 ..GuestStatus::default()
             }),
             changed: Condvar::new(),
             vm: Mutex::new(None),
             ctl: Mutex::new(Ctl::default()),
-            dir,
+            dir: dir.clone(),
             notify: self.notify.clone(),
+            vhost: self.vhost.clone(),
         });
+        let disks = l
+            .disks
+            .iter()
+            .map(|d| g.disk(&self.config, l.vcpus, d))
+            .collect::<Result<Vec<_>, _>>();
+        let disks = match disks {
+            Ok(d) => d,
+            Err(e) => {
+                g.release_disks();
+                return Err(e);
+            }
+        };
+        let spec = VmSpec {
+            name: l.id.clone(),
+            kernel: self.config.kernel.clone(),
+            initrd: self.config.initramfs.clone(),
+            cmdline: "console=ttyS0 quiet panic=-1".into(),
+            vcpus: l.vcpus.max(1),
+            memory_mib: l.memory_mib,
+            disks,
+            control: dir.join("control.sock"),
+            console_log: dir.join("console.log"),
+            run_dir: dir.join("run"),
+            accel: self.config.accel,
+            net: Some(vmm::NetSpec {
+                forwards: address.into_iter().collect(),
+            }),
+            shared_memory: self.config.transport == Transport::VhostUser,
+        };
         g.say(&format!(
             "[tide] launching {} ({} vCPU, {} MiB, {} disks{})",
             self.hypervisor.name(),
@@ -640,10 +722,13 @@ impl Guests {
                 a.guest_port, a.host
             ))
         ));
-        let vm = self
-            .hypervisor
-            .launch(&spec)
-            .map_err(|e| format!("launching the VM: {e}"))?;
+        let vm = match self.hypervisor.launch(&spec) {
+            Ok(vm) => vm,
+            Err(e) => {
+                g.release_disks();
+                return Err(format!("launching the VM: {e}"));
+            }
+        };
         let pid = vm.pid();
         *lock(&g.vm) = Some(vm);
         g.update(|s| s.pid = pid);
@@ -683,6 +768,7 @@ impl Guests {
         };
         // An init that said `ready` before the crash is still waiting for its config.
         let ready = status.booted != 0;
+        let transport = status.transport;
         let g = Arc::new(GuestVm {
             id: l.id.clone(),
             status: Mutex::new(status),
@@ -694,7 +780,16 @@ impl Guests {
             }),
             dir: dir.clone(),
             notify: self.notify.clone(),
+            vhost: self.vhost.clone(),
         });
+        if transport == Transport::VhostUser {
+            // Its QEMU is reconnecting to the sockets of its disks every second.
+            for d in &l.disks {
+                if let Err(e) = g.disk(&self.config, l.vcpus, d) {
+                    log!("instance {}: {e}", l.id);
+                }
+            }
+        }
         g.say("[tide] adopted by a restarted volumed (output of the gap is lost)");
         lock(&self.vms).insert(l.id.clone(), g.clone());
         let (sup, ctl) = (g.clone(), dir.join("control.sock"));
@@ -814,6 +909,7 @@ fn boot_probe(kernel: &Path, initramfs: &Path, dir: &Path) -> Result<Duration, S
         run_dir: dir.join("run"),
         accel: Accel::Kvm,
         net: None,
+        shared_memory: false,
     };
     let start = Instant::now();
     let mut vm = vmm::qemu::Qemu::default()
@@ -913,6 +1009,7 @@ fn supervise(g: Arc<GuestVm>, config: Option<Config>, socket: PathBuf, timeout: 
         ));
         log!("instance {}: VM ended ({how})", g.id);
     }
+    g.release_disks();
 }
 
 /// Reads the guest's events until the channel closes.

@@ -761,7 +761,7 @@ impl Host {
             ))
         };
         let forward = guests.forward(l.port, 0).map_err(err)?;
-        g.convert(&guests.config.nbd_socket, extra, forward, config)
+        g.convert(&guests.config, l.vcpus, extra, forward, config)
             .map_err(err)?;
         log!(
             "instance {}: converting warm VM {} ({} disk(s) hot-added)",

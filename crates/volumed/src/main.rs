@@ -20,6 +20,7 @@ mod link;
 mod mounts;
 mod scratch;
 mod server;
+mod vhost;
 mod volume_rpc;
 mod volumes;
 
@@ -199,6 +200,16 @@ struct Args {
         default_value = "auto"
     )]
     accel: String,
+    /// How guests reach their disks: `nbd` (QEMU's NBD client on the NBD socket) or
+    /// `vhost-user` (a vhost-user-blk socket per disk, guest memory shared with
+    /// volumed; see README's bench-vhost for what each costs).
+    #[arg(
+        long,
+        env = "VOLUMED_DISK_TRANSPORT",
+        value_name = "T",
+        default_value = "nbd"
+    )]
+    disk_transport: String,
     /// Seconds from a guest's launch until its app must run (and answer on its port,
     /// if its service has one) before the prepare fails.
     #[arg(
@@ -268,9 +279,15 @@ fn run(args: &Args) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let config = host_config(args)?;
     let changed = Arc::new(tokio::sync::Notify::new());
+    let exports = exports::HostExports::new(&volumes, &layers);
+    let vhost = vhost::VhostUser::new(exports.clone(), &args.data, vhost::QUEUES);
     let guests = guest_config(args, &config)?.map(|c| {
         let n = changed.clone();
-        Arc::new(guests::Guests::new(c, Arc::new(move || n.notify_one())))
+        Arc::new(guests::Guests::new(
+            c,
+            vhost.clone(),
+            Arc::new(move || n.notify_one()),
+        ))
     });
     // Prepared instances' roots are mounted again before anything is served.
     let scratch = scratch::Scratch::new(volumes.clone(), &args.data, args.scratch_size);
@@ -286,8 +303,10 @@ fn run(args: &Args) -> Result<()> {
         changed,
     )
     .with_context(|| format!("loading prepared instances in {}", args.data.display()))?;
-    let exports = exports::HostExports::new(&volumes, &layers);
     let endpoints = nbd_rt.block_on(start_nbd(args, exports, tcp))?;
+    // Recorded vhost-user sockets are served again before guests (whose VMMs may be
+    // reconnecting to them) are adopted.
+    vhost.restore();
     // Recorded instances boot again now that their disks are served.
     host.boot_recorded();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -300,6 +319,7 @@ fn run(args: &Args) -> Result<()> {
         volumes,
         layers,
         endpoints: endpoints.clone(),
+        vhost: vhost.clone(),
     });
     if let Some(addr) = scheduler {
         log!(
@@ -329,6 +349,9 @@ fn run(args: &Args) -> Result<()> {
     if let Some(g) = &guests {
         g.stop_all(host::STOP_GRACE);
     }
+    // vhost-user sockets end with their sessions; recorded ones are served again at
+    // the next start.
+    vhost.stop_all();
     // Stop NBD first: every connection is dropped (its attachment released); requests
     // already on blocking threads finish. Nothing acknowledged is lost: FLUSH and FUA
     // were synced before their replies.
@@ -366,6 +389,12 @@ fn guest_config(args: &Args, host: &host::HostConfig) -> Result<Option<guests::G
         .clone()
         .unwrap_or_else(|| args.data.join("nbd.sock"));
     let dir = args.data.join("vms");
+    let transport = guests::Transport::parse(&args.disk_transport).with_context(|| {
+        format!(
+            "--disk-transport {:?}: expected nbd or vhost-user",
+            args.disk_transport
+        )
+    })?;
     let accel = match args.accel.as_str() {
         "auto" => guests::probe_accel(kernel, initramfs, &args.data),
         a => vmm::Accel::parse(a)
@@ -383,6 +412,7 @@ fn guest_config(args: &Args, host: &host::HostConfig) -> Result<Option<guests::G
         accel,
         bind,
         nbd_socket: std::path::absolute(nbd)?,
+        transport,
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout.max(1)),
         dir,
     }))
@@ -580,12 +610,18 @@ mod tests {
         mounts.recover().unwrap();
         let volumes = volumes::Volumes::open(store.clone(), &data).unwrap();
         let layers = layers::Layers::new(store.clone(), 16 << 20, 16 << 20);
+        let vhost = vhost::VhostUser::new(
+            exports::HostExports::new(&volumes, &layers),
+            &data,
+            vhost::QUEUES,
+        );
         let shared = Rc::new(Shared {
             store,
             mounts,
             volumes,
             layers,
             endpoints: Endpoints::default(),
+            vhost,
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

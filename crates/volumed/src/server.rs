@@ -27,6 +27,7 @@ pub(crate) struct Shared {
     pub(crate) volumes: Arc<Volumes>,
     pub(crate) layers: Arc<crate::layers::Layers>,
     pub(crate) endpoints: Endpoints,
+    pub(crate) vhost: Arc<crate::vhost::VhostUser>,
 }
 
 /// Logs request `what` of `client` once it is answered, as one line: `ok`, or what
@@ -251,6 +252,7 @@ impl daemon::Server for DaemonImpl {
                 volumes: self.0.volumes.clone(),
                 exports: crate::exports::HostExports::new(&self.0.volumes, &self.0.layers),
                 endpoints: self.0.endpoints.clone(),
+                vhost: self.0.vhost.clone(),
                 client: self.1.clone(),
             }));
         Ok(())

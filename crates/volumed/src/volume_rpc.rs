@@ -11,6 +11,7 @@ use schema::store_capnp::{self, attachment, volumes};
 use crate::error::Error;
 use crate::exports::HostExports;
 use crate::server::{Client, blocking, logged, ok, text};
+use crate::vhost::VhostUser;
 use crate::volumes::{Attachment, Listed, Volumes, split_snapshot};
 
 /// Where NBD is served, for `Volumes.endpoints` (and `tide volume url`).
@@ -45,6 +46,8 @@ pub(crate) struct VolumesImpl {
     /// Every export of the host, to check the one `url` names.
     pub(crate) exports: HostExports,
     pub(crate) endpoints: Endpoints,
+    /// The host's vhost-user sockets.
+    pub(crate) vhost: Arc<VhostUser>,
     /// Whose requests these are, for the log.
     pub(crate) client: Client,
 }
@@ -325,6 +328,7 @@ impl volumes::Server for VolumesImpl {
         set_attachment(r.reborrow().init_info(), &a);
         r.set_attachment(capnp_rpc::new_client(AttachmentImpl {
             volumes: self.volumes.clone(),
+            vhost: self.vhost.clone(),
             client: self.client.clone(),
             volume: a.volume,
             id: a.id,
@@ -340,8 +344,8 @@ impl volumes::Server for VolumesImpl {
         let p = params.get()?;
         let (name, id) = (text(p.get_name())?, p.get_id());
         let what = format!("detach volume {name} attachment {id}");
-        let vols = self.volumes.clone();
-        let r = blocking(move || vols.detach(&name, id)).await;
+        let (vols, vhost) = (self.volumes.clone(), self.vhost.clone());
+        let r = blocking(move || detach(&vols, &vhost, &name, id)).await;
         logged(&self.client, &what, r, |a| {
             format!("was held by {}", a.holder)
         })?;
@@ -384,12 +388,81 @@ impl volumes::Server for VolumesImpl {
         results.get().set_url(&url);
         Ok(())
     }
+
+    async fn serve_vhost_user(
+        self: CapRc<Self>,
+        params: volumes::ServeVhostUserParams,
+        mut results: volumes::ServeVhostUserResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (export, id) = (text(p.get_export())?, text(p.get_id())?);
+        let what = format!("serve {export} over vhost-user");
+        let vhost = self.vhost.clone();
+        let r = blocking(move || {
+            vhost.serve_recorded(&export, (!id.is_empty()).then_some(id.as_str()))
+        })
+        .await;
+        let socket = logged(&self.client, &what, r, |s| {
+            format!("socket {}", s.display())
+        })?;
+        results.get().set_socket(socket.to_string_lossy());
+        Ok(())
+    }
+
+    async fn stop_vhost_user(
+        self: CapRc<Self>,
+        params: volumes::StopVhostUserParams,
+        mut results: volumes::StopVhostUserResults,
+    ) -> Result<(), capnp::Error> {
+        let export = text(params.get()?.get_export())?;
+        let what = format!("stop serving {export} over vhost-user");
+        let vhost = self.vhost.clone();
+        let r = blocking(move || {
+            let n = vhost.stop_recorded(&export);
+            if n == 0 {
+                return Err(Error::BadRequest(format!(
+                    "{export} is not served on a recorded vhost-user socket"
+                )));
+            }
+            Ok(n)
+        })
+        .await;
+        let n = logged(&self.client, &what, r, |n| format!("{n} sockets stopped"))?;
+        results.get().set_stopped(n as u32);
+        Ok(())
+    }
+
+    async fn vhost_user(
+        self: CapRc<Self>,
+        _: volumes::VhostUserParams,
+        mut results: volumes::VhostUserResults,
+    ) -> Result<(), capnp::Error> {
+        let all = self.vhost.list();
+        let mut l = results.get().init_sockets(all.len() as u32);
+        for (i, s) in all.iter().enumerate() {
+            let mut b = l.reborrow().get(i as u32);
+            b.set_export(&s.export);
+            b.set_id(&s.id);
+            b.set_socket(s.socket.to_string_lossy());
+            b.set_recorded(s.recorded);
+            b.set_connected(s.connected);
+            b.set_sessions(s.sessions);
+        }
+        Ok(())
+    }
+}
+
+/// Ends attachment `id` of `volume`, first stopping the vhost-user sockets serving it.
+fn detach(vols: &Volumes, vhost: &VhostUser, volume: &str, id: u64) -> Result<Attachment, Error> {
+    vhost.stop_export(&format!("{volume}/{id}"));
+    vols.detach(volume, id)
 }
 
 /// An `Attachment` capability: a persistent attachment by volume and id.
 #[derive(Debug)]
 struct AttachmentImpl {
     volumes: Arc<Volumes>,
+    vhost: Arc<VhostUser>,
     client: Client,
     volume: String,
     id: u64,
@@ -418,7 +491,8 @@ impl attachment::Server for AttachmentImpl {
     ) -> Result<(), capnp::Error> {
         let what = format!("detach volume {} attachment {}", self.volume, self.id);
         let (vols, volume, id) = (self.volumes.clone(), self.volume.clone(), self.id);
-        let r = blocking(move || vols.detach(&volume, id)).await;
+        let vhost = self.vhost.clone();
+        let r = blocking(move || detach(&vols, &vhost, &volume, id)).await;
         logged(&self.client, &what, r, |a| {
             format!("was held by {}", a.holder)
         })?;

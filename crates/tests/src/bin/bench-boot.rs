@@ -118,6 +118,7 @@ impl Env {
                     guest_port: GUEST_PORT,
                 }],
             }),
+            shared_memory: false,
         }
     }
 
