@@ -143,9 +143,20 @@ fn boot_and_compare(
     inst: &Value,
     script: &str,
 ) -> tests::guest::Run {
+    boot_disks_and_compare(kernel, t, name, inst, disks(inst), script)
+}
+
+/// As [`boot_and_compare`], with the instance's disks given (over another transport).
+fn boot_disks_and_compare(
+    kernel: &Kernel,
+    t: &Path,
+    name: &str,
+    inst: &Value,
+    disks: Vec<Disk>,
+    script: &str,
+) -> tests::guest::Run {
     let root = Path::new(inst["root"].as_str().unwrap());
     let meta = std::fs::symlink_metadata(root).unwrap();
-    let disks = disks(inst);
     assert!(
         disks
             .iter()
@@ -270,6 +281,43 @@ fn layers_boot_a_real_guest_kernel_identical_to_the_store() {
         .filter(|l| l.starts_with("/usr/share/man/"))
         .count();
     assert_eq!(in_guest + 1, after, "the guest's /usr/share/man");
+
+    // The same disks over vhost-user-blk, each export on a socket of its own with the
+    // serial as its GET_ID: the guest's manifest is the same.
+    let vhost: Vec<Disk> = disks(&inst)
+        .into_iter()
+        .map(|d| {
+            let Source::Nbd { export, .. } = &d.source else {
+                panic!("an NBD disk: {d:?}")
+            };
+            let socket = tide.ok(&["volume", "vhost-user", "serve", export, "--id", &d.serial]);
+            Disk {
+                source: Source::VhostUser(socket.trim().into()),
+                ..d
+            }
+        })
+        .collect();
+    let vrun = boot_disks_and_compare(
+        &kernel,
+        t,
+        "debian-vhost",
+        &inst,
+        vhost.clone(),
+        &script(""),
+    );
+    assert_eq!(
+        vrun.section("manifest"),
+        manifest,
+        "over vhost-user and over NBD"
+    );
+    for d in disks(&inst) {
+        let Source::Nbd { export, .. } = &d.source else {
+            unreachable!()
+        };
+        tide.ok(&["volume", "vhost-user", "stop", export]);
+    }
+    let left = tide.json(&["volume", "vhost-user", "ls", "--json"]);
+    assert_eq!(left, serde_json::json!([]), "sockets left: {left}");
 
     // `tide layer erofs` writes the bytes the exports serve: fsck.erofs accepts each
     // layer's image, and a second write (from the daemon's cache) is the same file.

@@ -96,7 +96,8 @@ pub(crate) fn default_id(export: &str) -> String {
 /// socket path.
 fn recorded_socket(dir: &Path, export: &str) -> PathBuf {
     let d = castore::Digest::of(export.as_bytes()).to_string();
-    dir.join(format!("{}.sock", &d[..16]))
+    let hex = d.strip_prefix("sha256:").unwrap_or(&d);
+    dir.join(format!("{}.sock", &hex[..16]))
 }
 
 impl VhostUser {

@@ -93,8 +93,6 @@ struct Job {
 /// Per queue: completions waiting for the ones taken before them.
 #[derive(Default)]
 struct Order {
-    /// Sequence number of the next request taken from the ring.
-    taken: u64,
     /// Sequence number of the next completion to publish.
     published: u64,
     /// Completions ahead of `published`: (head, used length).
@@ -113,10 +111,42 @@ struct BlkBackend {
     acked: AtomicU64,
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
     vrings: Mutex<Vec<Option<VringRwLock>>>,
+    /// Per queue: the completions waiting to be published, and how many requests were
+    /// taken from the ring so far (the next sequence number). `taken` is counted under
+    /// the vring's lock and `Order` is locked before it when publishing, so `taken` is
+    /// an atomic rather than a field of `Order`.
     order: Vec<(Mutex<Order>, Condvar)>,
+    taken: Vec<AtomicU64>,
     pool: crossbeam_channel::Sender<Box<dyn FnOnce() + Send>>,
     log: LogSink,
     name: String,
+    stats: Stats,
+}
+
+/// Counts of one session, logged when it ends.
+#[derive(Default)]
+struct Stats {
+    /// Requests carried out on a queue's thread.
+    inline: AtomicU64,
+    /// Requests handed to the I/O pool.
+    pooled: AtomicU64,
+    /// Interrupts sent to the guest.
+    signals: AtomicU64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (i, p, n) = (
+            self.inline.load(Ordering::Relaxed),
+            self.pooled.load(Ordering::Relaxed),
+            self.signals.load(Ordering::Relaxed),
+        );
+        write!(
+            f,
+            "{} requests ({i} on queue threads, {p} on I/O threads), {n} interrupts",
+            i + p
+        )
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -162,9 +192,11 @@ impl BlkBackend {
             mem: RwLock::new(None),
             vrings: Mutex::new(vec![None; usize::from(queues)]),
             order: (0..queues).map(|_| Default::default()).collect(),
+            taken: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             pool: tx,
             log,
             name,
+            stats: Stats::default(),
         })
     }
 
@@ -202,8 +234,9 @@ impl BlkBackend {
         }
     }
 
-    /// Carries out `job` (all of it: `memory_only` false) and publishes its completion.
-    fn finish(self: &Arc<Self>, job: Job) {
+    /// Carries out `job` (all of it: `memory_only` false) and publishes its completion;
+    /// interrupts the guest now unless `batch` (the caller signals once for a batch).
+    fn finish(self: &Arc<Self>, job: Job, batch: bool) -> bool {
         let done = match &job.req {
             Ok(req) => self.run(&job.mem, req, false).unwrap_or(Done {
                 status: 1,
@@ -216,7 +249,7 @@ impl BlkBackend {
                 written: 0,
             },
         };
-        self.complete(job.queue, job.seq, job.head, done.written);
+        self.complete(job.queue, job.seq, job.head, done.written, batch)
     }
 
     fn run(&self, mem: &Guard, req: &Request, memory_only: bool) -> Option<Done> {
@@ -229,14 +262,14 @@ impl BlkBackend {
     }
 
     /// Records a completion and publishes every one now in order, then interrupts the
-    /// guest if it wants to be.
-    fn complete(&self, queue: u16, seq: u64, head: u16, len: u32) {
+    /// guest if it wants to be, unless `batch`. Returns whether anything was published.
+    fn complete(&self, queue: u16, seq: u64, head: u16, len: u32, batch: bool) -> bool {
         let Some(vring) = lock(&self.vrings)
             .get(usize::from(queue))
             .cloned()
             .flatten()
         else {
-            return;
+            return false;
         };
         let (order, cv) = &self.order[usize::from(queue)];
         let mut o = lock(order);
@@ -253,11 +286,20 @@ impl BlkBackend {
             o.published += 1;
             published = true;
         }
-        if o.published == o.taken {
+        if o.published == self.taken[usize::from(queue)].load(Ordering::SeqCst) {
             cv.notify_all();
         }
         drop(o);
-        if published && vring.needs_notification().unwrap_or(true) {
+        if published && !batch {
+            self.signal(&vring);
+        }
+        published
+    }
+
+    /// Interrupts the guest for `vring` if it asked to be (EVENT_IDX).
+    fn signal(&self, vring: &VringRwLock) {
+        if vring.needs_notification().unwrap_or(true) {
+            self.stats.signals.fetch_add(1, Ordering::Relaxed);
             let _ = vring.signal_used_queue();
         }
     }
@@ -265,7 +307,7 @@ impl BlkBackend {
     /// Takes every available request of `queue` off its ring.
     fn take(&self, queue: u16, vring: &VringRwLock, mem: &Guard) -> Vec<Job> {
         let mut jobs = Vec::new();
-        let (order, _) = &self.order[usize::from(queue)];
+        let taken = &self.taken[usize::from(queue)];
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
         let Ok(iter) = q.iter(mem.clone()) else {
@@ -288,10 +330,7 @@ impl BlkBackend {
                     self.name
                 ));
             }
-            let mut o = lock(order);
-            let seq = o.taken;
-            o.taken += 1;
-            drop(o);
+            let seq = taken.fetch_add(1, Ordering::SeqCst);
             jobs.push(Job {
                 queue,
                 seq,
@@ -314,21 +353,35 @@ impl BlkBackend {
             if event_idx {
                 let _ = vring.disable_notification();
             }
+            // Completions made here are signalled once for the whole batch.
+            let mut published = false;
             for job in self.take(queue, vring, &mem) {
-                match &job.req {
-                    Ok(req) if request::is_quick(req, &*self.device, &self.exec(false)) => {
-                        self.finish(job)
-                    }
+                let inline = match &job.req {
+                    Ok(req) if request::is_quick(req, &*self.device, &self.exec(false)) => true,
                     Ok(req) if req.kind == virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN => {
-                        if let Some(d) = self.run(&job.mem, req, true) {
-                            self.complete(job.queue, job.seq, job.head, d.written);
-                        } else {
-                            self.submit(job);
+                        match self.run(&job.mem, req, true) {
+                            Some(d) => {
+                                self.stats.inline.fetch_add(1, Ordering::Relaxed);
+                                published |=
+                                    self.complete(job.queue, job.seq, job.head, d.written, true);
+                                continue;
+                            }
+                            None => false,
                         }
                     }
-                    Err(_) => self.finish(job),
-                    Ok(_) => self.submit(job),
+                    Err(_) => true,
+                    Ok(_) => false,
+                };
+                if inline {
+                    self.stats.inline.fetch_add(1, Ordering::Relaxed);
+                    published |= self.finish(job, true);
+                } else {
+                    self.stats.pooled.fetch_add(1, Ordering::Relaxed);
+                    self.submit(job);
                 }
+            }
+            if published {
+                self.signal(vring);
             }
             if !event_idx {
                 break;
@@ -343,7 +396,9 @@ impl BlkBackend {
 
     fn submit(self: &Arc<Self>, job: Job) {
         let me = self.clone();
-        if let Err(e) = self.pool.send(Box::new(move || me.finish(job))) {
+        if let Err(e) = self.pool.send(Box::new(move || {
+            me.finish(job, false);
+        })) {
             // The pool is gone only when the backend is; carry it out here.
             let job = e.into_inner();
             job();
@@ -454,18 +509,20 @@ impl VhostUserBackend for Shared {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Wait for the requests taken from this ring to complete (GET_VRING_BASE must
         // report an index nothing is pending behind).
-        let Some((order, cv)) = self.0.order.get(queue_index as usize) else {
+        let q = queue_index as usize;
+        let (Some((order, cv)), Some(taken)) = (self.0.order.get(q), self.0.taken.get(q)) else {
             return Ok(());
         };
         let o = lock(order);
+        let pending = |o: &Order| taken.load(Ordering::SeqCst) - o.published;
         let (o, timeout) = cv
-            .wait_timeout_while(o, Duration::from_secs(30), |o| o.published != o.taken)
+            .wait_timeout_while(o, Duration::from_secs(30), |o| pending(o) != 0)
             .unwrap_or_else(|e| e.into_inner());
         if timeout.timed_out() {
             (self.0.log)(format!(
                 "{}: queue {queue_index}: {} requests still pending when the ring stopped",
                 self.0.name,
-                o.taken - o.published
+                pending(&o)
             ));
         }
         Ok(())
@@ -592,7 +649,8 @@ pub fn serve(
             while !st.load(Ordering::SeqCst) {
                 let backend = BlkBackend::new(device.clone(), &opts, log.clone(), name.clone());
                 let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-                let mut daemon = match VhostUserDaemon::new(name.clone(), Shared(backend), mem) {
+                let shared = Shared(backend.clone());
+                let mut daemon = match VhostUserDaemon::new(name.clone(), shared, mem) {
                     Ok(d) => d,
                     Err(e) => {
                         log(format!("{name}: setting up a session: {e}"));
@@ -617,13 +675,14 @@ pub fn serve(
                 log(format!("{name}: front end connected (session {n})"));
                 let r = daemon.wait();
                 lock(&se).take();
+                let stats = &backend.stats;
                 match r {
                     Ok(())
                     | Err(vhost_user_backend::Error::HandleRequest(
                         vhost::vhost_user::Error::Disconnected
                         | vhost::vhost_user::Error::PartialMessage,
-                    )) => log(format!("{name}: front end disconnected")),
-                    Err(e) => log(format!("{name}: session ended: {e}")),
+                    )) => log(format!("{name}: front end disconnected after {stats}")),
+                    Err(e) => log(format!("{name}: session ended after {stats}: {e}")),
                 }
             }
         })?;
