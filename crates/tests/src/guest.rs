@@ -451,7 +451,7 @@ impl Guest {
                             socket.display()
                         ))
                         .arg("-device")
-                        .arg(format!("vhost-user-blk-pci,chardev=vu{i},num-queues=1"));
+                        .arg(format!("vhost-user-blk-pci,chardev=vu{i},num-queues=2"));
                     continue;
                 }
                 Source::Nbd { socket, export } => format!(
