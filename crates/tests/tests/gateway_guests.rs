@@ -262,6 +262,10 @@ fn the_front_end_routes_names_to_real_guests() {
             "4G",
             "--boot-timeout",
             "240",
+            // The default is vhost-user (deploy_guests runs on it): here the guests
+            // reach their disks over NBD, so both transports boot real services.
+            "--disk-transport",
+            "nbd",
         ],
     );
     let v = Volumed::start_with(t.join("host-a"), t.join("host-a.sock"), &args);
