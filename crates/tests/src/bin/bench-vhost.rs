@@ -278,7 +278,7 @@ fn qsd(work: &Path, size: u64) -> Result<(Killed, PathBuf)> {
         .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=2",
             sock.display()
         ))
         .stdin(Stdio::null())
