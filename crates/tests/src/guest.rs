@@ -340,6 +340,8 @@ pub struct Guest {
     pub append: String,
     /// Guest memory.
     pub memory_mib: u32,
+    /// Virtual CPUs (each vhost-user disk gets a queue per vCPU, at least two).
+    pub vcpus: u32,
     /// Where QEMU writes the consoles (`DIR/console`, `DIR/output`).
     pub dir: PathBuf,
     /// A Unix socket QEMU listens on for the guest's control port
@@ -387,14 +389,9 @@ impl Guest {
         cmd.args(["-M", MACHINE])
             .args(["-accel", "tcg", "-m"])
             .arg(self.memory_mib.to_string())
-            .args([
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-no-reboot",
-            ])
+            .arg("-smp")
+            .arg(self.vcpus.max(1).to_string())
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-kernel")
@@ -451,7 +448,12 @@ impl Guest {
                             socket.display()
                         ))
                         .arg("-device")
-                        .arg(format!("vhost-user-blk-pci,chardev=vu{i},num-queues=2"));
+                        // A queue per vCPU, and at least two: a backend must accept
+                        // more queues than a one-vCPU guest drives.
+                        .arg(format!(
+                            "vhost-user-blk-pci,chardev=vu{i},num-queues={}",
+                            self.vcpus.max(2)
+                        ));
                     continue;
                 }
                 Source::Nbd { socket, export } => format!(

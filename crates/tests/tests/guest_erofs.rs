@@ -175,6 +175,7 @@ fn boot_disks_and_compare(
             meta.mtime_nsec(),
         ),
         memory_mib: 512,
+        vcpus: 1,
         dir: t.join(format!("{name}-qemu")),
         control: None,
     };
@@ -445,6 +446,7 @@ fn a_guest_boots_runs_its_script_and_powers_off() {
         disks: Vec::new(),
         append: String::new(),
         memory_mib: 512,
+        vcpus: 1,
         dir: t.join("qemu"),
         control: None,
     };

@@ -75,6 +75,7 @@ impl Host {
             ],
             append: String::new(),
             memory_mib: 256,
+            vcpus: 1,
             dir: self.dir.join(format!("{name}-qemu")),
             control: Some(sock.clone()),
         };

@@ -127,6 +127,7 @@ busybox dd if=/r of=$snap bs=4096 count=1 conv=fsync 2>/dev/null && echo wrote-s
         ],
         append: String::new(),
         memory_mib: 256,
+        vcpus: 1,
         dir: t.path().join("guest"),
         control: None,
     };

@@ -84,6 +84,7 @@ pub type LogSink = Arc<dyn Fn(String) + Send + Sync>;
 /// A request taken from a queue and not yet in the used ring.
 struct Job {
     queue: u16,
+    vring: VringRwLock,
     seq: u64,
     head: u16,
     req: Result<Request, BadChain>,
@@ -110,7 +111,6 @@ struct BlkBackend {
     event_idx: AtomicBool,
     acked: AtomicU64,
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
-    vrings: Mutex<Vec<Option<VringRwLock>>>,
     /// Per queue: the completions waiting to be published, and how many requests were
     /// taken from the ring so far (the next sequence number). `taken` is counted under
     /// the vring's lock and `Order` is locked before it when publishing, so `taken` is
@@ -190,7 +190,6 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             mem: RwLock::new(None),
-            vrings: Mutex::new(vec![None; usize::from(queues)]),
             order: (0..queues).map(|_| Default::default()).collect(),
             taken: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             pool: tx,
@@ -249,7 +248,7 @@ impl BlkBackend {
                 written: 0,
             },
         };
-        self.complete(job.queue, job.seq, job.head, done.written, batch)
+        self.complete(&job, done.written, batch)
     }
 
     fn run(&self, mem: &Guard, req: &Request, memory_only: bool) -> Option<Done> {
@@ -263,17 +262,11 @@ impl BlkBackend {
 
     /// Records a completion and publishes every one now in order, then interrupts the
     /// guest if it wants to be, unless `batch`. Returns whether anything was published.
-    fn complete(&self, queue: u16, seq: u64, head: u16, len: u32, batch: bool) -> bool {
-        let Some(vring) = lock(&self.vrings)
-            .get(usize::from(queue))
-            .cloned()
-            .flatten()
-        else {
-            return false;
-        };
+    fn complete(&self, job: &Job, len: u32, batch: bool) -> bool {
+        let (queue, vring) = (job.queue, &job.vring);
         let (order, cv) = &self.order[usize::from(queue)];
         let mut o = lock(order);
-        o.done.insert(seq, (head, len));
+        o.done.insert(job.seq, (job.head, len));
         let mut published = false;
         loop {
             let next = o.published;
@@ -291,7 +284,7 @@ impl BlkBackend {
         }
         drop(o);
         if published && !batch {
-            self.signal(&vring);
+            self.signal(vring);
         }
         published
     }
@@ -333,6 +326,7 @@ impl BlkBackend {
             let seq = taken.fetch_add(1, Ordering::SeqCst);
             jobs.push(Job {
                 queue,
+                vring: vring.clone(),
                 seq,
                 head,
                 req,
@@ -362,8 +356,7 @@ impl BlkBackend {
                         match self.run(&job.mem, req, true) {
                             Some(d) => {
                                 self.stats.inline.fetch_add(1, Ordering::Relaxed);
-                                published |=
-                                    self.complete(job.queue, job.seq, job.head, d.written, true);
+                                published |= self.complete(&job, d.written, true);
                                 continue;
                             }
                             None => false,
@@ -538,22 +531,18 @@ impl VhostUserBackend for Shared {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        // `vrings` are this thread's; find the one for the event's queue.
-        let masks = self.queues_per_thread();
-        let mask = masks.get(thread_id).copied().unwrap_or(0);
-        let queue = device_event;
-        if queue >= self.0.queues || mask >> queue & 1 == 0 {
+        // `vrings` are this thread's, and the library numbers the event by a vring's
+        // place among them: with queue q on thread q % threads (`queues_per_thread`),
+        // place p of thread t is queue t + p * threads.
+        let threads = self.0.threads.max(1);
+        let pos = usize::from(device_event);
+        let queue = thread_id + pos * threads;
+        let (Some(vring), true) = (vrings.get(pos), queue < usize::from(self.0.queues)) else {
             return Err(io::Error::other(format!(
-                "event for queue {queue} on thread {thread_id}"
-            )));
-        }
-        let pos = (0..queue).filter(|q| mask >> q & 1 == 1).count();
-        let Some(vring) = vrings.get(pos) else {
-            return Err(io::Error::other(format!(
-                "no vring {pos} on thread {thread_id}"
+                "event {device_event} on thread {thread_id}: no such queue"
             )));
         };
-        lock(&self.0.vrings)[usize::from(queue)] = Some(vring.clone());
+        let queue = queue as u16;
         self.0.process(queue, vring);
         Ok(())
     }

@@ -390,6 +390,7 @@ fn boot(
         disks,
         append: append.to_string(),
         memory_mib: 512,
+        vcpus: 1,
         dir: work.join("qemu"),
         control: None,
     };

@@ -359,6 +359,7 @@ fn one_way(
         ],
         append: String::new(),
         memory_mib: 512,
+        vcpus: 1,
         dir: work.join(format!("guest-{way}")),
         control: None,
     };
