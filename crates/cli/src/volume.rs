@@ -231,16 +231,6 @@ fn run_vhost(remote: &Remote, json: bool, cmd: &VhostCmd) -> Result<()> {
     Ok(())
 }
 
-/// The default serial of a volume's vhost-user disk: its name's first 20 bytes.
-fn vhost_id(name: &str) -> String {
-    name.chars()
-        .scan(0, |n, c| {
-            *n += c.len_utf8();
-            (*n <= 20).then_some(c)
-        })
-        .collect()
-}
-
 fn parse_mode(s: &str) -> Result<store_capnp::AccessMode, String> {
     match s.to_ascii_lowercase().as_str() {
         "rwo" => Ok(store_capnp::AccessMode::Rwo),
@@ -695,7 +685,7 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
             let url = remote.nbd_url(&a.export_name, false)?;
             let socket = match vhost_user {
                 true => {
-                    let default = vhost_id(name);
+                    let default = layerfs::vhost::default_id(name);
                     let id = id.as_deref().unwrap_or(&default);
                     match serve_vhost(remote, &a.export_name, Some(id)) {
                         Ok(s) => Some(s),

@@ -20,29 +20,16 @@ use tests::guest::{Disk, Guest, Kernel, Source, begin, end, initramfs};
 
 const MIB: u64 = 1 << 20;
 
-/// Deterministic bytes that do not repeat within a chunk.
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
+/// Deterministic pseudo-random bytes.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0; len];
+    tests::nbd::Rng(seed).fill(&mut data);
+    data
 }
 
+/// The hex SHA-256 `sha256sum` prints.
 fn sha256(data: &[u8]) -> String {
-    use std::io::Write;
-    let mut c = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(data).unwrap();
-    let out = c.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+    castore::Digest::of(data).to_hex()
 }
 
 #[test]

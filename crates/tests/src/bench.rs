@@ -1,8 +1,9 @@
 //! Helpers shared by the benchmark commands (`src/bin/bench-*.rs`): running a command
-//! with its failure explained, and a plain-text table.
+//! with its failure explained, a peer process killed when dropped, a plain-text table,
+//! and the `main` of a command that parses options and runs.
 
 use std::fmt::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitCode, Output, Stdio};
 
 use anyhow::{Context, Result, bail};
 
@@ -120,5 +121,47 @@ mod unit_tests {
         let e = e.to_string();
         assert!(e.contains("`sh -c echo oops >&2; exit 3` failed"), "{e}");
         assert!(e.contains("oops"), "{e}");
+    }
+}
+
+/// A child process (a peer server) killed when dropped.
+#[derive(Debug)]
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `main` of benchmark `name`: `parse` the arguments (None: `--help`, print
+/// `usage`), then `bench`. A bad argument exits with 2, a failed run with 1, each
+/// error printed after the command's name.
+pub fn main<O>(
+    name: &str,
+    usage: &str,
+    parse: impl FnOnce(std::env::Args) -> Result<Option<O>>,
+    bench: impl FnOnce(&O) -> Result<()>,
+) -> ExitCode {
+    let mut args = std::env::args();
+    args.next();
+    let o = match parse(args) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            println!("{usage}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match bench(&o) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -10,7 +10,8 @@
 //!   acknowledged is read back over NBD (`nbdcopy`) byte for byte, then `tide fsck`;
 //! - the snapshot refuses the guest's writes;
 //! - while the socket holds the rwo volume, a second attachment and an NBD connection
-//!   are refused naming the holder; detaching stops the socket and frees the volume.
+//!   are refused naming the holder; detaching stops the socket and frees the volume;
+//! - a device id over 20 bytes and an export that does not exist are refused.
 //!
 //! Needs root, QEMU, busybox-static, libnbd-bin and the kernel cache
 //! (`scripts/fetch-kernel`, run here when missing). About 40 s under TCG.
@@ -30,8 +31,9 @@ fn start(dir: &Path) -> Volumed {
     Volumed::start(dir.join("data"), dir.join("volumed.sock"))
 }
 
-fn sha256(path: &Path) -> String {
-    ok("sha256sum", &[path.to_str().unwrap()])[..64].to_string()
+/// The hex SHA-256 `sha256sum` prints.
+fn sha256(data: &[u8]) -> String {
+    castore::Digest::of(data).to_hex()
 }
 
 #[test]
@@ -45,6 +47,17 @@ fn a_guest_keeps_its_acknowledged_writes_across_a_kill_of_volumed() {
     ok("nbdcopy", &[seed.to_str().unwrap(), &d.nbd_uri("db")]);
     tide.ok(&["volume", "snapshot", "db", "s1"]);
 
+    let long = tide.fails(&[
+        "volume",
+        "vhost-user",
+        "serve",
+        "db@s1",
+        "--id",
+        &"x".repeat(21),
+    ]);
+    assert!(long.contains("longer than 20 bytes"), "{long}");
+    let unknown = tide.fails(&["volume", "vhost-user", "serve", "nosuch"]);
+    assert!(unknown.contains("nosuch"), "{unknown}");
     let att = tide.json(&[
         "volume",
         "attach",
@@ -149,7 +162,7 @@ busybox dd if=/r of=$snap bs=4096 count=1 conv=fsync 2>/dev/null && echo wrote-s
 
     let read = run.section("read");
     let sums: Vec<&str> = read.lines().map(|l| &l[..64]).collect();
-    assert_eq!(sums, [sha256(&seed), sha256(&seed)], "{read}");
+    assert_eq!(sums, [sha256(&seed_bytes), sha256(&seed_bytes)], "{read}");
 
     let rounds = run.section("rounds");
     let acked: Vec<(u64, String)> = rounds
@@ -182,12 +195,10 @@ busybox dd if=/r of=$snap bs=4096 count=1 conv=fsync 2>/dev/null && echo wrote-s
     let back = t.path().join("back");
     ok("nbdcopy", &[&d.nbd_uri(&export), back.to_str().unwrap()]);
     let bytes = std::fs::read(&back).unwrap();
-    let mut one = t.path().join("one");
     for (i, sum) in &acked {
         let at = ((8 + i) * ROUND) as usize;
-        one.set_file_name(format!("round{i}"));
-        std::fs::write(&one, &bytes[at..at + ROUND as usize]).unwrap();
-        assert_eq!(&sha256(&one), sum, "round {i} after the kill");
+        let round = &bytes[at..at + ROUND as usize];
+        assert_eq!(&sha256(round), sum, "round {i} after the kill");
     }
     assert!(
         seed_bytes == bytes[..MIB as usize],

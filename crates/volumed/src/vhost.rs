@@ -82,21 +82,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The default device id of `export`: its first 20 bytes (at a character boundary).
-pub(crate) fn default_id(export: &str) -> String {
-    let mut end = export.len().min(20);
-    while !export.is_char_boundary(end) {
-        end -= 1;
-    }
-    export[..end].to_string()
-}
-
 /// Where a recorded socket for `export` lives: named by a digest of the name, since
 /// export names (up to 128 bytes, or `layer/` and 64 hex digits) do not fit in a Unix
 /// socket path.
 fn recorded_socket(dir: &Path, export: &str) -> PathBuf {
-    let d = castore::Digest::of(export.as_bytes()).to_string();
-    let hex = d.strip_prefix("sha256:").unwrap_or(&d);
+    let hex = castore::Digest::of(export.as_bytes()).to_hex();
     dir.join(format!("{}.sock", &hex[..16]))
 }
 
@@ -153,7 +143,7 @@ impl VhostUser {
     /// Serves `export` on a recorded socket under `DATA/vhost` (kept across restarts
     /// until [`VhostUser::stop`]); returns the socket.
     pub(crate) fn serve_recorded(&self, export: &str, id: Option<&str>) -> Result<PathBuf, Error> {
-        let id = id.map_or_else(|| default_id(export), str::to_string);
+        let id = id.map_or_else(|| layerfs::vhost::default_id(export), str::to_string);
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| Error::Io(self.dir.display().to_string(), e))?;
         let socket = recorded_socket(&self.dir, export);
@@ -179,11 +169,6 @@ impl VhostUser {
     }
 
     fn start(&self, export: &str, id: &str, socket: &Path, recorded: bool) -> Result<(), Error> {
-        if id.len() > 20 {
-            return Err(Error::BadRequest(format!(
-                "device id {id:?}: at most 20 bytes (virtio-blk's limit)"
-            )));
-        }
         // A socket path is served once: a previous server there (a guest relaunched)
         // ends first, or its shutdown would remove the new socket file.
         let old = lock(&self.served).remove(socket);
@@ -206,7 +191,11 @@ impl VhostUser {
             name,
             Arc::new(|line: String| log!("{line}")),
         )
-        .map_err(|e| Error::Io(socket.display().to_string(), e))?;
+        .map_err(|e| match e.kind() {
+            // The request's fault (an id over 20 bytes), not the daemon's.
+            std::io::ErrorKind::InvalidInput => Error::BadRequest(e.to_string()),
+            _ => Error::Io(socket.display().to_string(), e),
+        })?;
         let record = Record {
             export: export.to_string(),
             id: id.to_string(),

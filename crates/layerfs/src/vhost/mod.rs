@@ -605,6 +605,16 @@ impl Drop for Served {
     }
 }
 
+/// The device id a name gives when none is chosen: its first 20 bytes (GET_ID's
+/// limit), cut at a character boundary.
+pub fn default_id(name: &str) -> String {
+    let mut end = name.len().min(request::ID_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
 /// Serves `device` as a vhost-user-blk backend on a new socket at `path` (a stale
 /// socket file there is replaced), one front end at a time, each connection a fresh
 /// session (a VMM reconnecting after a restart of ours sets the device up again).

@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use tests::bench::{render_table, run};
+use tests::bench::{Killed, render_table, run};
 use tests::guest::{Disk, Guest, Kernel, Source, begin, end, initramfs};
 use tests::volumed::Volumed;
 
@@ -313,16 +313,6 @@ fn synthesis(o: &Options, work: &Path, d: &mut Daemon) -> Result<(Value, String)
     Ok((Value::Array(out), table))
 }
 
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_for_socket(path: &Path, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(path).is_err() {
@@ -570,22 +560,5 @@ fn bench(o: &Options) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let o = match Options::parse(std::env::args().skip(1)) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("bench-block: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&o) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-block: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::bench::main("bench-block", USAGE, Options::parse, bench)
 }

@@ -33,14 +33,14 @@
 //! Usage: `bench-vhost [--size MIB] [--runtime S] [--ways LIST] [--json] [--keep]`
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use tests::bench::{process_cpu_seconds, render_table, run};
+use tests::bench::{Killed, process_cpu_seconds, render_table, run};
 use tests::guest::{Disk, Guest, Kernel, Source, begin, end, initramfs};
 use tests::volumed::Volumed;
 
@@ -255,16 +255,6 @@ impl Sampler {
     }
 }
 
-/// A child killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn qsd(work: &Path, size: u64) -> Result<(Killed, PathBuf)> {
     let raw = work.join("qsd.raw");
     std::fs::File::create(&raw)?.set_len(size)?;
@@ -287,6 +277,8 @@ fn qsd(work: &Path, size: u64) -> Result<(Killed, PathBuf)> {
         .spawn()
         .context("qemu-storage-daemon (qemu-system-common, installed by .ci/run)")?;
     let mut k = Killed(child);
+    // Waits for the socket file, not a connection: a connection would be a vhost-user
+    // session of its own.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
         ensure!(k.0.try_wait()?.is_none(), "qemu-storage-daemon exited");
@@ -310,31 +302,26 @@ fn one_way(
     initrd: &Path,
 ) -> Result<Value> {
     let size = o.size_mib << 20;
+    let create = |name: &str| {
+        d.tide().ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            &format!("{}M", o.size_mib),
+        ])
+    };
     let (source, backend_pid, _qsd) = match way {
         "vhost-user" => {
-            let name = "vu";
-            d.tide().ok(&[
-                "volume",
-                "create",
-                name,
-                "--size",
-                &format!("{}M", o.size_mib),
-            ]);
+            create("vu");
             let sock = d
                 .tide()
-                .ok(&["volume", "vhost-user", "serve", name, "--id", "bench"]);
+                .ok(&["volume", "vhost-user", "serve", "vu", "--id", "bench"]);
             (Source::VhostUser(sock.trim().into()), d.pid(), None)
         }
         "nbd" => {
-            let name = "nb";
-            d.tide().ok(&[
-                "volume",
-                "create",
-                name,
-                "--size",
-                &format!("{}M", o.size_mib),
-            ]);
-            (Source::from_uri(&d.nbd_uri(name)), d.pid(), None)
+            create("nb");
+            (Source::from_uri(&d.nbd_uri("nb")), d.pid(), None)
         }
         _ => {
             let (k, sock) = qsd(work, size)?;
@@ -523,22 +510,5 @@ fn bench(o: &Options) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let o = match Options::parse(std::env::args().skip(1)) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("bench-vhost: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&o) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-vhost: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::bench::main("bench-vhost", USAGE, Options::parse, bench)
 }
