@@ -40,8 +40,14 @@ struct Cli {
     /// volumed's Unix socket (the daemon owns the store; needed for mounts).
     #[arg(long, global = true, env = "TIDE_SOCKET", value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// The scheduler daemon: HOST:PORT or unix:/path.
-    #[arg(long, global = true, env = "TIDE_SCHEDULER", value_name = "ADDR")]
+    /// The scheduler daemon: HOST:PORT or unix:/path; several schedulers sharing etcd
+    /// as a comma-separated list (tide talks to the one that leads).
+    #[arg(
+        long,
+        global = true,
+        env = "TIDE_SCHEDULER",
+        value_name = "ADDR[,ADDR...]"
+    )]
     scheduler: Option<String>,
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]

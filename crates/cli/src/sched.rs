@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
 use clap::Subcommand;
-use futures::AsyncReadExt;
 use schema::sched_capnp::{
     deploy_report, host_info, instance_info, pool_info, route_info, scheduler, stack, stack_summary,
 };
@@ -647,36 +645,14 @@ fn print_deploy(d: &DeployRow) {
     }
 }
 
-/// The client end of one connection; the `RpcSystem` runs on the current `LocalSet`.
-fn over(
-    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
-) -> scheduler::Client {
-    let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
-    let network = Box::new(twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r),
-        futures::io::BufWriter::new(w),
-        rpc_twoparty_capnp::Side::Client,
-        Default::default(),
-    ));
-    let mut rpc = RpcSystem::new(network, None);
-    let client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
-    tokio::task::spawn_local(rpc);
-    client
-}
-
-async fn connect(addr: &str) -> Result<scheduler::Client> {
-    let ctx = || format!("connecting to sched at {addr} (is it running?)");
-    if let Some(path) = addr.strip_prefix("unix:") {
-        let s = tokio::net::UnixStream::connect(path)
-            .await
-            .with_context(ctx)?;
-        return Ok(over(s));
-    }
-    let s = tokio::net::TcpStream::connect(addr)
+/// Connects to the scheduler that leads among `list` (`ADDR[,ADDR...]`), or to a
+/// follower when none leads (reads work there; a change is refused naming why).
+async fn connect(list: &str) -> Result<scheduler::Client> {
+    let addrs = schedclient::parse_list(list).map_err(|e| anyhow!("--scheduler: {e}"))?;
+    let found = schedclient::find(&addrs, true)
         .await
-        .with_context(ctx)?;
-    s.set_nodelay(true)?;
-    Ok(over(s))
+        .map_err(|e| anyhow!("connecting to sched at {list} (is it running?): {e}"))?;
+    Ok(found.client)
 }
 
 fn read_file(path: &Path) -> Result<(String, String)> {

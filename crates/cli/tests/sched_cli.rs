@@ -15,7 +15,8 @@ const SHOP: &str = include_str!("../../sched/examples/shop.toml");
 fn start(dir: &Path) -> String {
     let opts = schedd::server::Options {
         listen: format!("unix:{}", dir.join("sched.sock").display()),
-        data: dir.join("data"),
+        state: schedd::server::StateOptions::Local(dir.join("data")),
+        advertise: None,
         allow_remote: false,
         host_timeout: Duration::from_secs(30),
     };

@@ -1,42 +1,25 @@
 //! The link to the scheduler, on a thread of its own (capnp-rpc is single-threaded): it
 //! connects, watches routes (`Scheduler.watchRoutes`, a pushed table, no polling),
 //! stores each table it is sent where the proxy reads it, and runs `resolve` calls for
-//! the proxy (scale from zero). When the scheduler goes away the last table stays in
-//! use and the link reconnects (0.2 s, doubling to 2 s).
+//! the proxy (scale from zero). Given several schedulers (etcd-backed, one leads) it
+//! connects to the leader; while none leads it takes a follower's table (a follower's
+//! view is fed by its etcd watch) and moves to the leader once one is elected. When the
+//! scheduler goes away the last table stays in use and the link reconnects (0.2 s,
+//! doubling to 2 s).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use capnp::capability::Rc as CapRc;
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
-use futures::AsyncReadExt;
 use schema::sched_capnp::{route_watcher, scheduler};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::log;
 use crate::table::{Table, text};
 
-/// Where the scheduler listens: `HOST:PORT` or `unix:/path`.
-#[derive(Debug, Clone)]
-pub enum Addr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for Addr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Addr, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            return Ok(Addr::Unix(p.into()));
-        }
-        s.parse()
-            .map(Addr::Tcp)
-            .map_err(|e| format!("{s:?}: not HOST:PORT or unix:/path ({e})"))
-    }
-}
+/// The schedulers to try (`ADDR[,ADDR...]`, see `schedclient`).
+pub type Addrs = Vec<schedclient::Addr>;
 
 /// The table and the number of the connection it came from.
 type Slot = Arc<RwLock<(u64, Arc<Table>)>>;
@@ -87,8 +70,8 @@ fn front_end_name() -> String {
 }
 
 impl Link {
-    /// Starts the link thread for the scheduler at `addr`.
-    pub fn start(addr: Addr) -> Link {
+    /// Starts the link thread for the schedulers at `addr`.
+    pub fn start(addr: Addrs) -> Link {
         let table = Arc::new(RwLock::new((0, Arc::new(Table::default()))));
         let (tx, rx) = mpsc::unbounded_channel();
         let t = table.clone();
@@ -145,7 +128,7 @@ fn store(slot: &Slot, session: u64, t: Table) {
     }
 }
 
-fn run(addr: Addr, table: Slot, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+fn run(addr: Addrs, table: Slot, mut rx: mpsc::UnboundedReceiver<Cmd>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -182,13 +165,17 @@ fn run(addr: Addr, table: Slot, mut rx: mpsc::UnboundedReceiver<Cmd>) {
 /// One connection: watch, then serve commands until the connection ends (an error) or
 /// the proxy drops its side (Ok).
 async fn session(
-    addr: &Addr,
+    addr: &Addrs,
     table: &Slot,
     session: u64,
     name: &str,
     rx: &mut mpsc::UnboundedReceiver<Cmd>,
 ) -> Result<()> {
-    let (client, mut conn) = connect(addr).await?;
+    let found = schedclient::find(addr, true)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (client, mut conn) = (found.client, found.connection);
+    let leading = found.leading;
     let mut req = client.watch_routes_request();
     req.get()
         .set_watcher(capnp_rpc::new_client(Watcher(table.clone(), session)));
@@ -198,13 +185,25 @@ async fn session(
     };
     let t = Table::read(reply.get()?.get_table()?)?;
     log!(
-        "scheduler link up: {} names, table version {}",
+        "scheduler link up ({}{}): {} names, table version {}",
+        found.addr,
+        if leading { "" } else { ", a follower" },
         t.names.len(),
         t.version
     );
     store(table, session, t);
+    // On a follower, check for an elected leader twice a second and move to it.
+    let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
+            _ = check.tick(), if !leading => {
+                if let Ok(a) = schedclient::ask(&client).await
+                    && (a.leading || !a.leader.is_empty())
+                {
+                    conn.abort();
+                    bail!("a leader is elected ({}): moving to it", a.leader);
+                }
+            }
             r = &mut conn => bail!("connection closed: {}", match r {
                 Ok(Ok(())) => "by the scheduler".to_string(),
                 Ok(Err(e)) => e.to_string(),
@@ -262,39 +261,4 @@ async fn resolve(client: &scheduler::Client, host: &str) -> capnp::Result<Resolv
 fn reason(e: &capnp::Error) -> String {
     let s = e.extra.as_str();
     s.strip_prefix("remote exception: ").unwrap_or(s).to_owned()
-}
-
-type Conn = tokio::task::JoinHandle<Result<(), capnp::Error>>;
-
-async fn connect(addr: &Addr) -> Result<(scheduler::Client, Conn)> {
-    let mut rpc = match addr {
-        Addr::Tcp(a) => {
-            let s = tokio::net::TcpStream::connect(a)
-                .await
-                .with_context(|| format!("connecting to {a}"))?;
-            s.set_nodelay(true)?;
-            rpc_system(s)
-        }
-        Addr::Unix(p) => {
-            let s = tokio::net::UnixStream::connect(p)
-                .await
-                .with_context(|| format!("connecting to {}", p.display()))?;
-            rpc_system(s)
-        }
-    };
-    let client: scheduler::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
-    Ok((client, tokio::task::spawn_local(rpc)))
-}
-
-fn rpc_system(
-    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
-) -> RpcSystem<rpc_twoparty_capnp::Side> {
-    let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r),
-        futures::io::BufWriter::new(w),
-        rpc_twoparty_capnp::Side::Client,
-        Default::default(),
-    );
-    RpcSystem::new(Box::new(network), None)
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use gateway::link::{Addr, Link};
+use gateway::link::Link;
 use gateway::log;
 use gateway::proxy::{Config, Gateway};
 use gateway::server::{self, Limits};
@@ -16,9 +16,10 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Debug, Parser)]
 #[command(name = "tide-gateway", version)]
 struct Args {
-    /// The scheduler: HOST:PORT or unix:/path.
-    #[arg(long, env = "TIDE_SCHEDULER")]
-    scheduler: Addr,
+    /// The scheduler: HOST:PORT or unix:/path; several schedulers sharing etcd as a
+    /// comma-separated list (routes from any, starts and load reports to the leader).
+    #[arg(long, env = "TIDE_SCHEDULER", value_name = "ADDR[,ADDR...]")]
+    scheduler: String,
     /// Where to serve HTTP/1.1 and h2c.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
@@ -101,7 +102,9 @@ fn main() -> Result<()> {
             Some(addr) => Some(server::bind(addr, "--metrics").await?),
             None => None,
         };
-        let link = Link::start(a.scheduler.clone());
+        let addrs = schedclient::parse_list(&a.scheduler)
+            .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
+        let link = Link::start(addrs);
         let gw = Gateway::new(
             link,
             Config {

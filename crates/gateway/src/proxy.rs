@@ -762,7 +762,9 @@ mod tests {
 
     #[test]
     fn loads_average_the_samples_and_idle_services_drop_out() {
-        let link = Link::start(crate::link::Addr::Unix("/nonexistent/sched.sock".into()));
+        let link = Link::start(vec![schedclient::Addr::Unix(
+            "/nonexistent/sched.sock".into(),
+        )]);
         let gw = Gateway::new(
             link,
             Config {

@@ -139,7 +139,9 @@ pub async fn run(sh: Rc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        step(&sh);
+        if sh.leading() {
+            step(&sh);
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The scheduler's state and operations. [`Daemon`] holds the catalog (sched's
 //! [`Catalog`]), the cluster view ([`Cluster`]), placed instances, hosts, pools and warm
-//! VMs, and persists every change to the [`castore::Kv`] (see [`crate::state`]).
+//! VMs, and persists every change to the [`Store`] (see [`crate::state`]).
 //!
 //! Operations that call hosts are `async` functions over [`Shared`]: they plan with the
 //! state borrowed (placements are committed into the cluster so concurrent plans see
@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use castore::{Kv, KvBatch};
 use futures::future::join_all;
 use sched::model::{Catalog, EnvVar, ResolvedService, Route, Sharing, entry_hostname};
 use sched::placement::{
@@ -32,9 +31,10 @@ use crate::hostcall::{self, WarmReport};
 use crate::log;
 use crate::routes::Routes;
 use crate::state::{
-    self, HostRec, ImageRec, InstState, InstanceRec, PoolRec, Prepared, Spec, StoredFile,
+    self, Batch, HostRec, ImageRec, InstState, InstanceRec, PoolRec, Prepared, Spec, StoredFile,
     VolumeReq, WarmRec,
 };
+use crate::store::Store;
 
 /// A host as the daemon knows it: its last report and, while connected, its capability.
 pub struct HostEntry {
@@ -57,7 +57,10 @@ impl std::fmt::Debug for HostEntry {
 
 /// Everything the scheduler knows. See the module doc.
 pub struct Daemon {
-    kv: Kv,
+    store: Rc<Store>,
+    /// A follower's view: loaded from etcd, its hosts connected to the leader (an
+    /// instance shows the state the leader recorded, not "pending").
+    follower: bool,
     /// Signalled by every state write (see [`crate::routes`]).
     changed: Rc<tokio::sync::Notify>,
     pub catalog: Catalog,
@@ -85,9 +88,24 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
+/// Whether this scheduler may change the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Its state is a local directory: the only scheduler, always leading.
+    Local,
+    /// It holds the etcd leader key.
+    Leader,
+    /// Another scheduler leads (at `leader`, "" while none is elected).
+    Follower { leader: String },
+}
+
 /// What every capability of one daemon shares.
 pub struct Shared {
     pub state: RefCell<Daemon>,
+    pub store: Rc<Store>,
+    pub role: RefCell<Role>,
+    /// Where clients reach this scheduler (the leader key names it).
+    pub advertise: String,
     /// Held by every operation that changes the catalog or placements.
     pub op: tokio::sync::Mutex<()>,
     /// A host that sends no heartbeat for this long is marked down.
@@ -108,16 +126,63 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub fn new(daemon: Daemon, host_timeout: Duration) -> Rc<Shared> {
+    pub fn new(
+        daemon: Daemon,
+        host_timeout: Duration,
+        role: Role,
+        advertise: String,
+    ) -> Rc<Shared> {
         let routes = Routes::new(daemon.changed.clone());
         Rc::new(Shared {
             routes,
             autoscale: Default::default(),
+            store: daemon.store.clone(),
+            role: RefCell::new(role),
+            advertise,
             state: RefCell::new(daemon),
             op: tokio::sync::Mutex::new(()),
             host_timeout,
             next_session: Cell::new(1),
         })
+    }
+}
+
+impl Shared {
+    /// Refuses a change unless this scheduler leads, naming the leader.
+    pub fn lead(&self) -> Result<()> {
+        match &*self.role.borrow() {
+            Role::Local | Role::Leader => Ok(()),
+            Role::Follower { leader } => Err(Error::NotLeader(leader.clone())),
+        }
+    }
+
+    pub fn leading(&self) -> bool {
+        self.lead().is_ok()
+    }
+
+    pub fn set_role(&self, role: Role) {
+        let mut r = self.role.borrow_mut();
+        if *r != role {
+            log!("role: {role:?}");
+            *r = role;
+        }
+    }
+
+    /// Replaces the view with one built from `records` (a follower's reload, a new
+    /// leader's start). Hosts' capabilities are dropped: a new leader waits for them to
+    /// register again, as after a restart.
+    pub fn install(&self, records: &state::Records, follower: bool) -> Result<()> {
+        let changed = self.state.borrow().changed.clone();
+        let mut d = Daemon::load(self.store.clone(), records, changed)?;
+        d.set_follower(follower);
+        *self.state.borrow_mut() = d;
+        self.state.borrow().changed.notify_one();
+        Ok(())
+    }
+
+    /// Waits until every change made so far is durable (see [`Store::durable`]).
+    pub async fn durable(&self) -> Result<()> {
+        self.store.durable().await
     }
 }
 
@@ -271,12 +336,8 @@ fn sharing_str(s: Sharing) -> &'static str {
     }
 }
 
-fn write(d: &Daemon, batch: KvBatch) {
-    // A failed state write is logged, not returned: the hosts already acted, and the
-    // next change rewrites the records it touches.
-    if let Err(e) = d.kv.write(batch) {
-        log!("state write failed: {e}");
-    }
+fn write(d: &Daemon, batch: Batch) {
+    d.store.write(batch);
     d.changed.notify_one();
 }
 
@@ -294,13 +355,18 @@ impl Daemon {
         self.changed.notify_one();
     }
 
-    /// Opens the state at `path` and rebuilds the catalog and cluster from it. Hosts
-    /// start down until they register again; records that no longer fit (a variant
-    /// whose stack is gone) are logged and skipped.
-    pub fn load(kv: Kv) -> Result<Daemon> {
+    /// Rebuilds the catalog and cluster from `records`, later changes going to `store`.
+    /// Hosts start down until they register again; records that no longer fit (a
+    /// variant whose stack is gone) are logged and skipped.
+    pub fn load(
+        store: Rc<Store>,
+        records: &state::Records,
+        changed: Rc<tokio::sync::Notify>,
+    ) -> Result<Daemon> {
         let mut d = Daemon {
-            kv,
-            changed: Rc::new(tokio::sync::Notify::new()),
+            store,
+            follower: false,
+            changed,
             catalog: Catalog::new(),
             files: BTreeMap::new(),
             cluster: Cluster::new(Policy::default()),
@@ -310,7 +376,7 @@ impl Daemon {
             warm: BTreeMap::new(),
             draining: Default::default(),
         };
-        for (name, f) in state::scan::<StoredFile>(&d.kv, "stack/")? {
+        for (name, f) in state::scan::<StoredFile>(records, "stack/")? {
             match parse(&f.file, &f.source)
                 .map_err(Error::from)
                 .and_then(|p| {
@@ -325,18 +391,18 @@ impl Daemon {
                 Err(e) => log!("skipping stored stack {name}: {e}"),
             }
         }
-        for (key, v) in state::scan::<state::StoredVariant>(&d.kv, "variant/")? {
+        for (key, v) in state::scan::<state::StoredVariant>(records, "variant/")? {
             if let Err(e) = d.catalog.put_variant(v) {
                 log!("skipping stored variant {key}: {e}");
             }
         }
-        for (domain, target) in state::scan::<String>(&d.kv, "alias/")? {
+        for (domain, target) in state::scan::<String>(records, "alias/")? {
             if let Err(e) = d.catalog.put_alias(&domain, &target) {
                 log!("skipping stored alias {domain}: {e}");
             }
         }
         let now = Instant::now();
-        for (id, rec) in state::scan::<HostRec>(&d.kv, "host/")? {
+        for (id, rec) in state::scan::<HostRec>(records, "host/")? {
             d.cluster.upsert_host(rec.inventory.clone());
             d.cluster.mark_down(&id)?;
             d.hosts.insert(
@@ -349,14 +415,14 @@ impl Daemon {
                 },
             );
         }
-        for (name, rec) in state::scan::<PoolRec>(&d.kv, "pool/")? {
+        for (name, rec) in state::scan::<PoolRec>(records, "pool/")? {
             if let Err(e) = d.cluster.add_pool(rec.pool.clone(), rec.image.clone()) {
                 log!("skipping stored pool {name}: {e}");
                 continue;
             }
             d.pools.insert(name, rec);
         }
-        for (id, rec) in state::scan::<InstanceRec>(&d.kv, "instance/")? {
+        for (id, rec) in state::scan::<InstanceRec>(records, "instance/")? {
             if rec.state != InstState::Lost
                 && let Err(e) = d.cluster.commit(&id, &rec.workload, &where_it_is(&rec))
             {
@@ -364,7 +430,7 @@ impl Daemon {
             }
             d.instances.insert(id, rec);
         }
-        for (id, rec) in state::scan::<WarmRec>(&d.kv, "warm/")? {
+        for (id, rec) in state::scan::<WarmRec>(records, "warm/")? {
             match d.cluster.add_warm_vm(&rec.pool, &rec.host, rec.hypervisor) {
                 Ok(vm) => {
                     d.warm.insert(id, (rec, vm));
@@ -373,6 +439,20 @@ impl Daemon {
             }
         }
         Ok(d)
+    }
+
+    /// Marks the view as a follower's (see [`Daemon::view`]).
+    pub fn set_follower(&mut self, on: bool) {
+        self.follower = on;
+    }
+
+    /// How many records the view holds (stacks, instances, hosts, pools, warm VMs).
+    pub fn record_count(&self) -> usize {
+        self.files.len()
+            + self.instances.len()
+            + self.hosts.len()
+            + self.pools.len()
+            + self.warm.len()
     }
 
     fn client(&self, host: &str) -> Option<host::Client> {
@@ -387,7 +467,11 @@ impl Daemon {
     }
 
     pub fn view(&self, rec: &InstanceRec) -> InstanceView {
-        let connected = self.client(&rec.host).is_some();
+        let connected = if self.follower {
+            self.hosts.get(&rec.host).is_some_and(|h| h.rec.up)
+        } else {
+            self.client(&rec.host).is_some()
+        };
         let state = match rec.state {
             InstState::Lost => "lost",
             _ if !connected => "pending",
@@ -755,7 +839,7 @@ impl Daemon {
         &mut self,
         plan: &mut DeployPlan,
         prepared: Vec<Prepared>,
-        batch: &mut KvBatch,
+        batch: &mut Batch,
     ) -> Vec<(String, String)> {
         for (p, prep) in plan.planned.iter().zip(prepared) {
             let mut rec = p.rec.clone();
@@ -778,8 +862,8 @@ impl Daemon {
     }
 
     /// Persists the stack's file, variants and the file's aliases.
-    fn persist_catalog(&mut self, stack: &str, f: &StackFile, stored: StoredFile) -> KvBatch {
-        let mut batch = KvBatch::new();
+    fn persist_catalog(&mut self, stack: &str, f: &StackFile, stored: StoredFile) -> Batch {
+        let mut batch = Batch::new();
         if f.stack.is_some() {
             state::put(&mut batch, &state::stack_key(stack), &stored);
             self.files.insert(stack.to_owned(), stored);
@@ -915,7 +999,7 @@ impl Daemon {
     fn forget_instances(
         &mut self,
         pick: impl Fn(&InstanceRec) -> bool,
-        batch: &mut KvBatch,
+        batch: &mut Batch,
     ) -> Vec<(String, String)> {
         let ids: Vec<String> = self
             .instances
@@ -937,7 +1021,7 @@ impl Daemon {
     /// Places the lost instances again where they now fit (a host came back or joined)
     /// and commits them; returns what to prepare. Those that still fit nowhere stay
     /// lost.
-    fn plan_revive(&mut self, batch: &mut KvBatch) -> Vec<(host::Client, String, Spec)> {
+    fn plan_revive(&mut self, batch: &mut Batch) -> Vec<(host::Client, String, Spec)> {
         let lost: Vec<String> = self
             .instances
             .values()
@@ -1181,7 +1265,7 @@ fn failed_conversions<'a, T>(
 /// Records the answers of `prepare_existing`'s prepares.
 fn prepare_recorded(sh: &Rc<Shared>, ids: &[String], results: Vec<Result<Prepared>>, what: &str) {
     let mut d = sh.state.borrow_mut();
-    let mut batch = KvBatch::new();
+    let mut batch = Batch::new();
     for (iid, r) in ids.iter().zip(results) {
         let Some(rec) = d.instances.get_mut(iid) else {
             continue;
@@ -1227,6 +1311,7 @@ pub async fn deploy(
         }
     }
     let _op = sh.op.lock().await;
+    sh.lead()?;
     let (mut plan, saved, stack) = {
         let mut d = sh.state.borrow_mut();
         let saved = d.catalog.clone();
@@ -1272,7 +1357,7 @@ pub async fn deploy(
             let mut d = sh.state.borrow_mut();
             d.undo(&plan.planned);
             d.catalog = saved;
-            let mut batch = KvBatch::new();
+            let mut batch = Batch::new();
             for w in &plan.converted {
                 batch.delete(state::warm_key(w));
             }
@@ -1318,6 +1403,9 @@ fn refill_later(sh: &Rc<Shared>) {
     let sh = sh.clone();
     tokio::task::spawn_local(async move {
         let _op = sh.op.lock().await;
+        if !sh.leading() {
+            return;
+        }
         replenish(&sh).await;
     });
 }
@@ -1333,7 +1421,7 @@ async fn add_pool(sh: &Rc<Shared>, pool: Pool) -> Result<()> {
             image,
             boot_image,
         };
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         state::put(&mut batch, &state::pool_key(rec.pool.name.as_str()), &rec);
         write(&d, batch);
         d.pools.insert(rec.pool.name.to_string(), rec);
@@ -1375,7 +1463,7 @@ async fn boot_all(sh: &Rc<Shared>, boots: Vec<PoolBoot>) {
         }))
         .await;
     let mut d = sh.state.borrow_mut();
-    let mut batch = KvBatch::new();
+    let mut batch = Batch::new();
     for ((_, b, image), r) in calls.into_iter().zip(results) {
         match r {
             Ok(w) => {
@@ -1434,6 +1522,7 @@ pub async fn create_pool(
         )));
     }
     let _op = sh.op.lock().await;
+    sh.lead()?;
     if sh.state.borrow().pools.contains_key(name.as_str()) {
         return Err(Error::BadRequest(format!("pool {name} exists already")));
     }
@@ -1452,13 +1541,14 @@ pub async fn create_pool(
 
 pub async fn remove_pool(sh: &Rc<Shared>, name: &str) -> Result<()> {
     let _op = sh.op.lock().await;
+    sh.lead()?;
     let releases = {
         let mut d = sh.state.borrow_mut();
         let Some(rec) = d.pools.remove(name) else {
             return Err(Error::BadRequest(format!("no pool {name:?}")));
         };
         d.cluster.remove_pool(&rec.pool.name)?;
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         batch.delete(state::pool_key(name));
         let ids: Vec<String> = d
             .warm
@@ -1484,11 +1574,12 @@ pub async fn remove_pool(sh: &Rc<Shared>, name: &str) -> Result<()> {
 
 pub async fn add_alias(sh: &Rc<Shared>, domain: &str, target: &str) -> Result<()> {
     let _op = sh.op.lock().await;
+    sh.lead()?;
     let mut d = sh.state.borrow_mut();
     d.catalog.put_alias(domain, target)?;
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let target = target.trim_end_matches('.').to_ascii_lowercase();
-    let mut batch = KvBatch::new();
+    let mut batch = Batch::new();
     state::put(&mut batch, &state::alias_key(&domain), &target);
     write(&d, batch);
     Ok(())
@@ -1496,10 +1587,11 @@ pub async fn add_alias(sh: &Rc<Shared>, domain: &str, target: &str) -> Result<()
 
 pub async fn remove_alias(sh: &Rc<Shared>, domain: &str) -> Result<()> {
     let _op = sh.op.lock().await;
+    sh.lead()?;
     let mut d = sh.state.borrow_mut();
     d.catalog.remove_alias(domain)?;
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-    let mut batch = KvBatch::new();
+    let mut batch = Batch::new();
     batch.delete(state::alias_key(&domain));
     write(&d, batch);
     Ok(())
@@ -1519,6 +1611,7 @@ fn alias_into(d: &Daemon, stack: &str, variant: Option<&str>) -> Option<(String,
 /// into it).
 pub async fn remove_stack(sh: &Rc<Shared>, name: &str) -> Result<()> {
     let _op = sh.op.lock().await;
+    sh.lead()?;
     let releases = {
         let mut d = sh.state.borrow_mut();
         if d.catalog.stack(name).is_none() {
@@ -1535,7 +1628,7 @@ pub async fn remove_stack(sh: &Rc<Shared>, name: &str) -> Result<()> {
             .variants_of(name)
             .map(|v| v.name.to_string())
             .collect();
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         let removed = (|| {
             for v in &variants {
                 d.catalog.remove_variant(name, v)?;
@@ -1559,6 +1652,7 @@ pub async fn remove_stack(sh: &Rc<Shared>, name: &str) -> Result<()> {
 
 pub async fn remove_variant(sh: &Rc<Shared>, stack: &str, name: &str) -> Result<()> {
     let _op = sh.op.lock().await;
+    sh.lead()?;
     let releases = {
         let mut d = sh.state.borrow_mut();
         if let Some((domain, target)) = alias_into(&d, stack, Some(name)) {
@@ -1567,7 +1661,7 @@ pub async fn remove_variant(sh: &Rc<Shared>, stack: &str, name: &str) -> Result<
             )));
         }
         d.catalog.remove_variant(stack, name)?;
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         batch.delete(state::variant_key(stack, name));
         let releases = d.forget_instances(
             |r| r.stack.as_str() == stack && r.variant.as_ref().is_some_and(|v| v.as_str() == name),
@@ -1593,6 +1687,7 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
         });
     }
     let _op = sh.op.lock().await;
+    sh.lead()?;
     // Another resolve may have started it while this one waited.
     if let Some(instance) = sh.state.borrow().pick_instance(&key) {
         return Ok(RouteView {
@@ -1616,6 +1711,7 @@ pub async fn resolve(sh: &Rc<Shared>, hostname: &str) -> Result<RouteView> {
 pub async fn start_one(sh: &Rc<Shared>, hostname: &str) -> Result<InstanceView> {
     let route = sh.state.borrow().catalog.resolve(hostname)?;
     let _op = sh.op.lock().await;
+    sh.lead()?;
     start_locked(sh, hostname, &route).await
 }
 
@@ -1668,7 +1764,7 @@ async fn start_locked(sh: &Rc<Shared>, hostname: &str, route: &Route) -> Result<
         let mut d = sh.state.borrow_mut();
         match r {
             Ok(prep) => {
-                let mut batch = KvBatch::new();
+                let mut batch = Batch::new();
                 d.record(&mut plan, vec![prep], &mut batch);
                 write(&d, batch);
                 plan.report.placed.pop().expect("recorded")
@@ -1687,8 +1783,11 @@ async fn start_locked(sh: &Rc<Shared>, hostname: &str, route: &Route) -> Result<
 pub async fn stop_instances(sh: &Rc<Shared>, ids: &[String]) {
     let releases = {
         let _op = sh.op.lock().await;
+        if !sh.leading() {
+            return;
+        }
         let mut d = sh.state.borrow_mut();
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         let r = d.forget_instances(|r| ids.contains(&r.id), &mut batch);
         write(&d, batch);
         r
@@ -1714,7 +1813,7 @@ pub fn register(
         last_seen: unix_now(),
         up: true,
     };
-    let mut batch = KvBatch::new();
+    let mut batch = Batch::new();
     state::put(&mut batch, &state::host_key(&id), &rec);
     write(&d, batch);
     d.hosts.insert(
@@ -1767,13 +1866,13 @@ pub fn heartbeat(
         h.rec.inventory = inv.clone();
         h.rec.images = images;
         d.cluster.upsert_host(inv);
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         state::put(&mut batch, &state::host_key(id), &h.rec);
         write(d, batch);
     }
     // Guests' states: kept as reported, stored when a phase changes (an app that
     // exited, a VM that died), so a restarted scheduler shows them too.
-    let mut batch = KvBatch::new();
+    let mut batch = Batch::new();
     for (instance, g) in guests {
         let Some(rec) = d.instances.get_mut(&instance) else {
             continue;
@@ -1847,7 +1946,7 @@ pub async fn control(sh: &Rc<Shared>, id: &str, action: &str) -> Result<Instance
         .get_mut(id)
         .ok_or_else(|| Error::BadRequest(format!("instance {id} was released meanwhile")))?;
     rec.prepared = p;
-    let mut batch = KvBatch::new();
+    let mut batch = Batch::new();
     state::put(&mut batch, &state::instance_key(id), &*rec);
     let rec = rec.clone();
     write(d, batch);
@@ -1861,6 +1960,9 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
     // Under the lock from the host's answer on: a deploy in between would otherwise
     // prepare or boot something the answer does not show, and this would undo it.
     let _op = sh.op.lock().await;
+    if !sh.leading() {
+        return;
+    }
     let Some(client) = sh.state.borrow().client(&id) else {
         return;
     };
@@ -1877,7 +1979,7 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
         if d.hosts.get(&id).is_none_or(|h| h.session != session) {
             return;
         }
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         let mut releases = Vec::new();
         let reported: BTreeSet<String> = prepared.iter().map(|p| p.instance.clone()).collect();
         for p in prepared {
@@ -1936,7 +2038,7 @@ pub async fn reconcile(sh: Rc<Shared>, id: String, session: u64) {
     // Capacity may have come back: lost instances get another chance.
     let revive = {
         let mut d = sh.state.borrow_mut();
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         let r = d.plan_revive(&mut batch);
         write(&d, batch);
         r
@@ -1949,7 +2051,7 @@ fn adopt_warm(
     d: &mut Daemon,
     host: &str,
     w: WarmReport,
-    batch: &mut KvBatch,
+    batch: &mut Batch,
     releases: &mut Vec<(String, String)>,
 ) {
     if d.warm.contains_key(&w.id) {
@@ -1995,6 +2097,9 @@ pub async fn monitor(sh: Rc<Shared>) {
     let tick = (sh.host_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         tokio::time::sleep(tick).await;
+        if !sh.leading() {
+            continue;
+        }
         let expired: Vec<String> = sh
             .state
             .borrow()
@@ -2014,6 +2119,7 @@ pub async fn monitor(sh: Rc<Shared>) {
 /// Marks a host down and moves its instances (see `Cluster::fail_host`).
 pub async fn fail_host(sh: &Rc<Shared>, id: &str) -> Result<()> {
     let _op = sh.op.lock().await;
+    sh.lead()?;
     let (prepares, boots) = {
         let mut d = sh.state.borrow_mut();
         let d = &mut *d;
@@ -2026,7 +2132,7 @@ pub async fn fail_host(sh: &Rc<Shared>, id: &str) -> Result<()> {
         }
         h.rec.up = false;
         h.client = None;
-        let mut batch = KvBatch::new();
+        let mut batch = Batch::new();
         state::put(&mut batch, &state::host_key(id), &h.rec);
         let plan = d.cluster.fail_host(id)?;
         let lost: Vec<String> = d

@@ -38,6 +38,12 @@ pub enum Error {
     /// The state store failed.
     #[error("state store: {0}")]
     Store(#[from] castore::Error),
+    /// A change sent to a follower; the leader's address, "" while none is elected.
+    #[error("{}", not_leader(.0))]
+    NotLeader(String),
+    /// A change that was made but could not be stored: this scheduler stopped leading.
+    #[error("the change was not stored: {0}; this scheduler stepped down, retry with the leader")]
+    Lost(String),
     /// A stored record did not decode (a bug or a foreign state directory).
     #[error("state record {key}: {reason}")]
     Record {
@@ -46,6 +52,14 @@ pub enum Error {
         /// Why it did not decode.
         reason: String,
     },
+}
+
+fn not_leader(leader: &str) -> String {
+    if leader.is_empty() {
+        "not the leader, and no leader is elected yet: retry in a few seconds".into()
+    } else {
+        format!("not the leader: the leader is at {leader}")
+    }
 }
 
 /// Several messages (a file's parse errors) joined on one line.

@@ -1,6 +1,7 @@
 //! schedd: the scheduler daemon `sched`. It serves `schema`'s `sched.capnp` (bootstrap
 //! `Scheduler`) over TCP or a Unix socket, keeps its state in a [`castore::Kv`] at
-//! `DATA/state`, and drives hosts (volumed) through the `Host` capability each one hands
+//! `DATA/state` or in etcd shared by several schedulers of which one leads
+//! ([`store`], [`etcd`]), and drives hosts (volumed) through the `Host` capability each one hands
 //! it at registration.
 //!
 //! It owns the daemon side of scheduling: persistence ([`state`]), the operations that
@@ -15,12 +16,14 @@
 pub mod autoscale;
 pub mod daemon;
 pub mod error;
+pub mod etcd;
 pub mod hostcall;
 pub mod net;
 pub mod routes;
 pub mod rpc;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod testing;
 pub mod wire;
 

@@ -9,7 +9,7 @@ use capnp::capability::Rc as CapRc;
 use sched::types::Hypervisor;
 use schema::sched_capnp::{host_session, scheduler, stack};
 
-use crate::daemon::{self, Shared};
+use crate::daemon::{self, Role, Shared};
 use crate::error::Error;
 use crate::wire::{self, text};
 
@@ -48,6 +48,32 @@ impl scheduler::Server for SchedulerImpl {
         Ok(())
     }
 
+    async fn leader(
+        self: CapRc<Self>,
+        _: scheduler::LeaderParams,
+        mut results: scheduler::LeaderResults,
+    ) -> Result<(), capnp::Error> {
+        let mut r = results.get();
+        match &*self.0.role.borrow() {
+            Role::Local => {
+                r.set_leading(true);
+                r.set_leader(&self.0.advertise);
+                r.set_store("local");
+            }
+            Role::Leader => {
+                r.set_leading(true);
+                r.set_leader(&self.0.advertise);
+                r.set_store("etcd");
+            }
+            Role::Follower { leader } => {
+                r.set_leading(false);
+                r.set_leader(leader);
+                r.set_store("etcd");
+            }
+        }
+        Ok(())
+    }
+
     async fn deploy(
         self: CapRc<Self>,
         params: scheduler::DeployParams,
@@ -61,6 +87,7 @@ impl scheduler::Server for SchedulerImpl {
         let variant = Some(variant.as_str()).filter(|v| !v.is_empty());
         let report =
             daemon::deploy(&self.0, &file, &source, variant, None, p.get_explain(), hv).await?;
+        self.0.durable().await?;
         let st = stack_client(&self.0, &report.stack)?;
         let mut r = results.get();
         wire::set_deploy_report(r.reborrow().init_report(), &report);
@@ -138,6 +165,7 @@ impl scheduler::Server for SchedulerImpl {
         let image = text(p.get_image())?;
         let view =
             daemon::create_pool(&self.0, &name, &layers, &image, p.get_min(), p.get_max()).await?;
+        self.0.durable().await?;
         wire::set_pool_info(results.get().init_pool(), &view);
         Ok(())
     }
@@ -149,6 +177,7 @@ impl scheduler::Server for SchedulerImpl {
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name())?;
         daemon::remove_pool(&self.0, &name).await?;
+        self.0.durable().await?;
         Ok(())
     }
 
@@ -181,6 +210,7 @@ impl scheduler::Server for SchedulerImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         daemon::add_alias(&self.0, &text(p.get_domain())?, &text(p.get_target())?).await?;
+        self.0.durable().await?;
         Ok(())
     }
 
@@ -190,6 +220,7 @@ impl scheduler::Server for SchedulerImpl {
         _: scheduler::RemoveAliasResults,
     ) -> Result<(), capnp::Error> {
         daemon::remove_alias(&self.0, &text(params.get()?.get_domain())?).await?;
+        self.0.durable().await?;
         Ok(())
     }
 
@@ -200,6 +231,9 @@ impl scheduler::Server for SchedulerImpl {
     ) -> Result<(), capnp::Error> {
         let hostname = text(params.get()?.get_hostname())?;
         let route = daemon::resolve(&self.0, &hostname).await?;
+        if route.started {
+            self.0.durable().await?;
+        }
         wire::set_route(results.get().init_route(), &route);
         Ok(())
     }
@@ -209,6 +243,7 @@ impl scheduler::Server for SchedulerImpl {
         params: scheduler::LogsParams,
         mut results: scheduler::LogsResults,
     ) -> Result<(), capnp::Error> {
+        self.0.lead()?;
         let p = params.get()?;
         let id = text(p.get_instance())?;
         let (data, next, ended) =
@@ -228,7 +263,9 @@ impl scheduler::Server for SchedulerImpl {
         let p = params.get()?;
         let id = text(p.get_instance())?;
         let action = text(p.get_action())?;
+        self.0.lead()?;
         let v = daemon::control(&self.0, &id, &action).await?;
+        self.0.durable().await?;
         wire::set_instance_info(results.get().init_instance(), &v);
         Ok(())
     }
@@ -259,6 +296,7 @@ impl scheduler::Server for SchedulerImpl {
         params: scheduler::ReportLoadParams,
         mut results: scheduler::ReportLoadResults,
     ) -> Result<(), capnp::Error> {
+        self.0.lead()?;
         let p = params.get()?;
         let front_end = wire::text(p.get_front_end())?;
         if front_end.is_empty() {
@@ -319,11 +357,13 @@ impl scheduler::Server for SchedulerImpl {
         params: scheduler::RegisterParams,
         mut results: scheduler::RegisterResults,
     ) -> Result<(), capnp::Error> {
+        self.0.lead()?;
         let p = params.get()?;
         let client = p.get_host()?;
         let (inv, images) = wire::inventory_from(p.get_inventory()?)?;
         let id = inv.id.clone();
         let session = daemon::register(&self.0, client, inv, images);
+        self.0.durable().await?;
         tokio::task::spawn_local(daemon::reconcile(self.0.clone(), id.clone(), session));
         results
             .get()
@@ -397,6 +437,7 @@ impl stack::Server for StackImpl {
         _: stack::RemoveResults,
     ) -> Result<(), capnp::Error> {
         daemon::remove_stack(&self.sh, &self.name).await?;
+        self.sh.durable().await?;
         Ok(())
     }
 
@@ -451,6 +492,7 @@ impl stack::Server for StackImpl {
     ) -> Result<(), capnp::Error> {
         let name = text(params.get()?.get_name())?;
         daemon::remove_variant(&self.sh, &self.name, &name).await?;
+        self.sh.durable().await?;
         Ok(())
     }
 }
@@ -469,6 +511,7 @@ impl host_session::Server for HostSessionImpl {
         params: host_session::HeartbeatParams,
         mut results: host_session::HeartbeatResults,
     ) -> Result<(), capnp::Error> {
+        self.sh.lead()?;
         let p = params.get()?;
         let (inv, images) = wire::inventory_from(p.get_inventory()?)?;
         let mut guests = Vec::new();

@@ -1,27 +1,76 @@
 //! Running the daemon: open the state, listen, serve each connection with its own
-//! `RpcSystem` on one `LocalSet` (capnp-rpc is single-threaded), watch heartbeats.
+//! `RpcSystem` on one `LocalSet` (capnp-rpc is single-threaded), watch heartbeats; with
+//! etcd, campaign for leadership (see [`crate::etcd`]).
 
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use castore::Kv;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::daemon::{self, Daemon, Shared};
+use crate::daemon::{self, Daemon, Role, Shared};
+use crate::etcd::{Etcd, EtcdOptions};
 use crate::log;
 use crate::net::{Addr, check_listen, parse_addr, rpc_system};
 use crate::rpc::SchedulerImpl;
+use crate::store::Store;
+
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub enum StateOptions {
+    /// A data directory (state in DATA/state): one scheduler.
+    Local(PathBuf),
+    /// An etcd cluster several schedulers share.
+    Etcd(EtcdOptions),
+}
 
 /// What `sched` is started with.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// `HOST:PORT` or `unix:/path`.
     pub listen: String,
-    /// The data directory (state in DATA/state).
-    pub data: PathBuf,
+    pub state: StateOptions,
+    /// The address clients are sent to when this scheduler leads (default: the address
+    /// bound).
+    pub advertise: Option<String>,
     pub allow_remote: bool,
     pub host_timeout: Duration,
+}
+
+/// Opens the state: the daemon's view, the role it starts in, and the etcd link.
+async fn open(opts: &Options) -> Result<(Daemon, Role, Option<Rc<Etcd>>)> {
+    let changed = Rc::new(tokio::sync::Notify::new());
+    match &opts.state {
+        StateOptions::Local(data) => {
+            std::fs::create_dir_all(data)
+                .with_context(|| format!("creating {}", data.display()))?;
+            let kv = Kv::open(data.join("state"))
+                .with_context(|| format!("opening {}", data.join("state").display()))?;
+            let records = Store::load_local(&kv).context("reading the scheduler state")?;
+            let d = Daemon::load(Rc::new(Store::Local(kv)), &records, changed)
+                .context("loading the scheduler state")?;
+            Ok((d, Role::Local, None))
+        }
+        StateOptions::Etcd(eo) => {
+            let etcd = Etcd::connect(eo.clone()).await?;
+            let loaded = etcd.load().await?;
+            let store = Rc::new(Store::Etcd(etcd.writer.clone()));
+            let mut d = Daemon::load(store, &loaded.records, changed)
+                .context("loading the scheduler state from etcd")?;
+            d.set_follower(true);
+            let leader = loaded.leader.map(|l| l.0).unwrap_or_default();
+            Ok((d, Role::Follower { leader }, Some(Rc::new(etcd))))
+        }
+    }
+}
+
+fn describe(s: &StateOptions) -> String {
+    match s {
+        StateOptions::Local(d) => d.display().to_string(),
+        StateOptions::Etcd(e) => format!("etcd {} under {}", e.endpoints.join(","), e.prefix),
+    }
 }
 
 enum Listener {
@@ -34,17 +83,12 @@ enum Listener {
 pub fn run(opts: &Options, ready: Option<std::sync::mpsc::Sender<String>>) -> Result<()> {
     let addr = parse_addr(&opts.listen).context("--listen")?;
     check_listen(&addr, opts.allow_remote)?;
-    std::fs::create_dir_all(&opts.data)
-        .with_context(|| format!("creating {}", opts.data.display()))?;
-    let kv = Kv::open(opts.data.join("state"))
-        .with_context(|| format!("opening {}", opts.data.join("state").display()))?;
-    let daemon = Daemon::load(kv).context("loading the scheduler state")?;
-    let sh = Shared::new(daemon, opts.host_timeout);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let (daemon, role, etcd) = open(opts).await?;
         let listener = match &addr {
             Addr::Tcp(a) => Listener::Tcp(
                 tokio::net::TcpListener::bind(a)
@@ -70,6 +114,12 @@ pub fn run(opts: &Options, ready: Option<std::sync::mpsc::Sender<String>>) -> Re
             Listener::Tcp(l) => l.local_addr()?.to_string(),
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
         };
+        let advertise = opts.advertise.clone().unwrap_or_else(|| bound.clone());
+        let sh = Shared::new(daemon, opts.host_timeout, role, advertise);
+        if let Some(etcd) = etcd {
+            tokio::task::spawn_local(etcd.writer.clone().run());
+            tokio::task::spawn_local(crate::etcd::run(sh.clone(), etcd));
+        }
         let bootstrap: schema::sched_capnp::scheduler::Client =
             capnp_rpc::new_client(SchedulerImpl(sh.clone()));
         tokio::task::spawn_local(daemon::monitor(sh.clone()));
@@ -79,7 +129,7 @@ pub fn run(opts: &Options, ready: Option<std::sync::mpsc::Sender<String>>) -> Re
         let mut int = signal(SignalKind::interrupt())?;
         log!(
             "serving {} on {bound} (pid {}, host timeout {:?})",
-            opts.data.display(),
+            describe(&opts.state),
             std::process::id(),
             opts.host_timeout
         );

@@ -1,5 +1,6 @@
-//! What the scheduler keeps, as serde records, and where it keeps them: one
-//! [`castore::Kv`] at `DATA/state`, one JSON value per key.
+//! What the scheduler keeps, as serde records, one JSON value per key, in the store
+//! [`crate::store`] picks: a [`castore::Kv`] at `DATA/state`, or etcd under
+//! `PREFIX/state/`.
 //!
 //! | key | value |
 //! |---|---|
@@ -11,11 +12,12 @@
 //! | `host/ID` | [`HostRec`]: the last inventory a host reported |
 //! | `warm/ID` | [`WarmRec`] |
 //!
-//! Every change a call makes is one synced batch ([`castore::KvBatch`]), written after
-//! the hosts answered and before the call returns: a crash loses no acknowledged change
+//! Every change a call makes is one [`Batch`], written atomically after the hosts
+//! answered and durable before the call returns: a crash loses no acknowledged change
 //! and leaves no half of one.
 
-use castore::{Kv, KvBatch};
+use std::collections::BTreeMap;
+
 use sched::placement::{HostInventory, ImageLayer, ImageSpec, Workload};
 use sched::stack::{Pool, Resources, Variant};
 use sched::types::{Hypervisor, Name};
@@ -245,19 +247,56 @@ pub fn warm_key(id: &str) -> String {
     format!("warm/{id}")
 }
 
+/// The kinds of record, by key prefix: a stored key outside them is not the
+/// scheduler's.
+pub const KINDS: [&str; 7] = [
+    "stack/",
+    "variant/",
+    "alias/",
+    "pool/",
+    "instance/",
+    "host/",
+    "warm/",
+];
+
+/// One call's changes, applied all or nothing: puts and deletes in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Each key with its new value, `None` to delete it.
+    pub ops: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+    pub fn put(&mut self, key: impl Into<String>, value: Vec<u8>) {
+        self.ops.push((key.into(), Some(value)));
+    }
+    pub fn delete(&mut self, key: impl Into<String>) {
+        self.ops.push((key.into(), None));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Every record, by key, as a store holds them.
+pub type Records = BTreeMap<String, Vec<u8>>;
+
 /// Puts `value` as JSON under `key` in `batch`.
-pub fn put<T: Serialize>(batch: &mut KvBatch, key: &str, value: &T) {
+pub fn put<T: Serialize>(batch: &mut Batch, key: &str, value: &T) {
     let json = serde_json::to_vec(value).expect("records serialize");
     batch.put(key, json);
 }
 
 /// Every record under `prefix` (`"stack/"`, ...), decoded, with the rest of its key.
-pub fn scan<T: DeserializeOwned>(kv: &Kv, prefix: &str) -> Result<Vec<(String, T)>> {
-    kv.scan_prefix(prefix)?
-        .into_iter()
-        .map(|(k, v)| {
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value = serde_json::from_slice(&v).map_err(|e| Error::Record {
+pub fn scan<T: DeserializeOwned>(records: &Records, prefix: &str) -> Result<Vec<(String, T)>> {
+    records
+        .range(prefix.to_owned()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(key, v)| {
+            let value = serde_json::from_slice(v).map_err(|e| Error::Record {
                 key: key.clone(),
                 reason: e.to_string(),
             })?;

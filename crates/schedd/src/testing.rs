@@ -431,12 +431,23 @@ async fn heartbeats(session: host_session::Client, cfg: HostConfig, beating: Rc<
     while beating.get() {
         let mut req = session.heartbeat_request();
         set_inventory(req.get().init_inventory(), &cfg);
-        let ms = match req.send().promise.await {
-            Ok(r) => r.get().map(|r| r.get_interval_ms()).unwrap_or(1000),
-            Err(_) => return,
+        // Unanswered for 2 s: the scheduler is paused or gone (volumed waits 3 s when
+        // it has several schedulers to choose from).
+        let ms = match tokio::time::timeout(Duration::from_secs(2), req.send().promise).await {
+            Ok(Ok(r)) => r.get().map(|r| r.get_interval_ms()).unwrap_or(1000),
+            _ => return,
         };
         tokio::time::sleep(Duration::from_millis(u64::from(ms.max(10)))).await;
     }
+}
+
+/// Runs `f` on a current-thread runtime with a `LocalSet`, as capnp-rpc needs.
+pub fn local<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    tokio::task::LocalSet::new().block_on(&rt, f);
 }
 
 /// A wire error as its one-line reason.
@@ -670,4 +681,232 @@ pub async fn stack(s: &scheduler::Client, name: &str) -> schema::sched_capnp::st
     let mut req = s.stack_request();
     req.get().set_name(name);
     req.send().pipeline.get_stack()
+}
+
+/// A fake host that follows the leader among several schedulers, as volumed's link
+/// does: it finds the one that leads, registers, heartbeats, and when that ends (the
+/// leader died, or stepped down and refuses heartbeats) finds the leader again every
+/// 100 ms. What it holds (`rec`) survives the moves, so each new leader reconciles it.
+pub struct FollowingHost {
+    pub id: String,
+    pub rec: Rc<RefCell<Record>>,
+    /// Every registration: when it was accepted and with which scheduler.
+    pub registrations: Rc<RefCell<Vec<(std::time::Instant, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FollowingHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowingHost")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FollowingHost {
+    /// Starts following `addrs` (`ADDR,ADDR,...`). Must run on a `LocalSet`.
+    pub fn start(addrs: &str, cfg: HostConfig) -> Result<FollowingHost> {
+        let list = schedclient::parse_list(addrs).map_err(|e| anyhow!("{e}"))?;
+        let rec = Rc::new(RefCell::new(Record::default()));
+        let registrations = Rc::new(RefCell::new(Vec::new()));
+        let task = tokio::task::spawn_local(follow(
+            list,
+            cfg.clone(),
+            rec.clone(),
+            registrations.clone(),
+        ));
+        Ok(FollowingHost {
+            id: cfg.id,
+            rec,
+            registrations,
+            task,
+        })
+    }
+
+    /// Ids of the instances it holds prepared.
+    pub fn prepared(&self) -> Vec<String> {
+        self.rec.borrow().prepared.keys().cloned().collect()
+    }
+
+    /// The scheduler it last registered with and when.
+    pub fn last_registration(&self) -> Option<(std::time::Instant, String)> {
+        self.registrations.borrow().last().cloned()
+    }
+}
+
+impl Drop for FollowingHost {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn follow(
+    addrs: Vec<schedclient::Addr>,
+    cfg: HostConfig,
+    rec: Rc<RefCell<Record>>,
+    registrations: Rc<RefCell<Vec<(std::time::Instant, String)>>>,
+) {
+    loop {
+        if let Ok(found) = schedclient::find(&addrs, false).await {
+            let handle = Rc::new(RefCell::new(Some(found.connection.abort_handle())));
+            let host: host::Client = capnp_rpc::new_client(HostImpl {
+                cfg: cfg.clone(),
+                rec: rec.clone(),
+                connection: handle,
+            });
+            let mut req = found.client.register_request();
+            req.get().set_host(host);
+            set_inventory(req.get().init_inventory(), &cfg);
+            let session = match req.send().promise.await {
+                Ok(r) => r.get().and_then(|r| r.get_session()).ok(),
+                Err(_) => None,
+            };
+            if let Some(session) = session {
+                registrations
+                    .borrow_mut()
+                    .push((std::time::Instant::now(), found.addr.to_string()));
+                heartbeats(session, cfg.clone(), Rc::new(Cell::new(true))).await;
+            }
+            found.connection.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A local etcd cluster for tests and benchmarks: `etcd` from Debian (`etcd-server`),
+/// each member with its own loopback ports and data directory under `dir`. Dropping
+/// it kills the members.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    pub dir: std::path::PathBuf,
+    pub members: Vec<EtcdMember>,
+}
+
+/// One member of an [`EtcdCluster`].
+#[derive(Debug)]
+pub struct EtcdMember {
+    pub name: String,
+    pub client_url: String,
+    pub peer_url: String,
+    pub child: Option<std::process::Child>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl EtcdCluster {
+    /// Starts `n` members under `dir` and waits until the cluster answers a write.
+    pub async fn start(dir: &std::path::Path, n: usize) -> Result<EtcdCluster> {
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(EtcdMember {
+                name: format!("m{i}"),
+                client_url: format!("http://127.0.0.1:{}", free_port()?),
+                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                child: None,
+            });
+        }
+        let initial: Vec<String> = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect();
+        let initial = initial.join(",");
+        for m in &mut members {
+            let data = dir.join(&m.name);
+            std::fs::create_dir_all(&data)?;
+            let log = std::fs::File::create(dir.join(format!("{}.log", m.name)))?;
+            let child = std::process::Command::new("etcd")
+                .arg("--name")
+                .arg(&m.name)
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["--listen-client-urls", &m.client_url])
+                .args(["--advertise-client-urls", &m.client_url])
+                .args(["--listen-peer-urls", &m.peer_url])
+                .args(["--initial-advertise-peer-urls", &m.peer_url])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "tidedge-test"])
+                .args(["--logger", "zap", "--log-level", "warn"])
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .map_err(|e| anyhow!("starting etcd (Debian's etcd-server): {e}"))?;
+            m.child = Some(child);
+        }
+        let c = EtcdCluster {
+            dir: dir.to_owned(),
+            members,
+        };
+        c.wait_ready(Duration::from_secs(30)).await?;
+        Ok(c)
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// The client URLs as `--etcd` takes them.
+    pub fn endpoints_arg(&self) -> String {
+        self.endpoints().join(",")
+    }
+
+    /// A client of the cluster's running members.
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        let live: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client_url.clone())
+            .collect();
+        Ok(etcd_client::Client::connect(
+            live,
+            Some(
+                etcd_client::ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(2))
+                    .with_timeout(Duration::from_secs(5)),
+            ),
+        )
+        .await?)
+    }
+
+    /// Waits until a write through any member is committed.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let r = async {
+                let mut c = self.client().await?;
+                c.put("/tidedge-test/ready", "1", None).await?;
+                anyhow::Ok(())
+            }
+            .await;
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) if start.elapsed() > limit => {
+                    return Err(anyhow!("etcd did not come up in {limit:?}: {e:#}"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
 }

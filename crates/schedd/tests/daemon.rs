@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use schedd::testing::{self, FakeHost, HostConfig};
+use schedd::testing::{self, FakeHost, HostConfig, local};
 
 const SHOP: &str = include_str!("../../sched/examples/shop.toml");
 
@@ -68,15 +68,6 @@ fn spawn(data: &Path, socket: &Path, timeout: &str) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("starting sched")
-}
-
-/// Runs `f` on a current-thread runtime with a `LocalSet`, as capnp-rpc needs.
-fn local<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, f);
 }
 
 fn digest(n: u64) -> String {

@@ -455,4 +455,13 @@ interface Scheduler {
 
   routes @18 () -> (table :RouteTable);
   # The route table now, once (what `watchRoutes` starts with): `tide service ls`.
+
+  leader @19 () -> (leading :Bool, leader :Text, store :Text);
+  # Whether this scheduler leads, and the address the leader advertises ("" while none
+  # is elected). With a local state directory (`store` "local") it always leads; with
+  # etcd (`store` "etcd") several schedulers share one state and only the leader
+  # changes it: a follower answers reads (stacks, instances, routes, hosts, resolve of a
+  # running instance) and refuses every change with a `failed` exception that names the
+  # leader ("not the leader: the leader is at ADDR"). Clients given several addresses
+  # ask each in turn and talk to the one that leads.
 }

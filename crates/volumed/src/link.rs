@@ -1,14 +1,14 @@
-//! The link to a scheduler (`--scheduler ADDR`): connect, `Scheduler.register` with a
-//! `Host` capability served on the same connection, then heartbeat with the current
-//! inventory. When the scheduler goes away (connection closed, a call failing or timing
-//! out), reconnect with backoff and register again. The link is one task on the RPC
-//! loop: a failing scheduler is logged and retried, never fatal to the daemon.
+//! The link to a scheduler (`--scheduler ADDR[,ADDR...]`): find the one that leads
+//! (`schedclient::find`), `Scheduler.register` with a `Host` capability served on the
+//! same connection, then heartbeat with the current inventory. When the scheduler goes
+//! away or stops leading (connection closed, a call failing or timing out, a heartbeat
+//! refused by a follower), find the leader again with backoff and register again. The
+//! link is one task on the RPC loop: a failing scheduler is logged and retried, never
+//! fatal to the daemon.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
-use futures::AsyncReadExt;
 use schema::sched_capnp::{host, scheduler};
 
 use crate::host::Host;
@@ -19,58 +19,42 @@ use crate::volume_rpc::Endpoints;
 /// First wait before reconnecting; doubled after each failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait with several schedulers: a leader is elected within a lease or
+/// two, and hosts should be back with it within a second of that.
+const MAX_BACKOFF_HA: Duration = Duration::from_secs(1);
 /// Heartbeat interval when neither `--heartbeat-ms` nor the scheduler says.
 pub(crate) const DEFAULT_HEARTBEAT_MS: u32 = 2000;
 /// A register or heartbeat call unanswered this long counts as a scheduler gone.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Where the scheduler listens: `HOST:PORT` or `unix:/path`.
-#[derive(Debug, Clone)]
-pub(crate) enum Addr {
-    Tcp(String),
-    Unix(std::path::PathBuf),
-}
-
-impl Addr {
-    pub(crate) fn parse(s: &str) -> Result<Addr, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err("--scheduler unix: needs a socket path (unix:/path)".into());
-            }
-            return Ok(Addr::Unix(p.into()));
-        }
-        match s.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(Addr::Tcp(s.into())),
-            _ => Err(format!(
-                "--scheduler {s:?}: expected HOST:PORT or unix:/path"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Addr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Addr::Tcp(a) => f.write_str(a),
-            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+/// With several schedulers, a heartbeat unanswered this long counts as a leader gone
+/// (paused, or cut off from the host while another one takes over): the host looks
+/// for the leader again instead of waiting out [`CALL_TIMEOUT`].
+const HEARTBEAT_TIMEOUT_HA: Duration = Duration::from_secs(3);
 
 /// Runs the link for the life of the daemon.
 pub(crate) async fn run(
     host: Arc<Host>,
     endpoints: Endpoints,
-    addr: Addr,
+    addrs: Vec<schedclient::Addr>,
     heartbeat_ms: Option<u32>,
 ) {
+    let max_backoff = if addrs.len() > 1 {
+        MAX_BACKOFF_HA
+    } else {
+        MAX_BACKOFF
+    };
+    let list = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let mut backoff = MIN_BACKOFF;
     // The same failure over and over (a scheduler down for an hour) is logged when it
     // starts and then once a minute or so, not at every attempt.
     let mut last = String::new();
     let mut repeats = 0u32;
     loop {
-        let e = session(&host, &endpoints, &addr, heartbeat_ms, &mut backoff).await;
+        let e = session(&host, &endpoints, &addrs, heartbeat_ms, &mut backoff).await;
         if e == last {
             repeats += 1;
         } else {
@@ -83,40 +67,32 @@ pub(crate) async fn run(
                 String::new()
             };
             log!(
-                "scheduler {addr}: {e}{again}; reconnecting in {} ms",
+                "scheduler {list}: {e}{again}; reconnecting in {} ms",
                 backoff.as_millis()
             );
         }
         last = e;
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = (backoff * 2).min(max_backoff);
     }
-}
-
-fn rpc_system(
-    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
-) -> RpcSystem<rpc_twoparty_capnp::Side> {
-    let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
-        rpc_twoparty_capnp::Side::Client,
-        Default::default(),
-    );
-    RpcSystem::new(Box::new(network), None)
 }
 
 async fn call<T>(
     what: &str,
     f: impl std::future::Future<Output = Result<T, capnp::Error>>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+    call_within(what, CALL_TIMEOUT, f).await
+}
+
+async fn call_within<T>(
+    what: &str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, capnp::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, f).await {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(format!("{what} failed: {e}")),
-        Err(_) => Err(format!(
-            "{what} unanswered for {} s",
-            CALL_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(format!("{what} unanswered for {limit:?}")),
     }
 }
 
@@ -124,27 +100,24 @@ async fn call<T>(
 async fn session(
     host: &Arc<Host>,
     endpoints: &Endpoints,
-    addr: &Addr,
+    addrs: &[schedclient::Addr],
     heartbeat_ms: Option<u32>,
     backoff: &mut Duration,
 ) -> String {
-    let mut rpc = match addr {
-        Addr::Tcp(a) => match tokio::net::TcpStream::connect(a).await {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                rpc_system(s)
-            }
-            Err(e) => return format!("cannot connect: {e}"),
-        },
-        Addr::Unix(p) => match tokio::net::UnixStream::connect(p).await {
-            Ok(s) => rpc_system(s),
-            Err(e) => return format!("cannot connect: {e}"),
-        },
+    let found = match schedclient::find(addrs, false).await {
+        Ok(f) => f,
+        Err(e) => return e,
     };
-    let scheduler: scheduler::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
-    let mut conn = tokio::task::spawn_local(rpc);
+    let addr = found.addr;
+    let scheduler = found.client;
+    let beat_limit = if addrs.len() > 1 {
+        HEARTBEAT_TIMEOUT_HA
+    } else {
+        CALL_TIMEOUT
+    };
+    let mut conn = found.connection;
     let why = tokio::select! {
-        r = registered(host, endpoints, addr, heartbeat_ms, backoff, &scheduler) => match r {
+        r = registered(host, endpoints, &addr, heartbeat_ms, backoff, &scheduler, beat_limit) => match r {
             Ok(never) => match never {},
             Err(e) => e,
         },
@@ -162,10 +135,11 @@ async fn session(
 async fn registered(
     host: &Arc<Host>,
     endpoints: &Endpoints,
-    addr: &Addr,
+    addr: &schedclient::Addr,
     heartbeat_ms: Option<u32>,
     backoff: &mut Duration,
     scheduler: &scheduler::Client,
+    beat_limit: Duration,
 ) -> Result<std::convert::Infallible, String> {
     let me: host::Client = capnp_rpc::new_client(HostImpl {
         host: host.clone(),
@@ -214,7 +188,7 @@ async fn registered(
                 crate::host_rpc::set_guest(g.init_guest(), s);
             }
         }
-        let reply = call("heartbeat", req.send().promise).await?;
+        let reply = call_within("heartbeat", beat_limit, req.send().promise).await?;
         let asked = reply
             .get()
             .map_err(|e| format!("heartbeat: {e}"))?
@@ -229,25 +203,5 @@ async fn registered(
             () = tokio::time::sleep(Duration::from_millis(u64::from(ms.max(10)))) => {}
             () = host.changed.notified() => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scheduler_addresses() {
-        assert!(
-            matches!(Addr::parse("sched.local:7000"), Ok(Addr::Tcp(a)) if a == "sched.local:7000")
-        );
-        assert!(matches!(Addr::parse("[::1]:7000"), Ok(Addr::Tcp(_))));
-        assert!(
-            matches!(Addr::parse("unix:/run/sched.sock"), Ok(Addr::Unix(p)) if p == std::path::Path::new("/run/sched.sock"))
-        );
-        for bad in ["sched", "sched:", ":7000", "sched:99999", "unix:"] {
-            assert!(Addr::parse(bad).is_err(), "{bad}");
-        }
-        assert_eq!(Addr::parse("unix:/a").unwrap().to_string(), "unix:/a");
     }
 }

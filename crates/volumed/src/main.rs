@@ -123,8 +123,10 @@ struct Args {
     #[arg(long)]
     nbd_allow_remote: bool,
     /// Join the scheduler at ADDR (HOST:PORT or unix:/path) as a host; without it
-    /// volumed runs standalone.
-    #[arg(long, env = "VOLUMED_SCHEDULER", value_name = "ADDR")]
+    /// volumed runs standalone. Several schedulers sharing etcd: a comma-separated
+    /// list (ADDR,ADDR,...): the host registers with the one that leads and follows
+    /// the leadership when it moves.
+    #[arg(long, env = "VOLUMED_SCHEDULER", value_name = "ADDR[,ADDR...]")]
     scheduler: Option<String>,
     /// Milliseconds between heartbeats (default: what the scheduler asks for, else 2000).
     #[arg(long, env = "VOLUMED_HEARTBEAT_MS", value_name = "MS")]
@@ -275,9 +277,9 @@ fn run(args: &Args) -> Result<()> {
     let scheduler = args
         .scheduler
         .as_deref()
-        .map(link::Addr::parse)
+        .map(schedclient::parse_list)
         .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
     let config = host_config(args)?;
     let changed = Arc::new(tokio::sync::Notify::new());
     let exports = exports::HostExports::new(&volumes, &layers);
@@ -322,9 +324,14 @@ fn run(args: &Args) -> Result<()> {
         endpoints: endpoints.clone(),
         vhost: vhost.clone(),
     });
-    if let Some(addr) = scheduler {
+    if let Some(addrs) = scheduler {
         log!(
-            "joining scheduler {addr} as host {} ({} vCPUs, {} bytes, {} GPUs, {}, hypervisors: {})",
+            "joining scheduler {} as host {} ({} vCPUs, {} bytes, {} GPUs, {}, hypervisors: {})",
+            addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             host.config.host_id,
             host.config.vcpus,
             host.config.memory,
@@ -339,7 +346,7 @@ fn run(args: &Args) -> Result<()> {
         local.spawn_local(link::run(
             host.clone(),
             endpoints.clone(),
-            addr,
+            addrs,
             args.heartbeat_ms,
         ));
     }
