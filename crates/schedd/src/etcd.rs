@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `PREFIX/schema` | the state's schema version ([`SCHEMA`]), written by the first leader |
 //! | `PREFIX/leader` | [`LeaderRec`] of the scheduler that leads, attached to its lease |
+//! | `PREFIX/intent` | a batch over etcd's 128 keys per transaction while it is applied |
 //! | `PREFIX/state/KIND/...` | the records of [`crate::state`], one JSON value per key |
 //!
 //! **Election.** A scheduler grants itself a lease (`--lease`, default 2 s) and creates
@@ -80,6 +81,9 @@ pub struct Loaded {
     pub schema: Option<u32>,
     /// The leader key's value and create revision.
     pub leader: Option<(String, i64)>,
+    /// A batch too large for one transaction, recorded and not yet wholly applied
+    /// (already overlaid on `records`): a new leader applies it again.
+    pub intent: Option<Vec<(String, Option<Vec<u8>>)>>,
 }
 
 /// A connection to etcd under one prefix.
@@ -179,6 +183,9 @@ impl Etcd {
                         serde_json::from_slice(kv.value()).map_err(|_| foreign())?;
                     out.leader = Some((rec.address, kv.create_revision()));
                 }
+                crate::store::INTENT => {
+                    out.intent = Some(crate::store::decode_intent(kv.value()).ok_or_else(foreign)?);
+                }
                 _ => {
                     let Some(rec) = rest.strip_prefix("state/") else {
                         return Err(foreign());
@@ -188,6 +195,14 @@ impl Etcd {
                     }
                     out.records.insert(rec.to_owned(), kv.value().to_vec());
                 }
+            }
+        }
+        if let Some(ops) = &out.intent {
+            for (k, v) in ops {
+                match v {
+                    Some(v) => out.records.insert(k.clone(), v.clone()),
+                    None => out.records.remove(k),
+                };
             }
         }
         if out.schema.is_none() && !out.records.is_empty() {
@@ -336,6 +351,16 @@ async fn lead(sh: &Rc<Shared>, etcd: &Etcd, term: i64, lease: i64) -> anyhow::Re
         }
         etcd.writer.set_fence(Some(term));
         sh.set_role(Role::Leader);
+        if let Some(ops) = loaded.intent {
+            // The last leader died while applying a large batch: finish it.
+            log!("finishing a recorded batch of {} keys", ops.len());
+            etcd.writer.queue(crate::state::Batch { ops });
+            sh.durable().await?;
+            etcd.writer
+                .clear_intent(term)
+                .await
+                .map_err(|e| anyhow!("dropping the recorded batch: {e}"))?;
+        }
     }
     log!(
         "leading (term {term}, lease {:?}): {} records loaded in {} ms",

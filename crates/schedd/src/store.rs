@@ -23,8 +23,7 @@ use crate::log;
 use crate::state::{Batch, Records};
 
 /// etcd's default `--max-txn-ops`: queued batches are merged into one transaction up to
-/// this many keys; a single batch over it is sent alone (and etcd refuses it, naming
-/// the limit, when the cluster keeps the default).
+/// this many keys; a single batch over it goes through the intent record.
 pub const MAX_TXN_OPS: usize = 128;
 
 /// How long a failing etcd write is retried (a member down, a leader election in
@@ -148,6 +147,8 @@ pub struct EtcdWriter {
     leader_key: String,
     /// `PREFIX/state/`.
     state_prefix: String,
+    /// `PREFIX/intent`.
+    intent_key: String,
     queue: RefCell<Vec<(u64, Batch)>>,
     /// Sequence number of the last batch queued, committed, refused.
     queued: Cell<u64>,
@@ -183,6 +184,7 @@ impl EtcdWriter {
             members,
             leader_key: format!("{prefix}leader"),
             state_prefix: format!("{prefix}state/"),
+            intent_key: format!("{prefix}{INTENT}"),
             queue: RefCell::new(Vec::new()),
             queued: Cell::new(0),
             committed: Cell::new(0),
@@ -208,7 +210,7 @@ impl EtcdWriter {
         self.failures.get()
     }
 
-    fn queue(&self, batch: Batch) {
+    pub(crate) fn queue(&self, batch: Batch) {
         if batch.is_empty() {
             return;
         }
@@ -298,29 +300,60 @@ impl EtcdWriter {
         (last, ops)
     }
 
+    /// Commits `ops` under term `fence`: one transaction, or, over [`MAX_TXN_OPS`]
+    /// keys, through the intent record (see [`INTENT`]).
     async fn commit(
         &self,
         fence: i64,
         ops: BTreeMap<String, Option<Vec<u8>>>,
     ) -> Result<(), String> {
+        let state_op = |k: &str, v: &Option<Vec<u8>>| {
+            let key = format!("{}{k}", self.state_prefix);
+            match v {
+                Some(v) => TxnOp::put(key, v.clone(), None),
+                None => TxnOp::delete(key, None),
+            }
+        };
+        if ops.len() <= MAX_TXN_OPS {
+            let txn_ops = ops.iter().map(|(k, v)| state_op(k, v)).collect();
+            return self.guarded(fence, txn_ops).await;
+        }
+        // Too many keys for one transaction: record the whole batch first (one key,
+        // atomic), apply it in transactions of MAX_TXN_OPS, then drop the record. A
+        // reader overlays a recorded intent on what it loads, and a new leader
+        // finishes it, so no one sees half of it.
+        let intent = encode_intent(&ops)?;
+        self.guarded(
+            fence,
+            vec![TxnOp::put(self.intent_key.clone(), intent, None)],
+        )
+        .await?;
+        let all: Vec<(&String, &Option<Vec<u8>>)> = ops.iter().collect();
+        for part in all.chunks(MAX_TXN_OPS) {
+            let txn_ops = part.iter().map(|(k, v)| state_op(k, v)).collect();
+            self.guarded(fence, txn_ops).await?;
+        }
+        self.guarded(fence, vec![TxnOp::delete(self.intent_key.clone(), None)])
+            .await
+    }
+
+    /// Drops a recorded intent (after a new leader applied it again).
+    pub async fn clear_intent(&self, fence: i64) -> Result<(), String> {
+        self.guarded(fence, vec![TxnOp::delete(self.intent_key.clone(), None)])
+            .await
+    }
+
+    /// One transaction of `ops`, applied only while the leader key's create revision
+    /// is `fence`; transient errors are retried on the next member for [`RETRY_FOR`].
+    async fn guarded(&self, fence: i64, ops: Vec<TxnOp>) -> Result<(), String> {
         let n = ops.len();
-        let txn_ops: Vec<TxnOp> = ops
-            .into_iter()
-            .map(|(k, v)| {
-                let key = format!("{}{k}", self.state_prefix);
-                match v {
-                    Some(v) => TxnOp::put(key, v, None),
-                    None => TxnOp::delete(key, None),
-                }
-            })
-            .collect();
         let txn = Txn::new()
             .when([Compare::create_revision(
                 self.leader_key.clone(),
                 CompareOp::Equal,
                 fence,
             )])
-            .and_then(txn_ops);
+            .and_then(ops);
         let start = std::time::Instant::now();
         let mut wait = Duration::from_millis(50);
         loop {
@@ -346,6 +379,35 @@ impl EtcdWriter {
             }
         }
     }
+}
+
+/// The key (under the prefix) of a batch too large for one transaction while it is
+/// being applied: JSON, record key → record value (itself JSON text) or null to
+/// delete.
+pub const INTENT: &str = "intent";
+
+fn encode_intent(ops: &BTreeMap<String, Option<Vec<u8>>>) -> Result<Vec<u8>, String> {
+    let mut m = BTreeMap::new();
+    for (k, v) in ops {
+        let v = match v {
+            Some(v) => Some(
+                String::from_utf8(v.clone()).map_err(|_| format!("record {k} is not JSON text"))?,
+            ),
+            None => None,
+        };
+        m.insert(k.clone(), v);
+    }
+    Ok(serde_json::to_vec(&m).expect("serializes"))
+}
+
+/// A recorded intent's changes, as [`Batch`] ops.
+pub fn decode_intent(bytes: &[u8]) -> Option<Vec<(String, Option<Vec<u8>>)>> {
+    let m: BTreeMap<String, Option<String>> = serde_json::from_slice(bytes).ok()?;
+    Some(
+        m.into_iter()
+            .map(|(k, v)| (k, v.map(String::into_bytes)))
+            .collect(),
+    )
 }
 
 /// An etcd error that retrying will not fix (a transaction over the cluster's limits,

@@ -747,7 +747,7 @@ async fn follow(
     registrations: Rc<RefCell<Vec<(std::time::Instant, String)>>>,
 ) {
     loop {
-        if let Ok(found) = schedclient::find(&addrs, false).await {
+        if let Ok(mut found) = schedclient::find(&addrs, false).await {
             let handle = Rc::new(RefCell::new(Some(found.connection.abort_handle())));
             let host: host::Client = capnp_rpc::new_client(HostImpl {
                 cfg: cfg.clone(),
@@ -765,7 +765,12 @@ async fn follow(
                 registrations
                     .borrow_mut()
                     .push((std::time::Instant::now(), found.addr.to_string()));
-                heartbeats(session, cfg.clone(), Rc::new(Cell::new(true))).await;
+                // Until a heartbeat fails or the connection ends (the scheduler died:
+                // noticed at once, as volumed's link does, not at the next heartbeat).
+                tokio::select! {
+                    () = heartbeats(session, cfg.clone(), Rc::new(Cell::new(true))) => {}
+                    _ = &mut found.connection => {}
+                }
             }
             found.connection.abort();
         }

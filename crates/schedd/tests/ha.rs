@@ -438,6 +438,27 @@ fn a_write_guarded_by_a_lost_term_is_refused_and_nothing_lands() {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(left, ["/p/state/stack/a"]);
+        // A batch over etcd's 128 operations per transaction lands whole, through
+        // the intent record, which is gone afterwards.
+        let mut c2 = c.clone();
+        c2.delete("/p/leader", None).await.unwrap();
+        let third = term(&mut c).await;
+        w.set_fence(Some(third));
+        let mut b = schedd::state::Batch::new();
+        for i in 0..300 {
+            b.put(format!("alias/d{i:03}.example"), b"\"x\"".to_vec());
+        }
+        store.write(b);
+        store.durable().await.unwrap();
+        assert_eq!(keys(&etcd, "/p/state/alias/").await.len(), 300);
+        assert!(keys(&etcd, "/p/intent").await.is_empty());
+        let mut b = schedd::state::Batch::new();
+        for i in 0..300 {
+            b.delete(format!("alias/d{i:03}.example"));
+        }
+        store.write(b);
+        store.durable().await.unwrap();
+        assert!(keys(&etcd, "/p/state/alias/").await.is_empty());
         // Without a term nothing is even sent.
         w.set_fence(None);
         let mut b = schedd::state::Batch::new();
@@ -446,6 +467,51 @@ fn a_write_guarded_by_a_lost_term_is_refused_and_nothing_lands() {
         let e = store.durable().await.unwrap_err().to_string();
         assert!(e.contains("not the leader"), "{e}");
         assert_eq!(keys(&etcd, "/p/state/").await.len(), 1);
+    });
+}
+
+#[test]
+fn a_large_batch_cut_half_way_is_seen_whole_and_finished_by_the_next_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    local(async {
+        let etcd = EtcdCluster::start(&dir.path().join("etcd"), 1)
+            .await
+            .unwrap();
+        let mut c = etcd.client().await.unwrap();
+        // What a leader killed while applying a 200-key batch leaves: the intent
+        // recorded, its first transaction applied, the rest not.
+        c.put("/big/schema", "1", None).await.unwrap();
+        let mut intent = serde_json::Map::new();
+        for i in 0..200 {
+            intent.insert(format!("alias/d{i:03}.example"), "\"shop\"".into());
+        }
+        intent.insert("alias/old.example".into(), serde_json::Value::Null);
+        c.put("/big/state/alias/old.example", "\"shop\"", None)
+            .await
+            .unwrap();
+        for i in 0..128 {
+            c.put(
+                format!("/big/state/alias/d{i:03}.example"),
+                "\"shop\"",
+                None,
+            )
+            .await
+            .unwrap();
+        }
+        c.put("/big/intent", serde_json::to_vec(&intent).unwrap(), None)
+            .await
+            .unwrap();
+        let s = Sched::start(dir.path(), "a", &etcd.endpoints_arg(), "/big/");
+        wait_for(
+            "it to lead and finish the batch",
+            Duration::from_secs(10),
+            async || keys(&etcd, "/big/intent").await.is_empty(),
+        )
+        .await;
+        let aliases = keys(&etcd, "/big/state/alias/").await;
+        assert_eq!(aliases.len(), 200, "every put applied, the delete too");
+        assert!(aliases.iter().all(|(k, _)| !k.ends_with("old.example")));
+        assert!(ask(&s.addr).await.unwrap().leading);
     });
 }
 
