@@ -913,6 +913,10 @@ impl Daemon {
                 if let Some(inv) = self.cluster.inventory(id) {
                     rec.inventory = inv;
                 }
+                // Up means registered with this scheduler (after a restart or a change
+                // of leader, once it registered again); a follower shows what its
+                // leader recorded.
+                rec.up = rec.up && (self.follower || h.client.is_some());
                 HostView {
                     rec,
                     used: self.cluster.used(id).unwrap_or_default(),

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// A running `sched --listen unix:SOCKET --data DATA`; dropping it kills the process.
+/// A running `sched --listen unix:SOCKET --data DATA` (or, given `--etcd`, with no data
+/// directory); dropping it kills the process.
 #[derive(Debug)]
 pub struct Sched {
     /// The data directory (`--data`): the state database is `data/state`.
@@ -46,11 +47,13 @@ impl Sched {
             .expect("create sched log");
         // A killed daemon leaves its socket behind: only a fresh one means "serving".
         let _ = std::fs::remove_file(&self.socket);
-        let child = Command::new(crate::sched_bin())
-            .arg("--listen")
-            .arg(self.addr())
-            .arg("--data")
-            .arg(&self.data)
+        let mut cmd = Command::new(crate::sched_bin());
+        cmd.arg("--listen").arg(self.addr());
+        // With its state in etcd there is no data directory (only the log's name).
+        if !self.args.iter().any(|a| a == "--etcd") {
+            cmd.arg("--data").arg(&self.data);
+        }
+        let child = cmd
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
