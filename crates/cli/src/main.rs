@@ -115,6 +115,9 @@ enum Cmd {
     /// Hosts registered with the scheduler.
     #[command(subcommand)]
     Host(sched::HostCmd),
+    /// The schedulers given with --scheduler and which of them leads.
+    #[command(subcommand)]
+    Scheduler(sched::SchedulerCmd),
     /// Services by name, their scaling and serving instances, and (with --gateway) their
     /// traffic.
     #[command(subcommand)]
@@ -429,6 +432,7 @@ fn sched_command(cmd: &Cmd) -> Option<sched::Command<'_>> {
         Cmd::Pool(c) => sched::Command::Pool(c),
         Cmd::Alias(c) => sched::Command::Alias(c),
         Cmd::Host(c) => sched::Command::Host(c),
+        Cmd::Scheduler(sched::SchedulerCmd::Ls) => sched::Command::Schedulers,
         Cmd::Service(c) => sched::Command::Service(c),
         Cmd::Resolve { hostname } => sched::Command::Resolve(hostname),
         Cmd::Logs {
@@ -768,6 +772,7 @@ fn run(cli: &Cli) -> Result<i32> {
         | Cmd::Pool(_)
         | Cmd::Alias(_)
         | Cmd::Host(_)
+        | Cmd::Scheduler(_)
         | Cmd::Service(_)
         | Cmd::Resolve { .. }
         | Cmd::Logs { .. } => unreachable!("handled by sched::run"),

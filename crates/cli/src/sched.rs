@@ -140,9 +140,68 @@ pub(crate) enum HostCmd {
     Ls,
 }
 
+#[derive(Debug, Subcommand)]
+pub(crate) enum SchedulerCmd {
+    /// Each scheduler given with --scheduler: whether it leads, follows (and whom) or
+    /// cannot be reached, and where it keeps its state.
+    Ls,
+}
+
+/// One scheduler's answer to `tide scheduler ls`.
+#[derive(Debug, Serialize)]
+struct SchedulerRow {
+    address: String,
+    /// "leader", "follower" or "unreachable".
+    role: &'static str,
+    /// "local" or "etcd".
+    store: String,
+    /// The leader it names ("" when none is elected, or unreachable).
+    leader: String,
+    error: String,
+}
+
+async fn scheduler_rows(list: &str) -> Result<Vec<SchedulerRow>> {
+    let addrs = schedclient::parse_list(list).map_err(|e| anyhow!("--scheduler: {e}"))?;
+    let mut rows = Vec::new();
+    for a in addrs {
+        let answer = async {
+            let (c, conn) =
+                tokio::time::timeout(schedclient::ASK_TIMEOUT, schedclient::connect(&a))
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| format!("cannot connect: {e}"))?;
+            let r = tokio::time::timeout(schedclient::ASK_TIMEOUT, schedclient::ask(&c))
+                .await
+                .map_err(|_| "no answer".to_string())?
+                .map_err(|e| e.extra.clone());
+            conn.abort();
+            r
+        }
+        .await;
+        rows.push(match answer {
+            Ok(x) => SchedulerRow {
+                address: a.to_string(),
+                role: if x.leading { "leader" } else { "follower" },
+                store: x.store,
+                leader: x.leader,
+                error: String::new(),
+            },
+            Err(e) => SchedulerRow {
+                address: a.to_string(),
+                role: "unreachable",
+                store: String::new(),
+                leader: String::new(),
+                error: e,
+            },
+        });
+    }
+    Ok(rows)
+}
+
 /// One scheduler command.
 #[derive(Debug)]
 pub(crate) enum Command<'a> {
+    Schedulers,
     Deploy {
         file: &'a Path,
         variant: Option<&'a str>,
@@ -697,6 +756,26 @@ pub(crate) fn run(addr: &str, json: bool, cmd: Command<'_>) -> Result<()> {
         .enable_all()
         .build()?;
     tokio::task::LocalSet::new().block_on(&rt, async {
+        if let Command::Schedulers = cmd {
+            let rows = scheduler_rows(addr).await?;
+            emit(json, &rows, |rows| {
+                table(
+                    &["ADDRESS", "ROLE", "STORE", "LEADER", "ERROR"],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.address.clone(),
+                                r.role.to_string(),
+                                r.store.clone(),
+                                r.leader.clone(),
+                                r.error.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+            return Ok(());
+        }
         let s = connect(addr).await?;
         exec(&s, json, cmd).await
     })
@@ -988,6 +1067,7 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
                 )
             });
         }
+        Command::Schedulers => unreachable!("answered without one connection, in run"),
         Command::Host(HostCmd::Ls) => {
             let reply = s.hosts_request().send().promise.await.w()?;
             let rows = reply

@@ -182,6 +182,21 @@ fn real_hosts_follow_the_leader_and_keep_their_instances_when_it_dies() {
         "leader killed: follower led after {elected:?}, hosts back after {:?}",
         killed.elapsed()
     );
+    let roles = |want: [&str; 2]| {
+        let rows = json(&addrs, &["scheduler", "ls"]);
+        let got: Vec<&str> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["role"].as_str().unwrap())
+            .collect();
+        let mut expect = ["", ""];
+        expect[l] = want[0];
+        expect[f] = want[1];
+        assert_eq!(got, expect, "{rows}");
+        rows
+    };
+    roles(["unreachable", "leader"]);
     // What was deployed is still there, unchanged: same instances, roots mounted.
     assert_eq!(check_running(&addrs, "one", 3), before);
     let two = t.join("two.toml");
@@ -205,6 +220,9 @@ fn real_hosts_follow_the_leader_and_keep_their_instances_when_it_dies() {
             Err(format!("{ids:?}"))
         }
     });
+    let rows = roles(["follower", "leader"]);
+    assert_eq!(rows[l]["leader"], scheds[f].addr(), "{rows}");
+    assert_eq!(rows[l]["store"], "etcd", "{rows}");
     let log = scheds[l].log_text();
     let since_restart = &log[log.rfind("sched: serving").unwrap()..];
     assert!(
