@@ -192,13 +192,23 @@ async fn session(
         t.version
     );
     store(table, session, t);
-    // On a follower, check for an elected leader twice a second and move to it.
+    // On a follower, check for an elected leader twice a second and move to it: the
+    // follower leads now, or names a leader other than the one it named at connect
+    // (which `find` could not reach: a dead leader whose lease has not lapsed yet).
+    let named = if leading {
+        String::new()
+    } else {
+        schedclient::ask(&client)
+            .await
+            .map(|a| a.leader)
+            .unwrap_or_default()
+    };
     let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = check.tick(), if !leading => {
                 if let Ok(a) = schedclient::ask(&client).await
-                    && (a.leading || !a.leader.is_empty())
+                    && (a.leading || (!a.leader.is_empty() && a.leader != named))
                 {
                     conn.abort();
                     bail!("a leader is elected ({}): moving to it", a.leader);

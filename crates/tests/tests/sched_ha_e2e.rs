@@ -3,7 +3,9 @@
 //! `tide` given both: deploy, kill -9 the leader, the other takes over, the hosts
 //! re-register with it, the instances deployed before are still there (roots mounted,
 //! records in etcd), a deploy on the new leader works, and the killed scheduler comes
-//! back as a follower that answers reads and sends `tide` to the leader.
+//! back as a follower that answers reads and sends `tide` to the leader. A
+//! `tide-gateway` given both keeps its routes through the kill and learns the new
+//! leader's.
 //!
 //! Needs root, FUSE and `etcd`. About 15 s.
 
@@ -12,6 +14,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value;
+use tests::gateway::Gateway;
 use tests::oci::{Blobs, tar};
 use tests::sched::{Sched, json, tide, wait_for};
 use tests::volumed::Volumed;
@@ -159,6 +162,24 @@ fn real_hosts_follow_the_leader_and_keep_their_instances_when_it_dies() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let before = check_running(&addrs, "one", 3);
 
+    // A front end given both schedulers, watching the leader's routes.
+    let gw = Gateway::start(
+        &addrs,
+        t.join("gateway.log"),
+        &["--start-timeout", "2", "--timeout", "2"],
+    );
+    let known = |host: &str| gw.get(host, "/").status != 404;
+    assert!(!known("www.before.example"));
+    let o = tide(&addrs, &["alias", "add", "www.before.example", "app.one"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for(10, "the alias to reach the front end", || {
+        if known("www.before.example") {
+            Ok(())
+        } else {
+            Err("404".into())
+        }
+    });
+
     // kill -9 the leader: the follower leads, the hosts come back to it.
     scheds[l].kill9();
     let killed = Instant::now();
@@ -197,6 +218,28 @@ fn real_hosts_follow_the_leader_and_keep_their_instances_when_it_dies() {
         rows
     };
     roles(["unreachable", "leader"]);
+    // The front end kept its routes, moved to the new leader, and learns its changes.
+    assert!(known("www.before.example"), "{}", gw.log_text());
+    let o = tide(&addrs, &["alias", "add", "www.after.example", "app.one"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for(10, "the new leader's alias to reach the front end", || {
+        if known("www.after.example") {
+            Ok(())
+        } else {
+            Err(gw.log_text())
+        }
+    });
+    let up_lines: Vec<String> = gw
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("scheduler link up"))
+        .map(str::to_string)
+        .collect();
+    eprintln!("front end links: {up_lines:#?}");
+    assert!(
+        up_lines.last().unwrap().contains(&scheds[f].addr()),
+        "{up_lines:?}"
+    );
     // What was deployed is still there, unchanged: same instances, roots mounted.
     assert_eq!(check_running(&addrs, "one", 3), before);
     let two = t.join("two.toml");
