@@ -121,10 +121,11 @@ impl Etcd {
         // Any member that answers will do; a bad prefix is fatal at once.
         let mut last = None;
         for _ in 0..etcd.client.len() {
+            let member = etcd.client.current();
             match etcd.load().await {
                 Ok(_) => return Ok(etcd),
                 Err(e) if e.downcast_ref::<etcd_client::Error>().is_some() => {
-                    etcd.client.failed();
+                    etcd.client.failed(member);
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -297,18 +298,19 @@ pub async fn run(sh: Rc<Shared>, etcd: Rc<Etcd>) {
     loop {
         let mut me = me.clone();
         me.since = crate::daemon::unix_now();
+        let member = etcd.client.current();
         match etcd.campaign(&me).await {
             Ok(Campaign::Won { term, lease }) => {
                 if let Err(e) = lead(&sh, &etcd, term, lease).await {
                     log!("leadership (term {term}) ended: {e:#}");
-                    etcd.client.failed();
+                    etcd.client.failed(member);
                 }
                 step_down(&sh, &etcd, lease).await;
             }
             Ok(Campaign::Lost { leader }) => {
                 if let Err(e) = follow(&sh, &etcd, leader).await {
                     log!("following: {e:#}");
-                    etcd.client.failed();
+                    etcd.client.failed(member);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -316,7 +318,7 @@ pub async fn run(sh: Rc<Shared>, etcd: Rc<Etcd>) {
                 sh.set_role(Role::Follower {
                     leader: String::new(),
                 });
-                etcd.client.failed();
+                etcd.client.failed(member);
                 log!("etcd: {e:#}; campaigning again in 200 ms on the next member");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -338,6 +340,7 @@ async fn step_down(sh: &Rc<Shared>, etcd: &Etcd, lease: i64) {
 async fn lead(sh: &Rc<Shared>, etcd: &Etcd, term: i64, lease: i64) -> anyhow::Result<()> {
     let started = Instant::now();
     let failures = etcd.writer.failures();
+    let mut watch_member = etcd.client.current();
     let mut watch = Some(etcd.watch().await?);
     {
         // A change begun as a follower (refused) finishes before the view is replaced.
@@ -369,7 +372,7 @@ async fn lead(sh: &Rc<Shared>, etcd: &Etcd, term: i64, lease: i64) -> anyhow::Re
         started.elapsed().as_millis()
     );
     let ttl = etcd.opts.lease.max(Duration::from_secs(1));
-    let mut c = etcd.client.get();
+    let (mut keeper_member, mut c) = etcd.client.pick();
     let (mut keeper, mut replies) = c.lease_keep_alive(lease).await.context("keepalive")?;
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(ttl / 3);
@@ -378,23 +381,32 @@ async fn lead(sh: &Rc<Shared>, etcd: &Etcd, term: i64, lease: i64) -> anyhow::Re
         tokio::select! {
             _ = tick.tick() => {
                 if watch.is_none() {
+                    watch_member = etcd.client.current();
                     watch = etcd.watch().await.ok();
                 }
-                let ok = tokio::time::timeout(ttl / 3, async {
-                    keeper.keep_alive().await?;
-                    replies.message().await
-                }).await;
-                match ok {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = Instant::now(),
-                    Ok(Ok(Some(_))) => return Err(anyhow!("the lease expired")),
-                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
-                        if last_ok.elapsed() >= ttl {
-                            return Err(anyhow!("no keepalive answered for {ttl:?}: the lease may have expired"));
+                // A member that does not answer is left for the next one at once, until
+                // one answers or a lease's time has passed since the last answer.
+                loop {
+                    let ok = tokio::time::timeout(ttl / 4, async {
+                        keeper.keep_alive().await?;
+                        replies.message().await
+                    }).await;
+                    match ok {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            last_ok = Instant::now();
+                            break;
                         }
-                        etcd.client.failed();
-                        c = etcd.client.get();
-                        if let Ok(Ok(k)) = tokio::time::timeout(ttl / 3, c.lease_keep_alive(lease)).await {
-                            (keeper, replies) = k;
+                        Ok(Ok(Some(_))) => return Err(anyhow!("the lease expired")),
+                        Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                            if last_ok.elapsed() >= ttl {
+                                return Err(anyhow!("no keepalive answered for {ttl:?}: the lease may have expired"));
+                            }
+                            etcd.client.failed(keeper_member);
+                            (keeper_member, c) = etcd.client.pick();
+                            match tokio::time::timeout(ttl / 4, c.lease_keep_alive(lease)).await {
+                                Ok(Ok(k)) => (keeper, replies) = k,
+                                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                            }
                         }
                     }
                 }
@@ -418,7 +430,8 @@ async fn lead(sh: &Rc<Shared>, etcd: &Etcd, term: i64, lease: i64) -> anyhow::Re
                 Ok(None) | Err(_) => {
                     // The member it watched is gone: another one is asked at once,
                     // else again at every tick (the lease decides when to give up).
-                    etcd.client.failed();
+                    etcd.client.failed(watch_member);
+                    watch_member = etcd.client.current();
                     watch = etcd.watch().await.ok();
                 }
             },

@@ -125,10 +125,23 @@ impl EtcdMembers {
         self.clients[self.current.get()].clone()
     }
 
-    /// The member in use failed a request: use the next one.
-    pub fn failed(&self) {
-        self.current
-            .set((self.current.get() + 1) % self.clients.len());
+    /// The member in use, with its index (for [`EtcdMembers::failed`]).
+    pub fn pick(&self) -> (usize, etcd_client::Client) {
+        let i = self.current.get();
+        (i, self.clients[i].clone())
+    }
+
+    pub fn current(&self) -> usize {
+        self.current.get()
+    }
+
+    /// Member `i` failed a request: use the next one, unless another caller already
+    /// moved on (several requests in flight to a member that died all fail; only the
+    /// first moves, or the rest would move back onto the dead one).
+    pub fn failed(&self, i: usize) {
+        if self.current.get() == i {
+            self.current.set((i + 1) % self.clients.len());
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -357,7 +370,7 @@ impl EtcdWriter {
         let start = std::time::Instant::now();
         let mut wait = Duration::from_millis(50);
         loop {
-            let mut c = self.members.get();
+            let (member, mut c) = self.members.pick();
             match c.txn(txn.clone()).await {
                 Ok(r) if r.succeeded() => return Ok(()),
                 Ok(_) => {
@@ -371,7 +384,7 @@ impl EtcdWriter {
                     return Err(format!("etcd unreachable for {RETRY_FOR:?}: {e}"));
                 }
                 Err(e) => {
-                    self.members.failed();
+                    self.members.failed(member);
                     log!("state: etcd write failed ({e}); retrying in {wait:?} on the next member");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));

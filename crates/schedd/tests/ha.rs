@@ -190,6 +190,11 @@ fn one_leader_followers_serve_reads_and_a_killed_leader_is_replaced_without_half
             (seen[0].id.as_str(), seen[0].state.as_str()),
             ("app.one-0", "ready")
         );
+        // Resolving a running instance is a read: the follower answers it.
+        let (inst, started) = testing::resolve(&fs, "app.one.tidedge.local")
+            .await
+            .unwrap();
+        assert_eq!((inst.id.as_str(), started), ("app.one-0", false));
         let a = ask(&faddr).await.unwrap();
         assert_eq!(
             (a.leading, a.leader.as_str(), a.store.as_str()),
