@@ -67,6 +67,15 @@ pub fn parse_list(s: &str) -> Result<Vec<Addr>, String> {
     Ok(list)
 }
 
+/// `addrs` as `parse_list` takes them (`A,B,C`).
+pub fn join(addrs: &[Addr]) -> String {
+    addrs
+        .iter()
+        .map(Addr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A connection's `RpcSystem`, running on the current `LocalSet`.
 pub type Connection = tokio::task::JoinHandle<Result<(), capnp::Error>>;
 
@@ -232,6 +241,7 @@ mod tests {
             ]
         );
         assert_eq!(l[1].to_string(), "unix:/run/sched.sock");
+        assert_eq!(parse_list(&join(&l)).unwrap(), l);
         let e = parse_list("127.0.0.1:7000,nope").unwrap_err();
         assert!(e.contains("\"nope\""), "{e}");
         assert!(parse_list(" , ").is_err());

@@ -107,8 +107,9 @@ enum Campaign {
 }
 
 impl Etcd {
-    /// Connects and checks that the cluster answers and the prefix holds nothing foreign.
-    pub async fn connect(opts: EtcdOptions) -> anyhow::Result<Etcd> {
+    /// Connects and loads the prefix (checked: nothing foreign), from the first member
+    /// that answers.
+    pub async fn connect(opts: EtcdOptions) -> anyhow::Result<(Etcd, Loaded)> {
         let client = EtcdMembers::connect(&opts.endpoints)
             .await
             .with_context(|| format!("connecting to etcd at {}", opts.endpoints.join(",")))?;
@@ -123,7 +124,7 @@ impl Etcd {
         for _ in 0..etcd.client.len() {
             let member = etcd.client.current();
             match etcd.load().await {
-                Ok(_) => return Ok(etcd),
+                Ok(loaded) => return Ok((etcd, loaded)),
                 Err(e) if e.downcast_ref::<etcd_client::Error>().is_some() => {
                     etcd.client.failed(member);
                     last = Some(e);
@@ -132,10 +133,6 @@ impl Etcd {
             }
         }
         Err(last.expect("at least one member"))
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.opts.prefix
     }
 
     fn leader_key(&self) -> String {

@@ -83,28 +83,11 @@ pub async fn connect(addr: &str) -> Result<scheduler::Client> {
 }
 
 /// [`connect`], with the task that runs the connection: aborting it closes the socket.
-pub async fn connect_task(addr: &str) -> Result<(scheduler::Client, tokio::task::JoinHandle<()>)> {
-    let a = parse_addr(addr)?;
-    let mut rpc = match &a {
-        Addr::Tcp(sa) => {
-            let s = tokio::net::TcpStream::connect(sa)
-                .await
-                .with_context(|| format!("connecting to sched at {a} (is it running?)"))?;
-            s.set_nodelay(true)?;
-            rpc_system(s, None)
-        }
-        Addr::Unix(p) => {
-            let s = tokio::net::UnixStream::connect(p)
-                .await
-                .with_context(|| format!("connecting to sched at {a} (is it running?)"))?;
-            rpc_system(s, None)
-        }
-    };
-    let client: scheduler::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
-    let task = tokio::task::spawn_local(async move {
-        let _ = rpc.await;
-    });
-    Ok((client, task))
+pub async fn connect_task(addr: &str) -> Result<(scheduler::Client, schedclient::Connection)> {
+    let a = schedclient::Addr::parse(addr).map_err(|e| anyhow!(e))?;
+    schedclient::connect(&a)
+        .await
+        .with_context(|| format!("connecting to sched at {a} (is it running?)"))
 }
 
 #[cfg(test)]

@@ -53,24 +53,16 @@ impl scheduler::Server for SchedulerImpl {
         _: scheduler::LeaderParams,
         mut results: scheduler::LeaderResults,
     ) -> Result<(), capnp::Error> {
+        let role = self.0.role.borrow();
+        let (leading, leader, store) = match &*role {
+            Role::Local => (true, &self.0.advertise, "local"),
+            Role::Leader => (true, &self.0.advertise, "etcd"),
+            Role::Follower { leader } => (false, leader, "etcd"),
+        };
         let mut r = results.get();
-        match &*self.0.role.borrow() {
-            Role::Local => {
-                r.set_leading(true);
-                r.set_leader(&self.0.advertise);
-                r.set_store("local");
-            }
-            Role::Leader => {
-                r.set_leading(true);
-                r.set_leader(&self.0.advertise);
-                r.set_store("etcd");
-            }
-            Role::Follower { leader } => {
-                r.set_leading(false);
-                r.set_leader(leader);
-                r.set_store("etcd");
-            }
-        }
+        r.set_leading(leading);
+        r.set_leader(leader);
+        r.set_store(store);
         Ok(())
     }
 

@@ -54,8 +54,7 @@ async fn open(opts: &Options) -> Result<(Daemon, Role, Option<Rc<Etcd>>)> {
             Ok((d, Role::Local, None))
         }
         StateOptions::Etcd(eo) => {
-            let etcd = Etcd::connect(eo.clone()).await?;
-            let loaded = etcd.load().await?;
+            let (etcd, loaded) = Etcd::connect(eo.clone()).await?;
             let store = Rc::new(Store::Etcd(etcd.writer.clone()));
             let mut d = Daemon::load(store, &loaded.records, changed)
                 .context("loading the scheduler state from etcd")?;

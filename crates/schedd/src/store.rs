@@ -247,12 +247,15 @@ impl EtcdWriter {
         }
     }
 
-    /// Refuses every queued batch with `why`.
-    fn refuse_all(&self, why: String) {
+    /// Refuses the batches up to sequence `through` (taken, not committed) and every
+    /// one still queued, with `why`, and wakes their waiters.
+    fn refuse(&self, through: u64, why: String) {
         let queue = std::mem::take(&mut *self.queue.borrow_mut());
-        if let Some((last, _)) = queue.last() {
-            self.failed.set(*last);
-            log!("state: {} change(s) not stored: {why}", queue.len());
+        let last = queue.last().map_or(through, |(seq, _)| *seq).max(through);
+        let before = self.failed.get().max(self.committed.get());
+        if last > before {
+            log!("state: {} change(s) not stored: {why}", last - before);
+            self.failed.set(last);
             *self.why.borrow_mut() = why;
         }
         self.progress.notify_waiters();
@@ -264,7 +267,7 @@ impl EtcdWriter {
             self.wake.notified().await;
             while !self.queue.borrow().is_empty() {
                 let Some(fence) = self.fence.get() else {
-                    self.refuse_all("this scheduler is not the leader".into());
+                    self.refuse(0, "this scheduler is not the leader".into());
                     break;
                 };
                 let (last, ops) = self.next_txn();
@@ -276,13 +279,9 @@ impl EtcdWriter {
                     Err(why) => {
                         // Nothing after a refused batch may land: the state in memory
                         // now differs from etcd's, and the leader steps down.
-                        log!("state: change(s) not stored: {why}");
-                        self.failed.set(last);
-                        *self.why.borrow_mut() = why.clone();
-                        self.refuse_all(why);
+                        self.refuse(last, why);
                         self.failures.set(self.failures.get() + 1);
                         self.lost.notify_one();
-                        self.progress.notify_waiters();
                     }
                 }
             }

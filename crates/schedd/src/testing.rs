@@ -357,7 +357,7 @@ pub struct FakeHost {
     pub rec: Rc<RefCell<Record>>,
     beating: Rc<Cell<bool>>,
     pub scheduler: scheduler::Client,
-    connection: tokio::task::JoinHandle<()>,
+    connection: schedclient::Connection,
 }
 
 impl std::fmt::Debug for FakeHost {

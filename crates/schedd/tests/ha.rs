@@ -103,6 +103,16 @@ async fn ask(addr: &str) -> Option<schedclient::Answer> {
         .ok()
 }
 
+/// Waits (up to 10 s) until the scheduler at `addr` follows the one at `leader`.
+async fn follows(addr: &str, leader: &str, what: &str) {
+    wait_for(what, Duration::from_secs(10), async || {
+        ask(addr)
+            .await
+            .is_some_and(|a| !a.leading && a.leader == leader)
+    })
+    .await;
+}
+
 /// Which of `scheds` leads, once exactly one does.
 async fn leader(scheds: &[&Sched]) -> usize {
     let mut who = None;
@@ -293,16 +303,7 @@ fn one_leader_followers_serve_reads_and_a_killed_leader_is_replaced_without_half
             .unwrap();
         // The killed scheduler comes back as a follower of the new leader.
         scheds[l] = Sched::start(dir.path(), if l == 0 { "a" } else { "b" }, &ep, "/tidedge/");
-        wait_for(
-            "the restarted scheduler to follow",
-            Duration::from_secs(10),
-            async || {
-                ask(&laddr)
-                    .await
-                    .is_some_and(|a| !a.leading && a.leader == faddr)
-            },
-        )
-        .await;
+        follows(&laddr, &faddr, "the restarted scheduler to follow").await;
         let back = client(&laddr).await;
         wait_for("its view to catch up", Duration::from_secs(5), async || {
             testing::stacks(&back).await.unwrap() == ["one", "three", "two"]
@@ -371,16 +372,7 @@ fn a_paused_leader_is_replaced_and_its_writes_are_refused_when_it_resumes() {
         // run"); either way nothing of it may land.
         let e = reason(stale.await.unwrap());
         eprintln!("the old leader answered: {e}");
-        wait_for(
-            "the old leader to follow",
-            Duration::from_secs(10),
-            async || {
-                ask(&laddr)
-                    .await
-                    .is_some_and(|a| !a.leading && a.leader == faddr)
-            },
-        )
-        .await;
+        follows(&laddr, &faddr, "the old leader to follow").await;
         assert_eq!(testing::stacks(&new).await.unwrap(), ["one", "two"]);
         // The host is up in etcd: the old leader's marking it down did not land.
         assert_eq!(

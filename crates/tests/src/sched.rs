@@ -132,6 +132,34 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, Strin
     }
 }
 
+/// `tide instance ls --json` at `addr`.
+pub fn instances(addr: &str) -> Vec<serde_json::Value> {
+    json(addr, &["instance", "ls"]).as_array().unwrap().clone()
+}
+
+/// The ids of the hosts `tide host ls` at `addr` shows up.
+pub fn hosts_up(addr: &str) -> std::collections::BTreeSet<String> {
+    json(addr, &["host", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["up"] == true)
+        .map(|h| h["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits (up to `secs`) until exactly `want` are the hosts up at `addr`.
+pub fn wait_hosts_up(addr: &str, want: &std::collections::BTreeSet<String>, secs: u64, what: &str) {
+    wait_for(secs, what, || {
+        let up = hosts_up(addr);
+        if &up == want {
+            Ok(())
+        } else {
+            Err(format!("{up:?}"))
+        }
+    });
+}
+
 /// Waits (up to 30 s) until the scheduler at `addr` lists its first host as up (with
 /// the images it reported).
 pub fn wait_host_up(addr: &str) {

@@ -17,7 +17,7 @@
 
 use serde_json::Value;
 use tests::guest::{Kernel, guest_host_args, init_initramfs};
-use tests::sched::{Sched, json, tide, wait_for};
+use tests::sched::{Sched, instances, json, tide, wait_for};
 use tests::volumed::Volumed;
 
 const STACK: &str = r#"
@@ -145,10 +145,6 @@ command = ["sleep", "1000"]
 [services.app.resources]
 memory = "64G"
 "#;
-
-fn instances(addr: &str) -> Vec<Value> {
-    json(addr, &["instance", "ls"]).as_array().unwrap().clone()
-}
 
 fn instance(addr: &str, service: &str) -> Value {
     instances(addr)

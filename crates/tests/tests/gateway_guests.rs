@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tests::gateway::{Gateway, Reply, raw, sample};
 use tests::guest::{Kernel, guest_host_args, init_initramfs};
-use tests::sched::{Sched, json, tide, wait_for, wait_host_up};
+use tests::sched::{Sched, instances, json, tide, wait_for, wait_host_up};
 use tests::volumed::Volumed;
 
 const STACK: &str = r#"
@@ -196,10 +196,6 @@ impl SlowLoad {
         }
         self.replies.lock().unwrap().clone()
     }
-}
-
-fn instances(addr: &str) -> Vec<Value> {
-    json(addr, &["instance", "ls"]).as_array().unwrap().clone()
 }
 
 /// `curl -sS ARGS URL` through the gateway: (status, body).

@@ -25,7 +25,7 @@ use std::process::Command;
 use serde_json::Value;
 use tests::oci::{Blobs, Changes, diff_list, tar};
 use tests::roots::debian_root;
-use tests::sched::{Sched, json, tide, wait_for};
+use tests::sched::{Sched, hosts_up, instances, json, tide, wait_for, wait_hosts_up};
 use tests::tide::sh;
 use tests::volumed::Volumed;
 use tests::{UnmountBelow, mounts_below};
@@ -189,28 +189,6 @@ fn build_images(tmp: &Path) -> Vec<(PathBuf, &'static str)> {
 
 // ---- Running tide against the scheduler ----
 
-fn hosts_up(addr: &str) -> BTreeSet<String> {
-    json(addr, &["host", "ls"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["up"] == true)
-        .map(|h| h["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// Waits until exactly `want` are the hosts up.
-fn wait_hosts_up(addr: &str, want: &BTreeSet<String>, what: &str) {
-    wait_for(30, what, || {
-        let up = hosts_up(addr);
-        if &up == want {
-            Ok(())
-        } else {
-            Err(format!("{up:?}"))
-        }
-    });
-}
-
 /// Warm VMs of pool `py-fw` now.
 fn warm_count(addr: &str) -> u64 {
     json(addr, &["pool", "ls"])
@@ -227,10 +205,6 @@ fn wait_one_warm(addr: &str, what: &str) {
         1 => Ok(()),
         n => Err(format!("{n} warm")),
     });
-}
-
-fn instances(addr: &str) -> Vec<Value> {
-    json(addr, &["instance", "ls"]).as_array().unwrap().clone()
 }
 
 fn s(v: &Value) -> &str {
@@ -420,7 +394,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         }
     });
     let all: BTreeSet<String> = HOSTS.iter().map(|h| h.to_string()).collect();
-    wait_hosts_up(&addr, &all, "three hosts up");
+    wait_hosts_up(&addr, &all, 30, "three hosts up");
     // The inventories after the imports reach the scheduler with the heartbeats.
     wait_for(30, "the hosts' layers", || {
         let h = json(&addr, &["host", "ls"]);
@@ -658,7 +632,7 @@ fn scheduler_with_real_hosts_end_to_end() {
     sched.kill9();
     sched.restart();
     let live: BTreeSet<String> = all.iter().filter(|h| *h != victim).cloned().collect();
-    wait_hosts_up(&addr, &live, "the live hosts re-registered");
+    wait_hosts_up(&addr, &live, 30, "the live hosts re-registered");
     assert_eq!(json(&addr, &["stack", "ls"]), stacks);
     assert_eq!(json(&addr, &["alias", "ls"]), aliases);
     let pools_after = json(&addr, &["pool", "ls"]);
@@ -705,7 +679,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         t.join(format!("{victim}.sock")),
         &host_args(victim, &addr),
     ));
-    wait_hosts_up(&addr, &all, "the killed host back");
+    wait_hosts_up(&addr, &all, 30, "the killed host back");
     wait_for(30, "the killed host to release what moved", || {
         let rec = std::fs::read_to_string(victim_data.join("instances.json")).unwrap_or_default();
         let left: Vec<&String> = moved
@@ -747,7 +721,7 @@ fn scheduler_with_real_hosts_end_to_end() {
         t.join("host-a.sock"),
         &host_args("host-a", &addr),
     ));
-    wait_hosts_up(&addr, &all, "host-a back");
+    wait_hosts_up(&addr, &all, 30, "host-a back");
     let served = wait_for(60, "every instance served again", || {
         let now = instances(&addr);
         if now.iter().all(|i| {

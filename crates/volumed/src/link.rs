@@ -43,11 +43,7 @@ pub(crate) async fn run(
     } else {
         MAX_BACKOFF
     };
-    let list = addrs
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = schedclient::join(&addrs);
     let mut backoff = MIN_BACKOFF;
     // The same failure over and over (a scheduler down for an hour) is logged when it
     // starts and then once a minute or so, not at every attempt.

@@ -327,11 +327,7 @@ fn run(args: &Args) -> Result<()> {
     if let Some(addrs) = scheduler {
         log!(
             "joining scheduler {} as host {} ({} vCPUs, {} bytes, {} GPUs, {}, hypervisors: {})",
-            addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
+            schedclient::join(&addrs),
             host.config.host_id,
             host.config.vcpus,
             host.config.memory,
