@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde_json::Value;
 use tests::gateway::Gateway;
 use tests::oci::{Blobs, tar};
-use tests::sched::{Sched, json, tide, wait_for};
+use tests::sched::{Sched, instances, json, tide, wait_for, wait_hosts_up};
 use tests::volumed::Volumed;
 use tests::{UnmountBelow, mounts_below};
 
@@ -46,20 +46,6 @@ fn host_args(id: &str, addrs: &str) -> Vec<String> {
     .iter()
     .map(|a| (*a).to_string())
     .collect()
-}
-
-fn hosts_up(addrs: &str) -> BTreeSet<String> {
-    json(addrs, &["host", "ls"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["up"] == true)
-        .map(|h| h["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn instances(addr: &str) -> Vec<Value> {
-    json(addr, &["instance", "ls"]).as_array().unwrap().clone()
 }
 
 /// Every instance of `stack` is ready with its root mounted on its host, showing the
@@ -145,14 +131,7 @@ fn real_hosts_follow_the_leader_and_keep_their_instances_when_it_dies() {
         })
         .collect();
     let all: BTreeSet<String> = HOSTS.iter().map(|h| h.to_string()).collect();
-    wait_for(30, "three hosts up at the leader", || {
-        let up = hosts_up(&addrs);
-        if up == all {
-            Ok(())
-        } else {
-            Err(format!("{up:?}"))
-        }
-    });
+    wait_hosts_up(&addrs, &all, 30, "three hosts up at the leader");
     let l = scheds.iter().position(leads).expect("a leader");
     let f = 1 - l;
 
@@ -191,14 +170,7 @@ fn real_hosts_follow_the_leader_and_keep_their_instances_when_it_dies() {
         }
     });
     let elected = killed.elapsed();
-    wait_for(5, "every host registered with the new leader", || {
-        let up = hosts_up(&addrs);
-        if up == all {
-            Ok(())
-        } else {
-            Err(format!("{up:?}"))
-        }
-    });
+    wait_hosts_up(&addrs, &all, 5, "every host registered with the new leader");
     eprintln!(
         "leader killed: follower led after {elected:?}, hosts back after {:?}",
         killed.elapsed()
@@ -266,11 +238,24 @@ fn real_hosts_follow_the_leader_and_keep_their_instances_when_it_dies() {
     let rows = roles(["follower", "leader"]);
     assert_eq!(rows[l]["leader"], scheds[f].addr(), "{rows}");
     assert_eq!(rows[l]["store"], "etcd", "{rows}");
-    let log = scheds[l].log_text();
-    let since_restart = &log[log.rfind("sched: serving").unwrap()..];
+    // Its view was loaded before it served; its election task logs that it follows
+    // once its campaign lost, which may be a moment later.
+    let since_restart = || {
+        let log = scheds[l].log_text();
+        log[log.rfind("sched: serving").unwrap()..].to_string()
+    };
+    wait_for(10, "the restarted scheduler to log that it follows", || {
+        let text = since_restart();
+        if text.contains("following unix:") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
     assert!(
-        since_restart.contains("following unix:") && !since_restart.contains("leading (term"),
-        "{since_restart}"
+        !since_restart().contains("leading (term"),
+        "{}",
+        since_restart()
     );
     let o = tide(&back, &["stack", "rm", "two"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
