@@ -15,6 +15,7 @@
 //! | `volume_names` | volume name | volume id (8 B BE) |
 //! | `block_map` | volume id ‖ extent index ‖ !generation (8 B BE each) | chunk digest, or 1 B marker: `0x00` zero (hole), `0x01` zeros kept allocated |
 //! | `volume_journal` | volume id ‖ extent index ‖ sequence (8 B BE each) | small write not yet folded into its extent: kind, offset in extent, bytes (volume/journal.rs) |
+//! | `tiered` | kind byte ‖ digest | empty: the object is in the chunk tier (pushed, or fetched from it) (tier.rs) |
 //!
 //! Later families are added here and nowhere else.
 //!
@@ -50,10 +51,11 @@ pub(crate) enum Cf {
     VolumeNames,
     BlockMap,
     VolumeJournal,
+    Tiered,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 13] = [
+    pub(crate) const ALL: [Cf; 14] = [
         Cf::Chunks,
         Cf::ChunkIndex,
         Cf::Blobs,
@@ -67,6 +69,7 @@ impl Cf {
         Cf::VolumeNames,
         Cf::BlockMap,
         Cf::VolumeJournal,
+        Cf::Tiered,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -84,6 +87,7 @@ impl Cf {
             Cf::VolumeNames => "volume_names",
             Cf::BlockMap => "block_map",
             Cf::VolumeJournal => "volume_journal",
+            Cf::Tiered => "tiered",
         }
     }
 }

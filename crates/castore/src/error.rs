@@ -120,6 +120,19 @@ pub enum Error {
     /// A volume operation failed (names the volume or snapshot).
     #[error(transparent)]
     Volume(#[from] crate::volume::VolumeError),
+    /// The chunk tier could not do what was asked (names the tier, what was being done
+    /// and the object's key).
+    #[error("tier {url}: {op} {key}: {message}")]
+    Tier {
+        /// The tier, as configured (`s3://BUCKET/PREFIX`, a directory).
+        url: String,
+        /// "get", "put".
+        op: &'static str,
+        /// The object's key in the tier (`chunks/HEX`, `refs/NAME:TAG`, ...).
+        key: String,
+        /// What the tier said.
+        message: String,
+    },
     /// The operation was refused because of its target's state.
     #[error("{0}")]
     Refused(String),

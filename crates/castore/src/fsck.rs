@@ -40,6 +40,9 @@ pub struct FsckReport {
     pub volumes: u64,
     /// Block map entries checked.
     pub extents: u64,
+    /// Chunks not in this store that its tier holds (pushed or fetched from it before):
+    /// a cache's missing chunks, fetched again when read.
+    pub tiered_chunks: u64,
     /// Everything broken; empty means the store is consistent.
     pub problems: Vec<Problem>,
 }
@@ -68,7 +71,12 @@ impl Store {
     /// is reported in [`FsckReport::problems`].
     pub fn fsck(&self) -> Result<FsckReport> {
         let mut r = FsckReport::default();
-        let chunks = self.fsck_chunks(&mut r)?;
+        let mut chunks = self.fsck_chunks(&mut r)?;
+        for d in self.tiered_chunks()? {
+            if !self.has_chunk(&d)? && chunks.insert(d) {
+                r.tiered_chunks += 1;
+            }
+        }
         let mut blobs = HashSet::new();
         for kv in self.db.entries(Cf::Blobs) {
             let (k, _) = kv?;

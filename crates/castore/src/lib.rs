@@ -32,6 +32,7 @@ mod refname;
 mod stats;
 mod store;
 mod tarfmt;
+mod tier;
 mod views;
 mod volume;
 
@@ -55,8 +56,9 @@ pub use model::{
 };
 pub use read::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, FileLayout, Prefetcher};
 pub use refname::validate as validate_ref;
-pub use stats::{DataStats, Stats};
+pub use stats::{DataStats, Stats, TierStats};
 pub use store::Store;
+pub use tier::{DirTier, FetchCounters, Tier, TierError, TierProgress, TierReport, object_key};
 pub use views::{ImageDetail, ImageSummary, LayerSummary};
 pub use volume::{
     AccessMode, BLOCK_STATUS_MAX_EXTENTS, BlockStatus, DEFAULT_EXTENT_SIZE, DEFAULT_JOURNAL_BUDGET,

@@ -67,6 +67,23 @@ pub struct Stats {
     pub image_data: DataStats,
     /// Volumes and their snapshots alone.
     pub volume_data: DataStats,
+    /// The chunk tier this store caches, if it has one.
+    pub tier: Option<TierStats>,
+}
+
+/// What a store holds of its chunk tier and has fetched from it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TierStats {
+    /// The tier (`s3://BUCKET/PREFIX`, `file:///PATH`).
+    pub url: String,
+    /// Objects fetched since the store was opened.
+    pub fetched_objects: u64,
+    /// Their bytes as the tier holds them.
+    pub fetched_bytes: u64,
+    /// Chunks known to be in the tier (pushed from here, or of images pulled).
+    pub tiered_chunks: u64,
+    /// Of those, chunks this store does not hold (read from the tier when needed).
+    pub remote_chunks: u64,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -153,6 +170,22 @@ impl Store {
         s.store.logical_bytes = s.image_data.logical_bytes + s.volume_data.logical_bytes;
         s.store.finish();
         s.disk_bytes = du(self.path());
+        if let Some(tier) = self.tier() {
+            let fetched = self.fetched();
+            let mut t = TierStats {
+                url: tier.url().to_string(),
+                fetched_objects: fetched.objects,
+                fetched_bytes: fetched.bytes,
+                ..TierStats::default()
+            };
+            for d in self.tiered_chunks()? {
+                t.tiered_chunks += 1;
+                if !self.has_chunk(&d)? {
+                    t.remote_chunks += 1;
+                }
+            }
+            s.tier = Some(t);
+        }
         Ok(s)
     }
 }

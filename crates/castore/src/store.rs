@@ -70,6 +70,8 @@ pub struct Store {
     pub(crate) inventory: crate::inventory::InventoryCache,
     /// Chunk bytes that volume writes store outside RocksDB (chunklog.rs).
     pub(crate) log: ChunkLog,
+    /// The chunk tier this store caches, if any (tier.rs).
+    pub(crate) tiers: crate::tier::TierState,
 }
 
 /// Digests in use by work that has not committed a reference yet.
@@ -210,6 +212,7 @@ impl Store {
             changes: AtomicU64::new(0),
             inventory: crate::inventory::InventoryCache::default(),
             log,
+            tiers: crate::tier::TierState::default(),
         })
     }
 
@@ -233,24 +236,43 @@ impl Store {
         self.db.contains(Cf::ChunkIndex, &d.0)
     }
 
-    /// Reads a chunk, verifying its digest: corrupt bytes are an error, never data.
+    /// Reads a chunk, verifying its digest: corrupt bytes are an error, never data. A
+    /// chunk this store lacks is fetched from its tier, if it has one.
     pub fn chunk(&self, d: &Digest) -> Result<Vec<u8>> {
+        match self.chunk_local(d) {
+            Err(Error::Missing { .. }) if let Some(r) = self.fetch_chunk(d) => r,
+            r => r,
+        }
+    }
+
+    /// Reads a chunk from this store alone.
+    pub(crate) fn chunk_local(&self, d: &Digest) -> Result<Vec<u8>> {
+        Store::decode_stored(d, &self.stored_local(d)?)
+    }
+
+    /// A chunk's stored value (codec byte + payload) from RocksDB or the chunk log, not
+    /// yet verified.
+    fn stored_local(&self, d: &Digest) -> Result<Vec<u8>> {
+        let stored = self.stored_value(d)?;
+        if stored.first() != Some(&POINTER) {
+            return Ok(stored);
+        }
+        let (codec, bytes) = self.log_bytes(d, &stored)?;
+        let mut v = Vec::with_capacity(bytes.len() + 1);
+        v.push(codec);
+        v.extend_from_slice(&bytes);
+        Ok(v)
+    }
+
+    /// A chunk's raw bytes from its stored value (codec byte + payload), verified.
+    pub(crate) fn decode_stored(d: &Digest, stored: &[u8]) -> Result<Vec<u8>> {
         let corrupt = || Error::Corrupt {
             kind: ObjectKind::Chunk,
             digest: *d,
         };
-        let stored = self.stored_value(d)?;
         let raw = match stored.split_first() {
             Some((&CODEC_RAW, rest)) => rest.to_vec(),
             Some((&CODEC_ZSTD, rest)) => decompress(rest).ok_or_else(corrupt)?,
-            Some((&POINTER, _)) => {
-                let (codec, bytes) = self.log_bytes(d, &stored)?;
-                match codec {
-                    CODEC_RAW => bytes,
-                    CODEC_ZSTD => decompress(&bytes).ok_or_else(corrupt)?,
-                    _ => return Err(corrupt()),
-                }
-            }
             _ => return Err(corrupt()),
         };
         if Digest::of(&raw) != *d {
@@ -300,16 +322,15 @@ impl Store {
     /// A chunk's raw length and its value as RocksDB holds one in place (codec byte +
     /// payload), read from wherever it is and verified: for moving it out of the log.
     pub(crate) fn chunk_stored(&self, d: &Digest) -> Result<(usize, Vec<u8>)> {
-        let raw = self.chunk(d)?;
-        let stored = self.stored_value(d)?;
-        let (codec, bytes) = match stored.first() {
-            Some(&POINTER) => self.log_bytes(d, &stored)?,
-            _ => return Ok((raw.len(), stored)),
+        let stored = match self.stored_local(d) {
+            Err(Error::Missing { .. }) if let Some(r) = self.fetch_chunk(d) => {
+                r?;
+                self.stored_local(d)?
+            }
+            r => r?,
         };
-        let mut v = Vec::with_capacity(bytes.len() + 1);
-        v.push(codec);
-        v.extend_from_slice(&bytes);
-        Ok((raw.len(), v))
+        let raw = Store::decode_stored(d, &stored)?;
+        Ok((raw.len(), stored))
     }
 
     /// The stored value of a chunk (codec byte + payload): zstd when that saves space,
@@ -402,12 +423,16 @@ impl Store {
         batch.put(db, Cf::ChunkIndex, &d.0, &w.finish());
     }
 
-    /// Reads a record and checks it hashes to its key.
-    fn record(&self, cf: Cf, kind: ObjectKind, d: &Digest) -> Result<Vec<u8>> {
-        let v = self
-            .db
-            .get(cf, &d.0)?
-            .ok_or(Error::Missing { kind, digest: *d })?;
+    /// Reads a record and checks it hashes to its key; one this store lacks is fetched
+    /// from its tier, if it has one.
+    pub(crate) fn record(&self, cf: Cf, kind: ObjectKind, d: &Digest) -> Result<Vec<u8>> {
+        let v = match self.db.get(cf, &d.0)? {
+            Some(v) => v,
+            None => match self.fetch_record(kind, d) {
+                Some(r) => return r,
+                None => return Err(Error::Missing { kind, digest: *d }),
+            },
+        };
         if Digest::of(&v) != *d {
             return Err(Error::Corrupt { kind, digest: *d });
         }

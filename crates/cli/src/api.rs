@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use castore::{
     Digest, ExportReport, ExportTarget, FsckReport, GcProgress, GcReport, GcRoots, ImportOptions,
-    ImportReport, Progress, SourceFormat, Stats, Store,
+    ImportReport, Progress, SourceFormat, Stats, Store, TierProgress, TierReport,
 };
 
 pub(crate) use castore::{ImageDetail, ImageSummary, LayerSummary};
@@ -39,6 +39,10 @@ pub(crate) trait StoreApi {
     fn gc(&self, progress: &GcProgress) -> Result<GcReport>;
     fn fsck(&self) -> Result<FsckReport>;
     fn stats(&self) -> Result<Stats>;
+    /// Sends an image to the store's chunk tier.
+    fn push_image(&self, spec: &str) -> Result<(String, TierReport)>;
+    /// Brings an image from the tier: records, and every chunk with `chunks`.
+    fn pull_image(&self, spec: &str, chunks: bool) -> Result<(String, TierReport)>;
 }
 
 /// An EROFS image written out by `tide layer erofs`.
@@ -145,5 +149,24 @@ impl StoreApi for Local {
 
     fn stats(&self) -> Result<Stats> {
         Ok(self.0.stats()?)
+    }
+
+    fn push_image(&self, spec: &str) -> Result<(String, TierReport)> {
+        let r = self.0.push_image(spec, &TierProgress::default())?;
+        Ok((self.tier_url(), r))
+    }
+
+    fn pull_image(&self, spec: &str, chunks: bool) -> Result<(String, TierReport)> {
+        let r = self.0.pull_image(spec, chunks, &TierProgress::default())?;
+        Ok((self.tier_url(), r))
+    }
+}
+
+impl Local {
+    fn tier_url(&self) -> String {
+        self.0
+            .tier()
+            .map(|t| t.url().to_string())
+            .unwrap_or_default()
     }
 }

@@ -52,6 +52,9 @@ struct Cli {
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// With --store: the chunk tier that store caches (volumed has its own flags).
+    #[command(flatten)]
+    tier: tier::TierArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -209,6 +212,19 @@ enum ImageCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Send an image to the chunk tier (volumed --tier), so any host can start it.
+    Push {
+        /// NAME:TAG, digest or digest prefix.
+        image: String,
+    },
+    /// Bring an image from the chunk tier: its records now, its chunks when read.
+    Pull {
+        /// NAME:TAG (":latest" implied) or sha256:HEX.
+        image: String,
+        /// Fetch every chunk now too (the whole image, as a registry pull would).
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +280,31 @@ fn parse_argv(s: &str) -> Result<Argv, String> {
     }
 }
 
+/// One line for a push or a pull: what moved and what the other side had.
+fn print_transfer(json: bool, verb: &str, tier: &str, r: &castore::TierReport) {
+    if json {
+        print_json(&serde_json::json!({"tier": tier, "report": r}));
+        return;
+    }
+    let what = r.name.clone().unwrap_or_else(|| r.image.short());
+    let dir = if verb == "pushed" { "to" } else { "from" };
+    let mut line = format!(
+        "{verb} {what} {dir} {tier}: {} of {} objects ({}), {} already there, {:.2} s",
+        r.transferred,
+        r.objects,
+        human_bytes(r.bytes),
+        r.skipped,
+        r.seconds
+    );
+    if r.chunks_remote > 0 {
+        line.push_str(&format!(
+            "; {} chunks stay in the tier until read",
+            r.chunks_remote
+        ));
+    }
+    println!("{line}");
+}
+
 fn parse_format(s: &str) -> Result<SourceFormat, String> {
     SourceFormat::parse(s).ok_or_else(|| format!("unknown format {s:?} (dir, tar, oci, docker)"))
 }
@@ -273,7 +314,13 @@ fn open(cli: &Cli) -> Result<Box<dyn StoreApi>> {
         (Some(_), Some(_)) => {
             bail!("give either --store DIR (TIDE_STORE) or --socket PATH (TIDE_SOCKET), not both")
         }
-        (Some(dir), None) => Ok(Box::new(Local(Store::open(dir)?))),
+        (Some(dir), None) => {
+            let store = Store::open(dir)?;
+            if let Some(t) = cli.tier.open()? {
+                store.set_tier(t);
+            }
+            Ok(Box::new(Local(store)))
+        }
         (None, Some(socket)) => Ok(Box::new(Remote::connect(socket)?)),
         (None, None) => bail!(
             "no store given: pass --store DIR (TIDE_STORE) or --socket PATH (TIDE_SOCKET) of volumed"
@@ -603,6 +650,14 @@ fn run(cli: &Cli) -> Result<i32> {
                 print_json(&removed);
             }
         }
+        Cmd::Image(ImageCmd::Push { image }) => {
+            let (tier, r) = api.push_image(image)?;
+            print_transfer(cli.json, "pushed", &tier, &r);
+        }
+        Cmd::Image(ImageCmd::Pull { image, all }) => {
+            let (tier, r) = api.pull_image(image, *all)?;
+            print_transfer(cli.json, "pulled", &tier, &r);
+        }
         Cmd::Layer(LayerCmd::Import { path, format }) => {
             let progress = Arc::new(Progress::default());
             let r = with_progress(
@@ -724,6 +779,9 @@ fn run(cli: &Cli) -> Result<i32> {
                     "checked {} chunks, {} blobs, {} trees, {} layers, {} images, {} refs",
                     r.chunks, r.blobs, r.trees, r.layers, r.images, r.refs
                 );
+                if r.tiered_chunks > 0 {
+                    println!("{} chunks are only in the tier", r.tiered_chunks);
+                }
                 for p in &r.problems {
                     println!("BROKEN {} {}: {}", p.object, p.name, p.problem);
                 }
@@ -760,6 +818,18 @@ fn run(cli: &Cli) -> Result<i32> {
                 println!("store:           images and volumes together (a chunk both name, once)");
                 print_data_stats(&s.store);
                 println!("  on disk:       {}", human_bytes(s.disk_bytes));
+                if let Some(t) = &s.tier {
+                    println!("tier:            {}", t.url);
+                    println!(
+                        "  chunks:        {} in the tier, {} of them only there",
+                        t.tiered_chunks, t.remote_chunks
+                    );
+                    println!(
+                        "  fetched:       {} objects, {} since the store opened",
+                        t.fetched_objects,
+                        human_bytes(t.fetched_bytes)
+                    );
+                }
             }
         }
         Cmd::Mount(_) | Cmd::Umount { .. } | Cmd::Volume(_) => {

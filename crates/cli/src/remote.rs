@@ -186,6 +186,28 @@ fn import_report(r: import_report::Reader<'_>) -> Result<ImportReport> {
     })
 }
 
+fn tier_report(
+    r: schema::store_capnp::tier_report::Reader<'_>,
+) -> Result<(String, castore::TierReport)> {
+    let image = text(r.get_image())?;
+    let name = text(r.get_name())?;
+    Ok((
+        text(r.get_tier())?,
+        castore::TierReport {
+            image: castore::Digest::parse(&image)
+                .ok_or_else(|| anyhow::anyhow!("volumed sent image {image:?}, not a digest"))?,
+            name: (!name.is_empty()).then_some(name),
+            objects: r.get_objects(),
+            transferred: r.get_transferred(),
+            skipped: r.get_skipped(),
+            bytes: r.get_bytes(),
+            content_bytes: r.get_content_bytes(),
+            chunks_remote: r.get_chunks_remote(),
+            seconds: r.get_seconds(),
+        },
+    ))
+}
+
 fn data_stats(r: data_stats::Reader<'_>) -> DataStats {
     DataStats {
         chunks: r.get_chunks(),
@@ -618,6 +640,37 @@ impl StoreApi for Remote {
         })
     }
 
+    fn push_image(&self, spec: &str) -> Result<(String, castore::TierReport)> {
+        self.run(async {
+            let mut req = self.store.push_image_request();
+            req.get().set_image(spec);
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            tier_report(
+                reply
+                    .get()
+                    .map_err(wire_err)?
+                    .get_report()
+                    .map_err(wire_err)?,
+            )
+        })
+    }
+
+    fn pull_image(&self, spec: &str, chunks: bool) -> Result<(String, castore::TierReport)> {
+        self.run(async {
+            let mut req = self.store.pull_image_request();
+            req.get().set_image(spec);
+            req.get().set_chunks(chunks);
+            let reply = req.send().promise.await.map_err(wire_err)?;
+            tier_report(
+                reply
+                    .get()
+                    .map_err(wire_err)?
+                    .get_report()
+                    .map_err(wire_err)?,
+            )
+        })
+    }
+
     fn stats(&self) -> Result<Stats> {
         self.run(async {
             let reply = self
@@ -652,6 +705,16 @@ impl StoreApi for Remote {
                 disk_bytes: s.get_disk_bytes(),
                 image_data: data_stats(s.get_image_data().map_err(wire_err)?),
                 volume_data: data_stats(s.get_volume_data().map_err(wire_err)?),
+                tier: match text(s.get_tier())? {
+                    url if url.is_empty() => None,
+                    url => Some(castore::TierStats {
+                        url,
+                        fetched_objects: s.get_fetched_objects(),
+                        fetched_bytes: s.get_fetched_bytes(),
+                        tiered_chunks: s.get_tiered_chunks(),
+                        remote_chunks: s.get_remote_chunks(),
+                    }),
+                },
             })
         })
     }

@@ -168,6 +168,11 @@ struct Stats {
   snapshots @12 :UInt64;    # Snapshots of all volumes.
   imageData @13 :DataStats; # Images and lone layers alone.
   volumeData @14 :DataStats;# Volumes and their snapshots alone.
+  tier @15 :Text;           # The chunk tier this store caches (volumed --tier), or "".
+  fetchedObjects @16 :UInt64; # Objects fetched from the tier since the daemon started.
+  fetchedBytes @17 :UInt64; # Their bytes as the tier holds them.
+  tieredChunks @18 :UInt64; # Chunks known to be in the tier (pushed, pulled or fetched).
+  remoteChunks @19 :UInt64; # Of those, chunks not in this store (read from the tier).
 }
 
 struct ConfigOverride {
@@ -253,6 +258,31 @@ interface Store {
   # `path` (replaced whole; never left partial). `layer`: a digest, or a unique prefix
   # of a layer of a named image or of a lone layer. The image is the one the daemon
   # synthesized (cached), so the file holds exactly the bytes guests read.
+
+  pushImage @13 (image :Text) -> (report :TierReport);
+  # Sends `image` (NAME:TAG, digest or prefix) to the daemon's chunk tier (volumed
+  # --tier): the chunks and records the tier lacks, a pack of its records, then its
+  # name (if given by one), so another host that finds the name finds everything.
+  # Idempotent: after a failure, run it again.
+
+  pullImage @14 (image :Text, chunks :Bool) -> (report :TierReport);
+  # Brings `image` (NAME:TAG, ":latest" implied, or sha256:HEX) from the tier: its
+  # records, and with `chunks` every chunk this host lacks; without, chunks are fetched
+  # when first read (mounts, layer exports). Then names it here.
+}
+
+struct TierReport {
+  # What a push or pull did.
+  tier @0 :Text;            # The tier (s3://BUCKET/PREFIX, file:///PATH).
+  image @1 :Text;           # The image digest.
+  name @2 :Text;            # NAME:TAG pushed or pulled, or "".
+  objects @3 :UInt64;       # Objects the image consists of (records and chunks).
+  transferred @4 :UInt64;   # Objects sent (push) or fetched (pull).
+  skipped @5 :UInt64;       # Objects the other side already had.
+  bytes @6 :UInt64;         # Bytes sent or fetched (chunks compressed, as stored).
+  contentBytes @7 :UInt64;  # Raw bytes of the chunks sent or fetched.
+  chunksRemote @8 :UInt64;  # Chunks of the image left in the tier (pull without chunks).
+  seconds @9 :Float64;      # Wall time.
 }
 
 struct ErofsReport {

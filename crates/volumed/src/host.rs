@@ -479,13 +479,26 @@ impl Host {
             .map_or_else(String::new, |(h, _)| (*h).to_string())
     }
 
+    /// The image `spec` names; one this host's store lacks is pulled from the chunk
+    /// tier, if the host has one (records now, chunks as the guest reads them).
     fn resolve(&self, spec: &str) -> Result<Digest, Error> {
-        self.store.resolve_image(spec).map_err(|e| match e {
-            castore::Error::NotFound { .. } => {
-                Error::BadRequest(format!("image {spec} is not in this host's store"))
+        match self.store.resolve_or_pull(spec) {
+            Ok((d, pulled)) => {
+                if let Some(r) = pulled {
+                    log!("{}", crate::server::pulled_for(spec, &r));
+                }
+                Ok(d)
             }
-            e => e.into(),
-        })
+            Err(castore::Error::NotFound { .. }) => Err(Error::BadRequest(format!(
+                "image {spec} is not in this host's store{}",
+                if self.store.tier().is_some() {
+                    " nor in its tier"
+                } else {
+                    ""
+                }
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Prepares an instance (see the module doc) and, when this host boots guests,

@@ -222,6 +222,8 @@ struct Args {
         default_value_t = 120
     )]
     boot_timeout: u64,
+    #[command(flatten)]
+    tier: tier::TierArgs,
 }
 
 /// Binds `path`, replacing a socket file nobody listens on, refusing a live one.
@@ -263,6 +265,10 @@ fn run(args: &Args) -> Result<()> {
     let store = Arc::new(castore::Store::open(args.data.join("store"))?);
     store.set_volume_cache_bytes(args.volume_cache_mib << 20);
     store.set_volume_journal_budget(args.journal_mib << 20);
+    if let Some(t) = args.tier.open()? {
+        log!("chunk tier {}", t.url());
+        store.set_tier(t);
+    }
     let mounts = Arc::new(MountTable::new(&args.data));
     mounts
         .recover()

@@ -373,6 +373,12 @@ impl store::Server for StoreImpl {
         .await;
         let r = logged(&self.1, &what, r, import_outcome)?;
         set_import_report(results.get().init_report(), &r);
+        if let Some(image) = r.image {
+            publish(
+                self.0.store.clone(),
+                r.name.clone().unwrap_or(image.to_string()),
+            );
+        }
         Ok(())
     }
 
@@ -674,9 +680,117 @@ impl store::Server for StoreImpl {
         b.set_volumes(s.volumes);
         b.set_snapshots(s.snapshots);
         set_data_stats(b.reborrow().init_image_data(), &s.image_data);
-        set_data_stats(b.init_volume_data(), &s.volume_data);
+        set_data_stats(b.reborrow().init_volume_data(), &s.volume_data);
+        if let Some(t) = &s.tier {
+            b.set_tier(&t.url);
+            b.set_fetched_objects(t.fetched_objects);
+            b.set_fetched_bytes(t.fetched_bytes);
+            b.set_tiered_chunks(t.tiered_chunks);
+            b.set_remote_chunks(t.remote_chunks);
+        }
         Ok(())
     }
+
+    async fn push_image(
+        self: CapRc<Self>,
+        params: store::PushImageParams,
+        mut results: store::PushImageResults,
+    ) -> Result<(), capnp::Error> {
+        let spec = text(params.get()?.get_image())?;
+        let store = self.0.store.clone();
+        let r =
+            blocking(move || Ok(store.push_image(&spec, &castore::TierProgress::default())?)).await;
+        let what = format!("push image {}", text(params.get()?.get_image())?);
+        let r = logged(&self.1, &what, r, transfer_outcome)?;
+        set_tier_report(results.get().init_report(), &self.0.store, &r);
+        Ok(())
+    }
+
+    async fn pull_image(
+        self: CapRc<Self>,
+        params: store::PullImageParams,
+        mut results: store::PullImageResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (spec, chunks) = (text(p.get_image())?, p.get_chunks());
+        let what = format!(
+            "pull image {spec}{}",
+            if chunks { " (all chunks)" } else { "" }
+        );
+        let store = self.0.store.clone();
+        let r = blocking(move || {
+            Ok(store.pull_image(&spec, chunks, &castore::TierProgress::default())?)
+        })
+        .await;
+        let r = logged(&self.1, &what, r, transfer_outcome)?;
+        set_tier_report(results.get().init_report(), &self.0.store, &r);
+        Ok(())
+    }
+}
+
+/// A tiered host publishes what it imports: pushes image `spec` to the tier on a
+/// thread of its own, logging the outcome (a failed push is finished by `tide image
+/// push`, which sends only what is missing).
+fn publish(store: Arc<Store>, spec: String) {
+    let Some(tier) = store.tier() else { return };
+    let spawned = std::thread::Builder::new()
+        .name("publish".into())
+        .spawn(move || {
+            log!("publishing {spec} to {}", tier.url());
+            match store.push_image(&spec, &castore::TierProgress::default()) {
+                Ok(r) => log!("published {spec}: {}", transfer_outcome(&r)),
+                Err(e) => log!(
+                    "publishing {spec} to {} failed: {e}; `tide image push {spec}` sends the rest",
+                    tier.url()
+                ),
+            }
+        });
+    if let Err(e) = spawned {
+        log!("publishing: cannot start a thread: {e}");
+    }
+}
+
+/// The log line of an image pulled because something asked for it by name.
+pub(crate) fn pulled_for(spec: &str, r: &castore::TierReport) -> String {
+    format!(
+        "pulled image {spec} from the tier: {} records, {} chunks left remote, {:.2} s",
+        r.transferred, r.chunks_remote, r.seconds
+    )
+}
+
+fn transfer_outcome(r: &castore::TierReport) -> String {
+    format!(
+        "{}: {} of {} objects moved ({} bytes), {} already there, {} chunks left remote, {:.2} s",
+        r.image.short(),
+        r.transferred,
+        r.objects,
+        r.bytes,
+        r.skipped,
+        r.chunks_remote,
+        r.seconds
+    )
+}
+
+fn set_tier_report(
+    mut b: schema::store_capnp::tier_report::Builder<'_>,
+    store: &Store,
+    r: &castore::TierReport,
+) {
+    b.set_tier(
+        store
+            .tier()
+            .map(|t| t.url().to_string())
+            .unwrap_or_default(),
+    );
+    b.set_image(r.image.to_string());
+    b.set_name(r.name.as_deref().unwrap_or(""));
+    b.set_objects(r.objects);
+    b.set_transferred(r.transferred);
+    b.set_skipped(r.skipped);
+    b.set_bytes(r.bytes);
+    b.set_content_bytes(r.content_bytes);
+    b.set_chunks_remote(r.chunks_remote);
+    b.set_seconds(r.seconds);
 }
 
 // ---- Mounts ----
@@ -746,6 +860,11 @@ pub(crate) fn mount_image(
     let scratch_dir = table.scratch_dir(id);
     let r = (|| -> Result<Digest, Error> {
         check_mountpoint(mountpoint)?;
+        // An image this host lacks comes from the tier first (outside the table's lock:
+        // a pull waits on the network).
+        if let (_, Some(r)) = store.resolve_or_pull(spec)? {
+            log!("{}", pulled_for(spec, &r));
+        }
         // A GC root from here on (see `MountTable::resolve_and_pin` for why this is
         // race-free against a concurrent gc).
         let image = table.resolve_and_pin(id, || store.resolve_image(spec))?;

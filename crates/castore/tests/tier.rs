@@ -1,0 +1,262 @@
+//! The chunk tier through castore's public API: an image pushed from one real store and
+//! pulled into another, whose chunks come lazily (one GET for concurrent readers of one
+//! chunk), verified; damaged tier objects are errors naming the digest and store nothing.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use castore::{
+    DirTier, Error, ExportTarget, ImportOptions, ObjectKind, Store, Tier, TierError, TierProgress,
+    object_key, testing,
+};
+
+/// A directory tier that counts GETs per key and can be told to stall them.
+#[derive(Debug)]
+struct Counting {
+    inner: DirTier,
+    gets: Mutex<std::collections::HashMap<String, u64>>,
+    delay_ms: AtomicU64,
+}
+
+impl Counting {
+    fn gets(&self, prefix: &str) -> u64 {
+        let g = self.gets.lock().unwrap();
+        g.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+impl Tier for Counting {
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TierError> {
+        *self
+            .gets
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default() += 1;
+        std::thread::sleep(std::time::Duration::from_millis(
+            self.delay_ms.load(Ordering::Relaxed),
+        ));
+        self.inner.get(key)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), TierError> {
+        self.inner.put(key, bytes)
+    }
+}
+
+/// A tree of files: small (inline), one-chunk and multi-chunk (random, so nothing
+/// dedups or compresses), a text file, a symlink and a nested directory.
+fn make_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("etc/deep/er")).unwrap();
+    std::fs::write(root.join("etc/hostname"), b"tier\n").unwrap();
+    std::fs::write(root.join("etc/deep/er/one"), testing::noise(40 << 10, 1)).unwrap();
+    std::fs::write(root.join("big"), testing::noise(3 << 20, 2)).unwrap();
+    let text: Vec<u8> = b"the same line again\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect();
+    std::fs::write(root.join("etc/text"), text).unwrap();
+    std::os::unix::fs::symlink("etc/hostname", root.join("link")).unwrap();
+}
+
+fn same_files(a: &Path, b: &Path) {
+    for rel in ["etc/hostname", "etc/deep/er/one", "big", "etc/text"] {
+        assert_eq!(
+            std::fs::read(a.join(rel)).unwrap(),
+            std::fs::read(b.join(rel)).unwrap(),
+            "{rel}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(b.join("link")).unwrap(),
+        Path::new("etc/hostname")
+    );
+}
+
+struct Two {
+    dir: tempfile::TempDir,
+    a: Store,
+    b: Store,
+    tier: Arc<Counting>,
+}
+
+fn two_hosts() -> Two {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(Counting {
+        inner: DirTier::open(dir.path().join("tier")).unwrap(),
+        gets: Mutex::default(),
+        delay_ms: AtomicU64::new(0),
+    });
+    let a = Store::open(dir.path().join("a")).unwrap();
+    let b = Store::open(dir.path().join("b")).unwrap();
+    a.set_tier(tier.clone());
+    b.set_tier(tier.clone());
+    make_tree(&dir.path().join("src"));
+    a.import_image(
+        &dir.path().join("src"),
+        Some("app:1"),
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    Two { dir, a, b, tier }
+}
+
+#[test]
+fn a_pushed_image_is_pulled_lazily_and_reads_the_same() {
+    let t = two_hosts();
+    let p = TierProgress::default();
+    let pushed = t.a.push_image("app:1", &p).unwrap();
+    assert_eq!(pushed.name.as_deref(), Some("app:1"));
+    assert!(pushed.transferred > 5 && pushed.skipped == 0, "{pushed:?}");
+    assert_eq!(p.done.load(Ordering::Relaxed), pushed.objects);
+    // A second push finds everything there.
+    let again = t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    assert_eq!((again.transferred, again.skipped), (0, pushed.objects));
+
+    // Host B: records only (one GET for the name, one for the pack), chunks stay remote.
+    let pulled =
+        t.b.pull_image("app:1", false, &TierProgress::default())
+            .unwrap();
+    assert_eq!(pulled.image, pushed.image);
+    assert_eq!(t.tier.gets("refs/") + t.tier.gets("packs/"), 2);
+    assert_eq!(t.tier.gets("trees/") + t.tier.gets("blobs/"), 0);
+    assert!(pulled.chunks_remote > 40, "{pulled:?}");
+    assert_eq!(t.tier.gets("chunks/"), 0);
+    assert_eq!(t.b.resolve_image("app:1").unwrap(), pushed.image);
+    // fsck: the chunks only the tier holds are a cache's, not damage.
+    let f = t.b.fsck().unwrap();
+    assert!(f.is_clean(), "{:?}", f.problems);
+
+    // Reading fetches each chunk once, verified.
+    let out = t.dir.path().join("out");
+    t.b.export_image(&pulled.image, &ExportTarget::Dir(out.clone()))
+        .unwrap();
+    same_files(&t.dir.path().join("src"), &out);
+    let fetched = t.tier.gets("chunks/");
+    assert_eq!(fetched, pulled.chunks_remote);
+    let out2 = t.dir.path().join("out2");
+    t.b.export_image(&pulled.image, &ExportTarget::Dir(out2.clone()))
+        .unwrap();
+    assert_eq!(t.tier.gets("chunks/"), fetched, "read again from the cache");
+    assert!(t.b.fetched().bytes > 3 << 20);
+}
+
+#[test]
+fn a_full_pull_brings_every_chunk_and_concurrent_readers_share_one_fetch() {
+    let t = two_hosts();
+    t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    let r =
+        t.b.pull_image("app:1", true, &TierProgress::default())
+            .unwrap();
+    assert_eq!(r.chunks_remote, 0);
+    assert!(r.content_bytes >= 4 << 20, "{r:?}");
+    let n = t.tier.gets("chunks/");
+    assert!(n > 40);
+
+    // A third host: eight threads read the same chunk while the tier is slow.
+    let c = Store::open(t.dir.path().join("c")).unwrap();
+    c.set_tier(t.tier.clone());
+    c.pull_image("app:1", false, &TierProgress::default())
+        .unwrap();
+    let chunk = testing::chunk_digests(&t.a).unwrap()[0];
+    t.tier.delay_ms.store(300, Ordering::Relaxed);
+    let want = t.a.chunk(&chunk).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| assert_eq!(c.chunk(&chunk).unwrap(), want));
+        }
+    });
+    assert_eq!(
+        t.tier.gets(&object_key(ObjectKind::Chunk, &chunk)),
+        2,
+        "B's full pull and one fetch for C's eight readers"
+    );
+}
+
+#[test]
+fn damaged_tier_objects_are_errors_naming_the_digest_and_store_nothing() {
+    let t = two_hosts();
+    t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    t.b.pull_image("app:1", false, &TierProgress::default())
+        .unwrap();
+    let chunks = testing::chunk_digests(&t.a).unwrap();
+    let tier_dir = t.dir.path().join("tier");
+    // One object with a flipped byte, one truncated, one gone.
+    let flip = tier_dir.join(object_key(ObjectKind::Chunk, &chunks[0]));
+    let mut v = std::fs::read(&flip).unwrap();
+    let at = v.len() / 2;
+    v[at] ^= 0x40;
+    std::fs::write(&flip, v).unwrap();
+    let cut = tier_dir.join(object_key(ObjectKind::Chunk, &chunks[1]));
+    let v = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &v[..v.len() / 3]).unwrap();
+    std::fs::remove_file(tier_dir.join(object_key(ObjectKind::Chunk, &chunks[2]))).unwrap();
+    for (i, want) in [(0, "corrupt"), (1, "corrupt"), (2, "missing")] {
+        let e = t.b.chunk(&chunks[i]).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&chunks[i].to_string()) && msg.contains(want),
+            "{msg}"
+        );
+        assert!(msg.contains("tier"), "{msg}");
+        assert!(!t.b.has_chunk(&chunks[i]).unwrap(), "nothing stored");
+        assert!(matches!(
+            e.root(),
+            Error::Corrupt { .. } | Error::Missing { .. }
+        ));
+    }
+    // The others still read.
+    assert_eq!(
+        t.b.chunk(&chunks[3]).unwrap(),
+        t.a.chunk(&chunks[3]).unwrap()
+    );
+
+    // A pack with a flipped byte: refused, naming its key; no name is set.
+    let c = Store::open(t.dir.path().join("c")).unwrap();
+    c.set_tier(t.tier.clone());
+    let image = t.a.resolve_image("app:1").unwrap();
+    let pack = tier_dir.join(format!("packs/{}", image.to_hex()));
+    let mut v = std::fs::read(&pack).unwrap();
+    v.truncate(v.len() - 7);
+    std::fs::write(&pack, v).unwrap();
+    let e = c
+        .pull_image("app:1", false, &TierProgress::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("packs/"), "{e}");
+    assert!(c.resolve_image("app:1").is_err());
+    // Without the pack, records come one by one, each verified.
+    std::fs::remove_file(&pack).unwrap();
+    let r = c
+        .pull_image("app:1", false, &TierProgress::default())
+        .unwrap();
+    assert_eq!(r.image, image);
+    assert!(t.tier.gets("trees/") > 3);
+    // A name pointing at something that is not a digest.
+    t.tier.put("refs/bad:1", b"hello").unwrap();
+    let e = c
+        .pull_image("bad:1", false, &TierProgress::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("not an image digest"), "{e}");
+    let e = c
+        .pull_image("nothere:1", false, &TierProgress::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("nothere:1"), "{e}");
+}
+
+#[test]
+fn a_store_without_a_tier_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path().join("s")).unwrap();
+    let e = s
+        .pull_image("app:1", false, &TierProgress::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("--tier"), "{e}");
+}
