@@ -11,6 +11,7 @@
 //! | `blobs/HEX`, `trees/HEX`, `layers/HEX`, `images/HEX` | the canonical record |
 //! | `packs/HEX` | every record image HEX needs (its layers, trees and blobs, then the image), so a pull is one GET: per record a kind byte, a varint length and the bytes |
 //! | `refs/NAME:TAG` | `sha256:HEX` of the image the name points at |
+//! | `readsets/HEX` | the chunks the first cold host read of image HEX until its guest answered (or its mount ended), in the order it read them: 32-byte digests |
 //!
 //! Everything fetched is verified against its digest before it is stored or returned: a
 //! flipped or truncated object is an error naming the digest, never data. A name is not
@@ -129,6 +130,10 @@ fn ref_key(name: &str) -> String {
     format!("refs/{name}")
 }
 
+fn readset_key(image: &Digest) -> String {
+    format!("readsets/{}", image.to_hex())
+}
+
 fn pack_key(image: &Digest) -> String {
     format!("packs/{}", image.to_hex())
 }
@@ -183,6 +188,15 @@ pub(crate) struct TierState {
     flights: Mutex<HashMap<[u8; 33], Arc<Flight>>>,
     fetched_objects: AtomicU64,
     fetched_bytes: AtomicU64,
+    /// Images whose reads are being recorded (see [`Store::record_reads`]).
+    recorders: Mutex<Vec<Arc<Recorder>>>,
+}
+
+/// The chunks of one image fetched from the tier, in order, while it is recorded.
+struct Recorder {
+    image: Digest,
+    chunks: HashSet<Digest>,
+    read: Mutex<Vec<Digest>>,
 }
 
 impl fmt::Debug for TierState {
@@ -397,6 +411,11 @@ impl Store {
         // A cache: a crash may lose it, and it is fetched again.
         self.db.write(b, false)?;
         self.bump_changes();
+        for r in self.tiers.recorders.lock().expect("recorders lock").iter() {
+            if r.chunks.contains(d) {
+                r.read.lock().expect("recorder lock").push(*d);
+            }
+        }
         Ok(raw)
     }
 
@@ -586,6 +605,100 @@ impl Store {
             }
             r => Ok((r?, None)),
         }
+    }
+
+    /// Starts recording which of image `d`'s chunks this store fetches from the tier,
+    /// unless the tier already has a read set for it or it is being recorded. Returns
+    /// whether it started; [`Store::finish_reads`] stores what was read.
+    pub fn record_reads(&self, d: &Digest) -> Result<bool> {
+        let tier = self.need_tier()?;
+        if self
+            .tiers
+            .recorders
+            .lock()
+            .expect("recorders lock")
+            .iter()
+            .any(|r| r.image == *d)
+            || self.tier_get(&*tier, &readset_key(d))?.is_some()
+        {
+            return Ok(false);
+        }
+        let chunks = self.image_objects(d)?.chunks.into_iter().collect();
+        self.tiers
+            .recorders
+            .lock()
+            .expect("recorders lock")
+            .push(Arc::new(Recorder {
+                image: *d,
+                chunks,
+                read: Mutex::default(),
+            }));
+        Ok(true)
+    }
+
+    /// Ends the recording of image `d` and sends what was read to the tier as its read
+    /// set (nothing if nothing was fetched). Returns the number of chunks in it; 0 if
+    /// it was not being recorded.
+    pub fn finish_reads(&self, d: &Digest) -> Result<usize> {
+        let r = {
+            let mut recs = self.tiers.recorders.lock().expect("recorders lock");
+            match recs.iter().position(|r| r.image == *d) {
+                Some(i) => recs.swap_remove(i),
+                None => return Ok(0),
+            }
+        };
+        let read = std::mem::take(&mut *r.read.lock().expect("recorder lock"));
+        if read.is_empty() {
+            return Ok(0);
+        }
+        let mut v = Vec::with_capacity(read.len() * 32);
+        for c in &read {
+            v.extend_from_slice(&c.0);
+        }
+        Store::tier_put(&*self.need_tier()?, &readset_key(d), &v)?;
+        Ok(read.len())
+    }
+
+    /// The read set the tier holds for image `d` (see [`Store::record_reads`]), less
+    /// the chunks already here: what a cold host should fetch first. Empty if the tier
+    /// has none. Chunks it names that are not the image's are dropped.
+    pub fn readset(&self, d: &Digest) -> Result<Vec<Digest>> {
+        let tier = self.need_tier()?;
+        let key = readset_key(d);
+        let Some(v) = self.tier_get(&*tier, &key)? else {
+            return Ok(Vec::new());
+        };
+        if v.len() % 32 != 0 {
+            return Err(Error::Tier {
+                url: tier.url().to_string(),
+                op: "get",
+                key,
+                message: format!("{} bytes is not a list of digests", v.len()),
+            });
+        }
+        let mine: HashSet<Digest> = self.image_objects(d)?.chunks.into_iter().collect();
+        let mut out = Vec::new();
+        for c in v.chunks_exact(32).filter_map(Digest::from_slice) {
+            if mine.contains(&c) && !self.has_chunk(&c)? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fetches `chunks` from the tier into this store, [`PARALLEL`] at a time, in about
+    /// their order (concurrent readers of one share its fetch). Returns how many were
+    /// fetched; stops at the first error.
+    pub fn prefetch(&self, chunks: &[Digest]) -> Result<u64> {
+        let n = AtomicU64::new(0);
+        parallel(chunks, |c| {
+            if !self.has_chunk(c)? {
+                self.chunk(c)?;
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        Ok(n.into_inner())
     }
 
     /// The `name:tag` a user's spec names (`:latest` implied), if it is a name of `d`.

@@ -260,3 +260,49 @@ fn a_store_without_a_tier_says_so() {
         .unwrap_err();
     assert!(e.to_string().contains("--tier"), "{e}");
 }
+
+#[test]
+fn the_first_cold_host_records_what_it_reads_and_the_next_prefetches_it() {
+    let t = two_hosts();
+    t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    let d =
+        t.b.pull_image("app:1", false, &TierProgress::default())
+            .unwrap()
+            .image;
+    assert!(t.b.record_reads(&d).unwrap());
+    assert!(!t.b.record_reads(&d).unwrap(), "already recording");
+    // B reads one multi-chunk file (by reading each of its chunks, as a mount would).
+    let read: Vec<_> = testing::chunk_digests(&t.a)
+        .unwrap()
+        .into_iter()
+        .take(7)
+        .collect();
+    for c in &read {
+        t.b.chunk(c).unwrap();
+    }
+    assert_eq!(t.b.finish_reads(&d).unwrap(), 7);
+    assert_eq!(t.b.finish_reads(&d).unwrap(), 0, "no recording any more");
+    // The tier has a read set now: a later host does not record, it prefetches.
+    let c = Store::open(t.dir.path().join("c")).unwrap();
+    c.set_tier(t.tier.clone());
+    c.pull_image("app:1", false, &TierProgress::default())
+        .unwrap();
+    assert!(!c.record_reads(&d).unwrap());
+    let set = c.readset(&d).unwrap();
+    let mut want = read.clone();
+    want.sort();
+    let mut got = set.clone();
+    got.sort();
+    assert_eq!(got, want);
+    assert_eq!(c.prefetch(&set).unwrap(), 7);
+    for x in &read {
+        assert!(c.has_chunk(x).unwrap());
+    }
+    assert!(c.readset(&d).unwrap().is_empty(), "all of it is here now");
+    // A read set that is not a list of digests is an error naming it.
+    t.tier
+        .put(&format!("readsets/{}", d.to_hex()), b"short")
+        .unwrap();
+    let e = c.readset(&d).unwrap_err().to_string();
+    assert!(e.contains("readsets/") && e.contains("not a list"), "{e}");
+}

@@ -485,7 +485,7 @@ impl Host {
         match self.store.resolve_or_pull(spec) {
             Ok((d, pulled)) => {
                 if let Some(r) = pulled {
-                    log!("{}", crate::server::pulled_for(spec, &r));
+                    crate::server::after_pull(&self.store, spec, &r);
                 }
                 Ok(d)
             }
@@ -522,6 +522,9 @@ impl Host {
                     },
                     s.answered.max(s.started).saturating_sub(s.launched)
                 );
+                if let Some(d) = Digest::parse(&record.image) {
+                    crate::server::finish_reads(&self.store, &d, "its first guest answered");
+                }
                 Ok(self.with_status(&record))
             }
             Err(reason) => {

@@ -750,12 +750,60 @@ fn publish(store: Arc<Store>, spec: String) {
     }
 }
 
-/// The log line of an image pulled because something asked for it by name.
-pub(crate) fn pulled_for(spec: &str, r: &castore::TierReport) -> String {
-    format!(
+/// An image was pulled because something here needs it (a mount, an instance): the
+/// first cold host records which chunks it reads until that is up (or its mount ends);
+/// later ones fetch that read set in the background, ahead of the reads.
+pub(crate) fn after_pull(store: &Arc<Store>, spec: &str, r: &castore::TierReport) {
+    log!(
         "pulled image {spec} from the tier: {} records, {} chunks left remote, {:.2} s",
-        r.transferred, r.chunks_remote, r.seconds
-    )
+        r.transferred,
+        r.chunks_remote,
+        r.seconds
+    );
+    let d = r.image;
+    match store.record_reads(&d) {
+        Ok(true) => log!("image {spec}: recording the chunks it reads (its read set)"),
+        Ok(false) => {
+            let store = store.clone();
+            let name = spec.to_string();
+            let spawned = std::thread::Builder::new()
+                .name("prefetch-set".into())
+                .spawn(move || {
+                    let start = std::time::Instant::now();
+                    match store.readset(&d).and_then(|set| store.prefetch(&set)) {
+                        Ok(n) => log!(
+                            "image {name}: prefetched {n} chunks of its read set in {:.2} s",
+                            start.elapsed().as_secs_f64()
+                        ),
+                        Err(e) => log!("image {name}: prefetching its read set: {e}"),
+                    }
+                });
+            if let Err(e) = spawned {
+                log!("image {spec}: no thread to prefetch its read set: {e}");
+            }
+        }
+        Err(e) => log!("image {spec}: cannot record its reads: {e}"),
+    }
+}
+
+/// Ends the recording of `image`'s reads, if one runs, sending its read set to the tier
+/// (on a blocking thread: it is a PUT).
+pub(crate) async fn finish_reads_after(store: &Arc<Store>, image: Option<Digest>, why: &str) {
+    let Some(d) = image else { return };
+    let (store, why) = (store.clone(), why.to_string());
+    let _ = tokio::task::spawn_blocking(move || finish_reads(&store, &d, &why)).await;
+}
+
+/// [`finish_reads_after`] on the calling thread.
+pub(crate) fn finish_reads(store: &Store, d: &Digest, why: &str) {
+    match store.finish_reads(d) {
+        Ok(0) => {}
+        Ok(n) => log!(
+            "image {}: read set of {n} chunks sent to the tier ({why})",
+            d.short()
+        ),
+        Err(e) => log!("image {}: sending its read set: {e}", d.short()),
+    }
 }
 
 fn transfer_outcome(r: &castore::TierReport) -> String {
@@ -811,32 +859,34 @@ pub(crate) async fn unmount(
     mounts: Arc<MountTable>,
     id: u64,
     detach_if_busy: bool,
-) -> Result<(), Error> {
+) -> Result<Option<Digest>, Error> {
     match tokio::task::spawn_blocking(move || unmount_now(&mounts, id, detach_if_busy)).await {
         Ok(r) => r,
         Err(e) => Err(Error::Worker(e.to_string())),
     }
 }
 
-/// [`unmount`] on the calling thread (which may block).
+/// [`unmount`] on the calling thread (which may block). Returns the image that was
+/// mounted (None: nothing was mounted there).
 pub(crate) fn unmount_now(
     mounts: &Arc<MountTable>,
     id: u64,
     detach_if_busy: bool,
-) -> Result<(), Error> {
+) -> Result<Option<Digest>, Error> {
     let Some((record, image, mut mount)) = mounts.take(id) else {
-        return Ok(());
+        return Ok(None);
     };
     let scratch = mounts.scratch_dir(id);
     if detach_if_busy {
         // Dropping a busy mount detaches it lazily (and layerfs then drops scratch).
-        return mount.unmount().map_err(Error::from);
+        mount.unmount().map_err(Error::from)?;
+        return Ok(Some(image));
     }
     match mount.try_unmount() {
         Ok(()) => {
             // layerfs empties a writable mount's scratch; a read-only one has none.
             let _ = std::fs::remove_dir_all(&scratch);
-            Ok(())
+            Ok(Some(image))
         }
         Err(e) => {
             mounts.insert(record, image, mount);
@@ -863,7 +913,7 @@ pub(crate) fn mount_image(
         // An image this host lacks comes from the tier first (outside the table's lock:
         // a pull waits on the network).
         if let (_, Some(r)) = store.resolve_or_pull(spec)? {
-            log!("{}", pulled_for(spec, &r));
+            after_pull(store, spec, &r);
         }
         // A GC root from here on (see `MountTable::resolve_and_pin` for why this is
         // race-free against a concurrent gc).
@@ -971,7 +1021,9 @@ impl mounts::Server for MountsImpl {
             let Some(id) = self.0.mounts.id_at(&mp) else {
                 return Err(Error::NotMounted(mp).into());
             };
-            Ok(unmount(self.0.mounts.clone(), id, false).await?)
+            let image = unmount(self.0.mounts.clone(), id, false).await?;
+            finish_reads_after(&self.0.store, image, "its mount ended").await;
+            Ok(())
         }
         .await;
         logged(&self.1, &what, r, ok)
@@ -1023,7 +1075,13 @@ impl mount::Server for MountImpl {
         _: mount::UmountParams,
         _: mount::UmountResults,
     ) -> Result<(), capnp::Error> {
-        let r = unmount(self.shared.mounts.clone(), self.id, false).await;
+        let r = match unmount(self.shared.mounts.clone(), self.id, false).await {
+            Ok(image) => {
+                finish_reads_after(&self.shared.store, image, "its mount ended").await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         let what = format!("umount mount {}", self.id);
         logged(&self.client, &what, r.map_err(Into::into), ok)
     }
