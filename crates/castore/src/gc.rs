@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Digest;
 use crate::db::{Batch, Cf};
-use crate::error::Result;
+use crate::error::{ObjectKind, Result};
 use crate::model::{FileData, Kind, Segment};
 use crate::store::Store;
 
@@ -92,27 +92,47 @@ impl Marker<'_> {
     }
 
     fn tree(&mut self, d: Digest) -> Result<()> {
-        let mut stack = vec![d];
+        let (store, progress) = (self.store, self.progress);
+        store.walk_tree(d, &mut self.seen, &mut |_, _| {
+            progress.marked.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+}
+
+impl Store {
+    /// Walks tree `root` and everything below it, calling `visit` once for each tree,
+    /// blob and chunk not yet in `seen` (adding it there): a tree as it is entered, a
+    /// file's blob and then its chunks as the file is met. A missing or broken record
+    /// is an error. GC's mark phase and the tier's image walk share it.
+    pub(crate) fn walk_tree(
+        &self,
+        root: Digest,
+        seen: &mut HashSet<Digest>,
+        visit: &mut dyn FnMut(ObjectKind, Digest),
+    ) -> Result<()> {
+        let mut stack = vec![root];
         while let Some(d) = stack.pop() {
-            if !self.first(d) {
+            if !seen.insert(d) {
                 continue;
             }
-            for e in self.store.tree(&d)?.entries {
+            visit(ObjectKind::Tree, d);
+            for e in self.tree(&d)?.entries {
                 match e.kind {
                     Kind::Dir { tree, .. } => stack.push(tree),
                     Kind::File {
                         data: FileData::Chunk(c),
                         ..
-                    } => {
-                        self.first(c);
-                    }
+                    } if seen.insert(c) => visit(ObjectKind::Chunk, c),
                     Kind::File {
                         data: FileData::Blob(b),
                         ..
-                    } if self.first(b) => {
-                        for s in self.store.blob(&b)?.segments {
-                            if let Segment::Data { chunk, .. } = s {
-                                self.first(chunk);
+                    } if seen.insert(b) => {
+                        visit(ObjectKind::Blob, b);
+                        for s in self.blob(&b)?.segments {
+                            if let Segment::Data { chunk, .. } = s
+                                && seen.insert(chunk)
+                            {
+                                visit(ObjectKind::Chunk, chunk);
                             }
                         }
                     }
@@ -122,9 +142,7 @@ impl Marker<'_> {
         }
         Ok(())
     }
-}
 
-impl Store {
     /// Collects garbage. Safe to run while imports are in progress: whatever they have
     /// stored or found stored is kept.
     pub fn gc(&self, roots: &GcRoots, progress: &GcProgress) -> Result<GcReport> {

@@ -2,6 +2,15 @@
 
 use crate::error::{Error, Result};
 
+/// `spec` as a `name:tag` reference: `:latest` when it has no tag.
+pub(crate) fn with_default_tag(spec: &str) -> String {
+    if spec.contains(':') {
+        spec.to_string()
+    } else {
+        format!("{spec}:latest")
+    }
+}
+
 /// Checks a `name:tag` reference: name of lowercase letters, digits and `._-/`,
 /// tag of letters, digits and `._-` up to 128 characters, as OCI distribution allows.
 pub fn validate(reference: &str) -> Result<()> {

@@ -614,11 +614,7 @@ impl Store {
                 Err(not_found())
             };
         }
-        let named = if spec.contains(':') {
-            spec.to_string()
-        } else {
-            format!("{spec}:latest")
-        };
+        let named = crate::refname::with_default_tag(spec);
         if let Some(d) = self.get_ref(&named)? {
             return Ok(d);
         }

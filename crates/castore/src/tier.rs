@@ -30,7 +30,6 @@ use crate::Digest;
 use crate::codec::{Reader, Writer};
 use crate::db::{Batch, Cf};
 use crate::error::{Error, ObjectKind, Result, ResultExt};
-use crate::model::{FileData, Kind, Segment};
 use crate::store::Store;
 
 /// A shared object store of the tier's keys (see the module documentation). Calls block;
@@ -357,12 +356,9 @@ impl Store {
     }
 
     fn tier_get(&self, tier: &dyn Tier, key: &str) -> Result<Option<Vec<u8>>> {
-        let v = tier.get(key).map_err(|e| Error::Tier {
-            url: tier.url().to_string(),
-            op: "get",
-            key: key.to_string(),
-            message: e.0,
-        })?;
+        let v = tier
+            .get(key)
+            .map_err(|e| tier_error(tier, "get", key, e.0))?;
         if let Some(v) = &v {
             self.tiers.fetched_objects.fetch_add(1, Ordering::Relaxed);
             self.tiers
@@ -373,12 +369,8 @@ impl Store {
     }
 
     fn tier_put(tier: &dyn Tier, key: &str, bytes: &[u8]) -> Result<()> {
-        tier.put(key, bytes).map_err(|e| Error::Tier {
-            url: tier.url().to_string(),
-            op: "put",
-            key: key.to_string(),
-            message: e.0,
-        })
+        tier.put(key, bytes)
+            .map_err(|e| tier_error(tier, "put", key, e.0))
     }
 
     /// A chunk missing from this store, fetched from the tier (if the store has one),
@@ -457,46 +449,20 @@ impl Store {
         let mut seen = HashSet::new();
         let mut dirs = Vec::new();
         let mut chunks = Vec::new();
-        let chunk = |c: Digest, chunks: &mut Vec<Digest>, seen: &mut HashSet<Digest>| {
-            if seen.insert(c) {
-                chunks.push(c);
-            }
-        };
-        let image = self.image(d)?;
         let mut layers = Vec::new();
-        for l in &image.layers {
-            if !seen.insert(*l) {
+        for l in self.image(d)?.layers {
+            if !seen.insert(l) {
                 continue;
             }
-            layers.push((ObjectKind::Layer, *l));
-            let mut stack = vec![self.layer(l)?.root_tree()];
-            while let Some(t) = stack.pop() {
-                if !seen.insert(t) {
-                    continue;
-                }
-                dirs.push((ObjectKind::Tree, t));
-                for e in self.tree(&t)?.entries {
-                    match e.kind {
-                        Kind::Dir { tree, .. } => stack.push(tree),
-                        Kind::File {
-                            data: FileData::Chunk(c),
-                            ..
-                        } => chunk(c, &mut chunks, &mut seen),
-                        Kind::File {
-                            data: FileData::Blob(b),
-                            ..
-                        } if seen.insert(b) => {
-                            dirs.push((ObjectKind::Blob, b));
-                            for s in self.blob(&b)?.segments {
-                                if let Segment::Data { chunk: c, .. } = s {
-                                    chunk(c, &mut chunks, &mut seen);
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
+            layers.push((ObjectKind::Layer, l));
+            self.walk_tree(
+                self.layer(&l)?.root_tree(),
+                &mut seen,
+                &mut |kind, o| match kind {
+                    ObjectKind::Chunk => chunks.push(o),
+                    _ => dirs.push((kind, o)),
+                },
+            )?;
         }
         // Children before parents: a reader that finds a record finds what it names.
         dirs.reverse();
@@ -669,12 +635,12 @@ impl Store {
             return Ok(Vec::new());
         };
         if v.len() % 32 != 0 {
-            return Err(Error::Tier {
-                url: tier.url().to_string(),
-                op: "get",
-                key,
-                message: format!("{} bytes is not a list of digests", v.len()),
-            });
+            return Err(tier_error(
+                &*tier,
+                "get",
+                &key,
+                format!("{} bytes is not a list of digests", v.len()),
+            ));
         }
         let mine: HashSet<Digest> = self.image_objects(d)?.chunks.into_iter().collect();
         let mut out = Vec::new();
@@ -706,11 +672,7 @@ impl Store {
         if Digest::parse(spec).is_some() {
             return Ok(None);
         }
-        let named = if spec.contains(':') {
-            spec.to_string()
-        } else {
-            format!("{spec}:latest")
-        };
+        let named = crate::refname::with_default_tag(spec);
         Ok((self.get_ref(&named)? == Some(*d)).then_some(named))
     }
 
@@ -730,11 +692,7 @@ impl Store {
         let (d, name) = match Digest::parse(spec) {
             Some(d) => (d, None),
             None => {
-                let name = if spec.contains(':') {
-                    spec.to_string()
-                } else {
-                    format!("{spec}:latest")
-                };
+                let name = crate::refname::with_default_tag(spec);
                 crate::refname::validate(&name)?;
                 let key = ref_key(&name);
                 let v = self
@@ -746,12 +704,7 @@ impl Store {
                 let d = std::str::from_utf8(&v)
                     .ok()
                     .and_then(|s| Digest::parse(s.trim()))
-                    .ok_or_else(|| Error::Tier {
-                        url: tier.url().to_string(),
-                        op: "get",
-                        key: key.clone(),
-                        message: "not an image digest".to_string(),
-                    })?;
+                    .ok_or_else(|| tier_error(&*tier, "get", &key, "not an image digest"))?;
                 (d, Some(name))
             }
         };
@@ -816,12 +769,7 @@ impl Store {
         let Some(pack) = self.tier_get(tier, &key)? else {
             return Ok(());
         };
-        let bad = |why: &str| Error::Tier {
-            url: tier.url().to_string(),
-            op: "get",
-            key: key.clone(),
-            message: why.to_string(),
-        };
+        let bad = |why: &str| tier_error(tier, "get", &key, why);
         let mut r = Reader::new(&pack);
         let mut b = Batch::new();
         let mut has_image = false;
@@ -844,6 +792,16 @@ impl Store {
             return Err(bad("the pack does not hold its image"));
         }
         self.db.write(b, false)
+    }
+}
+
+/// A tier's failure or refusal of `op` on `key`.
+fn tier_error(tier: &dyn Tier, op: &'static str, key: &str, message: impl Into<String>) -> Error {
+    Error::Tier {
+        url: tier.url().to_string(),
+        op,
+        key: key.to_string(),
+        message: message.into(),
     }
 }
 

@@ -163,10 +163,6 @@ impl Store {
 
     /// Removes an image name (`:latest` implied) and returns the image it named.
     pub fn remove_image_name(&self, name: &str) -> Result<Digest> {
-        if name.contains(':') {
-            self.remove_ref(name)
-        } else {
-            self.remove_ref(&format!("{name}:latest"))
-        }
+        self.remove_ref(&crate::refname::with_default_tag(name))
     }
 }

@@ -281,13 +281,17 @@ fn parse_argv(s: &str) -> Result<Argv, String> {
 }
 
 /// One line for a push or a pull: what moved and what the other side had.
-fn print_transfer(json: bool, verb: &str, tier: &str, r: &castore::TierReport) {
+fn print_transfer(json: bool, push: bool, tier: &str, r: &castore::TierReport) {
     if json {
         print_json(&serde_json::json!({"tier": tier, "report": r}));
         return;
     }
     let what = r.name.clone().unwrap_or_else(|| r.image.short());
-    let dir = if verb == "pushed" { "to" } else { "from" };
+    let (verb, dir) = if push {
+        ("pushed", "to")
+    } else {
+        ("pulled", "from")
+    };
     let mut line = format!(
         "{verb} {what} {dir} {tier}: {} of {} objects ({}), {} already there, {:.2} s",
         r.transferred,
@@ -652,11 +656,11 @@ fn run(cli: &Cli) -> Result<i32> {
         }
         Cmd::Image(ImageCmd::Push { image }) => {
             let (tier, r) = api.push_image(image)?;
-            print_transfer(cli.json, "pushed", &tier, &r);
+            print_transfer(cli.json, true, &tier, &r);
         }
         Cmd::Image(ImageCmd::Pull { image, all }) => {
             let (tier, r) = api.pull_image(image, *all)?;
-            print_transfer(cli.json, "pulled", &tier, &r);
+            print_transfer(cli.json, false, &tier, &r);
         }
         Cmd::Layer(LayerCmd::Import { path, format }) => {
             let progress = Arc::new(Progress::default());

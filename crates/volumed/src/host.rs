@@ -482,13 +482,8 @@ impl Host {
     /// The image `spec` names; one this host's store lacks is pulled from the chunk
     /// tier, if the host has one (records now, chunks as the guest reads them).
     fn resolve(&self, spec: &str) -> Result<Digest, Error> {
-        match self.store.resolve_or_pull(spec) {
-            Ok((d, pulled)) => {
-                if let Some(r) = pulled {
-                    crate::server::after_pull(&self.store, spec, &r);
-                }
-                Ok(d)
-            }
+        match crate::server::resolve_or_pull(&self.store, spec) {
+            Ok(d) => Ok(d),
             Err(castore::Error::NotFound { .. }) => Err(Error::BadRequest(format!(
                 "image {spec} is not in this host's store{}",
                 if self.store.tier().is_some() {

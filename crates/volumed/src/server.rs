@@ -697,10 +697,10 @@ impl store::Server for StoreImpl {
         mut results: store::PushImageResults,
     ) -> Result<(), capnp::Error> {
         let spec = text(params.get()?.get_image())?;
+        let what = format!("push image {spec}");
         let store = self.0.store.clone();
         let r =
             blocking(move || Ok(store.push_image(&spec, &castore::TierProgress::default())?)).await;
-        let what = format!("push image {}", text(params.get()?.get_image())?);
         let r = logged(&self.1, &what, r, transfer_outcome)?;
         set_tier_report(results.get().init_report(), &self.0.store, &r);
         Ok(())
@@ -750,10 +750,20 @@ fn publish(store: Arc<Store>, spec: String) {
     }
 }
 
+/// The image `spec` names; one this host lacks is pulled from the tier (if it has one)
+/// because something here needs it (a mount, an instance): see [`after_pull`].
+pub(crate) fn resolve_or_pull(store: &Arc<Store>, spec: &str) -> castore::Result<Digest> {
+    let (d, pulled) = store.resolve_or_pull(spec)?;
+    if let Some(r) = pulled {
+        after_pull(store, spec, &r);
+    }
+    Ok(d)
+}
+
 /// An image was pulled because something here needs it (a mount, an instance): the
 /// first cold host records which chunks it reads until that is up (or its mount ends);
 /// later ones fetch that read set in the background, ahead of the reads.
-pub(crate) fn after_pull(store: &Arc<Store>, spec: &str, r: &castore::TierReport) {
+fn after_pull(store: &Arc<Store>, spec: &str, r: &castore::TierReport) {
     log!(
         "pulled image {spec} from the tier: {} records, {} chunks left remote, {:.2} s",
         r.transferred,
@@ -912,9 +922,7 @@ pub(crate) fn mount_image(
         check_mountpoint(mountpoint)?;
         // An image this host lacks comes from the tier first (outside the table's lock:
         // a pull waits on the network).
-        if let (_, Some(r)) = store.resolve_or_pull(spec)? {
-            after_pull(store, spec, &r);
-        }
+        resolve_or_pull(store, spec)?;
         // A GC root from here on (see `MountTable::resolve_and_pin` for why this is
         // race-free against a concurrent gc).
         let image = table.resolve_and_pin(id, || store.resolve_image(spec))?;
