@@ -253,3 +253,46 @@ impl Tier for S3Tier {
             .map_err(tier_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str) -> TierConfig {
+        TierConfig {
+            url: url.to_string(),
+            ..TierConfig::default()
+        }
+    }
+
+    #[test]
+    fn bad_urls_and_credentials_are_refused_with_what_is_wrong() {
+        let e = open(&config("ftp://x/y")).unwrap_err().to_string();
+        assert!(e.contains("ftp://x/y") && e.contains("s3://BUCKET"), "{e}");
+        let e = open(&config("s3:///prefix")).unwrap_err().to_string();
+        assert!(e.contains("no bucket"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::write(&creds, "[other]\naws_access_key_id = a\n").unwrap();
+        let mut c = config("s3://bucket/p");
+        c.credentials = Some(creds);
+        let e = format!("{:#}", open(&c).unwrap_err());
+        assert!(
+            e.contains("aws_secret_access_key") && e.contains("credentials"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_directory_tier_records_its_format_and_refuses_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(&config(dir.path().to_str().unwrap())).unwrap();
+        assert_eq!(t.get("format").unwrap().unwrap(), FORMAT.as_bytes());
+        let e = t.get("../escape").unwrap_err().to_string();
+        assert!(e.contains("not a relative path"), "{e}");
+        std::fs::write(dir.path().join("format"), "tidedge-tier-9").unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let e = open(&config(&url)).unwrap_err().to_string();
+        assert!(e.contains("tidedge-tier-9"), "{e}");
+    }
+}
