@@ -160,7 +160,7 @@ impl Store {
     ) -> Result<GcReport> {
         // From here on, imports that finish hand their claims to us instead of dropping
         // them, because their references may be written after we read the references.
-        let guard = GcGuard::start(self)?;
+        let _guard = GcGuard::start(self)?;
         let mut m = Marker {
             store: self,
             seen: HashSet::new(),
@@ -195,7 +195,7 @@ impl Store {
             ..GcReport::default()
         };
         for cf in [Cf::Images, Cf::Layers, Cf::Trees, Cf::Blobs, Cf::ChunkIndex] {
-            let count = self.sweep(cf, &reachable, &guard, progress, &mut report)?;
+            let count = self.sweep(cf, &reachable, progress, &mut report)?;
             match cf {
                 Cf::Images => report.images = count,
                 Cf::Layers => report.layers = count,
@@ -219,7 +219,6 @@ impl Store {
         &self,
         cf: Cf,
         reachable: &HashSet<Digest>,
-        guard: &GcGuard<'_>,
         progress: &GcProgress,
         report: &mut GcReport,
     ) -> Result<u64> {
@@ -236,7 +235,7 @@ impl Store {
                 let live = self.live.lock().expect("live lock");
                 let mut batch = Batch::new();
                 for (d, stored) in candidates.drain(..) {
-                    if guard.protected(&live, &d) {
+                    if live.holds(&d) {
                         continue;
                     }
                     batch.delete(&self.db, cf, &d.0);
@@ -343,11 +342,6 @@ impl<'s> GcGuard<'s> {
         }
         live.gc_extra = Some(HashSet::new());
         Ok(GcGuard { store })
-    }
-
-    fn protected(&self, live: &crate::store::Live, d: &Digest) -> bool {
-        live.claims.values().any(|c| c.contains(d))
-            || live.gc_extra.as_ref().is_some_and(|e| e.contains(d))
     }
 }
 

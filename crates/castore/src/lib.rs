@@ -13,6 +13,7 @@
 //! volumes' lifecycle (attachments, access enforcement) or scheduling: those crates build
 //! on it, and a test checks that it pulls none of them in. RocksDB is named only in the private `db` module.
 
+mod cache;
 mod chunker;
 mod chunklog;
 mod codec;
@@ -38,6 +39,7 @@ mod volume;
 
 pub mod testing;
 
+pub use cache::EvictReport;
 pub use chunker::{AVG_SIZE, MAX_SIZE, MIN_SIZE};
 pub use chunklog::{ALIGN as CHUNK_LOG_ALIGN, ChunkFiles, DiskFiles, SEGMENT_BYTES};
 pub use digest::{Digest, Hasher};
@@ -58,7 +60,10 @@ pub use read::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, FileLayout, Prefetcher};
 pub use refname::validate as validate_ref;
 pub use stats::{DataStats, Stats, TierStats};
 pub use store::Store;
-pub use tier::{DirTier, FetchCounters, Tier, TierError, TierProgress, TierReport, object_key};
+pub use tier::{
+    DirTier, FetchCounters, PUSHED_PREFIX, Tier, TierError, TierProgress, TierReport,
+    VolumeTierReport, object_key,
+};
 pub use views::{ImageDetail, ImageSummary, LayerSummary};
 pub use volume::{
     AccessMode, BLOCK_STATUS_MAX_EXTENTS, BlockStatus, DEFAULT_EXTENT_SIZE, DEFAULT_JOURNAL_BUDGET,

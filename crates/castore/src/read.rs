@@ -115,6 +115,7 @@ impl ChunkCache {
     pub fn chunk(&self, store: &Store, d: &Digest) -> Result<Arc<Vec<u8>>> {
         let guard = loop {
             if let Some(data) = self.get_cached(d) {
+                store.touch(d);
                 return Ok(data);
             }
             let mut lru = self.lock();

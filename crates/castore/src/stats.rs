@@ -84,6 +84,20 @@ pub struct TierStats {
     pub tiered_chunks: u64,
     /// Of those, chunks this store does not hold (read from the tier when needed).
     pub remote_chunks: u64,
+    /// Stored bytes of the chunks this store holds.
+    pub local_bytes: u64,
+    /// Of those, bytes of chunks the tier holds too and no volume names: what eviction
+    /// may remove.
+    pub tiered_bytes: u64,
+    /// The rest: chunks not (yet) in the tier, or named by a volume (volumes are
+    /// local-only), which stay whatever the limit.
+    pub pinned_bytes: u64,
+    /// The cache limit (`volumed --cache-size`), if there is one.
+    pub cache_limit: Option<u64>,
+    /// Chunks evicted since the store was opened.
+    pub evicted_chunks: u64,
+    /// Their stored bytes.
+    pub evicted_bytes: u64,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -149,6 +163,8 @@ impl Store {
         s.volumes = v.volumes;
         s.snapshots = v.snapshots;
         s.volume_data.logical_bytes = v.logical_bytes;
+        let tier = self.tier();
+        let mut local = std::collections::HashMap::new();
         for kv in self.db.entries(Cf::ChunkIndex) {
             let (k, v_bytes) = kv?;
             let Some((raw, stored)) = Store::chunk_sizes(&v_bytes) else {
@@ -158,6 +174,9 @@ impl Store {
             let Some(d) = crate::Digest::from_slice(&k) else {
                 continue;
             };
+            if tier.is_some() {
+                local.insert(d, stored);
+            }
             if image_chunks.contains(&d) {
                 s.image_data.add_chunk(raw, stored);
             }
@@ -170,20 +189,28 @@ impl Store {
         s.store.logical_bytes = s.image_data.logical_bytes + s.volume_data.logical_bytes;
         s.store.finish();
         s.disk_bytes = du(self.path());
-        if let Some(tier) = self.tier() {
+        if let Some(tier) = tier {
             let fetched = self.fetched();
+            let (evicted_chunks, evicted_bytes) = self.evicted();
             let mut t = TierStats {
                 url: tier.url().to_string(),
                 fetched_objects: fetched.objects,
                 fetched_bytes: fetched.bytes,
+                local_bytes: s.store.stored_bytes,
+                cache_limit: self.cache_limit(),
+                evicted_chunks,
+                evicted_bytes,
                 ..TierStats::default()
             };
             for d in self.tiered_chunks()? {
                 t.tiered_chunks += 1;
-                if !self.has_chunk(&d)? {
-                    t.remote_chunks += 1;
+                match local.get(&d) {
+                    None => t.remote_chunks += 1,
+                    Some(&stored) if !v.chunks.contains(&d) => t.tiered_bytes += stored,
+                    Some(_) => {}
                 }
             }
+            t.pinned_bytes = t.local_bytes - t.tiered_bytes;
             s.tier = Some(t);
         }
         Ok(s)

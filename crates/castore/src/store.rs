@@ -72,6 +72,8 @@ pub struct Store {
     pub(crate) log: ChunkLog,
     /// The chunk tier this store caches, if any (tier.rs).
     pub(crate) tiers: crate::tier::TierState,
+    /// The limit on chunk bytes kept and what eviction did (cache.rs).
+    pub(crate) cache: crate::cache::CacheState,
 }
 
 /// Digests in use by work that has not committed a reference yet.
@@ -82,6 +84,15 @@ pub(crate) struct Live {
     /// While a GC runs: claims of imports that finished during it (their references may
     /// have been written after GC read the references).
     pub(crate) gc_extra: Option<HashSet<Digest>>,
+}
+
+impl Live {
+    /// Whether work in flight uses `d` (an import's or volume write's claim, or one
+    /// handed to a running GC): then neither GC nor eviction may delete it.
+    pub(crate) fn holds(&self, d: &Digest) -> bool {
+        self.claims.values().any(|c| c.contains(d))
+            || self.gc_extra.as_ref().is_some_and(|e| e.contains(d))
+    }
 }
 
 /// A set of claims held by one import; released (or handed to a running GC) on drop.
@@ -213,6 +224,7 @@ impl Store {
             inventory: crate::inventory::InventoryCache::default(),
             log,
             tiers: crate::tier::TierState::default(),
+            cache: crate::cache::CacheState::default(),
         })
     }
 
@@ -239,6 +251,7 @@ impl Store {
     /// Reads a chunk, verifying its digest: corrupt bytes are an error, never data. A
     /// chunk this store lacks is fetched from its tier, if it has one.
     pub fn chunk(&self, d: &Digest) -> Result<Vec<u8>> {
+        self.touch(d);
         match self.chunk_local(d) {
             Err(Error::Missing { .. }) if let Some(r) = self.fetch_chunk(d) => r,
             r => r,

@@ -97,8 +97,8 @@ fn two_hosts() -> Two {
     });
     let a = Store::open(dir.path().join("a")).unwrap();
     let b = Store::open(dir.path().join("b")).unwrap();
-    a.set_tier(tier.clone());
-    b.set_tier(tier.clone());
+    a.set_tier(tier.clone()).unwrap();
+    b.set_tier(tier.clone()).unwrap();
     make_tree(&dir.path().join("src"));
     a.import_image(
         &dir.path().join("src"),
@@ -163,7 +163,7 @@ fn a_full_pull_brings_every_chunk_and_concurrent_readers_share_one_fetch() {
 
     // A third host: eight threads read the same chunk while the tier is slow.
     let c = Store::open(t.dir.path().join("c")).unwrap();
-    c.set_tier(t.tier.clone());
+    c.set_tier(t.tier.clone()).unwrap();
     c.pull_image("app:1", false, &TierProgress::default())
         .unwrap();
     let chunk = testing::chunk_digests(&t.a).unwrap()[0];
@@ -221,7 +221,7 @@ fn damaged_tier_objects_are_errors_naming_the_digest_and_store_nothing() {
 
     // A pack with a flipped byte: refused, naming its key; no name is set.
     let c = Store::open(t.dir.path().join("c")).unwrap();
-    c.set_tier(t.tier.clone());
+    c.set_tier(t.tier.clone()).unwrap();
     let image = t.a.resolve_image("app:1").unwrap();
     let pack = tier_dir.join(format!("packs/{}", image.to_hex()));
     let mut v = std::fs::read(&pack).unwrap();
@@ -284,7 +284,7 @@ fn the_first_cold_host_records_what_it_reads_and_the_next_prefetches_it() {
     assert_eq!(t.b.finish_reads(&d).unwrap(), 0, "no recording any more");
     // The tier has a read set now: a later host does not record, it prefetches.
     let c = Store::open(t.dir.path().join("c")).unwrap();
-    c.set_tier(t.tier.clone());
+    c.set_tier(t.tier.clone()).unwrap();
     c.pull_image("app:1", false, &TierProgress::default())
         .unwrap();
     assert!(!c.record_reads(&d).unwrap());
@@ -305,4 +305,257 @@ fn the_first_cold_host_records_what_it_reads_and_the_next_prefetches_it() {
         .unwrap();
     let e = c.readset(&d).unwrap_err().to_string();
     assert!(e.contains("readsets/") && e.contains("not a list"), "{e}");
+}
+
+/// Stored bytes of the chunks `s` holds, as `stats` counts them.
+fn local_bytes(s: &Store) -> u64 {
+    s.stats().unwrap().store.stored_bytes
+}
+
+#[test]
+fn a_cache_limit_evicts_least_recently_used_tiered_chunks_and_reads_stay_right() {
+    let t = two_hosts();
+    t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    let image =
+        t.b.pull_image("app:1", true, &TierProgress::default())
+            .unwrap()
+            .image;
+    let full = local_bytes(&t.b);
+    assert!(full > 3 << 20, "{full}");
+    // No limit: nothing happens.
+    assert_eq!(t.b.evict().unwrap().evicted_chunks, 0);
+
+    t.b.set_cache_limit(Some(full / 2));
+    // Under the limit's eyes, the chunks of one file are read last: they are the most
+    // recently used and must survive.
+    let mut chunks = testing::chunk_digests(&t.a).unwrap();
+    chunks.sort();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let recent = &chunks[..4];
+    for c in recent {
+        t.b.chunk(c).unwrap();
+    }
+    let r = t.b.evict().unwrap();
+    assert!(r.evicted_chunks > 0, "{r:?}");
+    assert_eq!(r.local_bytes, full);
+    assert!(r.remaining_bytes <= full / 2 / 100 * 80, "{r:?}");
+    assert_eq!(local_bytes(&t.b), r.remaining_bytes);
+    assert!(!r.over_limit());
+    for c in recent {
+        assert!(t.b.has_chunk(c).unwrap(), "recently read {c} was evicted");
+    }
+    let s = t.b.stats().unwrap().tier.unwrap();
+    assert_eq!(
+        (s.evicted_chunks, s.evicted_bytes),
+        (r.evicted_chunks, r.evicted_bytes)
+    );
+    assert_eq!(s.cache_limit, Some(full / 2));
+    assert!(s.remote_chunks >= r.evicted_chunks, "{s:?}");
+    // Under the limit now: a second pass evicts nothing.
+    assert_eq!(t.b.evict().unwrap().evicted_chunks, 0);
+    // fsck: evicted chunks are the tier's, not damage; every byte reads back.
+    assert!(t.b.fsck().unwrap().is_clean());
+    let before = t.tier.gets("chunks/");
+    let out = t.dir.path().join("out");
+    t.b.export_image(&image, &ExportTarget::Dir(out.clone()))
+        .unwrap();
+    same_files(&t.dir.path().join("src"), &out);
+    assert!(
+        t.tier.gets("chunks/") - before >= r.evicted_chunks,
+        "evicted chunks are fetched again"
+    );
+}
+
+#[test]
+fn chunks_not_in_the_tier_and_volume_chunks_are_never_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(DirTier::open(dir.path().join("tier")).unwrap());
+    let s = Arc::new(Store::open(dir.path().join("s")).unwrap());
+    s.set_tier(tier.clone()).unwrap();
+    make_tree(&dir.path().join("src"));
+    s.import_image(
+        &dir.path().join("src"),
+        Some("app:1"),
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    // A one-byte limit, nothing pushed yet: everything is pinned.
+    s.set_cache_limit(Some(1));
+    let r = s.evict().unwrap();
+    assert_eq!((r.evicted_chunks, r.evictable_bytes), (0, 0), "{r:?}");
+    assert!(r.over_limit());
+    // A volume's chunks are pinned: volumes are local-only. The image's go once pushed.
+    s.create_volume(&castore::VolumeSpec::new("v", 8 << 20))
+        .unwrap();
+    let v = s.open_volume("v").unwrap();
+    let data = testing::noise(1 << 20, 99);
+    v.write(0, &data, true).unwrap();
+    s.push_image("app:1", &TierProgress::default()).unwrap();
+    let st = s.stats().unwrap().tier.unwrap();
+    assert!(st.pinned_bytes >= 1 << 20, "{st:?}");
+    assert!(st.tiered_bytes > 3 << 20, "{st:?}");
+    assert_eq!(st.local_bytes, st.tiered_bytes + st.pinned_bytes);
+    let r = s.evict().unwrap();
+    assert_eq!(r.evictable_bytes, st.tiered_bytes, "{r:?}");
+    assert_eq!(r.evicted_bytes, st.tiered_bytes, "{r:?}");
+    assert!(r.over_limit(), "the volume's chunks stay: {r:?}");
+    assert_eq!(r.remaining_bytes, st.pinned_bytes, "{r:?}");
+    assert_eq!(v.read(0, data.len()).unwrap(), data);
+    // The image reads from the tier again.
+    let out = dir.path().join("out");
+    s.export_image(
+        &s.resolve_image("app:1").unwrap(),
+        &ExportTarget::Dir(out.clone()),
+    )
+    .unwrap();
+    same_files(&dir.path().join("src"), &out);
+    assert!(s.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn eviction_under_concurrent_readers_returns_the_right_bytes() {
+    let t = two_hosts();
+    t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    t.b.pull_image("app:1", true, &TierProgress::default())
+        .unwrap();
+    t.b.set_cache_limit(Some(local_bytes(&t.b) / 4));
+    let chunks = testing::chunk_digests(&t.a).unwrap();
+    let want: Vec<Vec<u8>> = chunks.iter().map(|c| t.a.chunk(c).unwrap()).collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut evicted = 0;
+    std::thread::scope(|s| {
+        for k in 0..4 {
+            let (chunks, want, b, stop) = (&chunks, &want, &t.b, &stop);
+            s.spawn(move || {
+                let mut i = k;
+                while !stop.load(Ordering::Relaxed) {
+                    let j = i % chunks.len();
+                    assert_eq!(b.chunk(&chunks[j]).unwrap(), want[j], "{}", chunks[j]);
+                    i += 7;
+                }
+            });
+        }
+        for _ in 0..20 {
+            evicted += t.b.evict().unwrap().evicted_chunks;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(evicted > 0);
+    assert!(t.b.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn a_store_moved_to_another_tier_forgets_what_the_first_holds() {
+    let t = two_hosts();
+    t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    assert!(t.a.stats().unwrap().tier.unwrap().tiered_chunks > 40);
+    let other = Arc::new(DirTier::open(t.dir.path().join("other")).unwrap());
+    t.a.set_tier(other).unwrap();
+    let s = t.a.stats().unwrap().tier.unwrap();
+    assert_eq!((s.tiered_chunks, s.tiered_bytes), (0, 0), "{s:?}");
+    t.a.set_cache_limit(Some(1));
+    assert_eq!(t.a.evict().unwrap().evicted_chunks, 0);
+    // A push to the new tier sends everything.
+    let r = t.a.push_image("app:1", &TierProgress::default()).unwrap();
+    assert_eq!(r.skipped, 0, "{r:?}");
+}
+
+/// A store of its own on tier `tier`.
+fn host(dir: &Path, name: &str, tier: Arc<dyn Tier>) -> Arc<Store> {
+    let s = Arc::new(Store::open(dir.join(name)).unwrap());
+    s.set_tier(tier).unwrap();
+    s
+}
+
+#[test]
+fn a_volume_pushed_from_one_host_is_pulled_on_another_with_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier: Arc<dyn Tier> = Arc::new(DirTier::open(dir.path().join("tier")).unwrap());
+    let a = host(dir.path(), "a", tier.clone());
+    let b = host(dir.path(), "b", tier.clone());
+    let size = 16 << 20;
+    a.create_volume(&castore::VolumeSpec::new("db", size))
+        .unwrap();
+    let v = a.open_volume("db").unwrap();
+    v.write(0, &testing::noise(3 << 20, 5), true).unwrap();
+    // Small writes (journaled, not yet folded) and zeros kept allocated.
+    v.write(9 << 20, &testing::noise(4096, 6), false).unwrap();
+    v.write((9 << 20) + 70_000, b"tail of a record", false)
+        .unwrap();
+    v.write_zeroes_allocated(12 << 20, 1 << 20, false).unwrap();
+    v.flush().unwrap();
+    let want = v.read(0, size as usize).unwrap();
+
+    let e = b.pull_volume("db", None).unwrap_err().to_string();
+    assert!(e.contains("db") && e.contains("tier"), "{e}");
+    let p = a
+        .push_volume("db", None, "host-a", &TierProgress::default())
+        .unwrap();
+    assert!(p.snapshot.starts_with(castore::PUSHED_PREFIX), "{p:?}");
+    assert!(p.transferred >= 48 && p.skipped == 0, "{p:?}");
+    assert_eq!(p.host, "host-a");
+    // Writes after the push are not in the tier until the next push.
+    v.write(1 << 20, &testing::noise(65536, 7), true).unwrap();
+
+    let r = b.pull_volume("db", None).unwrap();
+    assert_eq!(
+        (r.snapshot.as_str(), r.manifest),
+        (p.snapshot.as_str(), p.manifest)
+    );
+    assert_eq!((r.size, r.transferred), (size, 0));
+    assert!(r.age() < 60);
+    assert!(b.fsck().unwrap().is_clean(), "remote chunks are not damage");
+    let before = b.fetched().objects;
+    let got = b.open_volume("db").unwrap().read(0, size as usize).unwrap();
+    assert!(
+        got == want,
+        "the pulled volume reads what A had at the push"
+    );
+    assert_eq!(
+        b.fetched().objects - before,
+        p.chunks,
+        "each chunk fetched once"
+    );
+    // Its snapshot is there under the pushed name, and reads the same.
+    let snap = b.open_snapshot("db", &p.snapshot).unwrap();
+    assert!(snap.read(0, size as usize).unwrap() == want);
+    assert!(b.fsck().unwrap().is_clean());
+
+    // A volume of that name here is never replaced; another name is fine.
+    let e = b.pull_volume("db", None).unwrap_err().to_string();
+    assert!(e.contains("exists"), "{e}");
+    b.pull_volume("db", Some("db-copy")).unwrap();
+
+    // A second push of A sends only the extent written since.
+    let p2 = a
+        .push_volume("db", None, "host-a", &TierProgress::default())
+        .unwrap();
+    assert_eq!(p2.transferred, 1, "{p2:?}");
+    assert_ne!(p2.snapshot, p.snapshot);
+    assert_eq!(b.pushed_volume("db").unwrap().manifest, p2.manifest);
+
+    // B writes to its copy and pushes it under its own name; A pulls that back.
+    let bv = b.open_volume("db-copy").unwrap();
+    bv.write(15 << 20, b"written on b", true).unwrap();
+    let p3 = b
+        .push_volume("db-copy", None, "host-b", &TierProgress::default())
+        .unwrap();
+    assert_eq!(p3.transferred, 1, "only B's new extent: {p3:?}");
+    a.pull_volume("db-copy", Some("from-b")).unwrap();
+    let back = a.open_volume("from-b").unwrap();
+    assert_eq!(back.read(15 << 20, 12).unwrap(), b"written on b");
+    assert!(back.read(0, 3 << 20).unwrap() == want[..3 << 20]);
+
+    // A damaged manifest: an error naming it, and no volume is made.
+    let m = dir
+        .path()
+        .join("tier")
+        .join(format!("volsnaps/{}", p2.manifest.to_hex()));
+    let mut bytes = std::fs::read(&m).unwrap();
+    bytes[5] ^= 1;
+    std::fs::write(&m, bytes).unwrap();
+    let e = b.pull_volume("db", Some("db-3")).unwrap_err().to_string();
+    assert!(e.contains("volsnaps/") && e.contains("corrupt"), "{e}");
+    assert!(b.volume_info("db-3").is_err());
 }

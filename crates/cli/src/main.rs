@@ -321,7 +321,7 @@ fn open(cli: &Cli) -> Result<Box<dyn StoreApi>> {
         (Some(dir), None) => {
             let store = Store::open(dir)?;
             if let Some(t) = cli.tier.open()? {
-                store.set_tier(t);
+                store.set_tier(t)?;
             }
             Ok(Box::new(Local(store)))
         }
@@ -833,6 +833,20 @@ fn run(cli: &Cli) -> Result<i32> {
                         t.fetched_objects,
                         human_bytes(t.fetched_bytes)
                     );
+                    println!(
+                        "  cache:         {} local: {} also in the tier, {} pinned; limit {}",
+                        human_bytes(t.local_bytes),
+                        human_bytes(t.tiered_bytes),
+                        human_bytes(t.pinned_bytes),
+                        t.cache_limit.map_or("none".to_string(), human_bytes)
+                    );
+                    if t.evicted_chunks > 0 {
+                        println!(
+                            "  evicted:       {} chunks, {} since the store opened",
+                            t.evicted_chunks,
+                            human_bytes(t.evicted_bytes)
+                        );
+                    }
                 }
             }
         }

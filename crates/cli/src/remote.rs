@@ -713,6 +713,12 @@ impl StoreApi for Remote {
                         fetched_bytes: s.get_fetched_bytes(),
                         tiered_chunks: s.get_tiered_chunks(),
                         remote_chunks: s.get_remote_chunks(),
+                        local_bytes: s.get_local_bytes(),
+                        tiered_bytes: s.get_tiered_bytes(),
+                        pinned_bytes: s.get_pinned_bytes(),
+                        cache_limit: Some(s.get_cache_limit()).filter(|&n| n > 0),
+                        evicted_chunks: s.get_evicted_chunks(),
+                        evicted_bytes: s.get_evicted_bytes(),
                     }),
                 },
             })

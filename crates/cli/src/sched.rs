@@ -244,6 +244,21 @@ struct InstanceRow {
     /// HOST:PORT forwarded to its service's port, or "".
     endpoint: String,
     guest: GuestRow,
+    /// Volumes its host made from the chunk tier's last pushed snapshot (a move).
+    pulled: Vec<PulledRow>,
+}
+
+/// A volume made from the tier's last pushed snapshot for an instance.
+#[derive(Debug, Serialize)]
+struct PulledRow {
+    volume: String,
+    snapshot: String,
+    /// When the snapshot was pushed (Unix seconds).
+    pushed: u64,
+    /// Its age when this was printed (seconds).
+    age_seconds: u64,
+    host: String,
+    manifest: String,
 }
 
 /// An instance's VM (times in Unix milliseconds, 0 until they happen).
@@ -456,7 +471,25 @@ fn ts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> Result<Vec<String>> {
 
 fn instance_row(r: instance_info::Reader<'_>) -> Result<InstanceRow> {
     let g = r.get_guest().w()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     Ok(InstanceRow {
+        pulled: r
+            .get_pulled()
+            .w()?
+            .iter()
+            .map(|p| {
+                Ok(PulledRow {
+                    volume: t(p.get_volume())?,
+                    snapshot: t(p.get_snapshot())?,
+                    pushed: p.get_pushed(),
+                    age_seconds: now.saturating_sub(p.get_pushed()),
+                    host: t(p.get_host())?,
+                    manifest: t(p.get_manifest())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
         endpoint: t(r.get_endpoint())?,
         guest: GuestRow {
             phase: t(g.get_phase())?,
@@ -643,6 +676,21 @@ fn print_instances(rows: &[InstanceRow]) {
             })
             .collect(),
     );
+    for i in rows {
+        for p in &i.pulled {
+            if p.snapshot.is_empty() {
+                println!(
+                    "{}: volume {} was created EMPTY when it moved (its host has no chunk tier)",
+                    i.id, p.volume
+                );
+            } else {
+                println!(
+                    "{}: volume {} made from the tier's snapshot {}, pushed by {} {} s ago",
+                    i.id, p.volume, p.snapshot, p.host, p.age_seconds
+                );
+            }
+        }
+    }
 }
 
 fn print_deploy(d: &DeployRow) {

@@ -44,6 +44,30 @@ pub(crate) enum VolumeCmd {
         /// The snapshot's name.
         snapshot: String,
     },
+    /// Send a volume to the chunk tier (volumed --tier): a new snapshot `pushed-SECONDS`
+    /// taken now, or --snapshot; it becomes the volume's last pushed snapshot, from which
+    /// another host pulls it. Chunks the tier holds are not sent again.
+    Push {
+        /// The volume.
+        name: String,
+        /// Push this existing snapshot instead of taking one.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Make a volume here from the last snapshot of NAME pushed to the tier; its chunks
+    /// are fetched when first read.
+    Pull {
+        /// The volume's name in the tier.
+        name: String,
+        /// Make it under this name here.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// Show the last snapshot of a volume pushed to the tier: when, by which host.
+    Pushed {
+        /// The volume's name in the tier.
+        name: String,
+    },
     /// List a volume's snapshots.
     Snapshots {
         /// The volume.
@@ -322,6 +346,45 @@ fn volume_row(r: volume_summary::Reader<'_>) -> Result<VolumeRow> {
     })
 }
 
+/// What a volume push or pull did (`--json`).
+#[derive(Debug, Serialize)]
+struct TierRow {
+    volume: String,
+    tier_name: String,
+    snapshot: String,
+    manifest: String,
+    pushed: u64,
+    age_seconds: u64,
+    host: String,
+    size: u64,
+    chunks: u64,
+    transferred: u64,
+    skipped: u64,
+    bytes: u64,
+    seconds: f64,
+}
+
+fn tier_row(r: store_capnp::volume_tier_report::Reader<'_>) -> Result<TierRow> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(TierRow {
+        volume: text(r.get_volume())?,
+        tier_name: text(r.get_tier_name())?,
+        snapshot: text(r.get_snapshot())?,
+        manifest: text(r.get_manifest())?,
+        pushed: r.get_pushed(),
+        age_seconds: now.saturating_sub(r.get_pushed()),
+        host: text(r.get_host())?,
+        size: r.get_size(),
+        chunks: r.get_chunks(),
+        transferred: r.get_transferred(),
+        skipped: r.get_skipped(),
+        bytes: r.get_bytes(),
+        seconds: r.get_seconds(),
+    })
+}
+
 fn snapshot_row(r: snapshot_info::Reader<'_>) -> Result<SnapshotRow> {
     Ok(SnapshotRow {
         name: text(r.get_name())?,
@@ -593,6 +656,67 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
             })?;
             emit(json, &s, |s| {
                 println!("snapshot {name}@{} taken ({})", s.name, human_bytes(s.size))
+            });
+        }
+        VolumeCmd::Push { name, snapshot } => {
+            let r = remote.run(async {
+                let mut req = vols.push_request();
+                req.get().set_volume(name);
+                req.get().set_snapshot(snapshot.as_deref().unwrap_or(""));
+                let reply = req.send().promise.await.w()?;
+                tier_row(reply.get().w()?.get_report().w()?)
+            })?;
+            emit(json, &r, |r| {
+                println!(
+                    "pushed {}@{}: {} of {} chunks sent ({}) in {:.1} s",
+                    r.volume,
+                    r.snapshot,
+                    r.transferred,
+                    r.transferred + r.skipped,
+                    human_bytes(r.bytes),
+                    r.seconds
+                )
+            });
+        }
+        VolumeCmd::Pull { name, as_name } => {
+            let r = remote.run(async {
+                let mut req = vols.pull_request();
+                req.get().set_volume(name);
+                req.get().set_as(as_name.as_deref().unwrap_or(""));
+                let reply = req.send().promise.await.w()?;
+                tier_row(reply.get().w()?.get_report().w()?)
+            })?;
+            emit(json, &r, |r| {
+                println!(
+                    "pulled volume {} ({}) from snapshot {} pushed by {} {} s ago; {} of {} chunks already here, the rest are read from the tier",
+                    r.volume,
+                    human_bytes(r.size),
+                    r.snapshot,
+                    r.host,
+                    r.age_seconds,
+                    r.transferred,
+                    r.chunks
+                )
+            });
+        }
+        VolumeCmd::Pushed { name } => {
+            let r = remote.run(async {
+                let mut req = vols.pushed_request();
+                req.get().set_volume(name);
+                let reply = req.send().promise.await.w()?;
+                tier_row(reply.get().w()?.get_report().w()?)
+            })?;
+            emit(json, &r, |r| {
+                println!(
+                    "{}: snapshot {} ({}, {} chunks), pushed by {} {} s ago, manifest {}",
+                    r.tier_name,
+                    r.snapshot,
+                    human_bytes(r.size),
+                    r.chunks,
+                    r.host,
+                    r.age_seconds,
+                    r.manifest
+                )
             });
         }
         VolumeCmd::Snapshots { name } => {

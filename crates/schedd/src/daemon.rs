@@ -586,6 +586,7 @@ impl Daemon {
             command: svc.command.clone(),
             args: svc.args.clone(),
             links: Vec::new(),
+            moved: false,
         }
     }
 
@@ -2154,6 +2155,8 @@ pub async fn fail_host(sh: &Rc<Shared>, id: &str) -> Result<()> {
             let Some(rec) = d.instances.get_mut(&mv.instance) else {
                 continue;
             };
+            // Wherever it runs next, its volumes' data was on the host that went down.
+            rec.spec.moved = true;
             match &mv.result {
                 Ok(p) => {
                     rec.host = p.host.clone();

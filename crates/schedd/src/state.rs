@@ -69,6 +69,10 @@ pub struct Spec {
     /// Where the services it depends on answer.
     #[serde(default)]
     pub links: Vec<LinkRec>,
+    /// It was moved off a host that went down: its host must not create a volume it
+    /// lacks empty, only from the chunk tier's last pushed snapshot.
+    #[serde(default)]
+    pub moved: bool,
 }
 
 /// Where a service an instance depends on answers (the wire's `Link`).
@@ -120,6 +124,21 @@ pub struct Prepared {
     /// Its VM, as last reported.
     #[serde(default)]
     pub guest: GuestRec,
+    /// Volumes its host made from the chunk tier's last pushed snapshot (a move).
+    #[serde(default)]
+    pub pulled: Vec<PulledRec>,
+}
+
+/// A volume made from the tier for an instance (the wire's `PulledVolume`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PulledRec {
+    pub volume: String,
+    pub snapshot: String,
+    /// When the snapshot was pushed (seconds since the epoch).
+    pub pushed: u64,
+    /// The host that pushed it.
+    pub host: String,
+    pub manifest: String,
 }
 
 /// One of an instance's block devices (the wire's `BootDisk`), kept to show.

@@ -15,7 +15,7 @@ use schema::sched_capnp::{
 use crate::daemon::{DeployReport, HostView, InstanceView, PoolView, RouteView, StackView};
 use crate::error::{Error, Result};
 use crate::hostcall::WarmReport;
-use crate::state::{Disk, GuestRec, ImageRec, Prepared, Spec};
+use crate::state::{Disk, GuestRec, ImageRec, Prepared, PulledRec, Spec};
 
 /// A text field as an owned string.
 pub fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
@@ -162,6 +162,7 @@ pub fn set_spec(mut b: instance_spec::Builder<'_>, s: &Spec) {
         e.set_mount_path(&v.mount_path);
     }
     b.set_warm_vm(&s.warm_vm);
+    b.set_moved(s.moved);
     b.set_port(s.port.unwrap_or(0));
     if let Some(c) = &s.command {
         set_texts(b.reborrow().init_command(c.len() as u32), c);
@@ -221,6 +222,19 @@ pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared
         hypervisor: text(r.get_hypervisor())?,
         warm_vm: text(r.get_warm_vm())?,
         address: text(r.get_address())?,
+        pulled: r
+            .get_pulled()?
+            .iter()
+            .map(|p| {
+                Ok(PulledRec {
+                    volume: text(p.get_volume())?,
+                    snapshot: text(p.get_snapshot())?,
+                    pushed: p.get_pushed(),
+                    host: text(p.get_host())?,
+                    manifest: text(p.get_manifest())?,
+                })
+            })
+            .collect::<capnp::Result<Vec<_>>>()?,
         guest: if r.has_guest() {
             guest_from(r.get_guest()?)?
         } else {
@@ -278,6 +292,15 @@ pub fn set_instance_info(mut b: instance_info::Builder<'_>, v: &InstanceView) {
     b.set_image(&r.spec.image);
     b.set_endpoint(&r.prepared.address);
     set_guest(b.reborrow().init_guest(), &r.prepared.guest);
+    let mut pl = b.reborrow().init_pulled(r.prepared.pulled.len() as u32);
+    for (i, p) in r.prepared.pulled.iter().enumerate() {
+        let mut e = pl.reborrow().get(i as u32);
+        e.set_volume(&p.volume);
+        e.set_snapshot(&p.snapshot);
+        e.set_pushed(p.pushed);
+        e.set_host(&p.host);
+        e.set_manifest(&p.manifest);
+    }
     let mut dl = b.init_disks(r.prepared.disks.len() as u32);
     for (i, d) in r.prepared.disks.iter().enumerate() {
         let mut e = dl.reborrow().get(i as u32);

@@ -95,6 +95,21 @@ struct InstanceSpec {
   command @10 :List(Text);      # Replaces the image's entrypoint (and its cmd) when set.
   args @11 :List(Text);         # Replaces the image's cmd when set (an empty list clears it).
   links @12 :List(Link);        # The services it depends on, where they answer.
+  moved @13 :Bool;              # It ran on another host before (that host went down): an
+                                # RWO volume it lacks comes from the chunk tier's last
+                                # pushed snapshot; a host with a tier that has none refuses,
+                                # one without a tier creates it empty and says so (`pulled`).
+}
+
+struct PulledVolume {
+  # A volume a host made from the chunk tier for an instance: its last pushed snapshot.
+  # With `snapshot` "": an RWO volume of a moved instance that the host, having no chunk
+  # tier, had to create empty (said, never silent).
+  volume @0 :Text;
+  snapshot @1 :Text;
+  pushed @2 :UInt64;            # When that snapshot was pushed (seconds since the epoch).
+  host @3 :Text;                # The host that pushed it.
+  manifest @4 :Text;            # sha256:HEX of its manifest in the tier.
 }
 
 struct Link {
@@ -167,6 +182,7 @@ struct PreparedInstance {
   boot @6 :BootSpec;            # Its block devices, for the guest to boot from.
   address @7 :Text;             # HOST:PORT forwarded to its guest port, or "".
   guest @8 :GuestState;
+  pulled @9 :List(PulledVolume);# Volumes it lacked, made from the tier's last snapshot.
 }
 
 struct WarmVm {
@@ -256,6 +272,8 @@ struct InstanceInfo {
   disks @13 :List(BootDisk);    # What its host serves it to boot from (empty if unknown).
   endpoint @14 :Text;           # HOST:PORT forwarded to its service port, or "".
   guest @15 :GuestState;        # Its VM, as its host last reported it.
+  pulled @16 :List(PulledVolume); # Volumes its host made from the tier's last pushed
+                                # snapshot (a move): which snapshot, and how old.
 }
 
 struct HostVerdict {

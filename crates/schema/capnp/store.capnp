@@ -173,6 +173,12 @@ struct Stats {
   fetchedBytes @17 :UInt64; # Their bytes as the tier holds them.
   tieredChunks @18 :UInt64; # Chunks known to be in the tier (pushed, pulled or fetched).
   remoteChunks @19 :UInt64; # Of those, chunks not in this store (read from the tier).
+  localBytes @20 :UInt64;   # Stored bytes of the chunks this store holds (with a tier).
+  tieredBytes @21 :UInt64;  # Of those, the tier's too and no volume's: evictable.
+  pinnedBytes @22 :UInt64;  # The rest: not yet in the tier, or a volume's.
+  cacheLimit @23 :UInt64;   # volumed --cache-size, or 0 for none.
+  evictedChunks @24 :UInt64;# Chunks evicted since the daemon started.
+  evictedBytes @25 :UInt64; # Their stored bytes.
 }
 
 struct ConfigOverride {
@@ -462,6 +468,34 @@ interface Volumes {
 
   vhostUser @14 () -> (sockets :List(VhostSocket));
   # Every vhost-user socket served now, guests' disks included.
+
+  push @15 (volume :Text, snapshot :Text) -> (report :VolumeTierReport);
+  # Sends `volume` to the chunk tier (volumed --tier) as snapshot `snapshot`, or with
+  # "" as a new snapshot `pushed-SECONDS` taken now (every acknowledged write is in it),
+  # and makes it the volume's last pushed snapshot. Chunks the tier holds are not sent.
+
+  pull @16 (volume :Text, as :Text) -> (report :VolumeTierReport);
+  # Makes volume `as` ("" for `volume`) here from the last snapshot of `volume` pushed
+  # to the tier: its block map now, its chunks when first read. Refused if a volume of
+  # that name exists here.
+
+  pushed @17 (volume :Text) -> (report :VolumeTierReport);
+  # What the tier holds of `volume`: its last pushed snapshot, when and by whom.
+}
+
+struct VolumeTierReport {
+  volume @0 :Text;          # The volume pushed, or made by the pull.
+  tierName @1 :Text;        # Its name in the tier.
+  snapshot @2 :Text;        # The snapshot sent, or the one the pulled volume starts from.
+  manifest @3 :Text;        # sha256:HEX of the snapshot's manifest in the tier.
+  pushed @4 :UInt64;        # When that snapshot was pushed (seconds since the epoch).
+  host @5 :Text;            # The host that pushed it.
+  size @6 :UInt64;          # The volume's size in bytes.
+  chunks @7 :UInt64;        # Extents holding data.
+  transferred @8 :UInt64;   # Chunks sent (push), or already here (pull).
+  skipped @9 :UInt64;       # Chunks the tier already held (push).
+  bytes @10 :UInt64;        # Bytes sent.
+  seconds @11 :Float64;     # Wall time.
 }
 
 struct VhostSocket {

@@ -3,7 +3,8 @@
 //! it; A is then killed -9 and a Garage node dies; host B, which never had the image,
 //! mounts it by name: it pulls the records, reads a few files fetching only their
 //! chunks (`tide stats` says how many bytes), then the whole tree, identical to the
-//! source.
+//! source. Host C does the same with a cache limit an eighth of the image's size: its
+//! evictor runs while the tree is read, and every byte is still right.
 //!
 //! Needs FUSE (`/dev/fuse`, root), `garage` (built by .ci/run) and the minbase root.
 
@@ -111,4 +112,50 @@ fn a_host_that_never_had_an_image_mounts_it_from_the_tier() {
     let f = tide.json(&["fsck"]);
     assert_eq!(f["problems"], serde_json::json!([]), "{f}");
     tide.ok(&["umount", mnt.to_str().unwrap()]);
+
+    // Host C keeps at most 8 MiB of chunks, an eighth of the image: the whole tree read
+    // through it is still identical, while its evictor removes what was read earlier.
+    let limit: u64 = 8 << 20;
+    let mut args = tier_args(&g, 0);
+    args.extend(["--cache-size".to_string(), "8M".to_string()]);
+    let c = Volumed::start_with(tmp.path().join("c"), tmp.path().join("c.sock"), &args);
+    let mnt_c = tmp.path().join("mnt-c");
+    std::fs::create_dir(&mnt_c).unwrap();
+    let _unmount_c = tests::UnmountBelow(mnt_c.clone());
+    c.tide().ok(&["mount", "deb:12", mnt_c.to_str().unwrap()]);
+    tests::fstree::assert_same(&src, &mnt_c);
+    let start = Instant::now();
+    let settled = loop {
+        let s = tier_stats(&c);
+        if s["local_bytes"].as_u64().unwrap() <= limit {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still over the limit: {s}\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(settled["cache_limit"], limit, "{settled}");
+    assert!(
+        settled["evicted_chunks"].as_u64().unwrap() > 100,
+        "{settled}"
+    );
+    assert!(
+        settled["fetched_bytes"].as_u64().unwrap() > limit * 4,
+        "{settled}"
+    );
+    assert!(c.log_text().contains("cache: evicted"), "{}", c.log_text());
+    let f = c.tide().json(&["fsck"]);
+    assert_eq!(f["problems"], serde_json::json!([]), "{f}");
+    // Files whose chunks were evicted read right again (fetched anew).
+    for f in ["usr/bin/dpkg", "usr/bin/bash"] {
+        assert_eq!(
+            std::fs::read(mnt_c.join(f)).unwrap(),
+            std::fs::read(src.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    c.tide().ok(&["umount", mnt_c.to_str().unwrap()]);
 }

@@ -24,7 +24,8 @@ fn garage_holds_a_pushed_image_that_another_host_reads_lazily_through_a_node_los
     let src = dir.path().join("src");
     tree(&src);
     let a = Store::open(dir.path().join("a")).unwrap();
-    a.set_tier(tier::open(&g.config(0, "fleet")).unwrap());
+    a.set_tier(tier::open(&g.config(0, "fleet")).unwrap())
+        .unwrap();
     a.import_image(&src, Some("app:1"), &ImportOptions::default())
         .unwrap();
     let pushed = a.push_image("app:1", &TierProgress::default()).unwrap();
@@ -34,7 +35,7 @@ fn garage_holds_a_pushed_image_that_another_host_reads_lazily_through_a_node_los
     // a quorum).
     let b = Store::open(dir.path().join("b")).unwrap();
     let t = tier::open(&g.config(1, "fleet")).unwrap();
-    b.set_tier(t.clone());
+    b.set_tier(t.clone()).unwrap();
     let pulled = b
         .pull_image("app:1", false, &TierProgress::default())
         .unwrap();
@@ -77,7 +78,7 @@ fn garage_holds_a_pushed_image_that_another_host_reads_lazily_through_a_node_los
     v[at] ^= 1;
     t.put(&key, &v).unwrap();
     let c = Store::open(dir.path().join("c")).unwrap();
-    c.set_tier(t.clone());
+    c.set_tier(t.clone()).unwrap();
     c.pull_image("app:1", false, &TierProgress::default())
         .unwrap();
     let e = c.chunk(&chunk).unwrap_err().to_string();

@@ -190,6 +190,23 @@ pub(crate) struct InstanceSpec {
     pub(crate) command: Option<Vec<String>>,
     pub(crate) args: Option<Vec<String>>,
     pub(crate) links: Vec<Link>,
+    /// It ran on a host that went down: a volume missing here must come from the
+    /// tier's last pushed snapshot, never be created empty.
+    pub(crate) moved: bool,
+}
+
+/// The tier snapshot a volume was made from for an instance (a move); the default, an
+/// empty snapshot name, says an RWO volume of a moved instance was created empty (the
+/// host has no tier).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct PulledFrom {
+    pub(crate) snapshot: String,
+    /// When it was pushed (seconds since the epoch).
+    pub(crate) pushed: u64,
+    /// The host that pushed it.
+    pub(crate) host: String,
+    /// Its manifest, `sha256:HEX`.
+    pub(crate) manifest: String,
 }
 
 /// One of an instance's attached volumes.
@@ -198,6 +215,9 @@ pub(crate) struct AttachedVolume {
     pub(crate) volume: String,
     pub(crate) attachment: u64,
     pub(crate) read_only: bool,
+    /// Made from the tier for this instance (records of earlier versions have none).
+    #[serde(default)]
+    pub(crate) pulled: Option<PulledFrom>,
 }
 
 /// What a block device of an instance is.
@@ -921,6 +941,7 @@ impl Host {
             volume: name,
             attachment: a.id,
             read_only: false,
+            pulled: None,
         })
     }
 
@@ -978,6 +999,34 @@ impl Host {
     }
 
     /// Attaches one requested volume for `spec.instance`, creating it if missing.
+    /// Volume `name`, missing here, made from the tier's last pushed snapshot of it
+    /// (None: there is no tier, or it holds no such volume).
+    fn pull_volume(&self, spec: &InstanceSpec, name: &str) -> Result<Option<PulledFrom>, Error> {
+        if self.store.tier().is_none() {
+            return Ok(None);
+        }
+        match self.store.pull_volume(name, None) {
+            Ok(r) => {
+                log!(
+                    "volume {name} for {}: made from the tier's snapshot {} (pushed by {} {} s ago; {} chunks, read from the tier when first needed)",
+                    spec.instance,
+                    r.snapshot,
+                    r.host,
+                    r.age(),
+                    r.chunks
+                );
+                Ok(Some(PulledFrom {
+                    snapshot: r.snapshot,
+                    pushed: r.pushed,
+                    host: r.host,
+                    manifest: r.manifest.to_string(),
+                }))
+            }
+            Err(castore::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn attach(
         &self,
         spec: &InstanceSpec,
@@ -990,6 +1039,8 @@ impl Host {
             v.name.clone()
         };
         let existing = self.volumes.list()?;
+        let mut pulled = None;
+        let rwo = v.mode == AccessMode::Rwo || v.per_instance;
         match existing.iter().find(|l| l.summary.name == name) {
             Some(l) if l.summary.instances.is_some() => {
                 return Err(Error::BadRequest(format!(
@@ -1005,6 +1056,16 @@ impl Host {
                 )));
             }
             Some(_) => {}
+            None if let Some(p) = self.pull_volume(spec, &name)? => {
+                undo.created.push(name.clone());
+                pulled = Some(p);
+            }
+            None if spec.moved && rwo && self.store.tier().is_some() => {
+                return Err(Error::BadRequest(format!(
+                    "volume {name} of moved instance {} is not on this host and the chunk tier has no pushed snapshot of it: refusing to create it empty (its data was on the host that went down)",
+                    spec.instance
+                )));
+            }
             None => {
                 // A stamp of a template takes the template's size when none is asked.
                 let size = match (v.size, existing.iter().find(|l| l.summary.name == v.name)) {
@@ -1029,6 +1090,14 @@ impl Host {
                     vs.mode.as_str(),
                     spec.instance
                 );
+                if spec.moved && rwo {
+                    // Not silent: the instance record says its volume started empty.
+                    log!(
+                        "warning: volume {name} of moved instance {} was created EMPTY: its data was on the host that went down and this host has no chunk tier (volumed --tier) to take a pushed snapshot from",
+                        spec.instance
+                    );
+                    pulled = Some(PulledFrom::default());
+                }
                 undo.created.push(name.clone());
             }
         }
@@ -1054,6 +1123,7 @@ impl Host {
             volume: name,
             attachment: a.id,
             read_only: a.read_only,
+            pulled,
         })
     }
 
@@ -1182,6 +1252,7 @@ impl Host {
             volume: name,
             attachment: a.id,
             read_only: false,
+            pulled: None,
         });
         for d in rec
             .boot

@@ -114,6 +114,20 @@ fn set_prepared(
             endpoints.uri(&format!("{}/{}", a.volume, a.attachment)),
         );
     }
+    let pulled: Vec<_> = r
+        .volumes
+        .iter()
+        .filter_map(|a| a.pulled.as_ref().map(|p| (&a.volume, p)))
+        .collect();
+    let mut l = b.reborrow().init_pulled(pulled.len() as u32);
+    for (i, (volume, p)) in pulled.into_iter().enumerate() {
+        let mut e = l.reborrow().get(i as u32);
+        e.set_volume(volume.as_str());
+        e.set_snapshot(&p.snapshot);
+        e.set_pushed(p.pushed);
+        e.set_host(&p.host);
+        e.set_manifest(&p.manifest);
+    }
     let spec = &r.boot;
     let mut boot = b.init_boot();
     boot.set_root_mode(spec.root_mode);
@@ -186,6 +200,7 @@ fn instance_spec(s: sched_capnp::instance_spec::Reader<'_>) -> Result<InstanceSp
         });
     }
     Ok(InstanceSpec {
+        moved: s.get_moved(),
         env,
         port: Some(s.get_port()).filter(|p| *p != 0),
         command: if s.has_command() {

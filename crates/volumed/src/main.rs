@@ -10,6 +10,7 @@
 //! scheduler as a host (`link`), reporting its inventory and preparing the instances
 //! and warm VMs it is asked for (`host`), but it decides nothing about where they run.
 
+mod backup;
 mod error;
 mod exports;
 mod guests;
@@ -224,6 +225,62 @@ struct Args {
     boot_timeout: u64,
     #[command(flatten)]
     tier: tier::TierArgs,
+    /// With --tier: the most bytes of chunks (as stored, compressed) the host keeps.
+    /// Chunks the tier holds are evicted least recently used first, in the background,
+    /// down to 80% of it; chunks not yet pushed and volumes' chunks are never evicted.
+    #[arg(long, env = "VOLUMED_CACHE_SIZE", value_name = "SIZE", value_parser = castore::parse_size)]
+    cache_size: Option<u64>,
+    /// With --tier: push every volume written since its last push this often (`10m`,
+    /// `1h`), so a volume whose host dies is lost only back to then. Off by default.
+    #[arg(long, env = "VOLUMED_BACKUP_EVERY", value_name = "DURATION", value_parser = sched::stack::parse_duration)]
+    backup_every: Option<std::time::Duration>,
+}
+
+/// How often the evictor looks whether the store has grown.
+const EVICT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps the store under its cache limit: a pass whenever chunks were fetched or the
+/// store changed since the last one.
+fn start_evictor(store: Arc<castore::Store>) {
+    std::thread::Builder::new()
+        .name("evict".into())
+        .spawn(move || {
+            let mut seen = None;
+            let mut over = false;
+            loop {
+                let now = (store.fetched().bytes, store.change_count());
+                if seen != Some(now) {
+                    seen = Some(now);
+                    match store.evict() {
+                        Ok(r) => {
+                            if r.evicted_chunks > 0 {
+                                log!(
+                                    "cache: evicted {} chunks ({} B) in {:.2} s; {} B of {} B limit",
+                                    r.evicted_chunks,
+                                    r.evicted_bytes,
+                                    r.seconds,
+                                    r.remaining_bytes,
+                                    r.limit
+                                );
+                            }
+                            if r.over_limit() != over {
+                                over = r.over_limit();
+                                if over {
+                                    log!(
+                                        "cache: {} B held, over the {} B limit: the rest is pinned (not yet in the tier, or volumes')",
+                                        r.remaining_bytes,
+                                        r.limit
+                                    );
+                                }
+                            }
+                        }
+                        Err(e) => log!("cache: eviction failed: {e:#}"),
+                    }
+                }
+                std::thread::sleep(EVICT_EVERY);
+            }
+        })
+        .expect("spawning the evictor");
 }
 
 /// Binds `path`, replacing a socket file nobody listens on, refusing a live one.
@@ -267,7 +324,16 @@ fn run(args: &Args) -> Result<()> {
     store.set_volume_journal_budget(args.journal_mib << 20);
     if let Some(t) = args.tier.open()? {
         log!("chunk tier {}", t.url());
-        store.set_tier(t);
+        store.set_tier(t)?;
+        if let Some(limit) = args.cache_size {
+            log!("cache limit {limit} B");
+            store.set_cache_limit(Some(limit));
+            start_evictor(store.clone());
+        }
+    } else if args.cache_size.is_some() {
+        bail!("--cache-size needs --tier: without a tier nothing can be evicted");
+    } else if args.backup_every.is_some() {
+        bail!("--backup-every needs --tier: the tier is where volumes are pushed");
     }
     let mounts = Arc::new(MountTable::new(&args.data));
     mounts
@@ -287,6 +353,13 @@ fn run(args: &Args) -> Result<()> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
     let config = host_config(args)?;
+    if let Some(every) = args.backup_every {
+        if every.is_zero() {
+            bail!("--backup-every must be longer than 0");
+        }
+        log!("backup: pushing changed volumes every {every:?}");
+        backup::start(store.clone(), every, config.host_id.clone());
+    }
     let changed = Arc::new(tokio::sync::Notify::new());
     let exports = exports::HostExports::new(&volumes, &layers);
     let vhost = vhost::VhostUser::new(exports.clone(), &args.data, vhost::QUEUES);
@@ -329,6 +402,7 @@ fn run(args: &Args) -> Result<()> {
         layers,
         endpoints: endpoints.clone(),
         vhost: vhost.clone(),
+        host_id: host.config.host_id.clone(),
     });
     if let Some(addrs) = scheduler {
         log!(
@@ -632,6 +706,7 @@ mod tests {
             layers,
             endpoints: Endpoints::default(),
             vhost,
+            host_id: "test-host".to_string(),
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

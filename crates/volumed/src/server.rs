@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) layers: Arc<crate::layers::Layers>,
     pub(crate) endpoints: Endpoints,
     pub(crate) vhost: Arc<crate::vhost::VhostUser>,
+    /// This host's id (`--host-id`), recorded with the volumes it pushes to the tier.
+    pub(crate) host_id: String,
 }
 
 /// Logs request `what` of `client` once it is answered, as one line: `ok`, or what
@@ -253,6 +255,7 @@ impl daemon::Server for DaemonImpl {
                 exports: crate::exports::HostExports::new(&self.0.volumes, &self.0.layers),
                 endpoints: self.0.endpoints.clone(),
                 vhost: self.0.vhost.clone(),
+                host_id: self.0.host_id.clone(),
                 client: self.1.clone(),
             }));
         Ok(())
@@ -687,6 +690,12 @@ impl store::Server for StoreImpl {
             b.set_fetched_bytes(t.fetched_bytes);
             b.set_tiered_chunks(t.tiered_chunks);
             b.set_remote_chunks(t.remote_chunks);
+            b.set_local_bytes(t.local_bytes);
+            b.set_tiered_bytes(t.tiered_bytes);
+            b.set_pinned_bytes(t.pinned_bytes);
+            b.set_cache_limit(t.cache_limit.unwrap_or(0));
+            b.set_evicted_chunks(t.evicted_chunks);
+            b.set_evicted_bytes(t.evicted_bytes);
         }
         Ok(())
     }

@@ -48,6 +48,8 @@ pub(crate) struct VolumesImpl {
     pub(crate) endpoints: Endpoints,
     /// The host's vhost-user sockets.
     pub(crate) vhost: Arc<VhostUser>,
+    /// This host's id, recorded with the volumes it pushes.
+    pub(crate) host_id: String,
     /// Whose requests these are, for the log.
     pub(crate) client: Client,
 }
@@ -109,7 +111,99 @@ fn split_source(source: &str) -> Result<(String, String), Error> {
         })
 }
 
+fn set_tier_report(
+    mut b: store_capnp::volume_tier_report::Builder<'_>,
+    r: &castore::VolumeTierReport,
+) {
+    b.set_volume(&r.volume);
+    b.set_tier_name(&r.tier_name);
+    b.set_snapshot(&r.snapshot);
+    b.set_manifest(r.manifest.to_string());
+    b.set_pushed(r.pushed);
+    b.set_host(&r.host);
+    b.set_size(r.size);
+    b.set_chunks(r.chunks);
+    b.set_transferred(r.transferred);
+    b.set_skipped(r.skipped);
+    b.set_bytes(r.bytes);
+    b.set_seconds(r.seconds);
+}
+
 impl volumes::Server for VolumesImpl {
+    async fn push(
+        self: CapRc<Self>,
+        params: volumes::PushParams,
+        mut results: volumes::PushResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (volume, snapshot) = (text(p.get_volume())?, text(p.get_snapshot())?);
+        let what = format!("push volume {volume}");
+        let vols = self.volumes.clone();
+        let host = self.host_id.clone();
+        let r = blocking(move || {
+            let snap = (!snapshot.is_empty()).then_some(snapshot.as_str());
+            Ok(vols
+                .store()
+                .push_volume(&volume, snap, &host, &castore::TierProgress::default())?)
+        })
+        .await;
+        let r = logged(&self.client, &what, r, |r| {
+            format!(
+                "snapshot {}, {} of {} chunks sent ({} B) in {:.2} s",
+                r.snapshot,
+                r.transferred,
+                r.transferred + r.skipped,
+                r.bytes,
+                r.seconds
+            )
+        })?;
+        set_tier_report(results.get().init_report(), &r);
+        Ok(())
+    }
+
+    async fn pull(
+        self: CapRc<Self>,
+        params: volumes::PullParams,
+        mut results: volumes::PullResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (volume, as_name) = (text(p.get_volume())?, text(p.get_as())?);
+        let what = format!("pull volume {volume}");
+        let vols = self.volumes.clone();
+        let r = blocking(move || {
+            let as_name = (!as_name.is_empty()).then_some(as_name.as_str());
+            Ok(vols.store().pull_volume(&volume, as_name)?)
+        })
+        .await;
+        let r = logged(&self.client, &what, r, |r| {
+            format!(
+                "volume {} from snapshot {} pushed by {} {} s ago",
+                r.volume,
+                r.snapshot,
+                r.host,
+                r.age()
+            )
+        })?;
+        set_tier_report(results.get().init_report(), &r);
+        Ok(())
+    }
+
+    async fn pushed(
+        self: CapRc<Self>,
+        params: volumes::PushedParams,
+        mut results: volumes::PushedResults,
+    ) -> Result<(), capnp::Error> {
+        let volume = text(params.get()?.get_volume())?;
+        let what = format!("look up volume {volume} in the tier");
+        let vols = self.volumes.clone();
+        let r = blocking(move || Ok(vols.store().pushed_volume(&volume)?)).await;
+        let r = logged(&self.client, &what, r, |r| {
+            format!("snapshot {}", r.snapshot)
+        })?;
+        set_tier_report(results.get().init_report(), &r);
+        Ok(())
+    }
+
     async fn create(
         self: CapRc<Self>,
         params: volumes::CreateParams,

@@ -304,6 +304,8 @@ struct Prepared {
     /// (role, uri, read-only, size, layer, mount path)
     disks: Vec<(String, String, bool, u64, String, String)>,
     root_mode: u32,
+    /// Volumes made from the tier: (volume, snapshot, pushed by).
+    pulled: Vec<(String, String, String)>,
 }
 
 fn read_prepared(p: schema::sched_capnp::prepared_instance::Reader<'_>) -> Prepared {
@@ -337,6 +339,12 @@ fn read_prepared(p: schema::sched_capnp::prepared_instance::Reader<'_>) -> Prepa
             })
             .collect(),
         root_mode: p.get_boot().unwrap().get_root_mode(),
+        pulled: p
+            .get_pulled()
+            .unwrap()
+            .iter()
+            .map(|v| (s(v.get_volume()), s(v.get_snapshot()), s(v.get_host())))
+            .collect(),
     }
 }
 
@@ -351,9 +359,23 @@ async fn prepare(
     volumes: &[Vol<'_>],
     warm: &str,
 ) -> Result<Prepared, capnp::Error> {
+    prepare_spec(h, instance, ordinal, image, volumes, warm, false).await
+}
+
+/// [`prepare`], with `moved`: the instance ran on a host that went down.
+async fn prepare_spec(
+    h: &host::Client,
+    instance: &str,
+    ordinal: u32,
+    image: &str,
+    volumes: &[Vol<'_>],
+    warm: &str,
+    moved: bool,
+) -> Result<Prepared, capnp::Error> {
     let mut req = h.prepare_request();
     {
         let mut spec = req.get().init_spec();
+        spec.set_moved(moved);
         spec.set_instance(instance);
         spec.set_key("web.shop");
         spec.set_ordinal(ordinal);
@@ -1090,5 +1112,151 @@ fn warm_vm_on_a_prefix_takes_the_full_stack() {
             warm.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(),
             [app_vm.as_str()]
         );
+    });
+}
+
+/// Volumes that follow their instances: host h1 (with a directory chunk tier) runs an
+/// instance with an RWO volume, pushes it, writes more and is killed -9. Host h2, on
+/// the same tier, prepares the moved instance: the image it never had comes from the
+/// tier, the volume is made from the last pushed snapshot (the prepare says which, and
+/// who pushed it), and reads byte for byte what was pushed, not what came after. A moved
+/// instance whose volume the tier never got is refused; a host without a tier creates
+/// it empty and says so.
+#[test]
+fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
+    let tmp = tmpdir("host-move");
+    let tier = tmp.path().join("tier");
+    let tier_arg = format!("file://{}", tier.display());
+    let args = |dir: &Path, id: &str, with_tier: bool| -> Vec<String> {
+        let mut a = host_args(&dir.join("sched.sock"), &[]);
+        let at = a.iter().position(|x| x == "--host-id").unwrap();
+        a[at + 1] = id.to_string();
+        if with_tier {
+            a.extend(["--tier".to_string(), tier_arg.clone()]);
+        }
+        a
+    };
+    let (a_dir, b_dir, c_dir) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    for d in [&a_dir, &b_dir, &c_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let vols: &[Vol<'_>] = &[("db", 16 << 20, "rwo", false)];
+    run(async move {
+        // Host h1: the image imported there (and published), the instance, its volume.
+        let a = join(&a_dir, &args(&a_dir, "h1", true)).await;
+        write_files(&a_dir.join("web"), &[("etc/hostname", b"web\n")]);
+        import_over_rpc(
+            &a_dir.join("volumed.sock"),
+            &a_dir.join("web"),
+            "shop/web:1",
+        )
+        .await;
+        until("the image published", &a.v, || {
+            a.v.log_text().contains("published shop/web:1")
+        })
+        .await;
+        let p = prepare(&a.host, "db.shop-0", 0, "shop/web:1", vols, "")
+            .await
+            .unwrap();
+        assert!(p.pulled.is_empty(), "{:?}", p.pulled);
+        let src = tmp.path().join("pushed");
+        let pushed_bytes = random_file(&src, 8 << 20, 21);
+        ok("nbdcopy", &[src.to_str().unwrap(), p.volumes[0].as_str()]);
+        let push = a.v.tide().json(&["volume", "push", "db"]);
+        let snapshot = push["snapshot"].as_str().unwrap().to_string();
+        assert!(snapshot.starts_with("pushed-"), "{push}");
+        assert!(push["transferred"].as_u64().unwrap() >= 128, "{push}");
+        // Written after the push, then the host dies: these bytes are not in the tier.
+        let later = tmp.path().join("later");
+        random_file(&later, 1 << 20, 22);
+        ok("nbdcopy", &[later.to_str().unwrap(), p.volumes[0].as_str()]);
+        let Joined { v: a_v, .. } = a;
+        a_v.signal_and_wait(libc::SIGKILL);
+
+        // Host h2: neither the image nor the volume; the moved instance gets both.
+        let b = join(&b_dir, &args(&b_dir, "h2", true)).await;
+        let shown = b.v.tide().json(&["volume", "pushed", "db"]);
+        assert_eq!(shown["snapshot"], snapshot.as_str(), "{shown}");
+        assert_eq!(shown["host"], "h1", "{shown}");
+        let moved = prepare_spec(&b.host, "db.shop-0", 0, "shop/web:1", vols, "", true)
+            .await
+            .unwrap();
+        assert_eq!(
+            moved.pulled,
+            [("db".to_string(), snapshot.clone(), "h1".to_string())]
+        );
+        assert_eq!(
+            std::fs::read_to_string(moved.root.join("etc/hostname")).unwrap(),
+            "web\n"
+        );
+        let back = tmp.path().join("back");
+        ok(
+            "nbdcopy",
+            &[moved.volumes[0].as_str(), back.to_str().unwrap()],
+        );
+        let got = std::fs::read(&back).unwrap();
+        assert_eq!(got.len(), 16 << 20);
+        assert!(
+            got[..8 << 20] == pushed_bytes[..],
+            "the pushed snapshot's bytes"
+        );
+        assert!(got[8 << 20..].iter().all(|&b| b == 0));
+        assert!(b.v.log_text().contains("made from the tier's snapshot"));
+
+        // A moved instance whose RWO volume the tier never got: refused, nothing made.
+        let e = reason(
+            prepare_spec(
+                &b.host,
+                "kv.shop-0",
+                0,
+                "shop/web:1",
+                &[("kv", 16 << 20, "rwo", false)],
+                "",
+                true,
+            )
+            .await
+            .unwrap_err(),
+        );
+        assert!(e.contains("refusing to create it empty"), "{e}");
+        let listed = b.v.tide().json(&["volume", "ls"]);
+        assert!(
+            !listed.to_string().contains("\"kv\""),
+            "no empty kv volume: {listed}"
+        );
+        // The same instance not moved (a first deploy) gets a new, empty volume.
+        prepare(
+            &b.host,
+            "kv.shop-0",
+            0,
+            "shop/web:1",
+            &[("kv", 16 << 20, "rwo", false)],
+            "",
+        )
+        .await
+        .unwrap();
+
+        // Host h3 has no tier: a moved instance's volume is created empty, and said so.
+        let c = join(&c_dir, &args(&c_dir, "h3", false)).await;
+        write_files(&c_dir.join("web"), &[("etc/hostname", b"web\n")]);
+        import_over_rpc(
+            &c_dir.join("volumed.sock"),
+            &c_dir.join("web"),
+            "shop/web:1",
+        )
+        .await;
+        let empty = prepare_spec(&c.host, "db.shop-0", 0, "shop/web:1", vols, "", true)
+            .await
+            .unwrap();
+        assert_eq!(
+            empty.pulled,
+            [("db".to_string(), String::new(), String::new())]
+        );
+        assert!(c.v.log_text().contains("was created EMPTY"));
+        drop(b);
+        drop(c);
     });
 }

@@ -117,7 +117,9 @@ impl Store {
                             s
                         }
                     };
-                    if raw != Some(rec.extent_size()) {
+                    // None: only the tier holds it (the chunk set says so), as a pulled
+                    // volume's unread extents.
+                    if raw.is_some_and(|raw| raw != rec.extent_size()) {
                         r.problem(
                             "block map",
                             &name,

@@ -47,8 +47,8 @@ use crate::db::{Batch, Cf};
 use crate::error::{Error, Result};
 use crate::read::ChunkCache;
 use crate::store::Store;
-pub(crate) use record::parse_key;
-use record::{Extent, Record, Snap};
+pub(crate) use record::{Extent, parse_key};
+use record::{Record, Snap};
 
 /// Default extent size: a chunk per 64 KiB of volume. A constant so that benchmarks can
 /// move it; each volume records its own, so changing it affects only new volumes.
@@ -95,7 +95,7 @@ impl AccessMode {
         }
     }
 
-    fn from_u8(b: u8) -> Option<AccessMode> {
+    pub(crate) fn from_u8(b: u8) -> Option<AccessMode> {
         [AccessMode::Rwo, AccessMode::Rwx, AccessMode::Rox]
             .get(usize::from(b))
             .copied()
@@ -362,6 +362,16 @@ pub(crate) struct Level {
     pub(crate) id: u64,
     pub(crate) generation: u64,
     pub(crate) size: u64,
+}
+
+/// What a snapshot is, apart from its data: for sending it to the tier and making a
+/// volume of it on another host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SnapshotShape {
+    pub(crate) size: u64,
+    pub(crate) extent_shift: u8,
+    pub(crate) mode: AccessMode,
+    pub(crate) created: u64,
 }
 
 const STRIPES: usize = 256;
@@ -643,6 +653,16 @@ impl Store {
 
     /// Writes a new volume record and its name (admin lock held).
     fn insert_volume(&self, rec: &Record) -> Result<u64> {
+        self.insert_volume_with(rec, |_, _, _| {})
+    }
+
+    /// [`Store::insert_volume`], with `more` adding to the same batch once the new
+    /// volume's id is known.
+    fn insert_volume_with(
+        &self,
+        rec: &Record,
+        more: impl FnOnce(&crate::db::Db, u64, &mut Batch),
+    ) -> Result<u64> {
         if self.db.contains(Cf::VolumeNames, rec.name.as_bytes())? {
             return Err(VolumeError::Exists {
                 volume: rec.name.clone(),
@@ -662,6 +682,7 @@ impl Store {
             rec.name.as_bytes(),
             &id.to_be_bytes(),
         );
+        more(&self.db, id, &mut b);
         self.db.write(b, true)?;
         Ok(id)
     }
@@ -870,6 +891,131 @@ impl Store {
             }
         }
         Ok(set.into_iter().collect())
+    }
+
+    /// Whether volume `name` reads differently now than its snapshot `snapshot` did: a
+    /// write (or trim, or resize) since. Folds pending small writes first; reads the
+    /// volume's block map keys.
+    pub fn volume_changed_since(&self, name: &str, snapshot: &str) -> Result<bool> {
+        let id = self.volume_id(name)?;
+        let shared = self.volume_shared(id)?;
+        self.fold_volume(&shared)?;
+        let st = shared.state.read().expect("volume state lock");
+        let snap = snapshot_named(&st.rec, name, snapshot)?;
+        if snap.size != st.rec.size {
+            return Ok(true);
+        }
+        let lower = record::extent_start(id, 0);
+        let upper = record::extent_start(id + 1, 0);
+        let mut cursor = self
+            .db
+            .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]));
+        let mut entry = cursor.first()?;
+        while let Some((k, _)) = entry {
+            if parse_key(k).is_some_and(|(_, _, g)| g > snap.generation) {
+                return Ok(true);
+            }
+            entry = cursor.next()?;
+        }
+        Ok(false)
+    }
+
+    /// Snapshot `snapshot` of volume `name` as it reads: its size, extent shift, mode,
+    /// creation time and every extent that is not a hole (inherited ones included),
+    /// ascending. For sending a snapshot to the tier (tier/volume.rs).
+    pub(crate) fn snapshot_extents(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<(SnapshotShape, Vec<(u64, Extent)>)> {
+        let id = self.volume_id(name)?;
+        let shared = self.volume_shared(id)?;
+        let st = shared.state.read().expect("volume state lock");
+        let snap = snapshot_named(&st.rec, name, snapshot)?.clone();
+        let mut levels = vec![Level {
+            id,
+            generation: snap.generation,
+            size: snap.size,
+        }];
+        levels.extend(st.ancestors.iter().copied());
+        let shift = st.rec.extent_shift;
+        let mut cursor = self.db.cursor(Cf::BlockMap, None, None);
+        let mut out = Vec::new();
+        for e in self.chain_extents(&levels, 0, extents(snap.size, shift))? {
+            match io::lookup(&mut cursor, &levels, e, shift)? {
+                Extent::Zero => {}
+                x => out.push((e, x)),
+            }
+        }
+        let shape = SnapshotShape {
+            size: snap.size,
+            extent_shift: shift,
+            mode: st.rec.mode,
+            created: snap.created,
+        };
+        Ok((shape, out))
+    }
+
+    /// Creates volume `name` holding `extents` as snapshot `snapshot` (generation 1,
+    /// created at `created`), its current data the same (generation 2), in one synced
+    /// batch with what `more` adds (the caller's marks): a volume pulled from the tier,
+    /// whose chunks are read from there when first needed.
+    pub(crate) fn insert_snapshot_volume(
+        &self,
+        name: &str,
+        snapshot: &str,
+        shape: &SnapshotShape,
+        extents_in: &[(u64, Extent)],
+        more: impl FnOnce(&mut Batch),
+    ) -> Result<VolumeSummary> {
+        validate_volume_name(name)?;
+        validate_volume_name(snapshot)?;
+        check_size(name, shape.size)?;
+        let n = extents(shape.size, shape.extent_shift);
+        if !(MIN_EXTENT_SIZE.trailing_zeros()..=MAX_EXTENT_SIZE.trailing_zeros())
+            .contains(&u32::from(shape.extent_shift))
+            || extents_in.iter().any(|&(e, _)| e >= n)
+        {
+            return Err(VolumeError::BadSize {
+                volume: name.to_string(),
+                reason: format!(
+                    "the snapshot's extents (1 << {}, {} of them) do not fit its size {}",
+                    shape.extent_shift,
+                    extents_in.len(),
+                    shape.size
+                ),
+            }
+            .into());
+        }
+        let rec = Record {
+            name: name.to_string(),
+            size: shape.size,
+            extent_shift: shape.extent_shift,
+            mode: shape.mode,
+            instances: 0,
+            parent: None,
+            generation: 2,
+            created: now(),
+            snapshots: vec![Snap {
+                name: snapshot.to_string(),
+                generation: 1,
+                size: shape.size,
+                created: shape.created,
+            }],
+        };
+        let _admin = self.volumes.admin.lock().expect("volume admin lock");
+        self.insert_volume_with(&rec, |db, id, b| {
+            for &(e, x) in extents_in {
+                let v: &[u8] = match &x {
+                    Extent::Zero => record::ZERO_MARKER,
+                    Extent::Zeroed => record::ZEROED_MARKER,
+                    Extent::Chunk(d) => &d.0,
+                };
+                b.put(db, Cf::BlockMap, &record::key(id, e, 1), v);
+            }
+            more(b);
+        })?;
+        Ok(self.summary(&rec, &HashMap::new()))
     }
 
     /// Records the current generation as snapshot `snapshot` and moves writes to a new
@@ -1167,6 +1313,17 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Snapshot `snapshot` of volume `name` (whose record is `rec`), or the error naming it.
+fn snapshot_named<'r>(rec: &'r Record, name: &str, snapshot: &str) -> Result<&'r Snap> {
+    rec.snapshot(snapshot).ok_or_else(|| {
+        VolumeError::SnapshotNotFound {
+            volume: name.to_string(),
+            snapshot: snapshot.to_string(),
+        }
+        .into()
+    })
 }
 
 /// The names of the volumes cloned from `id` at `generation`, sorted.

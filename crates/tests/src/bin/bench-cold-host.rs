@@ -257,7 +257,7 @@ fn bench(o: &Options) -> Result<()> {
 
     // What the program needed: the lazy host's read set, as stored in the tier.
     let probe = castore::Store::open(work_path.join("probe"))?;
-    probe.set_tier(tier::open(&g.config(0, "bench"))?);
+    probe.set_tier(tier::open(&g.config(0, "bench"))?)?;
     let image = probe
         .pull_image("flask:1", false, &castore::TierProgress::default())?
         .image;

@@ -32,6 +32,9 @@ use crate::db::{Batch, Cf};
 use crate::error::{Error, ObjectKind, Result, ResultExt};
 use crate::store::Store;
 
+mod volume;
+pub use volume::{PUSHED_PREFIX, VolumeTierReport};
+
 /// A shared object store of the tier's keys (see the module documentation). Calls block;
 /// they are made from many threads at once.
 pub trait Tier: Send + Sync + fmt::Debug {
@@ -137,9 +140,12 @@ fn pack_key(image: &Digest) -> String {
     format!("packs/{}", image.to_hex())
 }
 
+/// The kind byte of chunks in `tiered` keys.
+pub(crate) const CHUNK_MARK: u8 = 0;
+
 fn kind_byte(kind: ObjectKind) -> u8 {
     match kind {
-        ObjectKind::Chunk => 0,
+        ObjectKind::Chunk => CHUNK_MARK,
         ObjectKind::Blob => 1,
         ObjectKind::Tree => 2,
         ObjectKind::Layer => 3,
@@ -168,12 +174,20 @@ pub(crate) fn record_cf(kind: ObjectKind) -> Cf {
     }
 }
 
+/// The `tiered` key of chunk `d`.
+pub(crate) fn tiered_chunk_key(d: &Digest) -> [u8; 33] {
+    tiered_key(ObjectKind::Chunk, d)
+}
+
 fn tiered_key(kind: ObjectKind, d: &Digest) -> [u8; 33] {
     let mut k = [0u8; 33];
     k[0] = kind_byte(kind);
     k[1..].copy_from_slice(&d.0);
     k
 }
+
+/// The `meta` key of the URL of the tier the `tiered` family describes.
+const TIER_URL_KEY: &[u8] = b"tier_url";
 
 /// Uploads and downloads in flight at once: object stores answer each request in a few
 /// milliseconds however small it is, so throughput comes from concurrency.
@@ -255,6 +269,17 @@ pub struct TierReport {
     pub seconds: f64,
 }
 
+/// What a push has sent so far.
+#[derive(Debug, Default)]
+pub(crate) struct Sent {
+    /// Objects sent.
+    pub(crate) objects: AtomicU64,
+    /// Their bytes as sent (chunks as stored).
+    pub(crate) bytes: AtomicU64,
+    /// Raw bytes of the chunks sent.
+    pub(crate) content: AtomicU64,
+}
+
 /// An image's objects: records (blobs and trees, then layers, then the image: an order in
 /// which every record's children come first) and chunks.
 struct ImageObjects {
@@ -265,8 +290,24 @@ struct ImageObjects {
 impl Store {
     /// Makes this store a cache of `tier`: objects missing here are fetched from it on
     /// first read, and [`Store::push_image`] and [`Store::pull_image`] use it.
-    pub fn set_tier(&self, tier: Arc<dyn Tier>) {
+    ///
+    /// What the store knows the tier holds (the `tiered` family, on which eviction
+    /// relies) is kept for one tier: a store moved to a tier with another URL forgets it
+    /// first, so nothing is evicted that the new tier may lack and the next push sends
+    /// everything.
+    pub fn set_tier(&self, tier: Arc<dyn Tier>) -> Result<()> {
+        let url = tier.url().as_bytes();
+        let known = self.db.get(Cf::Meta, TIER_URL_KEY)?;
+        if known.as_deref() != Some(url) {
+            let mut b = Batch::new();
+            if known.is_some() {
+                b.delete_range(&self.db, Cf::Tiered, &[0], &[0xff; 34]);
+            }
+            b.put(&self.db, Cf::Meta, TIER_URL_KEY, url);
+            self.db.write(b, true)?;
+        }
         *self.tiers.tier.write().expect("tier lock") = Some(tier);
+        Ok(())
     }
 
     /// The tier this store uses, if any.
@@ -274,7 +315,7 @@ impl Store {
         self.tiers.tier.read().expect("tier lock").clone()
     }
 
-    fn need_tier(&self) -> Result<Arc<dyn Tier>> {
+    pub(crate) fn need_tier(&self) -> Result<Arc<dyn Tier>> {
         self.tier().ok_or_else(|| {
             Error::Refused("this store has no tier (volumed --tier URL)".to_string())
         })
@@ -298,7 +339,7 @@ impl Store {
         let mut out = Vec::new();
         for k in self.db.keys(Cf::Tiered) {
             let k = k?;
-            if k.first() == Some(&kind_byte(ObjectKind::Chunk))
+            if k.first() == Some(&CHUNK_MARK)
                 && let Some(d) = Digest::from_slice(&k[1..])
             {
                 out.push(d);
@@ -307,8 +348,9 @@ impl Store {
         Ok(out)
     }
 
-    fn mark_tiered(&self, b: &mut Batch, kind: ObjectKind, d: &Digest) {
-        b.put(&self.db, Cf::Tiered, &tiered_key(kind, d), &[]);
+    pub(crate) fn mark_tiered(&self, b: &mut Batch, kind: ObjectKind, d: &Digest) {
+        let now = crate::cache::now_ms().to_be_bytes();
+        b.put(&self.db, Cf::Tiered, &tiered_key(kind, d), &now);
     }
 
     /// Runs `fetch` for the object unless another thread is already fetching it, in
@@ -355,7 +397,7 @@ impl Store {
         r
     }
 
-    fn tier_get(&self, tier: &dyn Tier, key: &str) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn tier_get(&self, tier: &dyn Tier, key: &str) -> Result<Option<Vec<u8>>> {
         let v = tier
             .get(key)
             .map_err(|e| tier_error(tier, "get", key, e.0))?;
@@ -368,7 +410,7 @@ impl Store {
         Ok(v)
     }
 
-    fn tier_put(tier: &dyn Tier, key: &str, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn tier_put(tier: &dyn Tier, key: &str, bytes: &[u8]) -> Result<()> {
         tier.put(key, bytes)
             .map_err(|e| tier_error(tier, "put", key, e.0))
     }
@@ -479,6 +521,38 @@ impl Store {
         self.record(record_cf(kind), kind, d)
     }
 
+    /// Sends one object to the tier unless it is known to hold it, and marks it held.
+    pub(crate) fn send(
+        &self,
+        tier: &dyn Tier,
+        kind: ObjectKind,
+        d: &Digest,
+        sent: &Sent,
+        progress: &TierProgress,
+    ) -> Result<()> {
+        if !self.is_tiered(kind, d)? {
+            let value = match kind {
+                ObjectKind::Chunk => {
+                    let (raw_len, stored) = self.chunk_stored(d)?;
+                    sent.content.fetch_add(raw_len as u64, Ordering::Relaxed);
+                    stored
+                }
+                _ => self.record_bytes(kind, d)?,
+            };
+            Store::tier_put(tier, &object_key(kind, d), &value)?;
+            let mut b = Batch::new();
+            self.mark_tiered(&mut b, kind, d);
+            self.db.write(b, false)?;
+            sent.objects.fetch_add(1, Ordering::Relaxed);
+            sent.bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
+            progress
+                .bytes
+                .fetch_add(value.len() as u64, Ordering::Relaxed);
+        }
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Sends image `spec` (NAME:TAG, digest or prefix) to the tier: its chunks, records,
     /// a pack of its records, and its name if it was given by one. Objects the tier is
     /// known to hold are skipped. Safe to run again after a failure.
@@ -490,32 +564,8 @@ impl Store {
         let objects = self.image_objects(&d)?;
         let total = (objects.records.len() + objects.chunks.len()) as u64;
         progress.objects.store(total, Ordering::Relaxed);
-        let sent = AtomicU64::new(0);
-        let bytes = AtomicU64::new(0);
-        let content = AtomicU64::new(0);
-        let send = |kind: ObjectKind, d: &Digest| -> Result<()> {
-            if !self.is_tiered(kind, d)? {
-                let value = match kind {
-                    ObjectKind::Chunk => {
-                        let (raw_len, stored) = self.chunk_stored(d)?;
-                        content.fetch_add(raw_len as u64, Ordering::Relaxed);
-                        stored
-                    }
-                    _ => self.record_bytes(kind, d)?,
-                };
-                Store::tier_put(&*tier, &object_key(kind, d), &value)?;
-                let mut b = Batch::new();
-                self.mark_tiered(&mut b, kind, d);
-                self.db.write(b, false)?;
-                sent.fetch_add(1, Ordering::Relaxed);
-                bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
-                progress
-                    .bytes
-                    .fetch_add(value.len() as u64, Ordering::Relaxed);
-            }
-            progress.done.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        };
+        let sent = Sent::default();
+        let send = |kind: ObjectKind, d: &Digest| self.send(&*tier, kind, d, &sent, progress);
         // Chunks first, then records children first, then the pack, then the name: a
         // host that finds a name finds everything under it.
         parallel(&objects.chunks, |c| send(ObjectKind::Chunk, c))?;
@@ -531,22 +581,22 @@ impl Store {
         }
         let pack = pack.finish();
         Store::tier_put(&*tier, &pack_key(&d), &pack)?;
-        bytes.fetch_add(pack.len() as u64, Ordering::Relaxed);
+        sent.bytes.fetch_add(pack.len() as u64, Ordering::Relaxed);
         for (k, d) in top {
             send(k, &d)?;
         }
         if let Some(name) = &name {
             Store::tier_put(&*tier, &ref_key(name), d.to_string().as_bytes())?;
         }
-        let sent = sent.into_inner();
+        let objects_sent = sent.objects.into_inner();
         Ok(TierReport {
             image: d,
             name,
             objects: total,
-            transferred: sent,
-            skipped: total - sent,
-            bytes: bytes.into_inner(),
-            content_bytes: content.into_inner(),
+            transferred: objects_sent,
+            skipped: total - objects_sent,
+            bytes: sent.bytes.into_inner(),
+            content_bytes: sent.content.into_inner(),
             chunks_remote: 0,
             seconds: start.elapsed().as_secs_f64(),
         })
@@ -807,7 +857,7 @@ fn tier_error(tier: &dyn Tier, op: &'static str, key: &str, message: impl Into<S
 
 /// Runs `f` on every item from [`PARALLEL`] threads; the first error stops the rest and
 /// is returned.
-fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
+pub(crate) fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error = Mutex::new(None);
