@@ -15,7 +15,7 @@
 //! | `volume_names` | volume name | volume id (8 B BE) |
 //! | `block_map` | volume id ‖ extent index ‖ !generation (8 B BE each) | chunk digest, or 1 B marker: `0x00` zero (hole), `0x01` zeros kept allocated |
 //! | `volume_journal` | volume id ‖ extent index ‖ sequence (8 B BE each) | small write not yet folded into its extent: kind, offset in extent, bytes (volume/journal.rs) |
-//! | `tiered` | kind byte ‖ digest | empty: the object is in the chunk tier (pushed, or fetched from it) (tier.rs) |
+//! | `tiered` | kind byte ‖ digest | last known read, ms since the epoch (8 B BE; empty in older stores): the object is in the chunk tier (pushed, or fetched from it) (tier/mod.rs, cache.rs) |
 //!
 //! Later families are added here and nowhere else.
 //!

@@ -70,7 +70,7 @@ pub struct Store {
     pub(crate) inventory: crate::inventory::InventoryCache,
     /// Chunk bytes that volume writes store outside RocksDB (chunklog.rs).
     pub(crate) log: ChunkLog,
-    /// The chunk tier this store caches, if any (tier.rs).
+    /// The chunk tier this store caches, if any (tier/mod.rs).
     pub(crate) tiers: crate::tier::TierState,
     /// The limit on chunk bytes kept and what eviction did (cache.rs).
     pub(crate) cache: crate::cache::CacheState,

@@ -620,6 +620,17 @@ fn scheduler_with_real_hosts_end_to_end() {
     for i in after.iter().filter(|i| moved.contains(s(&i["id"]))) {
         let (file, text, py) = expect_of(i);
         check_instance(i, file, text, py);
+        // These hosts have no chunk tier: a moved instance's RWO volume (the database's)
+        // could only be made empty, and its record says so; RWX and ROX volumes are each
+        // host's own and are not listed.
+        let pulled = i["pulled"].as_array().unwrap();
+        if i["service"] == "db" {
+            assert_eq!(pulled.len(), 1, "{i}");
+            assert_eq!(pulled[0]["volume"], "shop-orders-db", "{i}");
+            assert_eq!(pulled[0]["snapshot"], "", "created empty: {i}");
+        } else {
+            assert!(pulled.is_empty(), "{i}");
+        }
     }
     assert!(!hosts_up(&addr).contains(victim));
 

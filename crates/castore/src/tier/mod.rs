@@ -12,6 +12,7 @@
 //! | `packs/HEX` | every record image HEX needs (its layers, trees and blobs, then the image), so a pull is one GET: per record a kind byte, a varint length and the bytes |
 //! | `refs/NAME:TAG` | `sha256:HEX` of the image the name points at |
 //! | `readsets/HEX` | the chunks the first cold host read of image HEX until its guest answered (or its mount ended), in the order it read them: 32-byte digests |
+//! | `volsnaps/HEX`, `volumes/NAME` | a volume snapshot's manifest and the name of a volume's last pushed one (volume.rs) |
 //!
 //! Everything fetched is verified against its digest before it is stored or returned: a
 //! flipped or truncated object is an error naming the digest, never data. A name is not
