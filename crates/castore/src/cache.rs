@@ -28,6 +28,9 @@ use crate::tier::{CHUNK_MARK, tiered_chunk_key};
 /// that it does not run again for the next chunk fetched.
 const LOW_WATER_PERCENT: u64 = 80;
 
+/// The share of blob files (oldest first) an eviction pass rewrites.
+const RECLAIM_SHARE: f64 = 0.25;
+
 /// Chunks deleted per batch (each batch under the claim lock, as GC's sweep).
 const EVICT_BATCH: usize = 1024;
 
@@ -217,8 +220,10 @@ impl Store {
                 .evicted_bytes
                 .fetch_add(report.evicted_bytes, Ordering::Relaxed);
             // Give the space back now: deleted values in blob files stay on disk until
-            // blob garbage collection rewrites them.
-            self.db.reclaim(Cf::Chunks)?;
+            // blob garbage collection rewrites them. Only the oldest quarter of the blob
+            // files is rewritten per pass (where least recently used chunks mostly are);
+            // space held in newer ones comes back in later passes or at GC.
+            self.db.reclaim_oldest(Cf::Chunks, RECLAIM_SHARE)?;
             self.db.reclaim(Cf::ChunkIndex)?;
         }
         report.seconds = start.elapsed().as_secs_f64();

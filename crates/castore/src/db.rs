@@ -395,14 +395,23 @@ impl Db {
     /// they pointed at, give their space back. Blob files are rewritten with their live
     /// values only (blob GC is enabled for this one compaction).
     pub(crate) fn reclaim(&self, cf: Cf) -> Result<()> {
+        self.reclaim_oldest(cf, 1.0)
+    }
+
+    /// [`Db::reclaim`], with blob garbage collection limited to the oldest `share` of
+    /// `chunks`' blob files (0.0 to 1.0): what eviction uses, since the least recently
+    /// used chunks mostly live in old files, and rewriting every blob file of a large
+    /// cache per pass would cost more than the space it gives back.
+    pub(crate) fn reclaim_oldest(&self, cf: Cf, share: f64) -> Result<()> {
         let h = self.handle(cf);
         let blobs = cf == Cf::Chunks;
         if blobs {
+            let cutoff = format!("{:.2}", share.clamp(0.0, 1.0));
             self.db.set_options_cf(
                 h,
                 &[
                     ("enable_blob_garbage_collection", "true"),
-                    ("blob_garbage_collection_age_cutoff", "1.0"),
+                    ("blob_garbage_collection_age_cutoff", cutoff.as_str()),
                 ],
             )?;
         }
