@@ -737,16 +737,44 @@ impl store::Server for StoreImpl {
     }
 }
 
+/// How often a background publish logs where it stands.
+const PUBLISH_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A tiered host publishes what it imports: pushes image `spec` to the tier on a
-/// thread of its own, logging the outcome (a failed push is finished by `tide image
-/// push`, which sends only what is missing).
+/// thread of its own, logging where it stands and the outcome (a failed push is
+/// finished by `tide image push`, which sends only what is missing).
 fn publish(store: Arc<Store>, spec: String) {
     let Some(tier) = store.tier() else { return };
     let spawned = std::thread::Builder::new()
         .name("publish".into())
         .spawn(move || {
             log!("publishing {spec} to {}", tier.url());
-            match store.push_image(&spec, &castore::TierProgress::default()) {
+            let progress = castore::TierProgress::default();
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let r = std::thread::scope(|sc| {
+                // Where a long publish stands, every few seconds, until it ends.
+                sc.spawn(|| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let mut waited = std::time::Duration::ZERO;
+                    while !done.load(Relaxed) {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        waited += std::time::Duration::from_millis(100);
+                        if waited >= PUBLISH_REPORT_EVERY && !done.load(Relaxed) {
+                            waited = std::time::Duration::ZERO;
+                            log!(
+                                "publishing {spec}: {} of {} objects looked at, {} bytes sent",
+                                progress.done.load(Relaxed),
+                                progress.objects.load(Relaxed),
+                                progress.bytes.load(Relaxed)
+                            );
+                        }
+                    }
+                });
+                let r = store.push_image(&spec, &progress);
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                r
+            });
+            match r {
                 Ok(r) => log!("published {spec}: {}", transfer_outcome(&r)),
                 Err(e) => log!(
                     "publishing {spec} to {} failed: {e}; `tide image push {spec}` sends the rest",
