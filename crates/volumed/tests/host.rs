@@ -1125,7 +1125,10 @@ fn warm_vm_on_a_prefix_takes_the_full_stack() {
 #[test]
 fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
     let tmp = tmpdir("host-move");
-    let tier = tmp.path().join("tier");
+    // Host h1 is killed with its instance's root mounted: unmounted before tmp goes.
+    let _unmount = tests::UnmountBelow(tmp.path().to_path_buf());
+    let work = tmp.path().to_path_buf();
+    let tier = work.join("tier");
     let tier_arg = format!("file://{}", tier.display());
     let args = |dir: &Path, id: &str, with_tier: bool| -> Vec<String> {
         let mut a = host_args(&dir.join("sched.sock"), &[]);
@@ -1137,9 +1140,9 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
         a
     };
     let (a_dir, b_dir, c_dir) = (
-        tmp.path().join("a"),
-        tmp.path().join("b"),
-        tmp.path().join("c"),
+        work.join("a"),
+        work.join("b"),
+        work.join("c"),
     );
     for d in [&a_dir, &b_dir, &c_dir] {
         std::fs::create_dir_all(d).unwrap();
@@ -1163,7 +1166,7 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
             .await
             .unwrap();
         assert!(p.pulled.is_empty(), "{:?}", p.pulled);
-        let src = tmp.path().join("pushed");
+        let src = work.join("pushed");
         let pushed_bytes = random_file(&src, 8 << 20, 21);
         ok("nbdcopy", &[src.to_str().unwrap(), p.volumes[0].as_str()]);
         let push = a.v.tide().json(&["volume", "push", "db"]);
@@ -1171,7 +1174,7 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
         assert!(snapshot.starts_with("pushed-"), "{push}");
         assert!(push["transferred"].as_u64().unwrap() >= 128, "{push}");
         // Written after the push, then the host dies: these bytes are not in the tier.
-        let later = tmp.path().join("later");
+        let later = work.join("later");
         random_file(&later, 1 << 20, 22);
         ok("nbdcopy", &[later.to_str().unwrap(), p.volumes[0].as_str()]);
         let Joined { v: a_v, .. } = a;
@@ -1193,7 +1196,7 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
             std::fs::read_to_string(moved.root.join("etc/hostname")).unwrap(),
             "web\n"
         );
-        let back = tmp.path().join("back");
+        let back = work.join("back");
         ok(
             "nbdcopy",
             &[moved.volumes[0].as_str(), back.to_str().unwrap()],
