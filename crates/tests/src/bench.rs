@@ -165,3 +165,33 @@ pub fn main<O>(
         }
     }
 }
+
+/// `rclone copy` between `from` and `to` (paths, or `garage:BUCKET/PATH`) with an S3
+/// remote on Garage node 0, 16 transfers at once (as our 16 requests in flight), timed:
+/// the peer of the tier benchmarks.
+pub fn rclone_copy(
+    g: &tier::testing::Garage,
+    work: &std::path::Path,
+    from: &str,
+    to: &str,
+) -> Result<f64> {
+    let conf = work.join("rclone.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[garage]\ntype = s3\nprovider = Other\naccess_key_id = {}\nsecret_access_key = {}\n\
+             endpoint = {}\nregion = garage\nforce_path_style = true\n",
+            g.key_id, g.secret, g.nodes[0].s3
+        ),
+    )?;
+    let start = std::time::Instant::now();
+    // rclone's S3 client refuses a custom CA bundle with its own transport, and the
+    // endpoint is plain HTTP anyway.
+    let out = run(Command::new("rclone")
+        .env_remove("AWS_CA_BUNDLE")
+        .arg("--config")
+        .arg(&conf)
+        .args(["copy", "--transfers", "16", "--links", from, to]))?;
+    anyhow::ensure!(out.status.success(), "rclone copy {from} {to} failed");
+    Ok(start.elapsed().as_secs_f64())
+}

@@ -137,6 +137,7 @@ fn a_host_that_never_had_an_image_mounts_it_from_the_tier() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    eprintln!("host C, 8 MiB cache limit, after the whole tree: {settled}");
     assert_eq!(settled["cache_limit"], limit, "{settled}");
     assert!(
         settled["evicted_chunks"].as_u64().unwrap() > 100,

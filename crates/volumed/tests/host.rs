@@ -1139,11 +1139,7 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
         }
         a
     };
-    let (a_dir, b_dir, c_dir) = (
-        work.join("a"),
-        work.join("b"),
-        work.join("c"),
-    );
+    let (a_dir, b_dir, c_dir) = (work.join("a"), work.join("b"), work.join("c"));
     for d in [&a_dir, &b_dir, &c_dir] {
         std::fs::create_dir_all(d).unwrap();
     }

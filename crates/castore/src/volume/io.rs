@@ -482,6 +482,13 @@ impl Volume {
         let v = self.view()?;
         self.check_range(&v, offset, buf.len() as u64)?;
         let es = 1u64 << v.shift;
+        if !buf.is_empty() {
+            self.fetch_ahead(
+                &v,
+                offset >> v.shift,
+                (offset + buf.len() as u64 - 1) >> v.shift,
+            )?;
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -510,6 +517,28 @@ impl Volume {
                 None => out.fill(0),
                 Some(data) => out.copy_from_slice(&data[within..within + n]),
             }
+        }
+        Ok(())
+    }
+
+    /// Before a read of extents `first..=last`: the chunks among them that only the
+    /// chunk tier holds (a volume pulled from there) are fetched in parallel, not one
+    /// GET after another as the read reaches each. Nothing without a tier, or for a
+    /// read of one extent.
+    fn fetch_ahead(&self, v: &View<'_>, first: u64, last: u64) -> Result<()> {
+        if last == first || self.store.tier().is_none() {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        for e in first..=last {
+            if let Some(Extent::Chunk(d)) = self.mapped(v, e)?
+                && !self.store.has_chunk(&d)?
+            {
+                missing.push(d);
+            }
+        }
+        if missing.len() > 1 {
+            self.store.prefetch(&missing)?;
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use tests::bench::{render_table, run};
+use tests::bench::{rclone_copy as rclone, render_table, run};
 use tests::volumed::Volumed;
 use tier::testing::Garage;
 
@@ -151,29 +151,6 @@ fn cold_host(
         fetched,
         pull_seconds,
     })
-}
-
-/// `rclone copy` between `from` and `to` with an S3 remote on node 0, timed.
-fn rclone(g: &Garage, work: &Path, from: &str, to: &str) -> Result<f64> {
-    let conf = work.join("rclone.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[garage]\ntype = s3\nprovider = Other\naccess_key_id = {}\nsecret_access_key = {}\n\
-             endpoint = {}\nregion = garage\nforce_path_style = true\n",
-            g.key_id, g.secret, g.nodes[0].s3
-        ),
-    )?;
-    let start = Instant::now();
-    // rclone's S3 client refuses a custom CA bundle with its own transport, and the
-    // endpoint is plain HTTP anyway.
-    let out = run(Command::new("rclone")
-        .env_remove("AWS_CA_BUNDLE")
-        .arg("--config")
-        .arg(&conf)
-        .args(["copy", "--transfers", "16", "--links", from, to]))?;
-    ensure!(out.status.success(), "rclone copy {from} {to} failed");
-    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Our S3 client alone: `n` objects of `size` random bytes PUT, then GET, 16 at a time.
