@@ -39,10 +39,15 @@ pub(crate) trait StoreApi {
     fn gc(&self, progress: &GcProgress) -> Result<GcReport>;
     fn fsck(&self) -> Result<FsckReport>;
     fn stats(&self) -> Result<Stats>;
-    /// Sends an image to the store's chunk tier.
-    fn push_image(&self, spec: &str) -> Result<(String, TierReport)>;
+    /// Sends an image to the store's chunk tier, counting in `progress`.
+    fn push_image(&self, spec: &str, progress: &Arc<TierProgress>) -> Result<(String, TierReport)>;
     /// Brings an image from the tier: records, and every chunk with `chunks`.
-    fn pull_image(&self, spec: &str, chunks: bool) -> Result<(String, TierReport)>;
+    fn pull_image(
+        &self,
+        spec: &str,
+        chunks: bool,
+        progress: &Arc<TierProgress>,
+    ) -> Result<(String, TierReport)>;
 }
 
 /// An EROFS image written out by `tide layer erofs`.
@@ -151,13 +156,18 @@ impl StoreApi for Local {
         Ok(self.0.stats()?)
     }
 
-    fn push_image(&self, spec: &str) -> Result<(String, TierReport)> {
-        let r = self.0.push_image(spec, &TierProgress::default())?;
+    fn push_image(&self, spec: &str, progress: &Arc<TierProgress>) -> Result<(String, TierReport)> {
+        let r = self.0.push_image(spec, progress)?;
         Ok((self.tier_url(), r))
     }
 
-    fn pull_image(&self, spec: &str, chunks: bool) -> Result<(String, TierReport)> {
-        let r = self.0.pull_image(spec, chunks, &TierProgress::default())?;
+    fn pull_image(
+        &self,
+        spec: &str,
+        chunks: bool,
+        progress: &Arc<TierProgress>,
+    ) -> Result<(String, TierReport)> {
+        let r = self.0.pull_image(spec, chunks, progress)?;
         Ok((self.tier_url(), r))
     }
 }

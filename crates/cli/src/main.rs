@@ -463,6 +463,17 @@ fn import_progress(p: &Progress) -> (u64, u64, String) {
     )
 }
 
+fn transfer_progress(p: &castore::TierProgress) -> (u64, u64, String) {
+    let done = p.done.load(Ordering::Relaxed);
+    let objects = p.objects.load(Ordering::Relaxed);
+    let bytes = p.bytes.load(Ordering::Relaxed);
+    (
+        done,
+        objects,
+        format!("{done} of {objects} objects, {}", human_bytes(bytes)),
+    )
+}
+
 /// The scheduler command `cli.cmd` is, if it is one.
 fn sched_command(cmd: &Cmd) -> Option<sched::Command<'_>> {
     Some(match cmd {
@@ -655,11 +666,21 @@ fn run(cli: &Cli) -> Result<i32> {
             }
         }
         Cmd::Image(ImageCmd::Push { image }) => {
-            let (tier, r) = api.push_image(image)?;
+            let progress = Arc::new(castore::TierProgress::default());
+            let (tier, r) = with_progress(
+                "push",
+                || transfer_progress(&progress),
+                || api.push_image(image, &progress),
+            )?;
             print_transfer(cli.json, true, &tier, &r);
         }
         Cmd::Image(ImageCmd::Pull { image, all }) => {
-            let (tier, r) = api.pull_image(image, *all)?;
+            let progress = Arc::new(castore::TierProgress::default());
+            let (tier, r) = with_progress(
+                "pull",
+                || transfer_progress(&progress),
+                || api.pull_image(image, *all, &progress),
+            )?;
             print_transfer(cli.json, false, &tier, &r);
         }
         Cmd::Layer(LayerCmd::Import { path, format }) => {

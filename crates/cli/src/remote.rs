@@ -17,7 +17,7 @@ use castore::{
 use futures::AsyncReadExt;
 use schema::store_capnp::{
     Format, daemon, data_stats, import_progress, import_report, layer_summary, mount_info, mounts,
-    store, volumes,
+    store, transfer_progress, volumes,
 };
 use serde::Serialize;
 
@@ -56,6 +56,25 @@ impl import_progress::Server for ProgressSink {
         self.0.files.store(p.get_files(), Relaxed);
         self.0.bytes.store(p.get_bytes(), Relaxed);
         self.0.bytes_total.store(p.get_bytes_total(), Relaxed);
+        Ok(())
+    }
+}
+
+/// The daemon's reports of a push's or pull's progress, kept in the counters the
+/// progress bar reads (those an in-process transfer fills).
+struct TransferSink(Arc<castore::TierProgress>);
+
+impl transfer_progress::Server for TransferSink {
+    async fn update(
+        self: capnp::capability::Rc<Self>,
+        params: transfer_progress::UpdateParams,
+        _: transfer_progress::UpdateResults,
+    ) -> Result<(), capnp::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = params.get()?;
+        self.0.done.store(p.get_done(), Relaxed);
+        self.0.objects.store(p.get_objects(), Relaxed);
+        self.0.bytes.store(p.get_bytes(), Relaxed);
         Ok(())
     }
 }
@@ -640,10 +659,16 @@ impl StoreApi for Remote {
         })
     }
 
-    fn push_image(&self, spec: &str) -> Result<(String, castore::TierReport)> {
+    fn push_image(
+        &self,
+        spec: &str,
+        progress: &Arc<castore::TierProgress>,
+    ) -> Result<(String, castore::TierReport)> {
         self.run(async {
             let mut req = self.store.push_image_request();
             req.get().set_image(spec);
+            req.get()
+                .set_progress(capnp_rpc::new_client(TransferSink(progress.clone())));
             let reply = req.send().promise.await.map_err(wire_err)?;
             tier_report(
                 reply
@@ -655,11 +680,18 @@ impl StoreApi for Remote {
         })
     }
 
-    fn pull_image(&self, spec: &str, chunks: bool) -> Result<(String, castore::TierReport)> {
+    fn pull_image(
+        &self,
+        spec: &str,
+        chunks: bool,
+        progress: &Arc<castore::TierProgress>,
+    ) -> Result<(String, castore::TierReport)> {
         self.run(async {
             let mut req = self.store.pull_image_request();
             req.get().set_image(spec);
             req.get().set_chunks(chunks);
+            req.get()
+                .set_progress(capnp_rpc::new_client(TransferSink(progress.clone())));
             let reply = req.send().promise.await.map_err(wire_err)?;
             tier_report(
                 reply

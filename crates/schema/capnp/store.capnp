@@ -207,6 +207,16 @@ interface ImportProgress {
   # (grows while a directory is walked; 0 while a stream's length is unknown).
 }
 
+interface TransferProgress {
+  # Implemented by a client that wants to show a push's or pull's progress, called as
+  # ImportProgress is (each call answered before the next; a failed or slow one ends the
+  # reports, the transfer goes on).
+
+  update @0 (done :UInt64, objects :UInt64, bytes :UInt64) -> ();
+  # So far: objects looked at of `objects` (known once the image is walked; 0 before),
+  # and bytes sent or fetched.
+}
+
 interface Store {
   # The content-addressed store. Long operations (import, export, gc, fsck) run on a
   # worker thread in the daemon: other calls are served meanwhile.
@@ -265,13 +275,13 @@ interface Store {
   # of a layer of a named image or of a lone layer. The image is the one the daemon
   # synthesized (cached), so the file holds exactly the bytes guests read.
 
-  pushImage @13 (image :Text) -> (report :TierReport);
+  pushImage @13 (image :Text, progress :TransferProgress) -> (report :TierReport);
   # Sends `image` (NAME:TAG, digest or prefix) to the daemon's chunk tier (volumed
   # --tier): the chunks and records the tier lacks, a pack of its records, then its
   # name (if given by one), so another host that finds the name finds everything.
   # Idempotent: after a failure, run it again.
 
-  pullImage @14 (image :Text, chunks :Bool) -> (report :TierReport);
+  pullImage @14 (image :Text, chunks :Bool, progress :TransferProgress) -> (report :TierReport);
   # Brings `image` (NAME:TAG, ":latest" implied, or sha256:HEX) from the tier: its
   # records, and with `chunks` every chunk this host lacks; without, chunks are fetched
   # when first read (mounts, layer exports). Then names it here.

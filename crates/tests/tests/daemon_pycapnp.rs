@@ -118,3 +118,77 @@ fn an_import_over_the_socket_reports_progress_to_a_client_capability() {
     assert!(last[2] >= last[1], "{out}");
     assert!(out.contains(&format!("plain {}", report[0])), "{out}");
 }
+
+const TRANSFER_CLIENT: &str = r#"
+import asyncio, sys
+import capnp
+
+schema = capnp.load(sys.argv[1])
+
+class Sink(schema.TransferProgress.Server):
+    def __init__(self):
+        self.calls = []
+    async def update(self, done, objects, bytes, **kwargs):
+        self.calls.append((done, objects, bytes))
+
+async def main():
+    stream = await capnp.AsyncIoStream.create_unix_connection(sys.argv[2])
+    daemon = capnp.TwoPartyClient(stream).bootstrap().cast_as(schema.Daemon)
+    store = (await daemon.store()).store
+    sink = Sink()
+    r = (await store.pushImage(sys.argv[3], sink)).report
+    print("report", r.objects, r.transferred, r.bytes)
+    for c in sink.calls:
+        print("call", *c)
+
+asyncio.run(capnp.run(main()))
+"#;
+
+#[test]
+fn a_push_over_the_socket_reports_progress_to_a_client_capability() {
+    let tmp = tests::tmpdir("tide-pycapnp-push");
+    let src = tests::roots::ensure_debian_root("minbase").expect("minbase root");
+    let tier = format!("file://{}", tmp.path().join("tier").display());
+    // Imported before the daemon has a tier, so nothing is published in the background:
+    // the push below sends everything.
+    let plain = Volumed::start(tmp.path().join("data"), tmp.path().join("v.sock"));
+    let r = plain
+        .tide()
+        .json(&["image", "import", src.to_str().unwrap(), "--name", "deb:12"]);
+    let image = r["image"].as_str().unwrap().to_string();
+    drop(plain);
+    let daemon = Volumed::start_with(
+        tmp.path().join("data"),
+        tmp.path().join("v.sock"),
+        &["--tier".to_string(), tier],
+    );
+    let out = tests::run_python_client(
+        TRANSFER_CLIENT,
+        "store.capnp",
+        &[daemon.socket.as_os_str(), std::ffi::OsStr::new(&image)],
+    );
+    let field = |line: &str| -> Vec<u64> {
+        line.split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let report = field(out.lines().find(|l| l.starts_with("report ")).unwrap());
+    let calls: Vec<Vec<u64>> = out
+        .lines()
+        .filter(|l| l.starts_with("call "))
+        .map(field)
+        .collect();
+    assert!(report[1] > 1000, "minbase is thousands of objects: {out}");
+    assert!(!calls.is_empty(), "{out}");
+    for w in calls.windows(2) {
+        assert!(w[0][0] <= w[1][0] && w[0][2] <= w[1][2], "went back: {out}");
+    }
+    let last = calls.last().unwrap();
+    assert_eq!(
+        last[0], report[0],
+        "the last report has every object: {out}"
+    );
+    assert_eq!(last[1], report[0], "{out}");
+    assert!(last[2] > 0 && last[2] <= report[2], "{out}");
+}

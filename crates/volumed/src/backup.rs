@@ -120,7 +120,7 @@ mod tests {
             .collect();
         assert_eq!(
             snaps,
-            [second.clone()],
+            std::slice::from_ref(&second),
             "the older pushed snapshot is dropped"
         );
         let t = store.pushed_volume("db").unwrap();

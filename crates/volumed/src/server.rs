@@ -11,7 +11,9 @@ use castore::{
     Digest, ExportReport, ExportTarget, GcProgress, GcRoots, ImportOptions, ImportReport,
     SourceFormat, Store,
 };
-use schema::store_capnp::{Format, daemon, import_progress, mount, mounts, store};
+use schema::store_capnp::{
+    Format, daemon, import_progress, mount, mounts, store, transfer_progress,
+};
 
 use crate::error::Error;
 use crate::log;
@@ -61,7 +63,17 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200
 /// A progress call not answered in this long ends the reports (the import goes on).
 const PROGRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Tells `sink` what `progress` says.
+/// Waits for a progress call's reply, at most [`PROGRESS_TIMEOUT`].
+async fn answered<T>(
+    promise: impl std::future::Future<Output = Result<T, capnp::Error>>,
+) -> Result<(), capnp::Error> {
+    match tokio::time::timeout(PROGRESS_TIMEOUT, promise).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => Err(capnp::Error::failed("progress call timed out".into())),
+    }
+}
+
+/// Tells `sink` what an import's `progress` says.
 async fn report_progress(
     sink: &import_progress::Client,
     progress: &castore::Progress,
@@ -72,44 +84,84 @@ async fn report_progress(
     p.set_files(progress.files.load(Relaxed));
     p.set_bytes(progress.bytes.load(Relaxed));
     p.set_bytes_total(progress.bytes_total.load(Relaxed));
-    match tokio::time::timeout(PROGRESS_TIMEOUT, req.send().promise).await {
-        Ok(r) => r.map(|_| ()),
-        Err(_) => Err(capnp::Error::failed("progress call timed out".into())),
-    }
+    answered(req.send().promise).await
 }
 
-/// Runs `work` (an import filling `progress`), reporting to `sink` every
-/// [`PROGRESS_EVERY`] and once at the end. A sink that fails or stalls is dropped: the
-/// import is never held up by its client's progress bar.
-async fn with_progress<T>(
-    sink: Option<import_progress::Client>,
-    progress: Arc<castore::Progress>,
+/// Tells `sink` what a push's or pull's `progress` says.
+async fn report_transfer(
+    sink: &transfer_progress::Client,
+    progress: &castore::TierProgress,
+) -> Result<(), capnp::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut req = sink.update_request();
+    let mut p = req.get();
+    p.set_done(progress.done.load(Relaxed));
+    p.set_objects(progress.objects.load(Relaxed));
+    p.set_bytes(progress.bytes.load(Relaxed));
+    answered(req.send().promise).await
+}
+
+/// Runs `work`, calling `report` every [`PROGRESS_EVERY`] and once at the end. A report
+/// that fails or stalls ends the reports: the work is never held up by its client's
+/// progress bar.
+async fn with_reports<T, R: std::future::Future<Output = Result<(), capnp::Error>>>(
+    report: Option<impl Fn() -> R>,
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    let Some(sink) = sink else {
+    let Some(report) = report else {
         return work.await;
     };
-    let mut sink = Some(sink);
+    let mut report = Some(report);
     let mut work = std::pin::pin!(work);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             r = &mut work => {
-                if let Some(s) = &sink {
-                    let _ = report_progress(s, &progress).await;
+                if let Some(f) = &report {
+                    let _ = f().await;
                 }
                 return r;
             }
             _ = tick.tick() => {
-                if let Some(s) = &sink
-                    && report_progress(s, &progress).await.is_err()
+                if let Some(f) = &report
+                    && f().await.is_err()
                 {
-                    sink = None;
+                    report = None;
                 }
             }
         }
     }
+}
+
+/// Runs `work` (an import filling `progress`), reporting to `sink`.
+async fn with_progress<T>(
+    sink: Option<import_progress::Client>,
+    progress: Arc<castore::Progress>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let report = sink.map(|s| {
+        move || {
+            let (s, p) = (s.clone(), progress.clone());
+            async move { report_progress(&s, &p).await }
+        }
+    });
+    with_reports(report, work).await
+}
+
+/// Runs `work` (a push or pull filling `progress`), reporting to `sink`.
+async fn with_transfer<T>(
+    sink: Option<transfer_progress::Client>,
+    progress: Arc<castore::TierProgress>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let report = sink.map(|s| {
+        move || {
+            let (s, p) = (s.clone(), progress.clone());
+            async move { report_transfer(&s, &p).await }
+        }
+    });
+    with_reports(report, work).await
 }
 
 /// An import's config changes, off the wire.
@@ -135,11 +187,11 @@ fn config_override(
     })
 }
 
-/// The `progress` capability of an import request, if the client sent one.
-fn progress_sink(
+/// The `progress` capability of a request, if the client sent one.
+fn progress_sink<C>(
     has: bool,
-    get: impl FnOnce() -> capnp::Result<import_progress::Client>,
-) -> Result<Option<import_progress::Client>, capnp::Error> {
+    get: impl FnOnce() -> capnp::Result<C>,
+) -> Result<Option<C>, capnp::Error> {
     if has { get().map(Some) } else { Ok(None) }
 }
 
@@ -705,11 +757,15 @@ impl store::Server for StoreImpl {
         params: store::PushImageParams,
         mut results: store::PushImageResults,
     ) -> Result<(), capnp::Error> {
-        let spec = text(params.get()?.get_image())?;
+        let p = params.get()?;
+        let spec = text(p.get_image())?;
+        let sink = progress_sink(p.has_progress(), || p.get_progress())?;
         let what = format!("push image {spec}");
         let store = self.0.store.clone();
-        let r =
-            blocking(move || Ok(store.push_image(&spec, &castore::TierProgress::default())?)).await;
+        let progress = Arc::new(castore::TierProgress::default());
+        let prog = progress.clone();
+        let work = blocking(move || Ok(store.push_image(&spec, &prog)?));
+        let r = with_transfer(sink, progress, work).await;
         let r = logged(&self.1, &what, r, transfer_outcome)?;
         set_tier_report(results.get().init_report(), &self.0.store, &r);
         Ok(())
@@ -722,15 +778,16 @@ impl store::Server for StoreImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let (spec, chunks) = (text(p.get_image())?, p.get_chunks());
+        let sink = progress_sink(p.has_progress(), || p.get_progress())?;
         let what = format!(
             "pull image {spec}{}",
             if chunks { " (all chunks)" } else { "" }
         );
         let store = self.0.store.clone();
-        let r = blocking(move || {
-            Ok(store.pull_image(&spec, chunks, &castore::TierProgress::default())?)
-        })
-        .await;
+        let progress = Arc::new(castore::TierProgress::default());
+        let prog = progress.clone();
+        let work = blocking(move || Ok(store.pull_image(&spec, chunks, &prog)?));
+        let r = with_transfer(sink, progress, work).await;
         let r = logged(&self.1, &what, r, transfer_outcome)?;
         set_tier_report(results.get().init_report(), &self.0.store, &r);
         Ok(())
