@@ -405,7 +405,7 @@ fn run_mount(cli: &Cli) -> Result<i32> {
 }
 
 /// Runs `f` while a progress bar (on a terminal only) reads `poll` every 100 ms.
-fn with_progress<T>(
+pub(crate) fn with_progress<T>(
     label: &str,
     poll: impl Fn() -> (u64, u64, String) + Sync,
     f: impl FnOnce() -> T,
@@ -463,7 +463,7 @@ fn import_progress(p: &Progress) -> (u64, u64, String) {
     )
 }
 
-fn transfer_progress(p: &castore::TierProgress) -> (u64, u64, String) {
+pub(crate) fn transfer_progress(p: &castore::TierProgress) -> (u64, u64, String) {
     let done = p.done.load(Ordering::Relaxed);
     let objects = p.objects.load(Ordering::Relaxed);
     let bytes = p.bytes.load(Ordering::Relaxed);

@@ -62,7 +62,7 @@ impl import_progress::Server for ProgressSink {
 
 /// The daemon's reports of a push's or pull's progress, kept in the counters the
 /// progress bar reads (those an in-process transfer fills).
-struct TransferSink(Arc<castore::TierProgress>);
+pub(crate) struct TransferSink(pub(crate) Arc<castore::TierProgress>);
 
 impl transfer_progress::Server for TransferSink {
     async fn update(

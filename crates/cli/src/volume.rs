@@ -659,13 +659,24 @@ pub(crate) fn run(remote: &Remote, json: bool, cmd: &VolumeCmd) -> Result<()> {
             });
         }
         VolumeCmd::Push { name, snapshot } => {
-            let r = remote.run(async {
-                let mut req = vols.push_request();
-                req.get().set_volume(name);
-                req.get().set_snapshot(snapshot.as_deref().unwrap_or(""));
-                let reply = req.send().promise.await.w()?;
-                tier_row(reply.get().w()?.get_report().w()?)
-            })?;
+            let progress = std::sync::Arc::new(castore::TierProgress::default());
+            let r = crate::with_progress(
+                "push",
+                || crate::transfer_progress(&progress),
+                || {
+                    remote.run(async {
+                        let mut req = vols.push_request();
+                        req.get().set_volume(name);
+                        req.get().set_snapshot(snapshot.as_deref().unwrap_or(""));
+                        req.get()
+                            .set_progress(capnp_rpc::new_client(crate::remote::TransferSink(
+                                progress.clone(),
+                            )));
+                        let reply = req.send().promise.await.w()?;
+                        tier_row(reply.get().w()?.get_report().w()?)
+                    })
+                },
+            )?;
             emit(json, &r, |r| {
                 println!(
                     "pushed {}@{}: {} of {} chunks sent ({}) in {:.1} s",

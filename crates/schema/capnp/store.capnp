@@ -479,7 +479,8 @@ interface Volumes {
   vhostUser @14 () -> (sockets :List(VhostSocket));
   # Every vhost-user socket served now, guests' disks included.
 
-  push @15 (volume :Text, snapshot :Text) -> (report :VolumeTierReport);
+  push @15 (volume :Text, snapshot :Text, progress :TransferProgress)
+    -> (report :VolumeTierReport);
   # Sends `volume` to the chunk tier (volumed --tier) as snapshot `snapshot`, or with
   # "" as a new snapshot `pushed-SECONDS` taken now (every acknowledged write is in it),
   # and makes it the volume's last pushed snapshot. Chunks the tier holds are not sent.

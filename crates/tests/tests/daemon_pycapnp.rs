@@ -140,6 +140,13 @@ async def main():
     print("report", r.objects, r.transferred, r.bytes)
     for c in sink.calls:
         print("call", *c)
+    vols = (await daemon.volumes()).volumes
+    await vols.create("v", 1 << 20, "rwo", 0, 0)
+    vsink = Sink()
+    v = (await vols.push("v", "", vsink)).report
+    print("volume", v.snapshot, v.chunks)
+    for c in vsink.calls:
+        print("vcall", *c)
 
 asyncio.run(capnp.run(main()))
 "#;
@@ -191,4 +198,8 @@ fn a_push_over_the_socket_reports_progress_to_a_client_capability() {
     );
     assert_eq!(last[1], report[0], "{out}");
     assert!(last[2] > 0 && last[2] <= report[2], "{out}");
+    // A volume push reports too: an empty volume is its manifest alone.
+    assert!(out.contains("volume pushed-"), "{out}");
+    let vlast: Vec<u64> = field(out.lines().rfind(|l| l.starts_with("vcall ")).unwrap());
+    assert_eq!(vlast[..2], [1, 1], "{out}");
 }

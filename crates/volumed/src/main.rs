@@ -238,6 +238,8 @@ struct Args {
 
 /// How often the evictor looks whether the store has grown.
 const EVICT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest the evictor goes without a pass.
+const EVICT_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Keeps the store under its cache limit: a pass whenever chunks were fetched or the
 /// store changed since the last one.
@@ -247,10 +249,14 @@ fn start_evictor(store: Arc<castore::Store>) {
         .spawn(move || {
             let mut seen = None;
             let mut over = false;
+            let mut idle = std::time::Duration::ZERO;
             loop {
                 let now = (store.fetched().bytes, store.change_count());
-                if seen != Some(now) {
+                // Also once a minute regardless: volume writes do not move the counters,
+                // and the pass writes the read times kept in memory out to the marks.
+                if seen != Some(now) || idle >= EVICT_AT_LEAST_EVERY {
                     seen = Some(now);
+                    idle = std::time::Duration::ZERO;
                     match store.evict() {
                         Ok(r) => {
                             if r.evicted_chunks > 0 {
@@ -278,6 +284,7 @@ fn start_evictor(store: Arc<castore::Store>) {
                     }
                 }
                 std::thread::sleep(EVICT_EVERY);
+                idle += EVICT_EVERY;
             }
         })
         .expect("spawning the evictor");

@@ -150,7 +150,7 @@ async fn with_progress<T>(
 }
 
 /// Runs `work` (a push or pull filling `progress`), reporting to `sink`.
-async fn with_transfer<T>(
+pub(crate) async fn with_transfer<T>(
     sink: Option<transfer_progress::Client>,
     progress: Arc<castore::TierProgress>,
     work: impl std::future::Future<Output = T>,
@@ -188,7 +188,7 @@ fn config_override(
 }
 
 /// The `progress` capability of a request, if the client sent one.
-fn progress_sink<C>(
+pub(crate) fn progress_sink<C>(
     has: bool,
     get: impl FnOnce() -> capnp::Result<C>,
 ) -> Result<Option<C>, capnp::Error> {

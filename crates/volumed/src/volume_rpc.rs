@@ -10,7 +10,7 @@ use schema::store_capnp::{self, attachment, volumes};
 
 use crate::error::Error;
 use crate::exports::HostExports;
-use crate::server::{Client, blocking, logged, ok, text};
+use crate::server::{Client, blocking, logged, ok, progress_sink, text, with_transfer};
 use crate::vhost::VhostUser;
 use crate::volumes::{Attachment, Listed, Volumes, split_snapshot};
 
@@ -137,16 +137,17 @@ impl volumes::Server for VolumesImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let (volume, snapshot) = (text(p.get_volume())?, text(p.get_snapshot())?);
+        let sink = progress_sink(p.has_progress(), || p.get_progress())?;
         let what = format!("push volume {volume}");
         let vols = self.volumes.clone();
         let host = self.host_id.clone();
-        let r = blocking(move || {
+        let progress = Arc::new(castore::TierProgress::default());
+        let prog = progress.clone();
+        let work = blocking(move || {
             let snap = (!snapshot.is_empty()).then_some(snapshot.as_str());
-            Ok(vols
-                .store()
-                .push_volume(&volume, snap, &host, &castore::TierProgress::default())?)
-        })
-        .await;
+            Ok(vols.store().push_volume(&volume, snap, &host, &prog)?)
+        });
+        let r = with_transfer(sink, progress, work).await;
         let r = logged(&self.client, &what, r, |r| {
             format!(
                 "snapshot {}, {} of {} chunks sent ({} B) in {:.2} s",
