@@ -53,6 +53,22 @@ fn pycapnp_lists_images_from_the_schema_file_alone() {
     assert!(out.contains("error") && out.contains("nope:1"), "{out}");
 }
 
+/// The numbers after a client's output line's first word.
+fn numbers(line: &str) -> Vec<u64> {
+    line.split_whitespace()
+        .skip(1)
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// The numbers of every output line starting with `tag`, in order.
+fn tagged(out: &str, tag: &str) -> Vec<Vec<u64>> {
+    out.lines()
+        .filter(|l| l.starts_with(tag))
+        .map(numbers)
+        .collect()
+}
+
 const PROGRESS_CLIENT: &str = r#"
 import asyncio, sys
 import capnp
@@ -92,18 +108,8 @@ fn an_import_over_the_socket_reports_progress_to_a_client_capability() {
         "store.capnp",
         &[daemon.socket.as_os_str(), src.as_os_str()],
     );
-    let field = |line: &str| -> Vec<u64> {
-        line.split_whitespace()
-            .skip(1)
-            .map(|n| n.parse().unwrap())
-            .collect()
-    };
-    let report = field(out.lines().find(|l| l.starts_with("report ")).unwrap());
-    let calls: Vec<Vec<u64>> = out
-        .lines()
-        .filter(|l| l.starts_with("call "))
-        .map(field)
-        .collect();
+    let report = numbers(out.lines().find(|l| l.starts_with("report ")).unwrap());
+    let calls = tagged(&out, "call ");
     // minbase takes seconds to import: reports every 200 ms, then a last one.
     assert!(calls.len() >= 2, "{out}");
     for w in calls.windows(2) {
@@ -174,18 +180,8 @@ fn a_push_over_the_socket_reports_progress_to_a_client_capability() {
         "store.capnp",
         &[daemon.socket.as_os_str(), std::ffi::OsStr::new(&image)],
     );
-    let field = |line: &str| -> Vec<u64> {
-        line.split_whitespace()
-            .skip(1)
-            .map(|n| n.parse().unwrap())
-            .collect()
-    };
-    let report = field(out.lines().find(|l| l.starts_with("report ")).unwrap());
-    let calls: Vec<Vec<u64>> = out
-        .lines()
-        .filter(|l| l.starts_with("call "))
-        .map(field)
-        .collect();
+    let report = numbers(out.lines().find(|l| l.starts_with("report ")).unwrap());
+    let calls = tagged(&out, "call ");
     assert!(report[1] > 1000, "minbase is thousands of objects: {out}");
     assert!(!calls.is_empty(), "{out}");
     for w in calls.windows(2) {
@@ -200,6 +196,6 @@ fn a_push_over_the_socket_reports_progress_to_a_client_capability() {
     assert!(last[2] > 0 && last[2] <= report[2], "{out}");
     // A volume push reports too: an empty volume is its manifest alone.
     assert!(out.contains("volume pushed-"), "{out}");
-    let vlast: Vec<u64> = field(out.lines().rfind(|l| l.starts_with("vcall ")).unwrap());
-    assert_eq!(vlast[..2], [1, 1], "{out}");
+    let vcalls = tagged(&out, "vcall ");
+    assert_eq!(vcalls.last().unwrap()[..2], [1, 1], "{out}");
 }

@@ -1115,6 +1115,12 @@ fn warm_vm_on_a_prefix_takes_the_full_stack() {
     });
 }
 
+/// Imports a one-file root as `shop/web:1` through the daemon of `DIR/volumed.sock`.
+async fn import_tiny_web(dir: &Path) {
+    write_files(&dir.join("web"), &[("etc/hostname", b"web\n")]);
+    import_over_rpc(&dir.join("volumed.sock"), &dir.join("web"), "shop/web:1").await;
+}
+
 /// Volumes that follow their instances: host h1 (with a directory chunk tier) runs an
 /// instance with an RWO volume, pushes it, writes more and is killed -9. Host h2, on
 /// the same tier, prepares the moved instance: the image it never had comes from the
@@ -1147,13 +1153,7 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
     run(async move {
         // Host h1: the image imported there (and published), the instance, its volume.
         let a = join(&a_dir, &args(&a_dir, "h1", true)).await;
-        write_files(&a_dir.join("web"), &[("etc/hostname", b"web\n")]);
-        import_over_rpc(
-            &a_dir.join("volumed.sock"),
-            &a_dir.join("web"),
-            "shop/web:1",
-        )
-        .await;
+        import_tiny_web(&a_dir).await;
         until("the image published", &a.v, || {
             a.v.log_text().contains("published shop/web:1")
         })
@@ -1240,13 +1240,7 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
 
         // Host h3 has no tier: a moved instance's volume is created empty, and said so.
         let c = join(&c_dir, &args(&c_dir, "h3", false)).await;
-        write_files(&c_dir.join("web"), &[("etc/hostname", b"web\n")]);
-        import_over_rpc(
-            &c_dir.join("volumed.sock"),
-            &c_dir.join("web"),
-            "shop/web:1",
-        )
-        .await;
+        import_tiny_web(&c_dir).await;
         let empty = prepare_spec(&c.host, "db.shop-0", 0, "shop/web:1", vols, "", true)
             .await
             .unwrap();

@@ -183,7 +183,7 @@ pub struct VolumeTierReport {
 impl VolumeTierReport {
     /// How old the snapshot was when this report was made (seconds).
     pub fn age(&self) -> u64 {
-        crate::cache::now_ms() / 1000 - self.pushed.min(crate::cache::now_ms() / 1000)
+        (crate::cache::now_ms() / 1000).saturating_sub(self.pushed)
     }
 }
 

@@ -760,11 +760,7 @@ impl Store {
             .filter_map(|c| c.parent.filter(|(p, _)| *p == id).map(|(_, g)| g))
             .collect();
         let mut own: HashMap<Digest, bool> = HashMap::new(); // digest → shared
-        let lower = record::extent_start(id, 0);
-        let upper = record::extent_start(id + 1, 0);
-        let mut cursor = self
-            .db
-            .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]));
+        let mut cursor = self.block_map_of(id);
         let mut entry = cursor.first()?;
         // Versions of one extent, newest first: the one a clone base sees is the first
         // with generation <= base.
@@ -893,6 +889,14 @@ impl Store {
         Ok(set.into_iter().collect())
     }
 
+    /// A cursor over volume `id`'s block map entries (every extent, every generation).
+    fn block_map_of(&self, id: u64) -> crate::db::Cursor<'_> {
+        let lower = record::extent_start(id, 0);
+        let upper = record::extent_start(id + 1, 0);
+        self.db
+            .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]))
+    }
+
     /// Whether volume `name` reads differently now than its snapshot `snapshot` did: a
     /// write (or trim, or resize) since. Folds pending small writes first; reads the
     /// volume's block map keys.
@@ -905,11 +909,7 @@ impl Store {
         if snap.size != st.rec.size {
             return Ok(true);
         }
-        let lower = record::extent_start(id, 0);
-        let upper = record::extent_start(id + 1, 0);
-        let mut cursor = self
-            .db
-            .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]));
+        let mut cursor = self.block_map_of(id);
         let mut entry = cursor.first()?;
         while let Some((k, _)) = entry {
             if parse_key(k).is_some_and(|(_, _, g)| g > snap.generation) {
@@ -1279,11 +1279,7 @@ impl Store {
             .map(|s| s.generation)
             .chain([rec.generation])
             .collect();
-        let lower = record::extent_start(id, 0);
-        let upper = record::extent_start(id + 1, 0);
-        let mut cursor = self
-            .db
-            .cursor(Cf::BlockMap, Some(&lower[..]), Some(&upper[..]));
+        let mut cursor = self.block_map_of(id);
         let mut entry = cursor.first()?;
         let mut prev: Option<(u64, u64)> = None; // (extent, generation) of the newer version
         while let Some((k, _)) = entry {
