@@ -48,8 +48,8 @@ pub use export::{ExportReport, ExportTarget};
 pub use fsck::{FsckReport, Problem};
 pub use gc::{GcProgress, GcReport, GcRoots};
 pub use ingest::{
-    ConfigOverride, ImportOptions, ImportReport, OPAQUE, Progress, SourceFormat, WHITEOUT_PREFIX,
-    host_arch,
+    ConfigOverride, ImportOptions, ImportReport, OPAQUE, OpenBlob, Progress, RemoteImage,
+    RemoteImportReport, RemoteLayer, SourceFormat, WHITEOUT_PREFIX, host_arch,
 };
 pub use inventory::{ImageInventory, Inventory, LayerPresence};
 pub use kv::{Kv, KvBatch};

@@ -48,6 +48,12 @@ pub(crate) trait StoreApi {
         chunks: bool,
         progress: &Arc<TierProgress>,
     ) -> Result<(String, TierReport)>;
+    /// Pulls an image from a container registry, counting the import in `progress`.
+    fn pull_registry(
+        &self,
+        req: &registry::PullRequest,
+        progress: Arc<Progress>,
+    ) -> Result<registry::PullReport>;
 }
 
 /// An EROFS image written out by `tide layer erofs`.
@@ -169,6 +175,14 @@ impl StoreApi for Local {
     ) -> Result<(String, TierReport)> {
         let r = self.0.pull_image(spec, chunks, progress)?;
         Ok((self.tier_url(), r))
+    }
+
+    fn pull_registry(
+        &self,
+        req: &registry::PullRequest,
+        progress: Arc<Progress>,
+    ) -> Result<registry::PullReport> {
+        Ok(registry::pull_request(&self.0, req, progress)?)
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use castore::{ExportTarget, GcProgress, Progress, SourceFormat, Store};
 use clap::{Parser, Subcommand};
 
@@ -217,14 +217,36 @@ enum ImageCmd {
         /// NAME:TAG, digest or digest prefix.
         image: String,
     },
-    /// Bring an image from the chunk tier: its records now, its chunks when read.
+    /// Bring an image from the chunk tier (its records now, its chunks when read), or,
+    /// given REGISTRY/REPOSITORY[:TAG][@sha256:HEX], from a container registry.
     Pull {
-        /// NAME:TAG (":latest" implied) or sha256:HEX.
+        /// NAME:TAG (":latest" implied) or sha256:HEX in the tier; or a registry
+        /// reference (its first part a host: with a dot or a port, or localhost).
         image: String,
         /// Fetch every chunk now too (the whole image, as a registry pull would).
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
+}
+
+/// The options of a pull from a container registry.
+#[derive(Debug, clap::Args)]
+struct RegistryArgs {
+    /// Registry pulls: NAME:TAG to give the image (default REPOSITORY:TAG).
+    #[arg(long)]
+    name: Option<String>,
+    /// Registry pulls: USER:PASSWORD for the registry (else the auth file's).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    creds: Option<String>,
+    /// Registry pulls: Docker-format auth file (default REGISTRY_AUTH_FILE, else
+    /// $DOCKER_CONFIG/config.json, else ~/.docker/config.json).
+    #[arg(long, value_name = "FILE")]
+    authfile: Option<PathBuf>,
+    /// Registry pulls: speak plain HTTP (a registry on loopback always does).
+    #[arg(long)]
+    plain_http: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -674,7 +696,24 @@ fn run(cli: &Cli) -> Result<i32> {
             )?;
             print_transfer(cli.json, true, &tier, &r);
         }
-        Cmd::Image(ImageCmd::Pull { image, all }) => {
+        Cmd::Image(ImageCmd::Pull {
+            image,
+            all,
+            registry: reg,
+        }) => {
+            if registry::names_registry(image) {
+                if *all {
+                    bail!("--all is for tier pulls: a registry pull always fetches whole layers");
+                }
+                pull_from_registry(&*api, cli.json, image, reg)?;
+                return Ok(0);
+            }
+            if reg.name.is_some() || reg.creds.is_some() || reg.authfile.is_some() || reg.plain_http
+            {
+                bail!(
+                    "{image} is not a registry reference (REGISTRY/REPOSITORY[:TAG]): --name, --creds, --authfile and --plain-http are for registry pulls"
+                );
+            }
             let progress = Arc::new(castore::TierProgress::default());
             let (tier, r) = with_progress(
                 "pull",
@@ -903,4 +942,61 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// `tide image pull REGISTRY/REPOSITORY[:TAG]`: credentials from `--creds` or the auth
+/// file, the pull done by the store (in-process or the daemon).
+fn pull_from_registry(
+    api: &dyn StoreApi,
+    json: bool,
+    image: &str,
+    reg: &RegistryArgs,
+) -> Result<()> {
+    let credentials = match &reg.creds {
+        Some(c) => Some(
+            registry::Credentials::parse(c)
+                .ok_or_else(|| anyhow!("--creds must be USER:PASSWORD"))?,
+        ),
+        None => {
+            let reference = registry::Reference::parse(image)?;
+            match reg.authfile.clone().or_else(registry::default_auth_file) {
+                Some(f) => registry::credentials_from_file(&f, &reference.registry)?,
+                None => None,
+            }
+        }
+    };
+    let req = registry::PullRequest {
+        reference: image.to_string(),
+        name: reg.name.clone(),
+        credentials,
+        plain_http: reg.plain_http,
+    };
+    let progress = Arc::new(Progress::default());
+    let r = with_progress(
+        "pull",
+        || import_progress(&progress),
+        || api.pull_registry(&req, progress.clone()),
+    )?;
+    if json {
+        print_json(&r);
+    } else {
+        println!(
+            "pulled {} as {} ({}, manifest {}): {} layer{}, {} fetched ({}), {} already here; {} files, {} in {:.2}s; {} new chunks, {} stored",
+            r.reference,
+            r.import.name.as_deref().unwrap_or(""),
+            r.platform,
+            r.manifest.short(),
+            r.layers,
+            if r.layers == 1 { "" } else { "s" },
+            r.layers - r.layers_reused,
+            human_bytes(r.fetched_bytes),
+            r.layers_reused,
+            r.import.files,
+            human_bytes(r.import.logical_bytes),
+            r.seconds,
+            r.import.new_chunks,
+            human_bytes(r.import.new_stored_bytes),
+        );
+    }
+    Ok(())
 }

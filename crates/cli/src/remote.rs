@@ -703,6 +703,42 @@ impl StoreApi for Remote {
         })
     }
 
+    fn pull_registry(
+        &self,
+        req: &registry::PullRequest,
+        progress: Arc<Progress>,
+    ) -> Result<registry::PullReport> {
+        self.run(async {
+            let mut call = self.store.pull_registry_request();
+            let mut p = call.get();
+            p.set_reference(&req.reference);
+            p.set_name(req.name.as_deref().unwrap_or(""));
+            if let Some(c) = &req.credentials {
+                p.set_username(&c.username);
+                p.set_password(&c.password);
+            }
+            p.set_plain_http(req.plain_http);
+            p.set_progress(capnp_rpc::new_client(ProgressSink(progress)));
+            let reply = call.send().promise.await.map_err(wire_err)?;
+            let r = reply
+                .get()
+                .map_err(wire_err)?
+                .get_report()
+                .map_err(wire_err)?;
+            Ok(registry::PullReport {
+                import: import_report(r.get_import().map_err(wire_err)?)?,
+                reference: text(r.get_reference())?,
+                manifest: digest(r.get_manifest())?,
+                platform: text(r.get_platform())?,
+                layers: r.get_layers() as usize,
+                layers_reused: r.get_layers_reused() as usize,
+                fetched_bytes: r.get_fetched_bytes(),
+                layer_bytes: r.get_layer_bytes(),
+                seconds: r.get_seconds(),
+            })
+        })
+    }
+
     fn stats(&self) -> Result<Stats> {
         self.run(async {
             let reply = self

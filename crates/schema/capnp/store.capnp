@@ -285,6 +285,30 @@ interface Store {
   # Brings `image` (NAME:TAG, ":latest" implied, or sha256:HEX) from the tier: its
   # records, and with `chunks` every chunk this host lacks; without, chunks are fetched
   # when first read (mounts, layer exports). Then names it here.
+
+  pullRegistry @15 (reference :Text, name :Text, username :Text, password :Text,
+                    plainHttp :Bool, progress :ImportProgress)
+    -> (report :RegistryReport);
+  # Pulls `reference` (REGISTRY/REPOSITORY[:TAG][@sha256:HEX]) from a container registry
+  # over the OCI distribution API: the manifest for this host's architecture (through
+  # an index), its config and each layer blob this store lacks by diff_id, every one
+  # checked against its digest, stored as an import of the same image would be. `name`:
+  # NAME:TAG to give it, or "" for REPOSITORY:TAG. `username`/`password`: for the
+  # registry's token service or Basic auth ("" for anonymous; never logged). `plainHttp`:
+  # speak HTTP, not HTTPS (a loopback registry always is). `progress` as for imports.
+}
+
+struct RegistryReport {
+  # What a registry pull did.
+  import @0 :ImportReport;   # The import: image, name, files, chunks.
+  reference @1 :Text;        # The reference pulled, normalized.
+  manifest @2 :Text;         # Digest of the image manifest used.
+  platform @3 :Text;         # os/architecture of that manifest.
+  layers @4 :UInt32;         # Layers of the image.
+  layersReused @5 :UInt32;   # Layers already stored (by diff_id): not downloaded.
+  fetchedBytes @6 :UInt64;   # Layer blob bytes downloaded (compressed, as served).
+  layerBytes @7 :UInt64;     # Sizes of the layers downloaded, as the manifest gives them.
+  seconds @8 :Float64;       # Wall time.
 }
 
 struct TierReport {

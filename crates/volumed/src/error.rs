@@ -8,6 +8,9 @@ pub(crate) enum Error {
     /// The store refused or failed (not found, corrupt, bad archive, ...).
     #[error(transparent)]
     Store(#[from] castore::Error),
+    /// A registry pull failed (the registry's answer, auth, or the store's refusal).
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
     /// layerfs could not mount or unmount.
     #[error(transparent)]
     Mount(#[from] layerfs::Error),

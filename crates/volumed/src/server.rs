@@ -792,6 +792,73 @@ impl store::Server for StoreImpl {
         set_tier_report(results.get().init_report(), &self.0.store, &r);
         Ok(())
     }
+
+    async fn pull_registry(
+        self: CapRc<Self>,
+        params: store::PullRegistryParams,
+        mut results: store::PullRegistryResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let reference = text(p.get_reference())?;
+        let name = text(p.get_name())?;
+        let (username, password) = (text(p.get_username())?, text(p.get_password())?);
+        // The password never reaches the log: only the reference and the user do.
+        let what = match username.as_str() {
+            "" => format!("pull {reference} from its registry"),
+            u => format!("pull {reference} from its registry as {u}"),
+        };
+        let sink = progress_sink(p.has_progress(), || p.get_progress())?;
+        let req = registry::PullRequest {
+            reference,
+            name: (!name.is_empty()).then_some(name),
+            credentials: (!username.is_empty())
+                .then_some(registry::Credentials { username, password }),
+            plain_http: p.get_plain_http(),
+        };
+        let store = self.0.store.clone();
+        let progress = Arc::new(castore::Progress::default());
+        let prog = progress.clone();
+        let work = blocking(move || Ok(registry::pull_request(&store, &req, prog)?));
+        let r = with_progress(sink, progress, work).await;
+        let r = logged(&self.1, &what, r, registry_outcome)?;
+        set_registry_report(results.get().init_report(), &r);
+        if let Some(image) = r.import.image {
+            publish(
+                self.0.store.clone(),
+                r.import.name.clone().unwrap_or(image.to_string()),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A registry pull's result, in short.
+fn registry_outcome(r: &registry::PullReport) -> String {
+    format!(
+        "{} ({}), {} of {} layers fetched ({} bytes), {} reused by diff_id; {}",
+        r.manifest,
+        r.platform,
+        r.layers - r.layers_reused,
+        r.layers,
+        r.fetched_bytes,
+        r.layers_reused,
+        import_outcome(&r.import)
+    )
+}
+
+fn set_registry_report(
+    mut b: schema::store_capnp::registry_report::Builder<'_>,
+    r: &registry::PullReport,
+) {
+    set_import_report(b.reborrow().init_import(), &r.import);
+    b.set_reference(&r.reference);
+    b.set_manifest(r.manifest.to_string());
+    b.set_platform(&r.platform);
+    b.set_layers(r.layers as u32);
+    b.set_layers_reused(r.layers_reused as u32);
+    b.set_fetched_bytes(r.fetched_bytes);
+    b.set_layer_bytes(r.layer_bytes);
+    b.set_seconds(r.seconds);
 }
 
 /// How often a background publish logs where it stands.

@@ -5,6 +5,7 @@
 mod dir;
 mod oci;
 mod pipeline;
+mod remote;
 mod tar;
 mod tree;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use pipeline::Progress;
+pub use remote::{OpenBlob, RemoteImage, RemoteImportReport, RemoteLayer};
 
 use crate::Digest;
 use crate::db::{Batch, Cf};
@@ -316,24 +318,31 @@ impl Store {
         };
         let mut config = config;
         opts.config.apply(&mut config);
+        let digest = self.commit_image(&ingest, batch, layers.clone(), config, &name)?;
+        Ok(report(&ingest, Some(digest), Some(name), layers, start))
+    }
+
+    /// Writes image record and its name with everything `batch` holds: the chunks and
+    /// blobs first (they were written without the WAL), then one synced batch with the
+    /// trees, layers, image and name. Returns the image's digest.
+    fn commit_image(
+        &self,
+        ingest: &Ingest<'_>,
+        mut batch: Batch,
+        layers: Vec<Digest>,
+        config: ImageConfig,
+        name: &str,
+    ) -> Result<Digest> {
         let image = Image { layers, config };
         let bytes = image.encode();
         let digest = Digest::of(&bytes);
         ingest.claims.claim(digest);
         batch.put(&self.db, Cf::Images, &digest.0, &bytes);
         batch.put(&self.db, Cf::Refs, name.as_bytes(), &digest.0);
-        // Chunks and blobs first (they were written without the WAL), then one synced
-        // batch with the trees, layers, image and name.
         ingest.make_durable()?;
         self.db.write(batch, true)?;
         self.bump_changes();
-        Ok(report(
-            &ingest,
-            Some(digest),
-            Some(name),
-            image.layers,
-            start,
-        ))
+        Ok(digest)
     }
 
     /// Imports a directory or tar as a single layer, kept until `layer rm`.

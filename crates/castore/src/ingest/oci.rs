@@ -25,7 +25,7 @@ fn bad(source: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-fn parse_json(source: &Path, what: &str, bytes: &[u8]) -> Result<Value> {
+pub(super) fn parse_json(source: &Path, what: &str, bytes: &[u8]) -> Result<Value> {
     serde_json::from_slice(bytes).map_err(|e| bad(source, format!("{what} is not valid JSON: {e}")))
 }
 
@@ -40,7 +40,7 @@ fn strings(v: Option<&Value>) -> Vec<String> {
 }
 
 /// The runtime config and diff_ids of an OCI/docker image config document.
-fn read_config(source: &Path, v: &Value) -> Result<(ImageConfig, Vec<Digest>)> {
+pub(super) fn read_config(source: &Path, v: &Value) -> Result<(ImageConfig, Vec<Digest>)> {
     let c = v.get("config").or_else(|| v.get("Config"));
     let get = |k: &str| c.and_then(|c| c.get(k));
     let mut labels: Vec<(String, String)> = get("Labels")
