@@ -69,6 +69,16 @@ pub(crate) enum InstanceCmd {
         /// The instance id.
         id: String,
     },
+    /// Move an instance to another host while its own is up: it is stopped there, its
+    /// read-write-once volumes pushed to the chunk tier, and it is prepared on the new
+    /// host with them.
+    Move {
+        /// The instance id.
+        id: String,
+        /// The host to move it to (default: where placement puts it, not its own).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -469,27 +479,40 @@ fn ts(r: capnp::Result<capnp::text_list::Reader<'_>>) -> Result<Vec<String>> {
     r.w()?.iter().map(t).collect()
 }
 
+/// Volumes and the tier snapshots they came from (or, for a move, went to).
+fn pulled_rows(
+    l: capnp::struct_list::Reader<'_, schema::sched_capnp::pulled_volume::Owned>,
+    now: u64,
+) -> Result<Vec<PulledRow>> {
+    l.iter()
+        .map(|p| {
+            Ok(PulledRow {
+                volume: t(p.get_volume())?,
+                snapshot: t(p.get_snapshot())?,
+                pushed: p.get_pushed(),
+                age_seconds: now.saturating_sub(p.get_pushed()),
+                host: t(p.get_host())?,
+                manifest: t(p.get_manifest())?,
+            })
+        })
+        .collect()
+}
+
+/// What `tide instance move` did.
+#[derive(Debug, Serialize)]
+struct MoveRow {
+    instance: InstanceRow,
+    /// The snapshots the old host pushed of its RWO volumes.
+    pushed: Vec<PulledRow>,
+}
+
 fn instance_row(r: instance_info::Reader<'_>) -> Result<InstanceRow> {
     let g = r.get_guest().w()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     Ok(InstanceRow {
-        pulled: r
-            .get_pulled()
-            .w()?
-            .iter()
-            .map(|p| {
-                Ok(PulledRow {
-                    volume: t(p.get_volume())?,
-                    snapshot: t(p.get_snapshot())?,
-                    pushed: p.get_pushed(),
-                    age_seconds: now.saturating_sub(p.get_pushed()),
-                    host: t(p.get_host())?,
-                    manifest: t(p.get_manifest())?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?,
+        pulled: pulled_rows(r.get_pulled().w()?, now)?,
         endpoint: t(r.get_endpoint())?,
         guest: GuestRow {
             phase: t(g.get_phase())?,
@@ -1183,6 +1206,40 @@ async fn exec(s: &scheduler::Client, json: bool, cmd: Command<'_>) -> Result<()>
                         format!(", answering on {}", r.endpoint)
                     }
                 )
+            });
+        }
+        Command::Instance(InstanceCmd::Move { id, to }) => {
+            let mut req = s.move_instance_request();
+            req.get().set_instance(id);
+            req.get().set_to(to.as_deref().unwrap_or(""));
+            let reply = req.send().promise.await.w()?;
+            let r = reply.get().w()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let row = MoveRow {
+                instance: instance_row(r.get_instance().w()?)?,
+                pushed: pulled_rows(r.get_pushed().w()?, now)?,
+            };
+            emit(json, &row, |m| {
+                let i = &m.instance;
+                println!(
+                    "moved {} to {}: {}{}",
+                    i.id,
+                    i.host,
+                    i.shown_state(),
+                    if i.endpoint.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", answering on {}", i.endpoint)
+                    }
+                );
+                for p in &m.pushed {
+                    println!(
+                        "  volume {} handed over as snapshot {} (manifest {})",
+                        p.volume, p.snapshot, p.manifest
+                    );
+                }
             });
         }
         Command::Logs {

@@ -317,6 +317,8 @@ pub enum PlaceError {
     UnknownHost(String),
     #[error("unknown instance {0:?}")]
     UnknownInstance(String),
+    #[error("instance {instance:?} is on host {host:?} already")]
+    AlreadyThere { instance: String, host: String },
     #[error("instance {0:?} exists already")]
     DuplicateInstance(String),
     #[error("host {0:?} exists already")]
@@ -1219,6 +1221,54 @@ impl Cluster {
         })
     }
 
+    /// Moves `instance` off the host it is on while that host is up (a live move): to
+    /// host `to`, or wherever placement would put it among the other hosts. Nothing
+    /// changes unless a host can take it. No warm VM is converted: the instance brings
+    /// its own root and volumes.
+    pub fn move_instance(
+        &mut self,
+        instance: &str,
+        to: Option<&str>,
+    ) -> Result<Placement, PlaceError> {
+        let inst = self
+            .instances
+            .get(instance)
+            .ok_or_else(|| PlaceError::UnknownInstance(instance.to_owned()))?;
+        let (from, wi) = (inst.host, inst.workload);
+        let target = match to {
+            Some(t) => Some(
+                *self
+                    .host_index
+                    .get(t)
+                    .ok_or_else(|| PlaceError::UnknownHost(t.to_owned()))?,
+            ),
+            None => None,
+        };
+        if target == Some(from) {
+            return Err(PlaceError::AlreadyThere {
+                instance: instance.to_owned(),
+                host: self.hosts[from as usize].inv.id.clone(),
+            });
+        }
+        let w = self.workloads[wi as usize].spec.clone();
+        // Only the hosts it may go to take part: the others are out for this decision.
+        let was: Vec<bool> = self.hosts.iter().map(|h| h.up).collect();
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            let i = i as u32;
+            if i == from || target.is_some_and(|t| t != i) {
+                h.up = false;
+            }
+        }
+        let decided = self.decide(&w, None, false);
+        for (h, up) in self.hosts.iter_mut().zip(was) {
+            h.up = up;
+        }
+        let p = decided?;
+        self.remove_instance(instance)?;
+        self.commit(instance, &w, &p)?;
+        Ok(p)
+    }
+
     /// Marks a host down without moving anything off it: no new placement goes there
     /// until [`Cluster::upsert_host`] or [`Cluster::host_up`] (a host that has not
     /// reconnected yet after the daemon restarted). [`Cluster::fail_host`] moves its
@@ -1550,6 +1600,52 @@ mod tests {
         // The pool is back at its minimum, on a live host.
         assert_eq!(c.warm_vms().count(), 1);
         assert!(c.warm_vms().all(|v| v.host != "a"));
+    }
+
+    #[test]
+    fn a_live_move_goes_elsewhere_or_where_asked_and_changes_nothing_when_it_cannot() {
+        let mut c = cluster(vec![
+            host("a", &IMG),
+            host("b", &[(1, 100 * MB)]),
+            host("c", &[]),
+        ]);
+        let w = workload("api.shop", &IMG);
+        let p = c.place(&w).unwrap();
+        assert_eq!(p.host, "a", "the host with the image");
+        c.commit("i0", &w, &p).unwrap();
+        let used_a = c.used("a").unwrap();
+        // Placement's choice among the others: b holds a layer of it.
+        let m = c.move_instance("i0", None).unwrap();
+        assert_eq!(m.host, "b");
+        assert_eq!(m.action, Action::ColdBoot);
+        assert_eq!(c.replicas("api.shop").get("b"), Some(&1));
+        assert!(!c.replicas("api.shop").contains_key("a"));
+        assert_eq!(c.used("a").unwrap(), Capacity::default());
+        assert_eq!(c.used("b").unwrap(), used_a);
+        // Where asked, even a host with nothing of it.
+        assert_eq!(c.move_instance("i0", Some("c")).unwrap().host, "c");
+        let e = c.move_instance("i0", Some("c")).unwrap_err();
+        assert!(matches!(e, PlaceError::AlreadyThere { .. }), "{e}");
+        assert!(matches!(
+            c.move_instance("i0", Some("zz")),
+            Err(PlaceError::UnknownHost(_))
+        ));
+        assert!(matches!(
+            c.move_instance("nope", None),
+            Err(PlaceError::UnknownInstance(_))
+        ));
+        // With the other hosts down nothing can take it: it stays, and all hosts are as
+        // they were (down ones still down, its own still up).
+        c.mark_down("a").unwrap();
+        c.mark_down("b").unwrap();
+        assert!(matches!(
+            c.move_instance("i0", None),
+            Err(PlaceError::NoHost { .. })
+        ));
+        assert_eq!(c.replicas("api.shop").get("c"), Some(&1));
+        assert_eq!(c.place(&w).unwrap().host, "c", "c is still up");
+        c.host_up("a").unwrap();
+        assert_eq!(c.move_instance("i0", None).unwrap().host, "a");
     }
 
     #[test]

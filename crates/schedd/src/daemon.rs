@@ -31,8 +31,8 @@ use crate::hostcall::{self, WarmReport};
 use crate::log;
 use crate::routes::Routes;
 use crate::state::{
-    self, Batch, HostRec, ImageRec, InstState, InstanceRec, PoolRec, Prepared, Spec, StoredFile,
-    VolumeReq, WarmRec,
+    self, Batch, HostRec, ImageRec, InstState, InstanceRec, PoolRec, Prepared, PulledRec, Spec,
+    StoredFile, VolumeReq, WarmRec,
 };
 use crate::store::Store;
 
@@ -1956,6 +1956,90 @@ pub async fn control(sh: &Rc<Shared>, id: &str, action: &str) -> Result<Instance
     let rec = rec.clone();
     write(d, batch);
     Ok(d.view(&rec))
+}
+
+/// Moves instance `id` to another host while its own is up (`tide instance move`):
+/// placement picks the host (or `to` names it), the old host hands the instance over
+/// (stopped, its RWO volumes pushed to the tier, released), and the new one prepares it
+/// with those volumes made from the pushed snapshots. Returns it and what was pushed. A
+/// refused hand-over leaves it where it was.
+pub async fn move_instance(
+    sh: &Rc<Shared>,
+    id: &str,
+    to: Option<&str>,
+) -> Result<(InstanceView, Vec<PulledRec>)> {
+    let _op = sh.op.lock().await;
+    sh.lead()?;
+    let (from, old) = host_of(sh, id)?;
+    let (placed, new) = {
+        let mut d = sh.state.borrow_mut();
+        let p = d
+            .cluster
+            .move_instance(id, to)
+            .map_err(|e| Error::BadRequest(format!("instance {id} cannot move: {e}")))?;
+        match d.client(&p.host) {
+            Some(c) => (p, c),
+            None => {
+                let _ = d.cluster.move_instance(id, Some(&from));
+                return Err(Error::Host {
+                    host: p.host,
+                    op: format!("moving {id} there"),
+                    reason: "not connected".into(),
+                });
+            }
+        }
+    };
+    let pushed = match hostcall::hand_over(&old, &from, id).await {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = sh.state.borrow_mut().cluster.move_instance(id, Some(&from));
+            return Err(e);
+        }
+    };
+    log!(
+        "moving {id} from {from} to {}: handed over, {} volume(s) pushed",
+        placed.host,
+        pushed.len()
+    );
+    let spec = {
+        let mut d = sh.state.borrow_mut();
+        let d = &mut *d;
+        let rec = d
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| Error::BadRequest(format!("instance {id} was removed meanwhile")))?;
+        rec.host = placed.host.clone();
+        rec.spec.hypervisor = placed.hypervisor;
+        rec.spec.warm_vm = String::new();
+        // Its volumes' data is in the snapshots just pushed: never made empty there.
+        rec.spec.moved = true;
+        rec.state = InstState::Moved;
+        rec.prepared = Prepared::default();
+        let mut batch = Batch::new();
+        state::put(&mut batch, &state::instance_key(id), &*rec);
+        let spec = rec.spec.clone();
+        write(d, batch);
+        spec
+    };
+    let results = prepare_all(vec![(new, placed.host.clone(), spec)]).await;
+    let failed = results
+        .first()
+        .and_then(|r| r.as_ref().err())
+        .map(|e| e.to_string());
+    prepare_recorded(sh, &[id.to_string()], results, "moving");
+    if let Some(e) = failed {
+        return Err(Error::BadRequest(format!(
+            "instance {id} was handed over by {from} ({} volume(s) pushed to the tier) but {} could not prepare it, so it is lost: {e}",
+            pushed.len(),
+            placed.host
+        )));
+    }
+    let d = sh.state.borrow();
+    let rec = d
+        .instances
+        .get(id)
+        .ok_or_else(|| Error::BadRequest(format!("instance {id} was removed meanwhile")))?;
+    Ok((d.view(rec), pushed))
 }
 
 /// Compares what a (re)registered host has with what the scheduler placed on it:

@@ -100,6 +100,26 @@ pub async fn control(
     .await
 }
 
+/// How long a host may take to hand an instance over: its guest's stop and the push of
+/// its volumes' new data to the tier.
+pub const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Asks `host` to give `instance` up for a move (`Host.handOver`): what it pushed.
+pub async fn hand_over(
+    client: &host::Client,
+    host: &str,
+    instance: &str,
+) -> Result<Vec<crate::state::PulledRec>> {
+    let op = format!("hand over {instance}");
+    let mut req = client.hand_over_request();
+    req.get().set_instance(instance);
+    deadline_of(HAND_OVER_TIMEOUT, host, &op, async move {
+        let reply = req.send().promise.await?;
+        wire::pulled_from(reply.get()?.get_pushed()?)
+    })
+    .await
+}
+
 pub async fn prepare(client: &host::Client, host: &str, spec: &Spec) -> Result<Prepared> {
     let op = format!("prepare {}", spec.instance);
     let mut req = client.prepare_request();

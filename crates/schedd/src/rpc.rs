@@ -262,6 +262,24 @@ impl scheduler::Server for SchedulerImpl {
         Ok(())
     }
 
+    async fn move_instance(
+        self: CapRc<Self>,
+        params: scheduler::MoveInstanceParams,
+        mut results: scheduler::MoveInstanceResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = text(p.get_instance())?;
+        let to = text(p.get_to())?;
+        self.0.lead()?;
+        let (v, pushed) =
+            daemon::move_instance(&self.0, &id, (!to.is_empty()).then_some(to.as_str())).await?;
+        self.0.durable().await?;
+        let mut r = results.get();
+        wire::set_instance_info(r.reborrow().init_instance(), &v);
+        wire::set_pulled(r.init_pushed(pushed.len() as u32), &pushed);
+        Ok(())
+    }
+
     async fn watch_routes(
         self: CapRc<Self>,
         params: scheduler::WatchRoutesParams,

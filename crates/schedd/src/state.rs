@@ -160,7 +160,8 @@ pub struct Disk {
 pub enum InstState {
     /// Prepared on its host.
     Ready,
-    /// Prepared on another host after its first host went down.
+    /// Prepared on another host after its first host went down, or moved there live
+    /// (`tide instance move`).
     Moved,
     /// Its host went down and no other host could take it.
     Lost,

@@ -213,6 +213,38 @@ pub fn set_guest(mut b: schema::sched_capnp::guest_state::Builder<'_>, g: &Guest
     b.set_converted(g.converted);
 }
 
+/// Volumes and the tier snapshots they came from or went to, off the wire.
+pub fn pulled_from(
+    l: capnp::struct_list::Reader<'_, schema::sched_capnp::pulled_volume::Owned>,
+) -> capnp::Result<Vec<PulledRec>> {
+    l.iter()
+        .map(|p| {
+            Ok(PulledRec {
+                volume: text(p.get_volume())?,
+                snapshot: text(p.get_snapshot())?,
+                pushed: p.get_pushed(),
+                host: text(p.get_host())?,
+                manifest: text(p.get_manifest())?,
+            })
+        })
+        .collect()
+}
+
+/// The same, onto the wire.
+pub fn set_pulled(
+    mut l: capnp::struct_list::Builder<'_, schema::sched_capnp::pulled_volume::Owned>,
+    items: &[PulledRec],
+) {
+    for (i, p) in items.iter().enumerate() {
+        let mut e = l.reborrow().get(i as u32);
+        e.set_volume(&p.volume);
+        e.set_snapshot(&p.snapshot);
+        e.set_pushed(p.pushed);
+        e.set_host(&p.host);
+        e.set_manifest(&p.manifest);
+    }
+}
+
 pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared> {
     Ok(Prepared {
         instance: text(r.get_instance())?,
@@ -222,19 +254,7 @@ pub fn prepared_from(r: prepared_instance::Reader<'_>) -> capnp::Result<Prepared
         hypervisor: text(r.get_hypervisor())?,
         warm_vm: text(r.get_warm_vm())?,
         address: text(r.get_address())?,
-        pulled: r
-            .get_pulled()?
-            .iter()
-            .map(|p| {
-                Ok(PulledRec {
-                    volume: text(p.get_volume())?,
-                    snapshot: text(p.get_snapshot())?,
-                    pushed: p.get_pushed(),
-                    host: text(p.get_host())?,
-                    manifest: text(p.get_manifest())?,
-                })
-            })
-            .collect::<capnp::Result<Vec<_>>>()?,
+        pulled: pulled_from(r.get_pulled()?)?,
         guest: if r.has_guest() {
             guest_from(r.get_guest()?)?
         } else {
@@ -292,15 +312,10 @@ pub fn set_instance_info(mut b: instance_info::Builder<'_>, v: &InstanceView) {
     b.set_image(&r.spec.image);
     b.set_endpoint(&r.prepared.address);
     set_guest(b.reborrow().init_guest(), &r.prepared.guest);
-    let mut pl = b.reborrow().init_pulled(r.prepared.pulled.len() as u32);
-    for (i, p) in r.prepared.pulled.iter().enumerate() {
-        let mut e = pl.reborrow().get(i as u32);
-        e.set_volume(&p.volume);
-        e.set_snapshot(&p.snapshot);
-        e.set_pushed(p.pushed);
-        e.set_host(&p.host);
-        e.set_manifest(&p.manifest);
-    }
+    set_pulled(
+        b.reborrow().init_pulled(r.prepared.pulled.len() as u32),
+        &r.prepared.pulled,
+    );
     let mut dl = b.init_disks(r.prepared.disks.len() as u32);
     for (i, d) in r.prepared.disks.iter().enumerate() {
         let mut e = dl.reborrow().get(i as u32);

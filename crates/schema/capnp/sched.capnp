@@ -225,6 +225,13 @@ interface Host {
   control @6 (instance :Text, action :Text) -> (prepared :PreparedInstance);
   # "stop": ends its app (SIGTERM, then the VM); "restart": stops it and boots it again
   # with the same root (fresh scratch) and the same volumes.
+
+  handOver @7 (instance :Text) -> (pushed :List(PulledVolume));
+  # Gives an instance up so another host can take it (a live move): stops its guest
+  # (its last writes reach the store), pushes a snapshot of each of its read-write-once
+  # volumes to the chunk tier (`pushed`: which, so the scheduler can say so), then
+  # releases it as `release` does. An instance with RWO volumes on a host without a
+  # tier is refused and left as it was; a failed push leaves it prepared (stopped).
 }
 
 struct InstanceGuest {
@@ -473,6 +480,13 @@ interface Scheduler {
 
   routes @18 () -> (table :RouteTable);
   # The route table now, once (what `watchRoutes` starts with): `tide service ls`.
+
+  moveInstance @20 (instance :Text, to :Text) -> (instance :InstanceInfo, pushed :List(PulledVolume));
+  # Moves a running instance to another host while its own host is up: `to` names the
+  # host, or "" lets placement choose one other than the current. The old host hands it
+  # over (`Host.handOver`: stopped, RWO volumes pushed to the chunk tier, released) and
+  # the new one prepares it with the volumes made from those snapshots, so every byte
+  # written before the move is there. A refused hand-over leaves it where it was.
 
   leader @19 () -> (leading :Bool, leader :Text, store :Text);
   # Whether this scheduler leads, and the address the leader advertises ("" while none

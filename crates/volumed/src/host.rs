@@ -1027,6 +1027,34 @@ impl Host {
         }
     }
 
+    /// For a moved instance's RWO volume this host already holds: refuses an older copy,
+    /// one that lacks the snapshot another host last pushed of it (the instance's data
+    /// is in that snapshot; this copy is kept, never overwritten, as it may hold writes
+    /// of its own). A copy with that snapshot is the same or newer.
+    fn check_not_stale(&self, spec: &InstanceSpec, name: &str) -> Result<(), Error> {
+        if self.store.tier().is_none() {
+            return Ok(());
+        }
+        let last = match self.store.pushed_volume(name) {
+            Ok(r) => r,
+            Err(castore::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if last.host == self.config.host_id {
+            return Ok(());
+        }
+        match self.store.volume_changed_since(name, &last.snapshot) {
+            Ok(_) => Ok(()),
+            Err(castore::Error::Volume(VolumeError::SnapshotNotFound { .. })) => {
+                Err(Error::BadRequest(format!(
+                    "volume {name} of moved instance {} is here as an older copy: the chunk tier's last snapshot of it is {} from {}, which this copy lacks; keep this copy under another name (tide volume clone) and remove it (tide volume rm) to take the tier's",
+                    spec.instance, last.snapshot, last.host
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn attach(
         &self,
         spec: &InstanceSpec,
@@ -1055,6 +1083,7 @@ impl Host {
                     v.mode.as_str()
                 )));
             }
+            Some(_) if spec.moved && rwo => self.check_not_stale(spec, &name)?,
             Some(_) => {}
             None if let Some(p) = self.pull_volume(spec, &name)? => {
                 undo.created.push(name.clone());
@@ -1164,6 +1193,77 @@ impl Host {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Gives instance `id` up for a live move: stops its guest, so its last writes reach
+    /// the store; pushes a new snapshot of each of its read-write-once volumes to the
+    /// tier; then releases it. Returns what was pushed, per volume. Refused, with nothing
+    /// changed, when it has RWO volumes and this host has no tier; a failed push leaves
+    /// it prepared (its guest stopped) and is the error.
+    pub(crate) fn hand_over(&self, id: &str) -> Result<Vec<(String, PulledFrom)>, Error> {
+        let rwo: Vec<String> = {
+            let records = self.lock();
+            let Some(rec) = records.instances.get(id) else {
+                return Err(Error::BadRequest(format!("no instance {id} on this host")));
+            };
+            let listed = self.volumes.list()?;
+            rec.volumes
+                .iter()
+                .filter(|a| {
+                    !a.read_only
+                        && listed.iter().any(|l| {
+                            l.summary.name == a.volume && l.summary.mode == AccessMode::Rwo
+                        })
+                })
+                .map(|a| a.volume.clone())
+                .collect()
+        };
+        if !rwo.is_empty() && self.store.tier().is_none() {
+            return Err(Error::BadRequest(format!(
+                "instance {id} has read-write-once volumes ({}) and this host has no chunk tier (volumed --tier) to hand them over through",
+                rwo.join(", ")
+            )));
+        }
+        log!(
+            "hand over instance {id}: stopping it, then pushing {} volume(s)",
+            rwo.len()
+        );
+        if let Some(g) = self.guests.as_ref().and_then(|g| g.get(id)) {
+            g.stop(STOP_GRACE);
+        }
+        let mut pushed = Vec::new();
+        for name in &rwo {
+            let r = self
+                .store
+                .push_volume(
+                    name,
+                    None,
+                    &self.config.host_id,
+                    &castore::TierProgress::default(),
+                )
+                .map_err(|e| {
+                    Error::BadRequest(format!(
+                        "instance {id} stays here (stopped): pushing volume {name} failed: {e}"
+                    ))
+                })?;
+            log!(
+                "hand over instance {id}: volume {name} pushed as {} ({} of {} chunks sent)",
+                r.snapshot,
+                r.transferred,
+                r.chunks
+            );
+            pushed.push((
+                name.clone(),
+                PulledFrom {
+                    snapshot: r.snapshot,
+                    pushed: r.pushed,
+                    host: r.host,
+                    manifest: r.manifest.to_string(),
+                },
+            ));
+        }
+        self.release(id)?;
+        Ok(pushed)
     }
 
     /// Up to `max` bytes of instance `id`'s app log (or its console) from `offset`: the

@@ -93,6 +93,21 @@ pub(crate) fn set_guest(mut b: sched_capnp::guest_state::Builder<'_>, s: &GuestS
     b.set_converted(s.converted);
 }
 
+/// Volumes and the tier snapshots they came from (or went to), on the wire.
+fn set_pulled<'a>(
+    mut l: capnp::struct_list::Builder<'_, sched_capnp::pulled_volume::Owned>,
+    items: impl IntoIterator<Item = (&'a String, &'a crate::host::PulledFrom)>,
+) {
+    for (i, (volume, p)) in items.into_iter().enumerate() {
+        let mut e = l.reborrow().get(i as u32);
+        e.set_volume(volume.as_str());
+        e.set_snapshot(&p.snapshot);
+        e.set_pushed(p.pushed);
+        e.set_host(&p.host);
+        e.set_manifest(&p.manifest);
+    }
+}
+
 fn set_prepared(
     mut b: sched_capnp::prepared_instance::Builder<'_>,
     r: &InstanceRecord,
@@ -119,15 +134,7 @@ fn set_prepared(
         .iter()
         .filter_map(|a| a.pulled.as_ref().map(|p| (&a.volume, p)))
         .collect();
-    let mut l = b.reborrow().init_pulled(pulled.len() as u32);
-    for (i, (volume, p)) in pulled.into_iter().enumerate() {
-        let mut e = l.reborrow().get(i as u32);
-        e.set_volume(volume.as_str());
-        e.set_snapshot(&p.snapshot);
-        e.set_pushed(p.pushed);
-        e.set_host(&p.host);
-        e.set_manifest(&p.manifest);
-    }
+    set_pulled(b.reborrow().init_pulled(pulled.len() as u32), pulled);
     let spec = &r.boot;
     let mut boot = b.init_boot();
     boot.set_root_mode(spec.root_mode);
@@ -328,6 +335,22 @@ impl host::Server for HostImpl {
         let h = self.host.clone();
         let r = blocking(move || h.control(&id, &action)).await?;
         set_prepared(results.get().init_prepared(), &r, &self.endpoints);
+        Ok(())
+    }
+
+    async fn hand_over(
+        self: CapRc<Self>,
+        params: host::HandOverParams,
+        mut results: host::HandOverResults,
+    ) -> Result<(), capnp::Error> {
+        let id = text(params.get()?.get_instance())?;
+        let h = self.host.clone();
+        let what = id.clone();
+        let pushed = blocking(move || h.hand_over(&what))
+            .await
+            .inspect_err(|e| log!("hand over {id} failed: {}", e.extra))?;
+        let l = results.get().init_pushed(pushed.len() as u32);
+        set_pulled(l, pushed.iter().map(|(v, p)| (v, p)));
         Ok(())
     }
 

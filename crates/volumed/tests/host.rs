@@ -1121,6 +1121,46 @@ async fn import_tiny_web(dir: &Path) {
     import_over_rpc(&dir.join("volumed.sock"), &dir.join("web"), "shop/web:1").await;
 }
 
+/// Three host directories under `work` (`a`, `b`, `c`) and the volumed arguments of a
+/// host there: its id, and the shared directory tier `work/tier` if asked.
+fn tiered_hosts(
+    work: &Path,
+) -> (
+    impl Fn(&Path, &str, bool) -> Vec<String> + use<>,
+    [PathBuf; 3],
+) {
+    let tier_arg = format!("file://{}", work.join("tier").display());
+    let args = move |dir: &Path, id: &str, with_tier: bool| -> Vec<String> {
+        let mut a = host_args(&dir.join("sched.sock"), &[]);
+        let at = a.iter().position(|x| x == "--host-id").unwrap();
+        a[at + 1] = id.to_string();
+        if with_tier {
+            a.extend(["--tier".to_string(), tier_arg.clone()]);
+        }
+        a
+    };
+    let dirs = ["a", "b", "c"].map(|d| work.join(d));
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    (args, dirs)
+}
+
+/// Host h1 joined with `args`, the tiny image imported there and published, and
+/// instance `db.shop-0` prepared on it with `vols`.
+async fn first_host(dir: &Path, args: &[String], vols: &[Vol<'_>]) -> (Joined, Prepared) {
+    let a = join(dir, args).await;
+    import_tiny_web(dir).await;
+    until("the image published", &a.v, || {
+        a.v.log_text().contains("published shop/web:1")
+    })
+    .await;
+    let p = prepare(&a.host, "db.shop-0", 0, "shop/web:1", vols, "")
+        .await
+        .unwrap();
+    (a, p)
+}
+
 /// Volumes that follow their instances: host h1 (with a directory chunk tier) runs an
 /// instance with an RWO volume, pushes it, writes more and is killed -9. Host h2, on
 /// the same tier, prepares the moved instance: the image it never had comes from the
@@ -1134,33 +1174,11 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
     // Host h1 is killed with its instance's root mounted: unmounted before tmp goes.
     let _unmount = tests::UnmountBelow(tmp.path().to_path_buf());
     let work = tmp.path().to_path_buf();
-    let tier = work.join("tier");
-    let tier_arg = format!("file://{}", tier.display());
-    let args = |dir: &Path, id: &str, with_tier: bool| -> Vec<String> {
-        let mut a = host_args(&dir.join("sched.sock"), &[]);
-        let at = a.iter().position(|x| x == "--host-id").unwrap();
-        a[at + 1] = id.to_string();
-        if with_tier {
-            a.extend(["--tier".to_string(), tier_arg.clone()]);
-        }
-        a
-    };
-    let (a_dir, b_dir, c_dir) = (work.join("a"), work.join("b"), work.join("c"));
-    for d in [&a_dir, &b_dir, &c_dir] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (args, [a_dir, b_dir, c_dir]) = tiered_hosts(&work);
     let vols: &[Vol<'_>] = &[("db", 16 << 20, "rwo", false)];
     run(async move {
         // Host h1: the image imported there (and published), the instance, its volume.
-        let a = join(&a_dir, &args(&a_dir, "h1", true)).await;
-        import_tiny_web(&a_dir).await;
-        until("the image published", &a.v, || {
-            a.v.log_text().contains("published shop/web:1")
-        })
-        .await;
-        let p = prepare(&a.host, "db.shop-0", 0, "shop/web:1", vols, "")
-            .await
-            .unwrap();
+        let (a, p) = first_host(&a_dir, &args(&a_dir, "h1", true), vols).await;
         assert!(p.pulled.is_empty(), "{:?}", p.pulled);
         let src = work.join("pushed");
         let pushed_bytes = random_file(&src, 8 << 20, 21);
@@ -1251,5 +1269,97 @@ fn a_moved_instance_takes_its_volume_from_the_tiers_last_snapshot() {
         assert!(c.v.log_text().contains("was created EMPTY"));
         drop(b);
         drop(c);
+    });
+}
+
+/// A live move's hand-over: the old host stops the instance, pushes a snapshot of its
+/// RWO volume with every write made so far (none pushed before), and releases it; the
+/// next host makes the volume from that snapshot and reads every byte. A host without
+/// a tier refuses to hand over an instance with an RWO volume and keeps it.
+#[test]
+fn a_hand_over_pushes_every_written_byte_and_the_next_host_reads_them() {
+    let tmp = tmpdir("host-handover");
+    let _unmount = tests::UnmountBelow(tmp.path().to_path_buf());
+    let work = tmp.path().to_path_buf();
+    let (args, [a_dir, b_dir, c_dir]) = tiered_hosts(&work);
+    let vols: &[Vol<'_>] = &[("db", 16 << 20, "rwo", false)];
+    run(async move {
+        let (a, p) = first_host(&a_dir, &args(&a_dir, "h1", true), vols).await;
+        // Two writes, the second over the start of the first; nothing pushed before.
+        let first = work.join("first");
+        let mut want = random_file(&first, 12 << 20, 31);
+        ok("nbdcopy", &[first.to_str().unwrap(), p.volumes[0].as_str()]);
+        let second = work.join("second");
+        let over = random_file(&second, 2 << 20, 32);
+        ok(
+            "nbdcopy",
+            &[second.to_str().unwrap(), p.volumes[0].as_str()],
+        );
+        want[..2 << 20].copy_from_slice(&over);
+        want.resize(16 << 20, 0);
+
+        let mut req = a.host.hand_over_request();
+        req.get().set_instance("db.shop-0");
+        let reply = req.send().promise.await.unwrap();
+        let pushed: Vec<(String, String, String)> = reply
+            .get()
+            .unwrap()
+            .get_pushed()
+            .unwrap()
+            .iter()
+            .map(|v| (s(v.get_volume()), s(v.get_snapshot()), s(v.get_host())))
+            .collect();
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        let (volume, snapshot, by) = pushed[0].clone();
+        assert_eq!((volume.as_str(), by.as_str()), ("db", "h1"));
+        assert!(snapshot.starts_with("pushed-"), "{snapshot}");
+        assert!(a.v.log_text().contains("hand over instance db.shop-0"));
+        // Released: a second hand-over finds nothing, and the volume is free here.
+        let mut again = a.host.hand_over_request();
+        again.get().set_instance("db.shop-0");
+        let Err(e) = again.send().promise.await else {
+            panic!("a second hand-over succeeded")
+        };
+        let e = reason(e);
+        assert!(e.contains("no instance db.shop-0"), "{e}");
+        let listed = a.v.tide().json(&["volume", "ls"]);
+        assert!(!listed.to_string().contains("db.shop-0"), "{listed}");
+
+        let b = join(&b_dir, &args(&b_dir, "h2", true)).await;
+        let moved = prepare_spec(&b.host, "db.shop-0", 0, "shop/web:1", vols, "", true)
+            .await
+            .unwrap();
+        assert_eq!(
+            moved.pulled,
+            [("db".to_string(), snapshot.clone(), "h1".to_string())]
+        );
+        let back = work.join("back");
+        ok(
+            "nbdcopy",
+            &[moved.volumes[0].as_str(), back.to_str().unwrap()],
+        );
+        let got = std::fs::read(&back).unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got == want,
+            "the next host reads every byte written before the move"
+        );
+
+        // No tier: the hand-over is refused and the instance stays prepared.
+        let c = join(&c_dir, &args(&c_dir, "h3", false)).await;
+        import_tiny_web(&c_dir).await;
+        prepare(&c.host, "db.shop-0", 0, "shop/web:1", vols, "")
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let mut req = c.host.hand_over_request();
+            req.get().set_instance("db.shop-0");
+            let Err(e) = req.send().promise.await else {
+                panic!("a host without a tier handed over")
+            };
+            let e = reason(e);
+            assert!(e.contains("no chunk tier") && e.contains("db"), "{e}");
+        }
+        drop((a, b, c));
     });
 }
