@@ -559,3 +559,46 @@ fn a_volume_pushed_from_one_host_is_pulled_on_another_with_every_byte() {
     assert!(e.contains("volsnaps/") && e.contains("corrupt"), "{e}");
     assert!(b.volume_info("db-3").is_err());
 }
+
+/// Whether a host's copy of a volume holds the tier's last pushed snapshot is decided by
+/// content, not by name: two hosts can take snapshots of the same name (`pushed-T` in
+/// the same second) holding different data.
+#[test]
+fn a_copy_holds_the_last_pushed_snapshot_only_with_the_same_extents() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier: Arc<dyn Tier> = Arc::new(DirTier::open(dir.path().join("tier")).unwrap());
+    let a = host(dir.path(), "a", tier.clone());
+    let b = host(dir.path(), "b", tier.clone());
+    assert!(
+        a.holds_last_pushed("db").unwrap().is_none(),
+        "nothing pushed yet"
+    );
+    a.create_volume(&castore::VolumeSpec::new("db", 4 << 20))
+        .unwrap();
+    let va = a.open_volume("db").unwrap();
+    va.write(0, &testing::noise(1 << 20, 41), true).unwrap();
+    a.snapshot_volume("db", "s1").unwrap();
+    a.push_volume("db", Some("s1"), "host-a", &TierProgress::default())
+        .unwrap();
+    let (holds, last) = a.holds_last_pushed("db").unwrap().unwrap();
+    assert!(holds && last.snapshot == "s1", "{last:?}");
+
+    // b takes it over, writes, and pushes its own snapshot s2; a takes an s2 of its own
+    // (its old data) under the same name.
+    b.pull_volume("db", None).unwrap();
+    let vb = b.open_volume("db").unwrap();
+    vb.write(0, &testing::noise(65536, 42), true).unwrap();
+    b.snapshot_volume("db", "s2").unwrap();
+    b.push_volume("db", Some("s2"), "host-b", &TierProgress::default())
+        .unwrap();
+    a.snapshot_volume("db", "s2").unwrap();
+    let (holds, last) = a.holds_last_pushed("db").unwrap().unwrap();
+    assert!(!holds, "a's s2 is not b's: {last:?}");
+    assert_eq!(
+        (last.snapshot.as_str(), last.host.as_str()),
+        ("s2", "host-b")
+    );
+    // b holds it, and still does after writing more (its copy is newer).
+    vb.write(1 << 20, &testing::noise(4096, 43), true).unwrap();
+    assert!(b.holds_last_pushed("db").unwrap().unwrap().0);
+}

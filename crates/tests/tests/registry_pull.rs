@@ -162,6 +162,19 @@ fn a_debian_image_pulled_through_token_auth_is_the_root_and_shared_layers_are_no
     assert_eq!(r["layers_reused"], 1, "{r}");
     assert_eq!(r["fetched_bytes"], app.blob.len() as u64, "{r}");
     assert_eq!(r["import"]["layers"][0], inspect["layers"][0]["digest"]);
+    // Pulled again: nothing downloaded, the same image.
+    let again = tide.json(&[
+        "image",
+        "pull",
+        &app_ref,
+        "--creds",
+        "alice:s3cret:with-colon",
+        "--name",
+        "app:v1",
+    ]);
+    assert_eq!(again["layers_reused"], 2, "{again}");
+    assert_eq!(again["fetched_bytes"], 0, "{again}");
+    assert_eq!(again["import"]["image"], r["import"]["image"]);
     let detail = tide.json(&["image", "inspect", "app:v1"]);
     assert_eq!(detail["cmd"], serde_json::json!(["/app/run"]), "{detail}");
     let app_out = t.join("app-out");

@@ -1030,28 +1030,17 @@ impl Host {
     /// For a moved instance's RWO volume this host already holds: refuses an older copy,
     /// one that lacks the snapshot another host last pushed of it (the instance's data
     /// is in that snapshot; this copy is kept, never overwritten, as it may hold writes
-    /// of its own). A copy with that snapshot is the same or newer.
+    /// of its own). A copy holding that snapshot (same extents) is the same or newer.
     fn check_not_stale(&self, spec: &InstanceSpec, name: &str) -> Result<(), Error> {
         if self.store.tier().is_none() {
             return Ok(());
         }
-        let last = match self.store.pushed_volume(name) {
-            Ok(r) => r,
-            Err(castore::Error::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        if last.host == self.config.host_id {
-            return Ok(());
-        }
-        match self.store.volume_changed_since(name, &last.snapshot) {
-            Ok(_) => Ok(()),
-            Err(castore::Error::Volume(VolumeError::SnapshotNotFound { .. })) => {
-                Err(Error::BadRequest(format!(
-                    "volume {name} of moved instance {} is here as an older copy: the chunk tier's last snapshot of it is {} from {}, which this copy lacks; keep this copy under another name (tide volume clone) and remove it (tide volume rm) to take the tier's",
-                    spec.instance, last.snapshot, last.host
-                )))
-            }
-            Err(e) => Err(e.into()),
+        match self.store.holds_last_pushed(name)? {
+            Some((false, last)) => Err(Error::BadRequest(format!(
+                "volume {name} of moved instance {} is here as an older copy: the chunk tier's last snapshot of it is {} from {}, which this copy lacks; keep this copy under another name (tide volume clone) and remove it (tide volume rm) to take the tier's",
+                spec.instance, last.snapshot, last.host
+            ))),
+            _ => Ok(()),
         }
     }
 

@@ -263,6 +263,24 @@ impl Store {
         unreachable!("the loop returns")
     }
 
+    /// Whether volume `name` here holds the tier's last pushed snapshot of it: a snapshot
+    /// of that name with the same shape and extents (names alone may collide: two hosts
+    /// can each take `pushed-T` in the same second). Returns the tier's snapshot too;
+    /// None if the tier has no snapshot of `name`.
+    pub fn holds_last_pushed(&self, name: &str) -> Result<Option<(bool, VolumeTierReport)>> {
+        let (digest, m) = match self.last_pushed(name) {
+            Ok(x) => x,
+            Err(Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let holds = match self.snapshot_extents(name, &m.snapshot) {
+            Ok((shape, extents)) => shape == m.shape && extents == m.extents,
+            Err(Error::Volume(crate::VolumeError::SnapshotNotFound { .. })) => false,
+            Err(e) => return Err(e),
+        };
+        Ok(Some((holds, m.report(digest, name, name))))
+    }
+
     /// The last snapshot of volume `tier_name` pushed to the tier: its manifest digest
     /// and what it says, verified.
     fn last_pushed(&self, tier_name: &str) -> Result<(Digest, Manifest)> {

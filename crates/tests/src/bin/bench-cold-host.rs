@@ -6,8 +6,12 @@
 //! a new `volumed` talking to another Garage node), the same work: mount `flask:1` and
 //! run `chroot MNT python3 -c 'import flask'`, a real program reading what it needs:
 //!
-//! - `full pull`: `tide image pull flask:1 --all` first (every chunk, as a registry pull
-//!   of the whole image would), then mount and run: the Docker way;
+//! - `registry pull`: the Docker way. The root as one gzip layer (`gzip -6`) in Debian's
+//!   `docker-registry` on loopback; a host without a tier runs `tide image pull
+//!   REGISTRY/bench/flask:1` (the whole layer downloaded, decompressed, imported), then
+//!   mounts and runs;
+//! - `full pull`: `tide image pull flask:1 --all` from the tier first (every chunk),
+//!   then mount and run;
 //! - `lazy`: mount at once (records only; each chunk fetched when first read) and run;
 //!   this first cold host records what it read and sends it as the image's read set
 //!   when the mount ends;
@@ -18,14 +22,14 @@
 //! tier (`tide stats`: objects as stored, compressed) against the image's stored bytes,
 //! and the bytes of chunks the program's reads needed (the lazy host's read set, as
 //! stored). Goals: lazy bytes fetched ≤ 1.2x what the program needed; lazy time ≤ 0.5x
-//! the full pull's.
+//! the full pull's (both the registry's and the tier's are shown).
 //!
 //! Throughput: our push (volumed's publish) and a full pull, against `rclone copy` of
 //! the same root directory to and from the same bucket (16 transfers, as our 16
 //! requests in flight), and a raw loop of 256 KiB PUTs and GETs through our S3 client.
 //!
-//! Needs root, FUSE, `garage` (built by .ci/run), rclone, the flask root (built on first
-//! use). Usage: `bench-cold-host [--json] [--keep]`
+//! Needs root, FUSE, `garage` (built by .ci/run), rclone, docker-registry, the flask
+//! root (built on first use). Usage: `bench-cold-host [--json] [--keep]`
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -104,30 +108,48 @@ struct Way {
     name: &'static str,
     seconds: f64,
     fetched: u64,
-    /// The `tide image pull --all` alone (full pull only).
+    /// The pull alone (full and registry pulls).
     pull_seconds: f64,
+}
+
+/// What a fresh host does before it mounts.
+enum Before<'a> {
+    /// Nothing: the mount fetches what is read.
+    Nothing,
+    /// `tide image pull flask:1 --all` from the tier.
+    TierPull,
+    /// `tide image pull REFERENCE --name flask:1` from the registry (no tier).
+    Registry(&'a str),
 }
 
 fn cold_host(
     work: &Path,
     g: &Garage,
     name: &'static str,
-    full_pull: bool,
+    before: Before<'_>,
     wait_prefetch: bool,
 ) -> Result<Way> {
     let dir = work.join(name.replace(' ', "-").replace('+', "and"));
     std::fs::create_dir_all(&dir)?;
-    let v = Volumed::start_with(
-        dir.join("data"),
-        dir.join("v.sock"),
-        &tier_args(g, 1, "bench"),
-    );
+    let args = match before {
+        Before::Registry(_) => Vec::new(),
+        _ => tier_args(g, 1, "bench"),
+    };
+    let v = Volumed::start_with(dir.join("data"), dir.join("v.sock"), &args);
     let tide = v.tide();
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt)?;
     let start = Instant::now();
-    if full_pull {
-        tide.ok(&["image", "pull", "flask:1", "--all"]);
+    let mut registry_bytes = None;
+    match before {
+        Before::Nothing => {}
+        Before::TierPull => {
+            tide.ok(&["image", "pull", "flask:1", "--all"]);
+        }
+        Before::Registry(reference) => {
+            let r = tide.json(&["image", "pull", reference, "--name", "flask:1"]);
+            registry_bytes = r["fetched_bytes"].as_u64();
+        }
     }
     let pull_seconds = start.elapsed().as_secs_f64();
     tide.ok(&["mount", "flask:1", mnt.to_str().expect("utf-8 path")]);
@@ -140,7 +162,7 @@ fn cold_host(
     if wait_prefetch {
         wait_log(&v, "prefetched", 120)?;
     }
-    let fetched = fetched_bytes(&v);
+    let fetched = registry_bytes.unwrap_or_else(|| fetched_bytes(&v));
     tide.ok(&["umount", mnt.to_str().expect("utf-8 path")]);
     if name == "lazy" {
         wait_log(&v, "read set of", 30)?;
@@ -228,9 +250,34 @@ fn bench(o: &Options) -> Result<()> {
         .context("push time in volumed's log")?;
     drop(a);
 
-    let full = cold_host(&work_path, &g, "full pull", true, false)?;
-    let lazy = cold_host(&work_path, &g, "lazy", false, false)?;
-    let set = cold_host(&work_path, &g, "lazy + read set", false, true)?;
+    // The Docker way: the same root as one gzip layer in a distribution registry.
+    let reg = registry::testing::Registry::start(&work_path.join("registry"), None);
+    let tar = work_path.join("flask.tar");
+    tests::oci::tar(&root, None, &tar);
+    let layer = registry::testing::TestLayer::from_tar(&tar, "gzip");
+    std::fs::remove_file(&tar)?;
+    let client = reg.client("bench/flask", None);
+    let pushed = registry::testing::push_image(
+        &client,
+        castore::host_arch(),
+        std::slice::from_ref(&layer),
+        &["/usr/bin/python3"],
+    );
+    client.push_manifest("1", registry::media::OCI_MANIFEST, &pushed.bytes)?;
+    let layer_bytes = layer.blob.len() as u64;
+    drop(layer);
+    let reference = format!("{}/bench/flask:1", reg.host);
+
+    let docker = cold_host(
+        &work_path,
+        &g,
+        "registry pull",
+        Before::Registry(&reference),
+        false,
+    )?;
+    let full = cold_host(&work_path, &g, "full pull", Before::TierPull, false)?;
+    let lazy = cold_host(&work_path, &g, "lazy", Before::Nothing, false)?;
+    let set = cold_host(&work_path, &g, "lazy + read set", Before::Nothing, true)?;
 
     // What the program needed: the lazy host's read set, as stored in the tier.
     let probe = castore::Store::open(work_path.join("probe"))?;
@@ -259,7 +306,7 @@ fn bench(o: &Options) -> Result<()> {
 
     let full_pull_secs = full.pull_seconds;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let rows: Vec<Vec<String>> = [&full, &lazy, &set]
+    let rows: Vec<Vec<String>> = [&docker, &full, &lazy, &set]
         .iter()
         .map(|w| {
             vec![
@@ -268,6 +315,7 @@ fn bench(o: &Options) -> Result<()> {
                 format!("{:.1}", mib(w.fetched)),
                 format!("{:.3}", w.fetched as f64 / image_stored as f64),
                 format!("{:.2}", w.fetched as f64 / needed.max(1) as f64),
+                format!("{:.2}", w.seconds / docker.seconds),
                 format!("{:.2}", w.seconds / full.seconds),
             ]
         })
@@ -294,7 +342,9 @@ fn bench(o: &Options) -> Result<()> {
             "image_stored_bytes": image_stored,
             "image_logical_bytes": image_logical,
             "needed_bytes": needed,
-            "ways": [way(&full), way(&lazy), way(&set)],
+            "ways": [way(&docker), way(&full), way(&lazy), way(&set)],
+            "registry_layer_bytes": layer_bytes,
+            "registry_pull_seconds": docker.pull_seconds,
             "push_seconds": push_secs,
             "rclone_push_seconds": rclone_push,
             "rclone_pull_seconds": rclone_pull,
@@ -304,9 +354,10 @@ fn bench(o: &Options) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "flask:1 ({:.1} MiB of files, {:.1} MiB stored); `import flask` needed {:.1} MiB of chunks ({} chunks)\n",
+            "flask:1 ({:.1} MiB of files, {:.1} MiB stored; {:.1} MiB as one gzip layer in the registry); `import flask` needed {:.1} MiB of chunks ({} chunks)\n",
             logical,
             mib(image_stored),
+            mib(layer_bytes),
             mib(needed),
             needed_chunks.len()
         );
@@ -319,6 +370,7 @@ fn bench(o: &Options) -> Result<()> {
                     "fetched MiB",
                     "of image",
                     "of needed",
+                    "of registry pull",
                     "of full pull"
                 ],
                 &rows
