@@ -191,15 +191,20 @@ pub fn pull(
         config_digest,
         layers,
     };
-    let opened = std::sync::Mutex::new(0u64);
     let open = |l: &RemoteLayer| -> std::io::Result<Box<dyn std::io::Read + Send>> {
-        *opened.lock().expect("opened lock") += l.size;
         let r = client
             .blob_reader(&l.digest, l.size)
             .map_err(std::io::Error::other)?;
         Ok(Box::new(r))
     };
     let r = store.import_remote(&image, name, &open, opts)?;
+    let layer_bytes = image
+        .layers
+        .iter()
+        .zip(&r.reused)
+        .filter(|(_, reused)| !**reused)
+        .map(|(l, _)| l.size)
+        .sum();
     Ok(PullReport {
         reference: reference.to_string(),
         manifest: manifest_digest,
@@ -207,7 +212,7 @@ pub fn pull(
         layers: r.reused.len(),
         layers_reused: r.reused.iter().filter(|&&x| x).count(),
         fetched_bytes: r.fetched_bytes,
-        layer_bytes: opened.into_inner().expect("opened lock"),
+        layer_bytes,
         import: r.import,
         seconds: start.elapsed().as_secs_f64(),
     })

@@ -149,7 +149,7 @@ fn a_debian_image_pulled_through_token_auth_is_the_root_and_shared_layers_are_no
 
     // The app image shares the base layer: only its own small layer is downloaded.
     let app_ref = format!("{}/shop/app:1", reg.host);
-    let r = tide.json(&[
+    let pull_app = [
         "image",
         "pull",
         &app_ref,
@@ -157,21 +157,14 @@ fn a_debian_image_pulled_through_token_auth_is_the_root_and_shared_layers_are_no
         "alice:s3cret:with-colon",
         "--name",
         "app:v1",
-    ]);
+    ];
+    let r = tide.json(&pull_app);
     assert_eq!(r["layers"], 2, "{r}");
     assert_eq!(r["layers_reused"], 1, "{r}");
     assert_eq!(r["fetched_bytes"], app.blob.len() as u64, "{r}");
     assert_eq!(r["import"]["layers"][0], inspect["layers"][0]["digest"]);
     // Pulled again: nothing downloaded, the same image.
-    let again = tide.json(&[
-        "image",
-        "pull",
-        &app_ref,
-        "--creds",
-        "alice:s3cret:with-colon",
-        "--name",
-        "app:v1",
-    ]);
+    let again = tide.json(&pull_app);
     assert_eq!(again["layers_reused"], 2, "{again}");
     assert_eq!(again["fetched_bytes"], 0, "{again}");
     assert_eq!(again["import"]["image"], r["import"]["image"]);

@@ -209,6 +209,17 @@ pub(crate) struct PulledFrom {
     pub(crate) manifest: String,
 }
 
+impl From<castore::VolumeTierReport> for PulledFrom {
+    fn from(r: castore::VolumeTierReport) -> PulledFrom {
+        PulledFrom {
+            snapshot: r.snapshot,
+            pushed: r.pushed,
+            host: r.host,
+            manifest: r.manifest.to_string(),
+        }
+    }
+}
+
 /// One of an instance's attached volumes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct AttachedVolume {
@@ -1015,12 +1026,7 @@ impl Host {
                     r.age(),
                     r.chunks
                 );
-                Ok(Some(PulledFrom {
-                    snapshot: r.snapshot,
-                    pushed: r.pushed,
-                    host: r.host,
-                    manifest: r.manifest.to_string(),
-                }))
+                Ok(Some(PulledFrom::from(r)))
             }
             Err(castore::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
@@ -1241,15 +1247,7 @@ impl Host {
                 r.transferred,
                 r.chunks
             );
-            pushed.push((
-                name.clone(),
-                PulledFrom {
-                    snapshot: r.snapshot,
-                    pushed: r.pushed,
-                    host: r.host,
-                    manifest: r.manifest.to_string(),
-                },
-            ));
+            pushed.push((name.clone(), PulledFrom::from(r)));
         }
         self.release(id)?;
         Ok(pushed)

@@ -298,7 +298,7 @@ impl Store {
                 };
                 let mut digests = Vec::new();
                 for layer in input.layers {
-                    digests.push(self.ingest_input(&ingest, layer, &mut batch)?);
+                    digests.push(self.ingest_input(&ingest, layer, &mut batch)?.0);
                 }
                 (digests, input.config, input.name)
             }
@@ -405,15 +405,17 @@ impl Store {
             },
             batch,
         )
+        .map(|(layer, _)| layer)
     }
 
-    /// Ingests one tar layer, checking the digests the input promises.
+    /// Ingests one tar layer, checking the digests the input promises. Returns the
+    /// layer's digest and the bytes read from the input (as stored, compressed).
     fn ingest_input(
         &self,
         ingest: &Ingest<'_>,
         mut input: LayerInput<'_>,
         batch: &mut Batch,
-    ) -> Result<Digest> {
+    ) -> Result<(Digest, u64)> {
         let name = input.name.clone();
         let raw = (input.open)()?;
         let mut raw = HashingReader::new(raw);
@@ -429,7 +431,7 @@ impl Store {
             (out.0, files, out.1)
         };
         drain(&mut raw, &name)?;
-        let (blob_digest, _) = raw.finish();
+        let (blob_digest, read) = raw.finish();
         if let Some(want) = input.blob_digest
             && want != blob_digest
         {
@@ -448,7 +450,8 @@ impl Store {
                 ),
             });
         }
-        self.finish_layer(ingest, &tree, &files, Some(diff_id), batch)
+        let layer = self.finish_layer(ingest, &tree, &files, Some(diff_id), batch)?;
+        Ok((layer, read))
     }
 
     /// Encodes a built tree: new trees and the layer record go into `batch`.

@@ -54,21 +54,6 @@ pub struct RemoteImportReport {
     pub fetched_bytes: u64,
 }
 
-/// Counts the bytes a reader passes on.
-struct Counted<R> {
-    inner: R,
-    n: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let k = self.inner.read(buf)?;
-        self.n
-            .fetch_add(k as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(k)
-    }
-}
-
 impl Store {
     /// Imports a remote image as `name`: each layer whose `diff_id` a stored layer has is
     /// taken from the store; the others are read through `open`, decompressed, checked
@@ -108,7 +93,7 @@ impl Store {
         let ingest = Ingest::new(self, opts.progress.clone());
         let mut batch = Batch::new();
         let stored = self.layers_by_diff_id()?;
-        let fetched = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut fetched_bytes = 0;
         let mut layers = Vec::new();
         let mut reused = Vec::new();
         for (l, diff_id) in image.layers.iter().zip(&diff_ids) {
@@ -124,28 +109,23 @@ impl Store {
             }
             let layer_name = format!("{} layer {}", image.source, l.digest);
             let what = layer_name.clone();
-            let fetched = fetched.clone();
             let input = LayerInput {
                 name: layer_name,
-                open: Box::new(move || {
-                    let r = open(l).map_err(|e| Error::io("fetch", &what, e))?;
-                    Ok(Box::new(Counted {
-                        inner: r,
-                        n: fetched.clone(),
-                    }) as Box<dyn Read + Send>)
-                }),
+                open: Box::new(move || open(l).map_err(|e| Error::io("fetch", &what, e))),
                 blob_digest: Some(l.digest),
                 diff_id: Some(*diff_id),
             };
-            layers.push(self.ingest_input(&ingest, input, &mut batch)?);
+            let (layer, read) = self.ingest_input(&ingest, input, &mut batch)?;
+            layers.push(layer);
             reused.push(false);
+            fetched_bytes += read;
         }
         opts.config.apply(&mut config);
         let digest = self.commit_image(&ingest, batch, layers.clone(), config, name)?;
         Ok(RemoteImportReport {
             import: report(&ingest, Some(digest), Some(name.to_string()), layers, start),
             reused,
-            fetched_bytes: fetched.load(std::sync::atomic::Ordering::Relaxed),
+            fetched_bytes,
         })
     }
 
